@@ -1,0 +1,32 @@
+"""Mesa agents: one Player per node, a window onto the model's per-node arrays."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mesa.discrete_space import CellAgent
+
+if TYPE_CHECKING:
+    from abm.model import DilemmaModel
+
+
+class Player(CellAgent):
+    """The agent on one node. Its numbers live in the model's NumPy arrays, which the
+    engine updates for all agents at once; the agent reads them on demand."""
+
+    def __init__(self, model: DilemmaModel, node: int, label: str, policy: str) -> None:
+        super().__init__(model)
+        self.node = node
+        self.label = label
+        self.policy = policy
+
+    @property
+    def score(self) -> float:
+        """Total payoff over every match played so far (the self-play twin excluded)."""
+        return float(self.model.scores[self.node])
+
+    @property
+    def cooperation_rate(self) -> float:
+        """Share of this agent's actual actions so far that were C (NaN before any)."""
+        n = self.model.decisions[self.node]
+        return float(self.model.cooperations[self.node] / n) if n else float("nan")

@@ -1,0 +1,64 @@
+"""Actions, the payoff matrix and the noise channel of a 2x2 social dilemma."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Actions are int8 codes everywhere in the engine; -1 marks an empty memory slot.
+C: int = 0
+D: int = 1
+EMPTY: int = -1
+ACTION_LABELS = ("C", "D")
+
+
+@dataclass(frozen=True)
+class PayoffMatrix:
+    """Row player's payoffs R (C,C), S (C,D), T (D,C), P (D,D) of a symmetric 2x2 game.
+
+    ``kind="prisoners_dilemma"`` insists on T > R > P > S; ``kind="custom"``
+    accepts any order (stag hunt, snowdrift, donation game with S = P = 0 ...).
+    """
+
+    R: float = 9.0
+    S: float = 0.0
+    T: float = 10.0
+    P: float = 5.0
+    kind: str = "prisoners_dilemma"
+
+    def __post_init__(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise ValueError(problem)
+
+    def problem(self) -> str | None:
+        """Why these numbers are not a game of ``kind``, or None when they are."""
+        if self.kind not in ("prisoners_dilemma", "custom"):
+            return f"kind must be 'prisoners_dilemma' or 'custom', not {self.kind!r}"
+        if self.kind == "prisoners_dilemma" and not (self.T > self.R > self.P > self.S):
+            return (
+                f"R={self.R:g}, S={self.S:g}, T={self.T:g}, P={self.P:g} is not a Prisoner's "
+                "Dilemma, which needs T > R > P > S; set kind = \"custom\" for other games "
+                "(stag hunt, snowdrift, ...)"
+            )
+        return None
+
+    @property
+    def table(self) -> np.ndarray:
+        """``table[my_action, their_action]`` is my payoff."""
+        return np.array([[self.R, self.S], [self.T, self.P]], dtype=np.float64)
+
+    def payoffs(self, mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+        """Vectorised payoff of every side given both actual actions."""
+        return self.table[mine, theirs]
+
+
+def apply_noise(intended: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """Flip each intended action independently with probability ``noise``.
+
+    The draw is made even when ``noise`` is 0 so that the noise stream stays
+    aligned across runs that differ only in the noise level.
+    """
+    flips = rng.random(intended.shape[0]) < noise
+    return np.where(flips, 1 - intended, intended).astype(np.int8)

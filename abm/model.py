@@ -1,0 +1,133 @@
+"""DilemmaModel: the Mesa model that ties graph, agents, pairing and engine together."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mesa
+import numpy as np
+from mesa.discrete_space import Network
+
+from abm.agents import Player
+from abm.analysis import Tally
+from abm.engine import Engine, StepResult
+from abm.errors import ScenarioError
+from abm.graphs import build_graph, edge_array
+from abm.pairing import make_pairing
+from abm.policies import lookup, make
+from abm.population import assign_policies
+from abm.scenario import Scenario, load_scenario
+from abm.seeding import fresh_seed, stream
+
+
+def _mean_cooperation(model: DilemmaModel) -> float:
+    return model.tally.steps[-1]["cooperation_rate"] if model.tally.steps else float("nan")
+
+
+def _mean_payoff(model: DilemmaModel) -> float:
+    return model.tally.steps[-1]["mean_payoff"] if model.tally.steps else float("nan")
+
+
+class DilemmaModel(mesa.Model):
+    """Players on a NetworkX graph playing repeated 2x2 games, one step at a time.
+
+    Build it from a validated ``Scenario`` or a path to a scenario file; ``seed``
+    overrides the scenario's seed (a fresh one is drawn and recorded when neither
+    gives one). ``collect_agents=False`` skips Mesa's per-agent DataCollector rows,
+    which cost Python time on very large graphs.
+    """
+
+    def __init__(self, scenario: Scenario | str | Path, *, seed: int | None = None,
+                 collect_agents: bool = True, source: str | None = None) -> None:
+        if not isinstance(scenario, Scenario):
+            source = source or str(scenario)
+            scenario = load_scenario(scenario)
+        self.source = source or f"<scenario {scenario.name}>"
+        if seed is None:
+            seed = scenario.seed if scenario.seed is not None else fresh_seed()
+        if scenario.seed != seed:
+            scenario = scenario.model_copy(update={"seed": seed})
+        self.scenario = scenario
+        self.master_seed = seed
+        super().__init__(rng=int(stream(seed, "mesa").integers(2**63)))
+
+        pop = scenario.population
+        graph = build_graph(scenario.graph, stream(seed, "graph"), self.source,
+                            n_default=len(pop.players) if pop.players else None)
+        self.graph = graph
+        specs = assign_policies(pop, graph, stream(seed, "population"), self.source)
+        self._check_memory(specs)
+        self.edges = edge_array(graph)
+        self.n_nodes = graph.number_of_nodes()
+
+        keys = list(dict.fromkeys((s.name, tuple(sorted(s.params.items()))) for s in specs))
+        game = scenario.game.payoffs
+        self.policies = [make(name, dict(params), game) for name, params in keys]
+        index = {key: i for i, key in enumerate(keys)}
+        self.policy_of_node = np.array([index[(s.name, tuple(sorted(s.params.items())))]
+                                        for s in specs], np.int64)
+        self.labels = list(dict.fromkeys(s.display for s in specs))
+        label_index = {label: i for i, label in enumerate(self.labels)}
+        self.label_of_node = np.array([label_index[s.display] for s in specs], np.int64)
+        self.policy_names = [s.model_copy(update={"label": None}).display for s in specs]
+
+        self.scores = np.zeros(self.n_nodes)
+        self.decisions = np.zeros(self.n_nodes, np.int64)
+        self.cooperations = np.zeros(self.n_nodes, np.int64)
+        self.tally = Tally(self.labels, self.label_of_node)
+        self.last_result: StepResult | None = None
+        self.played_steps = 0  # Mesa's own counter moved between 3.x releases
+
+        self.space = Network(graph, random=self.random)
+        self.players = [Player(self, node, specs[node].display, self.policy_names[node])
+                        for node in range(self.n_nodes)]
+        for player in self.players:
+            player.cell = self.space[player.node]
+
+        self.pairing = make_pairing(scenario.pairing.scheme, self.edges, self.n_nodes)
+        self.total_steps = scenario.pairing.steps or self.pairing.default_steps
+        self._pairing_rng = stream(seed, "pairing")
+        self.engine = Engine(
+            game=game, noise=scenario.game.noise, policies=self.policies,
+            policy_of_node=self.policy_of_node, edges=self.edges, n_nodes=self.n_nodes,
+            window=scenario.memory.window, scope=scenario.memory.scope,
+            rounds=scenario.match.rounds,
+            continuation_probability=scenario.match.continuation_probability,
+            rngs={p: stream(seed, p) for p in ("noise", "policy", "match_length")})
+        self.datacollector = mesa.DataCollector(
+            model_reporters={"cooperation_rate": _mean_cooperation, "mean_payoff": _mean_payoff},
+            agent_reporters={"score": "score", "cooperation_rate": "cooperation_rate"}
+            if collect_agents else None,
+        )
+
+    def _check_memory(self, specs: list) -> None:
+        window = self.scenario.memory.window
+        if window is None:
+            return
+        for spec in {s.name: s for s in specs}.values():
+            depth = lookup(spec.name).memory_depth
+            if math.isfinite(depth) and depth > window:
+                raise ScenarioError(
+                    f"{self.source}: field 'memory.window': policy {spec.name!r} needs to "
+                    f"remember {depth:g} rounds but the window is {window}; allowed: a window "
+                    f">= {depth:g}, or leave it out to remember the whole match")
+
+    def step(self) -> None:
+        """Pick this step's matches, play them all in lockstep, fold in the results."""
+        index = self.played_steps
+        edge_ids = self.pairing.matches(index, self._pairing_rng)
+        result = self.engine.play(index, edge_ids)
+        totals = self.tally.add(result)
+        own = ~result.twin
+        agents = result.agent[own]
+        self.scores += np.bincount(agents, totals["payoff"][own], minlength=self.n_nodes)
+        self.decisions += np.bincount(agents, result.side_length[own],
+                                      minlength=self.n_nodes).astype(np.int64)
+        self.cooperations += np.bincount(agents, totals["cooperations"][own],
+                                         minlength=self.n_nodes).astype(np.int64)
+        self.last_result = result
+        self.datacollector.collect(self)
+        self.played_steps += 1
+        if self.played_steps >= self.total_steps:
+            self.running = False

@@ -1,0 +1,126 @@
+"""What a policy sees (a View), what it must do (decide), and the registry of names."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from abm.game import PayoffMatrix
+
+
+@dataclass(frozen=True)
+class View:
+    """A batch of decisions to make: one row per deciding side.
+
+    ``mine`` and ``theirs`` hold the remembered actual actions (0 = C, 1 = D),
+    right-aligned so that column -1 is the most recent round; unused columns on
+    the left are -1 and ``length`` says how many columns are filled. ``round``
+    is the 0-based round of the current match. The id arrays say who decides
+    against whom, for policies that record what they do.
+    """
+
+    mine: np.ndarray
+    theirs: np.ndarray
+    length: np.ndarray
+    round: np.ndarray
+    agent: np.ndarray
+    opponent: np.ndarray
+    match: np.ndarray
+    step: int
+
+    def __len__(self) -> int:
+        return int(self.length.shape[0])
+
+
+class Policy(Protocol):
+    """Anything that turns a batch of views into a batch of actions."""
+
+    def decide(self, view: View, rng: np.random.Generator) -> np.ndarray:
+        """Return one int8 action (0 = C, 1 = D) per row of ``view``."""
+        ...
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """Registry entry: how to build a policy and what is known about it."""
+
+    name: str
+    factory: Callable[..., Policy]
+    description: str
+    memory_depth: float = math.inf
+    stochastic: bool = False
+    uses_llm: bool = False
+    params: type[BaseModel] = NoParams
+    aliases: tuple[str, ...] = field(default=())
+
+
+REGISTRY: dict[str, PolicyInfo] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(
+    name: str,
+    *,
+    description: str,
+    memory_depth: float = math.inf,
+    stochastic: bool = False,
+    uses_llm: bool = False,
+    params: type[BaseModel] = NoParams,
+    aliases: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Policy]], Callable[..., Policy]]:
+    """Class decorator that makes a policy available under ``name`` in scenarios."""
+
+    def add(factory: Callable[..., Policy]) -> Callable[..., Policy]:
+        for key in (name, *aliases):
+            if key in REGISTRY or key in _ALIASES:
+                raise ValueError(f"policy name {key!r} is registered twice")
+        REGISTRY[name] = PolicyInfo(
+            name, factory, description, memory_depth, stochastic, uses_llm, params, aliases
+        )
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return factory
+
+    return add
+
+
+def lookup(name: str) -> PolicyInfo:
+    """The registry entry for a name or alias; ValueError lists the known names."""
+    canonical = _ALIASES.get(name, name)
+    if canonical in REGISTRY:
+        return REGISTRY[canonical]
+    known = sorted([*REGISTRY, *_ALIASES])
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown policy {name!r}{hint}; known policies: {', '.join(known)}")
+
+
+def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Check a policy's parameters against its schema; return them with defaults filled."""
+    info = lookup(name)
+    try:
+        return info.params.model_validate(params).model_dump()
+    except ValidationError as exc:
+        allowed = ", ".join(info.params.model_fields) or "none"
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(
+            f"bad parameters for policy {info.name!r}: {problems} (parameters allowed: {allowed})"
+        ) from None
+
+
+def make(name: str, params: dict[str, Any], game: PayoffMatrix) -> Policy:
+    """Build the policy registered as ``name`` with validated ``params``."""
+    info = lookup(name)
+    return info.factory(game=game, **validate_params(name, params))

@@ -1,0 +1,395 @@
+"""The scenario schema: TOML in, a validated frozen config out, or one clear error."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from abm.errors import ScenarioError
+from abm.game import PayoffMatrix
+from abm.policies import lookup
+from abm.policies.base import validate_params
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PolicySpec(BaseModel):
+    """A policy by registered name, its parameters, and an optional display label.
+
+    In TOML either a bare name (``"tit_for_tat"``) or a table
+    (``{ name = "random", p = 0.3, label = "Coin" }``).
+    """
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    label: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_toml(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ValueError("a policy is a name such as \"tit_for_tat\" or a table such as "
+                             "{ name = \"random\", p = 0.3 }")
+        if "name" not in value:
+            raise ValueError("a policy table needs a 'name' key")
+        value = dict(value)
+        name, label = value.pop("name"), value.pop("label", None)
+        if not isinstance(name, str):
+            raise ValueError("'name' must be a string")
+        info = lookup(name)
+        return {"name": info.name, "label": label, "params": validate_params(info.name, value)}
+
+    @property
+    def display(self) -> str:
+        """The player's name in tables and charts."""
+        if self.label:
+            return self.label
+        shown = {k: v for k, v in self.params.items() if v is not None}
+        if not shown:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in shown.items())})"
+
+    def to_toml(self) -> str | dict[str, Any]:
+        table = {k: v for k, v in self.params.items() if v is not None}
+        if self.label:
+            table["label"] = self.label
+        return {"name": self.name, **table} if table else self.name
+
+
+class GameConfig(_Strict):
+    kind: Literal["prisoners_dilemma", "custom"] = "prisoners_dilemma"
+    R: float = 9.0
+    S: float = 0.0
+    T: float = 10.0
+    P: float = 5.0
+    noise: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _is_a_game(self) -> GameConfig:
+        self.payoffs  # PayoffMatrix raises ValueError naming the broken ordering
+        return self
+
+    @property
+    def payoffs(self) -> PayoffMatrix:
+        return PayoffMatrix(self.R, self.S, self.T, self.P, self.kind)
+
+
+class MatchConfig(_Strict):
+    rounds: int | None = Field(None, ge=1, le=1_000_000)
+    continuation_probability: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> MatchConfig:
+        if self.rounds is not None and self.continuation_probability is not None:
+            raise ValueError("give either rounds (fixed length) or continuation_probability "
+                             "(geometric length), not both")
+        if self.rounds is None and self.continuation_probability is None:
+            object.__setattr__(self, "rounds", 5)
+        return self
+
+
+class MemoryConfig(_Strict):
+    window: int | None = Field(None, ge=1, le=100_000)
+    scope: Literal["match", "opponent", "all"] = "match"
+
+    @model_validator(mode="after")
+    def _bounded_across_matches(self) -> MemoryConfig:
+        if self.window is None and self.scope != "match":
+            raise ValueError(f"scope = \"{self.scope}\" needs a finite window (an integer "
+                             ">= 1); only scope = \"match\" may leave it out to remember the "
+                             "whole match")
+        return self
+
+
+class _Graph(_Strict):
+    self_loops: bool = False
+
+
+class CompleteGraph(_Graph):
+    kind: Literal["complete"]
+    n: int | None = Field(None, ge=1)
+
+
+class RingGraph(_Graph):
+    kind: Literal["ring"]
+    n: int = Field(ge=3)
+    k: int = Field(1, ge=1)
+
+
+class GridGraph(_Graph):
+    kind: Literal["grid"]
+    rows: int = Field(ge=1)
+    cols: int = Field(ge=1)
+    torus: bool = False
+    neighbourhood: Literal["von_neumann", "moore"] = "von_neumann"
+
+
+class WattsStrogatzGraph(_Graph):
+    kind: Literal["watts_strogatz"]
+    n: int = Field(ge=3)
+    k: int = Field(ge=2)
+    p: float = Field(ge=0.0, le=1.0)
+
+
+class BarabasiAlbertGraph(_Graph):
+    kind: Literal["barabasi_albert"]
+    n: int = Field(ge=2)
+    m: int = Field(ge=1)
+
+
+class ErdosRenyiGraph(_Graph):
+    kind: Literal["erdos_renyi"]
+    n: int = Field(ge=1)
+    p: float = Field(ge=0.0, le=1.0)
+
+
+class RandomRegularGraph(_Graph):
+    kind: Literal["random_regular"]
+    n: int = Field(ge=1)
+    d: int = Field(ge=0)
+
+
+class FileGraph(_Graph):
+    kind: Literal["file"]
+    path: str
+    format: Literal["auto", "edgelist", "graphml"] = "auto"
+
+
+GraphConfig = Annotated[
+    Union[CompleteGraph, RingGraph, GridGraph, WattsStrogatzGraph, BarabasiAlbertGraph,
+          ErdosRenyiGraph, RandomRegularGraph, FileGraph],
+    Field(discriminator="kind"),
+]
+GRAPH_KINDS = tuple(typing.get_args(m.model_fields["kind"].annotation)[0]
+                    for m in typing.get_args(typing.get_args(GraphConfig)[0]))
+
+
+class Share(_Strict):
+    policy: PolicySpec
+    share: float = Field(gt=0.0, le=1.0)
+
+
+class PopulationConfig(_Strict):
+    players: list[PolicySpec] | None = Field(None, min_length=1)
+    mix: list[Share] | None = Field(None, min_length=1)
+    attribute: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PopulationConfig:
+        given = [k for k in ("players", "mix", "attribute") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of players (a policy per node), mix (shares "
+                             "assigned at random) or attribute (a node attribute of a GraphML "
+                             f"file); got {', '.join(given) or 'none'}")
+        if self.mix is not None:
+            total = sum(s.share for s in self.mix)
+            if not math.isclose(total, 1.0, abs_tol=1e-6):
+                raise ValueError(f"the shares in mix add up to {total:g}; they must add up to 1")
+        return self
+
+
+class PairingConfig(_Strict):
+    scheme: Literal["all_edges", "random_matching", "round_robin"] = "all_edges"
+    steps: int | None = Field(None, ge=1, le=10_000_000)
+
+
+class OutputConfig(_Strict):
+    rounds: bool = True
+    charts: bool = True
+
+
+class Scenario(_Strict):
+    """A whole simulation, as read from a scenario TOML file."""
+
+    name: str = "scenario"
+    description: str = ""
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    game: GameConfig = GameConfig()
+    match: MatchConfig = MatchConfig()
+    memory: MemoryConfig = MemoryConfig()
+    graph: GraphConfig
+    population: PopulationConfig
+    pairing: PairingConfig = PairingConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The resolved scenario as a TOML-ready dict (no None values)."""
+        data = self.model_dump(exclude_none=True, exclude={"population"})
+        pop = self.population
+        if pop.players is not None:
+            data["population"] = {"players": [p.to_toml() for p in pop.players]}
+        elif pop.mix is not None:
+            data["population"] = {"mix": [{"policy": s.policy.to_toml(), "share": s.share}
+                                          for s in pop.mix]}
+        else:
+            data["population"] = {"attribute": pop.attribute}
+        return data
+
+    def policies(self) -> list[PolicySpec]:
+        """Every policy the scenario names (in order, with repeats)."""
+        pop = self.population
+        if pop.players is not None:
+            return list(pop.players)
+        if pop.mix is not None:
+            return [s.policy for s in pop.mix]
+        return []
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"game.noise=0.05"`` -> (["game", "noise"], 0.05); values are read as TOML."""
+    key, sep, raw = text.partition("=")
+    path = [part.strip() for part in key.strip().split(".")]
+    if not sep or not all(path):
+        raise ScenarioError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set game.noise=0.05")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as ring is meant as a string
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in the raw scenario dict before validation."""
+    for text in overrides:
+        path, value = parse_override(text)
+        table = data
+        for i, part in enumerate(path[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ScenarioError(f"--set {text!r}: {'.'.join(path[: i + 1])} is a value, "
+                                    "not a table, so it has no keys")
+        table[path[-1]] = value
+    return data
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None,
+                  seed: int | None = None) -> Scenario:
+    """Read, override and validate a scenario file; raise ScenarioError on any problem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot read the scenario file ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    data.setdefault("name", path.stem)
+    apply_overrides(data, list(overrides or []))
+    if seed is not None:
+        data["seed"] = seed
+    graph = data.get("graph")
+    if isinstance(graph, dict) and graph.get("kind") == "file" and isinstance(graph.get("path"), str):
+        graph["path"] = str((path.parent / graph["path"]).resolve())
+    return validate_scenario(data, source=str(path), set_keys=[o.partition("=")[0].strip()
+                                                             for o in overrides or []])
+
+
+def validate_scenario(data: dict[str, Any], source: str = "<scenario>",
+                      set_keys: list[str] | None = None) -> Scenario:
+    """Validate a raw scenario dict, turning pydantic's report into one paragraph."""
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(_explain(exc, source, set_keys or [])) from None
+
+
+def _explain(exc: ValidationError, source: str, set_keys: list[str]) -> str:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        field = _dotted(loc)
+        where = " (set with --set)" if any(field == k or field.startswith(k + ".") for k in set_keys) else ""
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown key '{field}'{where}{hint}; allowed keys here: "
+                            f"{', '.join(allowed)}")
+            continue
+        if err["type"] == "missing":
+            problems.append(f"field '{field}' is required{where}")
+            continue
+        if err["type"] == "union_tag_invalid":
+            problems.append(f"field '{field}.kind'{where}: unknown graph kind "
+                            f"{err['input'].get('kind')!r}; allowed: {', '.join(GRAPH_KINDS)}")
+            continue
+        if err["type"] == "union_tag_not_found":
+            problems.append(f"field '{field}.kind' is required{where}; allowed: "
+                            f"{', '.join(GRAPH_KINDS)}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        name = f"field '{field}'" if field else "the scenario"
+        problems.append(f"{name}{where}: {msg}{shown}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for i, part in enumerate(loc):
+        if i and loc[i - 1] == "graph" and part in GRAPH_KINDS:
+            continue  # pydantic puts the union tag in the path; users never write it
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Scenario
+    for part in loc:
+        model = _step_into(model, part)
+        if model is None:
+            return []
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _step_into(model: Any, part: Any) -> Any:
+    model = _unwrap(model)
+    if isinstance(model, list):
+        candidates = model
+        for member in candidates:
+            if "kind" in member.model_fields and part in typing.get_args(
+                    member.model_fields["kind"].annotation):
+                return member
+        return None
+    if isinstance(part, int):
+        return model
+    if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+        return _unwrap(model.model_fields[part].annotation)
+    return None
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated/Optional/list down to a model class, or a list of union members."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) == 1:
+                tp = members[0]
+            else:
+                return members
+        elif origin is list:
+            tp = typing.get_args(tp)[0]
+        else:
+            return tp
