@@ -60,6 +60,9 @@ class DilemmaModel(mesa.Model):
         self._check_memory(specs)
         self.edges = edge_array(graph)
         self.n_nodes = graph.number_of_nodes()
+        if len(self.edges) == 0:
+            raise ScenarioError(f"{self.source}: field 'graph': the graph has no edges, so "
+                                "nobody would play; use a denser graph or self_loops = true")
 
         keys = list(dict.fromkeys((s.name, tuple(sorted(s.params.items()))) for s in specs))
         game = scenario.game.payoffs
@@ -87,6 +90,9 @@ class DilemmaModel(mesa.Model):
 
         self.pairing = make_pairing(scenario.pairing.scheme, self.edges, self.n_nodes)
         self.total_steps = scenario.pairing.steps or self.pairing.default_steps
+        # the resolved config names the step count the pairing scheme chose
+        self.scenario = scenario = scenario.model_copy(update={
+            "pairing": scenario.pairing.model_copy(update={"steps": self.total_steps})})
         self._pairing_rng = stream(seed, "pairing")
         self.engine = Engine(
             game=game, noise=scenario.game.noise, policies=self.policies,
@@ -119,6 +125,7 @@ class DilemmaModel(mesa.Model):
         edge_ids = self.pairing.matches(index, self._pairing_rng)
         result = self.engine.play(index, edge_ids)
         totals = self.tally.add(result)
+        self.last_totals = totals
         own = ~result.twin
         agents = result.agent[own]
         self.scores += np.bincount(agents, totals["payoff"][own], minlength=self.n_nodes)

@@ -1,0 +1,104 @@
+"""Tables of a run, streamed to disk step by step: rounds.parquet and matches.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from abm.engine import StepResult
+from abm.game import ACTION_LABELS, EMPTY
+
+_ACTIONS = pa.array(ACTION_LABELS)
+
+
+def _dictionary(codes: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), values)
+
+
+class TableWriter:
+    """Appends each step's rows to ``rounds.parquet`` (optional) and ``matches.csv``.
+
+    Players and policies are stored as dictionary-encoded strings, so a table of
+    millions of rows costs a few bytes a row.
+    """
+
+    def __init__(self, folder: Path, labels: list[str], label_of_node: np.ndarray,
+                 policy_names: list[str], rounds: bool = True) -> None:
+        self.labels = pa.array(labels)
+        self.label_of_node = label_of_node
+        names = list(dict.fromkeys(policy_names))
+        self.policies = pa.array(names)
+        index = {name: i for i, name in enumerate(names)}
+        self.policy_of_node = np.array([index[p] for p in policy_names], np.int32)
+        self.next_match = 0
+        self.rounds_writer: pq.ParquetWriter | None = None
+        self.rounds_path = folder / "rounds.parquet" if rounds else None
+        self.matches_path = folder / "matches.csv"
+        self.matches_writer: pacsv.CSVWriter | None = None
+
+    def _who(self, agent: np.ndarray, opponent: np.ndarray) -> dict[str, pa.Array]:
+        return {
+            "agent": pa.array(agent.astype(np.int64)),
+            "opponent": pa.array(opponent.astype(np.int64)),
+            "player": _dictionary(self.label_of_node[agent], self.labels),
+            "opponent_player": _dictionary(self.label_of_node[opponent], self.labels),
+            "policy": _dictionary(self.policy_of_node[agent], self.policies),
+            "opponent_policy": _dictionary(self.policy_of_node[opponent], self.policies),
+        }
+
+    def add(self, result: StepResult, totals: dict[str, np.ndarray]) -> None:
+        m = result.n_matches
+        match = self.next_match + np.concatenate([np.arange(m), np.arange(m)])
+        self.next_match += m
+        sides = {"step": pa.array(np.full(2 * m, result.step + 1, np.int64)),
+                 "match": pa.array(match.astype(np.int64)),
+                 **self._who(result.agent, result.opponent),
+                 "self_play": pa.array(result.agent == result.opponent),
+                 "rounds": pa.array(result.side_length.astype(np.int64)),
+                 "payoff": pa.array(totals["payoff"]),
+                 "cooperations": pa.array(totals["cooperations"].astype(np.int64)),
+                 "defections": pa.array(totals["defections"].astype(np.int64)),
+                 "intended_defections": pa.array(totals["intended_defections"].astype(np.int64))}
+        table = pa.table(sides)
+        for column in ("player", "opponent_player", "policy", "opponent_policy"):
+            i = table.schema.get_field_index(column)
+            table = table.set_column(i, column, table[column].cast(pa.string()))
+        if self.matches_writer is None:
+            self.matches_writer = pacsv.CSVWriter(str(self.matches_path), table.schema)
+        self.matches_writer.write_table(table)
+        if self.rounds_path is not None:
+            self._add_rounds(result, match)
+
+    def _add_rounds(self, result: StepResult, match: np.ndarray) -> None:
+        n_rounds, n_sides = result.actual.shape
+        m = n_sides // 2
+        # rows ordered by match, then round, then side: (R, 2, M) -> (M, R, 2)
+        def order(a: np.ndarray) -> np.ndarray:
+            return a.reshape(n_rounds, 2, m).transpose(2, 0, 1).ravel()
+
+        side = np.broadcast_to(np.arange(n_sides), (n_rounds, n_sides))
+        rnd = np.broadcast_to(np.arange(1, n_rounds + 1)[:, None], (n_rounds, n_sides))
+        keep = order(result.actual != EMPTY)
+        side, rnd = order(side)[keep], order(rnd)[keep]
+        table = pa.table({
+            "step": pa.array(np.full(len(side), result.step + 1, np.int64)),
+            "match": pa.array(match[side].astype(np.int64)),
+            "round": pa.array(rnd.astype(np.int32)),
+            **self._who(result.agent[side], result.opponent[side]),
+            "intended": _dictionary(order(result.intended)[keep], _ACTIONS),
+            "actual": _dictionary(order(result.actual)[keep], _ACTIONS),
+            "payoff": pa.array(order(result.payoff)[keep]),
+        })
+        if self.rounds_writer is None:
+            self.rounds_writer = pq.ParquetWriter(str(self.rounds_path), table.schema)
+        self.rounds_writer.write_table(table)
+
+    def close(self) -> None:
+        for writer in (self.rounds_writer, self.matches_writer):
+            if writer is not None:
+                writer.close()
+        self.rounds_writer = self.matches_writer = None
