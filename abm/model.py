@@ -70,7 +70,11 @@ class DilemmaModel(mesa.Model):
         index = {key: i for i, key in enumerate(keys)}
         self.policy_of_node = np.array([index[(s.name, tuple(sorted(s.params.items())))]
                                         for s in specs], np.int64)
-        self.labels = list(dict.fromkeys(s.display for s in specs))
+        present = {s.display for s in specs}
+        # labels in the order the scenario names them, not the random order of the nodes
+        self.labels = [label for label in dict.fromkeys(
+            [s.display for s in scenario.policies()] + [s.display for s in specs])
+            if label in present]
         label_index = {label: i for i, label in enumerate(self.labels)}
         self.label_of_node = np.array([label_index[s.display] for s in specs], np.int64)
         self.policy_names = [s.model_copy(update={"label": None}).display for s in specs]
