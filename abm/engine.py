@@ -126,7 +126,10 @@ class Engine:
             actual[r, live] = apply_noise(intended[r, live], self.noise, self.rngs["noise"])
             theirs_now = actual[r, partner[live]]
             payoff[r, live] = self.table[actual[r, live], theirs_now]
-            memory.push(slots[live], actual[r, live], theirs_now, unique=unique_slots)
+            # a fresh per-step memory whose slots are the sides in order can shift in place
+            whole = fixed and self.scope == "match"
+            memory.push(None if whole else slots[live], actual[r, live], theirs_now,
+                        unique=unique_slots)
         return StepResult(step=step, edge=edge_ids, agent=agent, opponent=opponent, twin=twin,
                           length=lengths, intended=intended, actual=actual, payoff=payoff)
 

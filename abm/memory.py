@@ -24,19 +24,24 @@ class Memory:
     def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.mine[slots], self.theirs[slots], self.length[slots]
 
-    def push(self, slots: np.ndarray, mine: np.ndarray, theirs: np.ndarray,
+    def push(self, slots: np.ndarray | None, mine: np.ndarray, theirs: np.ndarray,
              unique: bool = True) -> None:
-        """Append one round per entry; with ``unique=False`` a slot may appear several
-        times and its rounds are appended in the order given."""
-        if len(slots) == 0 or self.window == 0:
+        """Append one round per entry; ``slots=None`` means every slot in order. With
+        ``unique=False`` a slot may appear several times; its rounds go in in order."""
+        if len(mine) == 0 or self.window == 0:
             return
-        if unique:
+        if unique or slots is None:
             for table, new in ((self.mine, mine), (self.theirs, theirs)):
-                rows = table[slots]
-                rows[:, :-1] = rows[:, 1:]
-                rows[:, -1] = new
-                table[slots] = rows
-            self.length[slots] = np.minimum(self.length[slots] + 1, self.window)
+                if slots is None:  # in-place shift: no gather/scatter of the whole table
+                    table[:, :-1] = table[:, 1:]
+                    table[:, -1] = new
+                else:
+                    rows = table[slots]
+                    rows[:, :-1] = rows[:, 1:]
+                    rows[:, -1] = new
+                    table[slots] = rows
+            rows = slice(None) if slots is None else slots
+            self.length[rows] = np.minimum(self.length[rows] + 1, self.window)
             return
         order = np.argsort(slots, kind="stable")
         slots, mine, theirs = slots[order], mine[order], theirs[order]

@@ -21,6 +21,9 @@ from abm.scenario import Scenario, load_scenario
 from abm.seeding import fresh_seed, stream
 
 
+AGENT_ROWS_LIMIT = 10_000
+
+
 def _mean_cooperation(model: DilemmaModel) -> float:
     return model.tally.steps[-1]["cooperation_rate"] if model.tally.steps else float("nan")
 
@@ -34,12 +37,13 @@ class DilemmaModel(mesa.Model):
 
     Build it from a validated ``Scenario`` or a path to a scenario file; ``seed``
     overrides the scenario's seed (a fresh one is drawn and recorded when neither
-    gives one). ``collect_agents=False`` skips Mesa's per-agent DataCollector rows,
-    which cost Python time on very large graphs.
+    gives one). ``collect_agents`` turns Mesa's per-agent DataCollector rows on or
+    off; by default they are collected up to ``AGENT_ROWS_LIMIT`` agents, because
+    the DataCollector walks every agent in Python each step.
     """
 
     def __init__(self, scenario: Scenario | str | Path, *, seed: int | None = None,
-                 collect_agents: bool = True, source: str | None = None) -> None:
+                 collect_agents: bool | None = None, source: str | None = None) -> None:
         if not isinstance(scenario, Scenario):
             source = source or str(scenario)
             scenario = load_scenario(scenario)
@@ -108,7 +112,8 @@ class DilemmaModel(mesa.Model):
         self.datacollector = mesa.DataCollector(
             model_reporters={"cooperation_rate": _mean_cooperation, "mean_payoff": _mean_payoff},
             agent_reporters={"score": "score", "cooperation_rate": "cooperation_rate"}
-            if collect_agents else None,
+            if (collect_agents if collect_agents is not None
+                else self.n_nodes <= AGENT_ROWS_LIMIT) else None,
         )
 
     def _check_memory(self, specs: list) -> None:
