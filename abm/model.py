@@ -70,7 +70,10 @@ class DilemmaModel(mesa.Model):
 
         keys = list(dict.fromkeys((s.name, tuple(sorted(s.params.items()))) for s in specs))
         game = scenario.game.payoffs
-        self.policies = [make(name, dict(params), game) for name, params in keys]
+        try:
+            self.policies = [make(name, dict(params), game) for name, params in keys]
+        except ValueError as exc:
+            raise ScenarioError(f"{self.source}: field 'population': {exc}") from None
         index = {key: i for i, key in enumerate(keys)}
         self.policy_of_node = np.array([index[(s.name, tuple(sorted(s.params.items())))]
                                         for s in specs], np.int64)

@@ -133,3 +133,11 @@ def test_failure_midway_leaves_no_complete_folder(scenario_file, tmp_path, monke
         run_cli(scenario_file(GOOD), out=out)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "scenario.toml"]
+
+
+def test_policy_that_cannot_be_built_for_the_game(scenario_file, capsys):
+    text = GOOD.replace("noise = 0.0", 'kind = "custom"\nR = 1\nS = 1\nT = 2\nP = 0') \
+               .replace('"trigger"]', '"generous_tit_for_tat"]')
+    assert run_cli(scenario_file(text)) == 2
+    err = capsys.readouterr().err
+    assert "population" in err and "give g" in err

@@ -86,6 +86,9 @@ class GenerousTitForTat(_Rule):
     def __init__(self, game: PayoffMatrix, g: float | None = None) -> None:
         super().__init__(game)
         if g is None:
+            if game.R == game.S or game.T == game.P:
+                raise ValueError("generous_tit_for_tat cannot derive g from payoffs with R = S "
+                                 "or T = P; give g (0 to 1) explicitly")
             g = min(1 - (game.T - game.R) / (game.R - game.S), (game.R - game.P) / (game.T - game.P))
         self.g = float(np.clip(g, 0.0, 1.0))
 
