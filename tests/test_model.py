@@ -1,0 +1,127 @@
+"""The Mesa model: agents on the network, data collection, seeds, match lengths."""
+
+import numpy as np
+import pytest
+
+from abm.model import DilemmaModel
+from abm.scenario import validate_scenario
+from conftest import SCENARIOS
+
+MIX = {"mix": [{"policy": "tit_for_tat", "share": 0.5},
+               {"policy": {"name": "random", "p": 0.3}, "share": 0.3},
+               {"policy": "all_d", "share": 0.2}]}
+
+
+def small_world(seed=3, **extra):
+    data = {"seed": seed, "game": {"noise": 0.05},
+            "graph": {"kind": "watts_strogatz", "n": 30, "k": 4, "p": 0.2},
+            "population": MIX, "pairing": {"scheme": "random_matching", "steps": 6}, **extra}
+    return DilemmaModel(validate_scenario(data))
+
+
+def run(model):
+    while model.running:
+        model.step()
+    return model
+
+
+def test_agents_sit_on_the_mesa_network():
+    model = small_world()
+    assert len(model.agents) == 30
+    for player in model.players:
+        assert player.cell is model.space[player.node]
+        neighbours = {a.node for c in player.cell.neighborhood for a in c.agents}
+        assert neighbours == set(model.graph.neighbors(player.node))
+
+
+def test_mix_gives_exact_counts():
+    model = small_world()
+    counts = {name: model.policy_names.count(name) for name in set(model.policy_names)}
+    # 30 * (0.5, 0.3, 0.2) = 15, 9, 6 exactly
+    assert counts == {"tit_for_tat": 15, "random(p=0.3)": 9, "all_d": 6}
+
+
+def test_datacollector_rows_per_step_and_agent():
+    model = run(small_world())
+    frame = model.datacollector.get_model_vars_dataframe()
+    assert len(frame) == 6
+    assert frame["cooperation_rate"].between(0, 1).all()
+    agents = model.datacollector.get_agent_vars_dataframe()
+    assert len(agents) == 6 * 30
+    last = agents.xs(6, level="Step")
+    assert np.allclose(last["score"].to_numpy(), model.scores)
+
+
+def test_scores_add_up_to_the_match_payoffs():
+    model = small_world()
+    total = 0.0
+    while model.running:
+        model.step()
+        r = model.last_result
+        total += r.payoff[:, ~r.twin].sum()
+    assert model.scores.sum() == pytest.approx(total)
+
+
+def test_same_seed_same_results_and_new_seed_changes_them():
+    a, b, c = run(small_world(3)), run(small_world(3)), run(small_world(4))
+    assert np.array_equal(a.scores, b.scores)
+    assert a.policy_names == b.policy_names
+    assert not np.array_equal(a.scores, c.scores)
+
+
+def test_seed_argument_overrides_scenario_and_is_recorded():
+    model = DilemmaModel(SCENARIOS / "small_world_rules.toml", seed=99)
+    assert model.master_seed == 99 and model.scenario.seed == 99
+
+
+def test_missing_seed_is_drawn_and_recorded():
+    data = {"graph": {"kind": "complete", "self_loops": True},
+            "population": {"players": ["random"]}}
+    model = DilemmaModel(validate_scenario(data))
+    assert isinstance(model.master_seed, int) and model.scenario.seed == model.master_seed
+
+
+def test_geometric_match_lengths():
+    delta = 0.8
+    data = {"seed": 5, "match": {"continuation_probability": delta},
+            "graph": {"kind": "complete", "n": 2}, "population": {"players": ["tit_for_tat", "all_d"]},
+            "pairing": {"steps": 4000}}
+    model = run(DilemmaModel(validate_scenario(data)))
+    lengths = np.array([s["decisions"] // 2 for s in model.tally.steps])
+    # P(L = l) = delta^(l-1) (1 - delta): mean 1 / (1 - delta) = 5, sd sqrt(delta)/(1-delta) ~ 4.47
+    assert lengths.min() == 1
+    assert abs(lengths.mean() - 5) < 5 * 4.47 / np.sqrt(4000)
+    assert (lengths == 1).mean() == pytest.approx(1 - delta, abs=0.03)
+
+
+def test_geometric_matches_stop_at_their_own_length():
+    data = {"seed": 2, "match": {"continuation_probability": 0.7},
+            "graph": {"kind": "complete", "n": 40}, "population": {"players": ["all_c"] * 40},
+            "pairing": {"scheme": "all_edges"}}
+    model = run(DilemmaModel(validate_scenario(data)))
+    r = model.last_result
+    played = (r.actual != -1).sum(axis=0)
+    assert (played == r.side_length).all()
+    assert len(set(r.length.tolist())) > 3
+    assert (r.payoff[r.actual == -1] == 0).all()
+
+
+def test_collect_agents_is_off_for_huge_graphs_by_default():
+    data = {"seed": 1, "graph": {"kind": "ring", "n": 10_001},
+            "population": {"mix": [{"policy": "all_c", "share": 1.0}]}}
+    big = DilemmaModel(validate_scenario(data))
+    big.step()
+    assert not big.datacollector.agent_reporters
+    assert len(big.datacollector.get_model_vars_dataframe()) == 1
+    forced = DilemmaModel(validate_scenario(data), collect_agents=True)
+    assert set(forced.datacollector.agent_reporters) == {"score", "cooperation_rate"}
+
+
+def test_resolved_scenario_round_trips(tmp_path):
+    import tomli_w
+    from abm.scenario import load_scenario
+    model = DilemmaModel(SCENARIOS / "small_world_rules.toml")
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(model.scenario.to_toml_dict()))
+    again = load_scenario(path)
+    assert again == model.scenario
