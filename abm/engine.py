@@ -41,13 +41,17 @@ class StepResult:
 
     def totals(self) -> dict[str, np.ndarray]:
         """Per side: total payoff, actual C and D counts, intended D count."""
-        played = self.actual != EMPTY
-        return {
-            "payoff": np.where(played, self.payoff, 0.0).sum(axis=0),
-            "cooperations": ((self.actual == 0) & played).sum(axis=0),
-            "defections": (self.actual == 1).sum(axis=0),
-            "intended_defections": (self.intended == 1).sum(axis=0),
+        return {  # rounds a match did not reach hold payoff 0 and action EMPTY
+            "payoff": self.payoff.sum(axis=0),
+            "cooperations": _count(self.actual == 0),
+            "defections": _count(self.actual == 1),
+            "intended_defections": _count(self.intended == 1),
         }
+
+
+def _count(mask: np.ndarray) -> np.ndarray:
+    """Per-column True count; summing the bytes is several times faster than count_nonzero."""
+    return mask.view(np.int8).sum(axis=0, dtype=np.int64)
 
 
 class Engine:
@@ -84,59 +88,67 @@ class Engine:
     def play(self, step: int, edge_ids: np.ndarray) -> StepResult:
         """Play one match on each of ``edge_ids`` and return what happened."""
         m = len(edge_ids)
+        n = 2 * m
         ends = self.edges[edge_ids]
         agent = np.concatenate([ends[:, 0], ends[:, 1]])
         opponent = np.concatenate([ends[:, 1], ends[:, 0]])
-        loop = ends[:, 0] == ends[:, 1]
-        twin = np.concatenate([np.zeros(m, bool), loop])
-        partner = np.concatenate([np.arange(m, 2 * m), np.arange(m)])
+        twin = np.concatenate([np.zeros(m, bool), ends[:, 0] == ends[:, 1]])
+        partner = np.concatenate([np.arange(m, n), np.arange(m)])
         lengths = self._lengths(m)
         n_rounds = int(lengths.max()) if m else 0
-        side_len = np.concatenate([lengths, lengths])
+        fixed = self.rounds is not None
 
+        # Work in an order where each policy's sides are contiguous, so that a
+        # policy's batch is a slice (a view, no copy) of every per-side array.
+        order, groups = _group(self.policy_of_node[agent], len(self.policies))
+        pos = np.empty(n, np.int64)
+        pos[order] = np.arange(n)
+        s_agent, s_opponent = agent[order], opponent[order]
+        s_match = np.concatenate([np.arange(m), np.arange(m)])[order]
+        s_partner = pos[partner[order]]
+        s_len = np.concatenate([lengths, lengths])[order]
         if self.scope == "match":
-            memory = Memory(2 * m, self.window or n_rounds)
-            slots = np.arange(2 * m)
+            memory, s_slots = Memory(n, self.window or n_rounds), None
         elif self.scope == "opponent":
             memory = self.memory
-            slots = np.concatenate([2 * edge_ids, 2 * edge_ids + 1])
+            s_slots = np.concatenate([2 * edge_ids, 2 * edge_ids + 1])[order]
         else:
             memory = self.memory
-            slots = np.where(twin, self.n_nodes + agent, agent)
-        unique_slots = self.scope != "all"
+            s_slots = np.where(twin, self.n_nodes + agent, agent)[order]
 
-        side_policy = self.policy_of_node[agent]
-        match_of_side = np.concatenate([np.arange(m), np.arange(m)])
-        intended = np.full((n_rounds, 2 * m), EMPTY, np.int8)
-        actual = np.full((n_rounds, 2 * m), EMPTY, np.int8)
-        payoff = np.zeros((n_rounds, 2 * m), np.float64)
-        fixed = self.rounds is not None
-        groups = _group(side_policy, len(self.policies))
+        intended = np.full((n_rounds, n), EMPTY, np.int8)
+        actual = np.full((n_rounds, n), EMPTY, np.int8)
+        payoff = np.zeros((n_rounds, n), np.float64)
+        flat_table = self.table.ravel()
         for r in range(n_rounds):
-            if not fixed:
-                active = side_len > r
-                groups = _group(np.where(active, side_policy, -1), len(self.policies))
-            for p, idx in groups:
-                mine, theirs, length = memory.read(slots[idx])
+            live = slice(None) if fixed else np.flatnonzero(s_len > r)
+            for p, a, b in groups:
+                rows = slice(a, b) if fixed else live[(live >= a) & (live < b)]
+                if not fixed and len(rows) == 0:
+                    continue
+                mine, theirs, length = memory.read(rows if s_slots is None else s_slots[rows])
                 view = View(mine=mine, theirs=theirs, length=length,
-                            round=np.full(len(idx), r, np.int32), agent=agent[idx],
-                            opponent=opponent[idx], match=match_of_side[idx], step=step)
-                intended[r, idx] = self.policies[p].decide(view, self.rngs["policy"])
-            live = np.arange(2 * m) if fixed else np.flatnonzero(active)
-            actual[r, live] = apply_noise(intended[r, live], self.noise, self.rngs["noise"])
-            theirs_now = actual[r, partner[live]]
-            payoff[r, live] = self.table[actual[r, live], theirs_now]
-            # a fresh per-step memory whose slots are the sides in order can shift in place
-            whole = fixed and self.scope == "match"
-            memory.push(None if whole else slots[live], actual[r, live], theirs_now,
-                        unique=unique_slots)
+                            round=np.broadcast_to(np.int32(r), length.shape),
+                            agent=s_agent[rows], opponent=s_opponent[rows],
+                            match=s_match[rows], step=step)
+                intended[r, rows] = self.policies[p].decide(view, self.rngs["policy"])
+            # noise is drawn in the canonical side order, whatever the policy grouping
+            actual[r] = apply_noise(intended[r, pos], self.noise, self.rngs["noise"])[order]
+            mine_now, theirs_now = actual[r, live], actual[r, s_partner[live]]
+            payoff[r, live] = flat_table[2 * mine_now + theirs_now]
+            if s_slots is None and fixed:
+                memory.push(None, mine_now, theirs_now)
+            else:
+                memory.push(live if s_slots is None else s_slots[live], mine_now, theirs_now,
+                            unique=self.scope != "all")
         return StepResult(step=step, edge=edge_ids, agent=agent, opponent=opponent, twin=twin,
-                          length=lengths, intended=intended, actual=actual, payoff=payoff)
+                          length=lengths, intended=intended[:, pos], actual=actual[:, pos],
+                          payoff=payoff[:, pos])
 
 
-def _group(side_policy: np.ndarray, n_policies: int) -> list[tuple[int, np.ndarray]]:
-    """Side indices per policy, skipping policies with no side (and the -1 of ended sides)."""
+def _group(side_policy: np.ndarray, n_policies: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """A stable order of the sides by policy, and each present policy's [start, end)."""
     order = np.argsort(side_policy, kind="stable")
     bounds = np.searchsorted(side_policy[order], np.arange(n_policies + 1))
-    return [(p, order[bounds[p]:bounds[p + 1]]) for p in range(n_policies)
-            if bounds[p + 1] > bounds[p]]
+    return order, [(p, int(bounds[p]), int(bounds[p + 1])) for p in range(n_policies)
+                   if bounds[p + 1] > bounds[p]]

@@ -57,8 +57,9 @@ class PayoffMatrix:
 def apply_noise(intended: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
     """Flip each intended action independently with probability ``noise``.
 
-    The draw is made even when ``noise`` is 0 so that the noise stream stays
-    aligned across runs that differ only in the noise level.
+    One draw per entry, even when ``noise`` is 0 and for EMPTY entries (which
+    stay EMPTY), so the noise stream stays aligned across runs that differ only
+    in the noise level or in which matches are still running.
     """
-    flips = rng.random(intended.shape[0]) < noise
+    flips = (rng.random(intended.shape[0]) < noise) & (intended != EMPTY)
     return np.where(flips, 1 - intended, intended).astype(np.int8)

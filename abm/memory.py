@@ -10,19 +10,30 @@ from abm.game import EMPTY
 class Memory:
     """``n_slots`` windows of ``window`` rounds (own action, opponent's action).
 
-    Column -1 is the most recent round; unfilled columns hold -1. What a slot
-    stands for (a match side, an agent-opponent pair, an agent) is the
-    engine's business: this class only remembers.
+    Column -1 of a slot's window is the most recent round; unfilled columns
+    hold -1. What a slot stands for (a match side, an agent-opponent pair, an
+    agent) is the engine's business: this class only remembers. The tables are
+    stored round-major, (window, n_slots), so that appending a round shifts
+    contiguous blocks; ``mine`` and ``theirs`` are (n_slots, window) views.
     """
 
     def __init__(self, n_slots: int, window: int) -> None:
         self.window = window
-        self.mine = np.full((n_slots, window), EMPTY, np.int8)
-        self.theirs = np.full((n_slots, window), EMPTY, np.int8)
+        self._mine = np.full((window, n_slots), EMPTY, np.int8)
+        self._theirs = np.full((window, n_slots), EMPTY, np.int8)
         self.length = np.zeros(n_slots, np.int32)
 
-    def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.mine[slots], self.theirs[slots], self.length[slots]
+    @property
+    def mine(self) -> np.ndarray:
+        return self._mine.T
+
+    @property
+    def theirs(self) -> np.ndarray:
+        return self._theirs.T
+
+    def read(self, slots: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mine, theirs, length) of these slots; a slice gives views, not copies."""
+        return self._mine[:, slots].T, self._theirs[:, slots].T, self.length[slots]
 
     def push(self, slots: np.ndarray | None, mine: np.ndarray, theirs: np.ndarray,
              unique: bool = True) -> None:
@@ -31,15 +42,15 @@ class Memory:
         if len(mine) == 0 or self.window == 0:
             return
         if unique or slots is None:
-            for table, new in ((self.mine, mine), (self.theirs, theirs)):
-                if slots is None:  # in-place shift: no gather/scatter of the whole table
-                    table[:, :-1] = table[:, 1:]
-                    table[:, -1] = new
+            for table, new in ((self._mine, mine), (self._theirs, theirs)):
+                if slots is None:  # shift in place: contiguous block moves
+                    table[:-1] = table[1:]
+                    table[-1] = new
                 else:
-                    rows = table[slots]
-                    rows[:, :-1] = rows[:, 1:]
-                    rows[:, -1] = new
-                    table[slots] = rows
+                    block = table[:, slots]
+                    block[:-1] = block[1:]
+                    block[-1] = new
+                    table[:, slots] = block
             rows = slice(None) if slots is None else slots
             self.length[rows] = np.minimum(self.length[rows] + 1, self.window)
             return
@@ -52,7 +63,8 @@ class Memory:
         from_old = src < k
         new_index = np.clip(start[:, None] + src - k, 0, len(slots) - 1)
         old_index = np.minimum(src, k - 1)
-        for table, new in ((self.mine, mine), (self.theirs, theirs)):
-            old = table[targets]
-            table[targets] = np.where(from_old, np.take_along_axis(old, old_index, 1), new[new_index])
+        for table, new in ((self._mine, mine), (self._theirs, theirs)):
+            old = table[:, targets].T
+            merged = np.where(from_old, np.take_along_axis(old, old_index, 1), new[new_index])
+            table[:, targets] = merged.T
         self.length[targets] = np.minimum(self.length[targets] + count, k)

@@ -4,9 +4,11 @@
     python benchmarks/scale.py --agents 1000 10000 --steps 5
 
 Each size runs in a fresh process so peak memory (ru_maxrss) is its own.
-Three variants per size: the engine alone (no tables), the full CLI path
-without the per-round table, and the full CLI path with rounds.parquet.
-The baseline printed first is an empty Python process with abm imported.
+Variants per size: ``naive`` (the same matches played one at a time by a
+plain Python loop, one step only: the baseline), ``engine`` (the model alone,
+lockstep), ``cli`` (the whole command without the per-round table) and
+``cli+rounds`` (with rounds.parquet). The naive loop's payoffs are checked
+against the engine's before its time is reported.
 """
 
 from __future__ import annotations
@@ -31,8 +33,16 @@ CHILD = textwrap.dedent("""
             "match": {"rounds": 5}, "pairing": {"scheme": "all_edges", "steps": steps},
             "output": {"rounds": variant == "cli+rounds", "charts": False}}
     t0 = time.perf_counter()
-    if variant == "baseline":
-        pass
+    if variant == "naive":
+        model = DilemmaModel(validate_scenario({**data, "pairing": {"steps": 1}}),
+                             collect_agents=False)
+        t0 = time.perf_counter()
+        totals = naive_step(model)
+        seconds = time.perf_counter() - t0
+        model.step()
+        assert totals == model.last_totals["payoff"].tolist(), "naive loop disagrees"
+        print(json.dumps({"seconds": seconds, "peak_mib": 0, "steps": 1}))
+        raise SystemExit
     elif variant == "engine":
         model = DilemmaModel(validate_scenario(data), collect_agents=False)
         built = time.perf_counter() - t0
@@ -44,14 +54,37 @@ CHILD = textwrap.dedent("""
         path.write_text(tomli_w.dumps(data))
         run_scenario(path, out=pathlib.Path(out) / "run", quiet=True)
     seconds = time.perf_counter() - t0
+    steps = steps if variant != "baseline" else 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mib": peak}))
+    print(json.dumps({"seconds": seconds, "peak_mib": peak, "steps": steps}))
+""")
+
+NAIVE = textwrap.dedent("""
+    def naive_step(model):
+        # one match at a time, one round at a time, strategies as Python branches
+        table = [[9, 0], [10, 5]]
+        names = [model.policy_names[v] for v in range(model.n_nodes)]
+        def move(name, rnd, mine, theirs):
+            if name == "all_c": return 0
+            if name == "all_d": return 1
+            if name == "defect_once": return 1 if rnd == 0 else 0
+            if name == "trigger": return 1 if 1 in theirs else 0
+            return theirs[-1] if theirs else 0  # tit_for_tat
+        first, second = [], []
+        for u, v in model.edges.tolist():
+            hu, hv, pu, pv = [], [], 0, 0
+            for rnd in range(5):
+                a, b = move(names[u], rnd, hu, hv), move(names[v], rnd, hv, hu)
+                hu.append(a); hv.append(b)
+                pu += table[a][b]; pv += table[b][a]
+            first.append(float(pu)); second.append(float(pv))
+        return first + second
 """)
 
 
 def measure(agents: int, steps: int, variant: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(agents), str(steps), variant, tmp],
+        out = subprocess.run([sys.executable, "-c", NAIVE + CHILD, str(agents), str(steps), variant, tmp],
                              check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -61,18 +94,18 @@ def main() -> None:
     parser.add_argument("--agents", type=int, nargs="+", default=[100_000])
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    base = measure(2, 1, "baseline")
-    print(f"baseline (python + imports): {base['seconds']:.2f} s, {base['peak_mib']:.0f} MiB")
     print(f"{'agents':>9} {'edges':>9} {'variant':<11} {'seconds':>8} {'peak MiB':>9} "
-          f"{'match-rounds/s':>15}")
+          f"{'match-rounds/s':>15} {'vs naive':>9}")
     for n in args.agents:
         edges = 2 * (n - 2)  # Barabasi-Albert with m = 2 adds m edges per new node
-        for variant in ("engine", "cli", "cli+rounds"):
+        base = None
+        for variant in ("naive", "engine", "cli", "cli+rounds"):
             r = measure(n, args.steps, variant)
-            rate = edges * 5 * args.steps / r["seconds"]
-            print(f"{n:>9,} {edges:>9,} {variant:<11} {r['seconds']:>8.2f} "
-                  f"{r['peak_mib']:>9.0f} {rate:>15,.0f}", flush=True)
-
+            rate = edges * 5 * r["steps"] / r["seconds"]
+            base = base or rate
+            peak = f"{r['peak_mib']:>9.0f}" if r["peak_mib"] else f"{'-':>9}"
+            print(f"{n:>9,} {edges:>9,} {variant:<11} {r['seconds']:>8.2f} {peak} "
+                  f"{rate:>15,.0f} {rate / base:>8.1f}x", flush=True)
 
 if __name__ == "__main__":
     main()
