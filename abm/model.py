@@ -77,14 +77,17 @@ class DilemmaModel(mesa.Model):
         index = {key: i for i, key in enumerate(keys)}
         self.policy_of_node = np.array([index[(s.name, tuple(sorted(s.params.items())))]
                                         for s in specs], np.int64)
-        present = {s.display for s in specs}
+        displays = {id(s): s.display for s in {id(s): s for s in specs}.values()}
+        present = set(displays.values())
         # labels in the order the scenario names them, not the random order of the nodes
         self.labels = [label for label in dict.fromkeys(
             [s.display for s in scenario.policies()] + [s.display for s in specs])
             if label in present]
         label_index = {label: i for i, label in enumerate(self.labels)}
-        self.label_of_node = np.array([label_index[s.display] for s in specs], np.int64)
-        self.policy_names = [s.model_copy(update={"label": None}).display for s in specs]
+        self.label_of_node = np.array([label_index[displays[id(s)]] for s in specs], np.int64)
+        unlabelled = {key: s.model_copy(update={"label": None}).display
+                      for key, s in {id(s): s for s in specs}.items()}
+        self.policy_names = [unlabelled[id(s)] for s in specs]
 
         self.scores = np.zeros(self.n_nodes)
         self.decisions = np.zeros(self.n_nodes, np.int64)
@@ -94,7 +97,7 @@ class DilemmaModel(mesa.Model):
         self.played_steps = 0  # Mesa's own counter moved between 3.x releases
 
         self.space = Network(graph, random=self.random)
-        self.players = [Player(self, node, specs[node].display, self.policy_names[node])
+        self.players = [Player(self, node, displays[id(specs[node])], self.policy_names[node])
                         for node in range(self.n_nodes)]
         for player in self.players:
             player.cell = self.space[player.node]

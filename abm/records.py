@@ -94,7 +94,12 @@ class TableWriter:
             "payoff": pa.array(order(result.payoff)[keep]),
         })
         if self.rounds_writer is None:
-            self.rounds_writer = pq.ParquetWriter(str(self.rounds_path), table.schema)
+            # statistics and dictionary pages only where they pay: the step (to filter
+            # row groups) and the low-cardinality names; ids and payoffs are plain
+            self.rounds_writer = pq.ParquetWriter(
+                str(self.rounds_path), table.schema, compression="zstd",
+                write_statistics=["step"], use_dictionary=[
+                    "player", "opponent_player", "policy", "opponent_policy", "intended", "actual"])
         self.rounds_writer.write_table(table)
 
     def close(self) -> None:
