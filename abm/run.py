@@ -41,7 +41,7 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
     if not quiet:
         print(f"{summary['steps']} steps, {summary['matches']} matches, "
               f"cooperation rate {summary['cooperation_rate']:.3f}, "
-              f"{summary['wall_seconds']:.1f} s")
+              f"simulated in {summary['wall_seconds']:.2f} s")
     return final
 
 

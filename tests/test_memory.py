@@ -73,10 +73,13 @@ def test_all_scope_remembers_anyone():
     assert tft_vs_alld("all", 1) == ["CD", "DD"]
 
 
-def test_opponent_scope_keeps_opponents_apart():
-    # a TFT hub meets All-D (node 1) and All-C (node 2) in turns on a path 1 - 0 - 2
-    # with scope "opponent" it opens against All-C with C even after All-D's defection
-    data = {"seed": 1, "match": {"rounds": 1}, "memory": {"scope": "opponent", "window": 1},
+def hub_moves(scope: str) -> dict[int, str]:
+    """Last-step moves of a Tit-for-tat hub (node 0) against All-D (1) and All-C (2).
+
+    Complete graph on 3 nodes, every edge plays a 1-round match each step for
+    3 steps, memory window 1.
+    """
+    data = {"seed": 1, "match": {"rounds": 1}, "memory": {"scope": scope, "window": 1},
             "graph": {"kind": "complete", "n": 3},
             "population": {"players": ["tit_for_tat", "all_d", "all_c"]},
             "pairing": {"scheme": "all_edges", "steps": 3}}
@@ -84,17 +87,18 @@ def test_opponent_scope_keeps_opponents_apart():
     while model.running:
         model.step()
     r = model.last_result
-    hub = {int(o): "CD"[a] for a, o, ag in zip(r.actual[0], r.opponent, r.agent) if ag == 0}
-    assert hub == {1: "D", 2: "C"}
-    data["memory"]["scope"] = "all"
-    model = DilemmaModel(validate_scenario(data))
-    while model.running:
-        model.step()
-    r = model.last_result
-    hub = {int(o): "CD"[a] for a, o, ag in zip(r.actual[0], r.opponent, r.agent) if ag == 0}
-    # with scope "all" the hub's memory holds both opponents' last moves; its last-remembered
-    # round (the later side in push order, All-C's) decides both matches: C
-    assert hub == {1: "C", 2: "C"}
+    return {int(o): "CD"[a] for a, o, ag in zip(r.actual[0], r.opponent, r.agent) if ag == 0}
+
+
+def test_opponent_scope_keeps_opponents_apart():
+    # each pair has its own memory: D for All-D's last D, C for All-C's last C
+    assert hub_moves("opponent") == {1: "D", 2: "C"}
+
+
+def test_all_scope_mixes_opponents():
+    # one memory for everyone: the hub's rounds go in in match order (vs All-D, then vs
+    # All-C), so with a window of 1 it remembers only All-C's C and plays C in both matches
+    assert hub_moves("all") == {1: "C", 2: "C"}
 
 
 def test_self_play_twin_has_its_own_memory():

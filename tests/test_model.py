@@ -125,3 +125,30 @@ def test_resolved_scenario_round_trips(tmp_path):
     path.write_text(tomli_w.dumps(model.scenario.to_toml_dict()))
     again = load_scenario(path)
     assert again == model.scenario
+
+
+def test_population_from_a_graphml_attribute(tmp_path, scenario_file):
+    import networkx as nx
+    g = nx.cycle_graph(["a", "b", "c", "d"])
+    nx.set_node_attributes(g, {"a": "all_d", "b": "tit_for_tat", "c": "grim", "d": "all_c"},
+                           "strategy")
+    nx.write_graphml(g, tmp_path / "net.graphml")
+    path = scenario_file('seed = 1\n[graph]\nkind = "file"\npath = "net.graphml"\n'
+                         '[population]\nattribute = "strategy"\n')
+    model = run(DilemmaModel(path))
+    assert model.policy_names == ["all_d", "tit_for_tat", "trigger", "all_c"]
+    # a-b, b-c, c-d, d-a each play one 5-round match; All-D (a) meets TFT (b) and All-C (d):
+    # vs TFT: T + 4P = 30, vs All-C: 5T = 50 -> 80
+    assert model.scores[0] == 80
+
+
+def test_bad_attribute_value_is_explained(tmp_path, scenario_file):
+    import networkx as nx
+    from abm.errors import ScenarioError
+    g = nx.path_graph(["a", "b"])
+    nx.set_node_attributes(g, {"a": "all_d", "b": "tft"}, "strategy")
+    nx.write_graphml(g, tmp_path / "net.graphml")
+    path = scenario_file('[graph]\nkind = "file"\npath = "net.graphml"\n'
+                         '[population]\nattribute = "strategy"\n')
+    with pytest.raises(ScenarioError, match=r"population\.attribute.*node 'b'.*unknown policy 'tft'"):
+        DilemmaModel(path)
