@@ -14,7 +14,7 @@ import numpy as np
 
 from abm.game import EMPTY, PayoffMatrix, apply_noise
 from abm.memory import Memory
-from abm.policies.base import Policy, View
+from abm.policies.base import Outcome, Policy, View
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,10 @@ class Engine:
         pos[order] = np.arange(n)
         s_agent, s_opponent = agent[order], opponent[order]
         s_match = np.concatenate([np.arange(m), np.arange(m)])[order]
+        s_side = (order >= m).astype(np.int8)
+        s_total = np.full(n, self.rounds if fixed else -1, np.int32)
+        s_score = np.zeros(n)
+        observers = [(p, a, b) for p, a, b in groups if hasattr(self.policies[p], "observe")]
         s_partner = pos[partner[order]]
         s_len = np.concatenate([lengths, lengths])[order]
         if self.scope == "match":
@@ -130,17 +134,26 @@ class Engine:
                 view = View(mine=mine, theirs=theirs, length=length,
                             round=np.broadcast_to(np.int32(r), length.shape),
                             agent=s_agent[rows], opponent=s_opponent[rows],
-                            match=s_match[rows], step=step)
+                            match=s_match[rows], step=step, side=s_side[rows],
+                            score=s_score[rows], rounds_total=s_total[rows])
                 intended[r, rows] = self.policies[p].decide(view, self.rngs["policy"])
             # noise is drawn in the canonical side order, whatever the policy grouping
             actual[r] = apply_noise(intended[r, pos], self.noise, self.rngs["noise"])[order]
             mine_now, theirs_now = actual[r, live], actual[r, s_partner[live]]
             payoff[r, live] = flat_table[2 * mine_now + theirs_now]
+            s_score += payoff[r]
             if s_slots is None and fixed:
                 memory.push(None, mine_now, theirs_now)
             else:
                 memory.push(live if s_slots is None else s_slots[live], mine_now, theirs_now,
                             unique=self.scope != "all")
+            for p, a, b in observers:
+                rows = slice(a, b) if fixed else live[(live >= a) & (live < b)]
+                self.policies[p].observe(Outcome(
+                    step=step, round=r, match=s_match[rows], side=s_side[rows],
+                    agent=s_agent[rows], opponent=s_opponent[rows], intended=intended[r, rows],
+                    mine=actual[r, rows], theirs=actual[r, s_partner[rows]],
+                    payoff=payoff[r, rows]))
         return StepResult(step=step, edge=edge_ids, agent=agent, opponent=opponent, twin=twin,
                           length=lengths, intended=intended[:, pos], actual=actual[:, pos],
                           payoff=payoff[:, pos])

@@ -72,8 +72,9 @@ class DilemmaModel(mesa.Model):
         game = scenario.game.payoffs
         try:
             self.policies = [make(name, dict(params), game) for name, params in keys]
-        except ValueError as exc:
+        except (ValueError, ScenarioError) as exc:
             raise ScenarioError(f"{self.source}: field 'population': {exc}") from None
+        self.llm_policies = [p for p in self.policies if hasattr(p, "drain")]
         index = {key: i for i, key in enumerate(keys)}
         self.policy_of_node = np.array([index[(s.name, tuple(sorted(s.params.items())))]
                                         for s in specs], np.int64)

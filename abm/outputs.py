@@ -107,6 +107,8 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
         "ranking": tally.ranking(),
         "wall_seconds": round(wall_seconds, 3),
     }
+    if model.llm_policies:
+        summary["llm"] = [policy.stats() for policy in model.llm_policies]
     (folder / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n",
                                          encoding="utf-8")
     if with_charts:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +41,9 @@ class TableWriter:
         self.rounds_path = folder / "rounds.parquet" if rounds else None
         self.matches_path = folder / "matches.csv"
         self.matches_writer: pacsv.CSVWriter | None = None
+        self.transcripts_path = folder / "transcripts.jsonl"
+        self.transcripts = None
+        self.label_names = labels
 
     def _who(self, agent: np.ndarray, opponent: np.ndarray) -> dict[str, pa.Array]:
         return {
@@ -50,9 +55,12 @@ class TableWriter:
             "opponent_policy": _dictionary(self.policy_of_node[opponent], self.policies),
         }
 
-    def add(self, result: StepResult, totals: dict[str, np.ndarray]) -> None:
+    def add(self, result: StepResult, totals: dict[str, np.ndarray],
+            exchanges: list[dict[str, Any]] = ()) -> None:
         m = result.n_matches
         match = self.next_match + np.concatenate([np.arange(m), np.arange(m)])
+        if exchanges:
+            self._add_exchanges(exchanges)
         self.next_match += m
         sides = {"step": pa.array(np.full(2 * m, result.step + 1, np.int64)),
                  "match": pa.array(match.astype(np.int64)),
@@ -102,7 +110,20 @@ class TableWriter:
                     "player", "opponent_player", "policy", "opponent_policy", "intended", "actual"])
         self.rounds_writer.write_table(table)
 
+    def _add_exchanges(self, exchanges: list[dict[str, Any]]) -> None:
+        """One JSON line per LLM exchange, with run-wide match ids and player names."""
+        if self.transcripts is None:
+            self.transcripts = open(self.transcripts_path, "w", encoding="utf-8")
+        for record in exchanges:
+            record = {**record, "match": self.next_match + record["match"],
+                      "player": self.label_names[self.label_of_node[record["agent"]]],
+                      "opponent_player": self.label_names[self.label_of_node[record["opponent"]]]}
+            self.transcripts.write(json.dumps(record, ensure_ascii=False) + "\n")
+
     def close(self) -> None:
+        if self.transcripts is not None:
+            self.transcripts.close()
+            self.transcripts = None
         for writer in (self.rounds_writer, self.matches_writer):
             if writer is not None:
                 writer.close()

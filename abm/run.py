@@ -29,7 +29,8 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
         for _ in tqdm(range(model.total_steps), desc=scenario.name, unit="step",
                       disable=quiet, leave=False):
             model.step()
-            writer.add(model.last_result, model.last_totals)
+            writer.add(model.last_result, model.last_totals,
+                       [r for policy in model.llm_policies for r in policy.drain()])
         writer.close()
         summary = write_results(model, folder.path, time.perf_counter() - started,
                                 with_charts=scenario.output.charts)

