@@ -68,7 +68,8 @@ class Backend:
         started = time.perf_counter()
         self.tokenizer, self.model = _load(source, self.dtype, trust_remote_code)
         self.model.to(self.device).eval()
-        self.revision = getattr(self.model.config, "_commit_hash", None) or source.location
+        self.revision = (source.revision or getattr(self.model.config, "_commit_hash", None)
+                         or source.location)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._cache_arg = ("cache" if "cache" in inspect.signature(self.model.forward).parameters

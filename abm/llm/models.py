@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class ModelSource:
     gguf_file: str | None = None
     converted: Path | None = None
     hub: bool = False
+    revision: str | None = None
 
 
 def resolve(name: str, source: str = "<scenario>", field: str = "model") -> ModelSource:
@@ -49,7 +51,9 @@ def resolve(name: str, source: str = "<scenario>", field: str = "model") -> Mode
             raise ScenarioError(
                 f"{source}: field '{field}': the built-in model {name!r} is not installed; "
                 f"install it with: {hint}")
-        return ModelSource(name, str(folder), filename, cache_root() / name)
+        version = importlib.metadata.version(hint.split()[-1])
+        return ModelSource(name, str(folder), filename, cache_root() / f"{name}-{version}",
+                           revision=f"{hint.split()[-1]} {version}")
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

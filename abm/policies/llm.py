@@ -183,6 +183,8 @@ class LLMPolicy:
                 "round": int(view.round[i]) + 1, "agent": int(view.agent[i]),
                 "opponent": int(view.opponent[i]), "mode": self.params.mode,
                 "framing": f.name, "prompt": conversations[i], **extra[i],
+                "response": (f"{self.answer_prefix} {extra[i]['answer']}".strip()
+                             if self.params.mode == "score" else extra[i]["answer"]),
                 "action": "CD"[int(actions[i])], "reflection": None,
                 "latency_s": round(latency, 4), "model": self.params.model,
                 "revision": self.backend.revision,
@@ -294,7 +296,7 @@ class LLMPolicy:
                    f"{said[int(mine)]}. Based on this outcome, please reflect on your "
                    "decision-making in this simulation.")
             conversations.append(record["prompt"] + [
-                {"role": "assistant", "content": f"{self.answer_prefix} {record['answer']}".strip()},
+                {"role": "assistant", "content": record["response"]},
                 {"role": "user", "content": ask}])
         encoded = [self.backend.encode(c) for c in conversations]
         texts = self._memoized(encoded, lambda todo: self.backend.generate(
