@@ -74,6 +74,11 @@ class Backend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._cache_arg = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
                            else "past_key_values")
+        self._keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep")
+                               if a in inspect.signature(self.model.forward).parameters), None)
+        eos = self.model.generation_config.eos_token_id
+        self._stop_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+        self._stop_ids.discard(None)
         self._prefixes: dict[tuple[int, ...], Any] = {}
         self._anchor: list[int] | None = None
         self.load_seconds = time.perf_counter() - started
@@ -115,56 +120,51 @@ class Backend:
         for start in range(0, len(prompts), max_batch_size):
             batch = prompts[start:start + max_batch_size]
             rows = slice(start, start + len(batch))
-            if len(a) == 1 and len(b) == 1:  # both labels read off the last position
-                logp = self._last_logprobs(batch)
-                out[rows] = logp[:, [a[0], b[0]]]
-            elif len(a) == 1 or len(b) == 1:  # one sequence: prompt + the longer label
+            if len(a) == 1 or len(b) == 1:
+                # one sequence per prompt: prompt + the longer label minus its last token;
+                # the prompt's last position gives both first tokens
                 long, short = (a, b) if len(b) == 1 else (b, a)
                 got = self._packed_logprobs(batch, long, short[0])
                 out[rows] = got if long is a else got[:, ::-1]
             else:
-                seqs = [p + lab for p in batch for lab in labels]
-                totals = self._sequence_logprobs(seqs, [len(lab) for _ in batch for lab in labels])
-                out[rows] = totals.reshape(-1, 2)
+                seqs = [p + lab[:-1] for p in batch for lab in labels]
+                k = [len(lab) for _ in batch for lab in labels]
+                targets = [lab for _ in batch for lab in labels]
+                out[rows] = self._tail_logprobs(seqs, k, targets).reshape(-1, 2)
         return out
 
     def _packed_logprobs(self, prompts: list[list[int]], long: list[int], short: int) -> np.ndarray:
         """(log P(long), log P(short)) from one pass over prompt + long[:-1] per prompt."""
         k = len(long)
-        logits, lengths, _ = self._forward([p + long[:-1] for p in prompts], [k] * len(prompts))
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = self._last_positions([p + long[:-1] for p in prompts], k)  # (B, k, V)
         out = np.zeros((len(prompts), 2))
-        targets = torch.tensor(long)
-        for i, n in enumerate(lengths):
-            first = n - k  # the prompt's last position: predicts long[0] and short
-            out[i, 0] = logp[i, first + torch.arange(k), targets].sum().item()
-            out[i, 1] = logp[i, first, short].item()
+        out[:, 0] = logp[:, torch.arange(k), torch.tensor(long)].sum(dim=1).cpu().numpy()
+        out[:, 1] = logp[:, 0, short].cpu().numpy()
         return out
 
-    def _last_logprobs(self, seqs: list[list[int]]) -> np.ndarray:
-        logits, lengths, _ = self._forward(seqs, [1] * len(seqs))
-        rows = torch.arange(len(seqs))
-        last = logits[rows, torch.tensor(lengths) - 1].float()
-        return torch.log_softmax(last, dim=-1).cpu().numpy()
-
-    def _sequence_logprobs(self, seqs: list[list[int]], tail: list[int]) -> np.ndarray:
-        # the position before the first label token must be in the suffix: keep k + 1
-        logits, lengths, _ = self._forward(seqs, [k + 1 for k in tail])
-        logp = torch.log_softmax(logits.float(), dim=-1)
+    def _tail_logprobs(self, seqs: list[list[int]], k: list[int],
+                       targets: list[list[int]]) -> np.ndarray:
+        width = max(k)
+        logp = self._last_positions(seqs, width)
         out = np.zeros(len(seqs))
-        for i, (seq_len, k) in enumerate(zip(lengths, tail)):
-            # label token j sits at suffix position seq_len - k + j, predicted one before
-            pos = torch.arange(seq_len - k, seq_len)
-            targets = torch.tensor(seqs[i][len(seqs[i]) - k:])
-            out[i] = logp[i, pos - 1, targets].sum().item()
+        for i, (n, tokens) in enumerate(zip(k, targets)):
+            # sequences end together: the last n positions predict the n label tokens
+            out[i] = logp[i, width - n + torch.arange(n), torch.tensor(tokens)].sum().item()
         return out
 
-    def _forward(self, seqs: list[list[int]], keep: list[int]) -> tuple[torch.Tensor, list[int], int]:
+    def _last_positions(self, seqs: list[list[int]], k: int) -> torch.Tensor:
+        """Log-softmax over the vocabulary at the last ``k`` positions of each sequence."""
+        logits, _ = self._prefill(seqs, k)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _prefill(self, seqs: list[list[int]], k: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Run the batch, reusing the cached KV of the prefix all sequences share.
 
-        ``keep[i]`` is how many final tokens of sequence i must be computed (not
-        taken from the cache). Returns logits over the suffix positions
-        (right-padded), each sequence's suffix length, and the prefix length.
+        Sequences are padded in the middle, between the shared prefix and their
+        own suffix, so that they all end in the same column: the last ``k``
+        positions then line up, the LM head runs on those alone, and generation
+        can append one column at a time. Returns the logits (B, k, V) and the
+        state generation continues from.
         """
         started = time.perf_counter()
         prefix_len = 0
@@ -174,38 +174,55 @@ class Backend:
             # with map to the same cached prefix whatever else a batch shares.
             self._anchor = self._anchor or seqs[0]
             prefix_len = _common_prefix([self._anchor, *seqs])
-            prefix_len = max(0, min(prefix_len, *(len(s) - k for s, k in zip(seqs, keep))))
+            prefix_len = max(0, min(prefix_len, *(len(s) - k for s in seqs)))
         cache = self._prefix(tuple(seqs[0][:prefix_len])) if prefix_len > 0 else None
         suffixes = [s[prefix_len:] for s in seqs]
         lengths = [len(s) for s in suffixes]
         width = max(lengths)
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=self.device)
+        ids = torch.tensor([[pad] * (width - n) + s for s, n in zip(suffixes, lengths)],
+                           device=self.device)
         mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long, device=self.device)
         mask[:, :prefix_len] = 1
+        positions = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
         for i, n in enumerate(lengths):
-            mask[i, prefix_len:prefix_len + n] = 1
-        positions = (prefix_len + torch.arange(width, device=self.device)).expand(len(seqs), -1)
+            mask[i, prefix_len + width - n:] = 1
+            positions[i, width - n:] = prefix_len + torch.arange(n, device=self.device)
+        if cache is None:
+            cache = self._new_cache()
+        else:
+            cache = copy.deepcopy(cache)
+            cache.batch_repeat_interleave(len(seqs))
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
-                                  "position_ids": positions, "use_cache": cache is not None}
-        if cache is not None:
-            batch_cache = copy.deepcopy(cache)
-            batch_cache.batch_repeat_interleave(len(seqs))
-            kwargs[self._cache_arg] = batch_cache
+                                  "position_ids": positions, "use_cache": True,
+                                  self._cache_arg: cache}
+        if self._keep_arg:
+            kwargs[self._keep_arg] = k
         with torch.inference_mode():
-            logits = self.model(**kwargs).logits
+            logits = self.model(**kwargs).logits[:, -k:]
         self.stats.forward_passes += 1
         self.stats.tokens += sum(lengths)
         self.stats.seconds += time.perf_counter() - started
-        return logits, lengths, prefix_len
+        state = {"cache": cache, "mask": mask,
+                 "next_position": torch.tensor([prefix_len + n for n in lengths],
+                                               device=self.device)}
+        return logits, state
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older releases take no config
+            return DynamicCache()
 
     def _prefix(self, key: tuple[int, ...]) -> Any:
         if key in self._prefixes:
             self.stats.prefix_hits += 1
             return self._prefixes[key]
         ids = torch.tensor([list(key)], device=self.device)
+        kwargs = {self._keep_arg: 1} if self._keep_arg else {}
         with torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True)
+            out = self.model(input_ids=ids, use_cache=True, **kwargs)
         self.stats.forward_passes += 1
         self.stats.tokens += len(key)
         if len(self._prefixes) >= 8:  # a run has one or two shared prefixes; stay small
@@ -217,30 +234,70 @@ class Backend:
 
     def generate(self, prompts: list[list[int]], *, temperature: float = 0.0, top_p: float = 1.0,
                  max_new_tokens: int = 32, seed: int = 0, max_batch_size: int = 16) -> list[str]:
-        """Free-text answers, batched with left padding; sampling is seeded per batch."""
+        """Free-text answers, batched, on top of the shared-prefix cache.
+
+        Greedy when ``temperature`` is 0; otherwise temperature and nucleus
+        (``top_p``) sampling from a torch generator seeded with ``seed`` (and the
+        batch's position), so a run is reproducible.
+        """
         answers: list[str] = []
-        pad = self.tokenizer.pad_token_id
         for start in range(0, len(prompts), max_batch_size):
-            started = time.perf_counter()
             batch = prompts[start:start + max_batch_size]
-            width = max(len(p) for p in batch)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=self.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
-                                device=self.device)
-            torch.manual_seed(seed + start)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
-                if temperature > 0 else {"do_sample": False}
-            with torch.inference_mode():
-                out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                          max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                          **sampling)
-            new = out[:, width:]
-            answers += [self.tokenizer.decode(row, skip_special_tokens=True).strip()
-                        for row in new]
-            self.stats.generate_calls += 1
-            self.stats.tokens += int(mask.sum()) + int((new != pad).sum())
-            self.stats.seconds += time.perf_counter() - started
+            generator = torch.Generator(device=self.device).manual_seed(seed + start)
+            answers += self._decode(batch, temperature, top_p, max_new_tokens, generator)
         return answers
+
+    def _decode(self, batch: list[list[int]], temperature: float, top_p: float,
+                max_new_tokens: int, generator: torch.Generator) -> list[str]:
+        logits, state = self._prefill(batch, 1)
+        started = time.perf_counter()
+        stop = torch.tensor(sorted(self._stop_ids), device=self.device)
+        done = torch.zeros(len(batch), dtype=torch.bool, device=self.device)
+        new: list[torch.Tensor] = []
+        cache, mask, position = state["cache"], state["mask"], state["next_position"]
+        for step in range(max_new_tokens):
+            token = self._pick(logits[:, -1].float(), temperature, top_p, generator)
+            token = torch.where(done, torch.full_like(token, self.tokenizer.pad_token_id), token)
+            new.append(token)
+            done |= torch.isin(token, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype,
+                                               device=self.device)], dim=1)
+            kwargs = {"input_ids": token[:, None], "attention_mask": mask,
+                      "position_ids": position[:, None], "use_cache": True,
+                      self._cache_arg: cache}
+            with torch.inference_mode():
+                logits = self.model(**kwargs).logits
+            position = position + 1
+        rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in batch]
+        self.stats.generate_calls += 1
+        self.stats.tokens += sum(len(r) for r in rows)
+        self.stats.seconds += time.perf_counter() - started
+        return [self.tokenizer.decode([t for t in row if t not in self._stop_ids],
+                                      skip_special_tokens=True).strip()
+                for row in (_until_stop(r, self._stop_ids) for r in rows)]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_p: float,
+              generator: torch.Generator) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest set of tokens whose mass reaches top_p (always the first)
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _until_stop(row: list[int], stop: set[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in stop:
+            return row[:i]
+    return row
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -273,7 +330,7 @@ def _load(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> t
         return (AutoTokenizer.from_pretrained(source.location, local_files_only=True, **options),
                 AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype,
                                                      local_files_only=True, **options))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a folder with no tokenizer files at all
         if not source.hub:
             raise ScenarioError(f"cannot load a model from {source.location}: it needs "
                                 "config.json, tokenizer files and weights") from None

@@ -13,6 +13,7 @@ def parse_action(text: str, c_words: tuple[str, ...], d_words: tuple[str, ...]) 
     "I will not testify" is invalid, not C: a negation next to a label makes the
     answer ambiguous, and guessing would put words in the model's mouth.
     """
+    text = text.replace("\u2019", "'")  # a typographic apostrophe must not hide "won't"
     first = re.split(r"(?<=[.!?])\s|\n", text.strip(), maxsplit=1)[0]
     found = {}
     for action, words in ((0, c_words), (1, d_words)):

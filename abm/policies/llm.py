@@ -288,13 +288,10 @@ class LLMPolicy:
         if not self.params.reflection or not records:
             return
         f = self.framing
-        said = {0: f"remained silent" if f.name == "police" else f"chose {f.label_c}",
-                1: f"testified against the other" if f.name == "police" else f"chose {f.label_d}"}
         conversations = []
         for record, mine, theirs in zip(records, outcome.mine, outcome.theirs):
-            ask = (f"Police: In this simulation, {f.other} {said[int(theirs)]}, while {f.you} "
-                   f"{said[int(mine)]}. Based on this outcome, please reflect on your "
-                   "decision-making in this simulation.")
+            ask = f.reflect.format(other=f.other, you=f.you, theirs=f.did[int(theirs)],
+                                   mine=f.did[int(mine)])
             conversations.append(record["prompt"] + [
                 {"role": "assistant", "content": record["response"]},
                 {"role": "user", "content": ask}])

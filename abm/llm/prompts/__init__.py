@@ -40,6 +40,9 @@ class Framing:
     other: str
     round_word: str
     reminder: str
+    reflect: str = ("In this round, {other} chose {theirs}, while {you} chose {mine}. Based "
+                    "on this outcome, please reflect on your decision-making in this game.")
+    did: tuple[str, str] = ("", "")
 
 
 def split_template(text: str) -> tuple[str, str]:
@@ -56,7 +59,10 @@ def police() -> Framing:
                    ("remain silent", "stay silent", "keep silent", "silent", "cooperate"),
                    ("testify", "testified", "confess", "defect"), "Suspect1", "Suspect2",
                    "interrogation",
-                   'Police: Please answer with exactly "remain silent" or "testify".')
+                   'Police: Please answer with exactly "remain silent" or "testify".',
+                   "Police: In this simulation, {other} {theirs}, while {you} {mine}. Based on "
+                   "this outcome, please reflect on your decision-making in this simulation.",
+                   ("remained silent", "testified against the other"))
 
 
 def neutral(labels: tuple[str, str]) -> Framing:
@@ -64,7 +70,7 @@ def neutral(labels: tuple[str, str]) -> Framing:
     c, d = labels
     return Framing("neutral", rules, turn, c, d, "I choose option", (c,), (d,), "you",
                    "the other player", "round",
-                   f"Please answer with exactly one option: {c} or {d}.")
+                   f"Please answer with exactly one option: {c} or {d}.", did=(c, d))
 
 
 def custom(path: Path, labels: tuple[str, str], answer_prefix: str) -> Framing:
@@ -72,4 +78,4 @@ def custom(path: Path, labels: tuple[str, str], answer_prefix: str) -> Framing:
     c, d = labels
     return Framing("custom", rules, turn, c, d, answer_prefix, (c,), (d,), "you",
                    "the other player", "round",
-                   f"Please answer with exactly one of: {c} or {d}.")
+                   f"Please answer with exactly one of: {c} or {d}.", did=(c, d))

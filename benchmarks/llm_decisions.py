@@ -1,0 +1,145 @@
+"""Decisions per second of the round-robin LLM workload: naive loop vs abm.
+
+    python benchmarks/llm_decisions.py [--model smollm2-135m-instruct] [--device auto]
+
+1. Runs scenarios/round_robin.toml once (score mode, reflections off) to get
+   the 35 prompts the LLM is asked, grouped as the engine batches them (one
+   batch per round).
+2. score mode: the naive way scores each decision alone with two full forward
+   passes (prompt + each answer), no reuse; abm scores each round's batch at
+   once with the shared-prefix KV cache and answers repeated prompts once.
+3. generate mode: the naive way calls transformers' generate once per
+   decision; abm
+   generates each round's distinct prompts in one batch on the shared-prefix
+   cache.
+Every way runs in this process on the same prompts, greedy; the script says
+how many decisions each pair agrees on (the same mode must agree on all).
+The issue's baseline is "naive generate": one transformers generate call per
+decision with the full prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import tomli_w
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def collect_prompts(model: str, device: str) -> list[list[list[dict]]]:
+    from abm.run import run_scenario
+
+    data = tomllib.loads((ROOT / "scenarios" / "round_robin.toml").read_text())
+    llm = data["population"]["players"][-1]
+    llm.update(reflection=False, model=model, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rr.toml"
+        path.write_text(tomli_w.dumps(data))
+        out = run_scenario(path, out=Path(tmp) / "run", quiet=True)
+        lines = [json.loads(l) for l in (out / "transcripts.jsonl").read_text().splitlines()]
+    batches: dict[tuple[int, int], list] = {}
+    for line in lines:
+        batches.setdefault((line["step"], line["round"]), []).append(line["prompt"])
+    return [batches[k] for k in sorted(batches)]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--new-tokens", type=int, default=8, help="generate mode answer length")
+    args = parser.parse_args()
+
+    from abm.llm.backend import Backend
+    from abm.llm.models import resolve
+    from abm.llm.parsing import parse_action
+    from abm.llm.prompts import police
+
+    batches = collect_prompts(args.model, args.device)
+    n = sum(len(b) for b in batches)
+    framing = police()
+    prefix = framing.answer_prefix
+    naive = Backend(resolve(args.model), device=args.device, prefix_cache=False)
+    fast = Backend(resolve(args.model), device=args.device, prefix_cache=True)
+    labels = (naive.label_ids(" " + framing.label_c), naive.label_ids(" " + framing.label_d))
+    print(f"model {args.model} on {naive.device}; {n} decisions in {len(batches)} batches")
+
+    def naive_score():
+        out = []
+        for batch in batches:
+            for messages in batch:
+                ids = naive.encode(messages, prefix)
+                lp = []
+                for lab in labels:  # one full pass per answer: no batching, no reuse
+                    with torch.inference_mode():
+                        logits = naive.model(input_ids=torch.tensor([ids + lab])).logits[0]
+                    logp = torch.log_softmax(logits.float(), dim=-1)
+                    lp.append(sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(lab)))
+                out.append(int(lp[1] > lp[0]))
+        return out
+
+    def abm_score():
+        out, memo = [], {}
+        for batch in batches:
+            ids = [tuple(fast.encode(m, prefix)) for m in batch]
+            todo = list(dict.fromkeys(i for i in ids if i not in memo))
+            if todo:
+                memo.update(zip(todo, fast.score([list(t) for t in todo], labels)))
+            out += [int(memo[i][1] > memo[i][0]) for i in ids]
+        return out
+
+    def naive_generate():
+        out = []
+        tok = naive.tokenizer
+        for batch in batches:
+            for messages in batch:
+                ids = torch.tensor([naive.encode(messages)])
+                with torch.inference_mode():  # transformers' own generate, one prompt at a time
+                    new = naive.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                               max_new_tokens=args.new_tokens, do_sample=False,
+                                               pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+                text = tok.decode(new, skip_special_tokens=True).strip()
+                out.append(parse_action(text, framing.c_words, framing.d_words)[0])
+        return out
+
+    def abm_generate():
+        out, memo = [], {}
+        for batch in batches:
+            ids = [tuple(fast.encode(m)) for m in batch]
+            todo = list(dict.fromkeys(i for i in ids if i not in memo))
+            if todo:
+                memo.update(zip(todo, fast.generate([list(t) for t in todo],
+                                                    max_new_tokens=args.new_tokens)))
+            out += [parse_action(memo[i], framing.c_words, framing.d_words)[0] for i in ids]
+        return out
+
+    results = {}
+    for name, fn in (("naive generate", naive_generate), ("abm generate", abm_generate),
+                     ("naive score", naive_score), ("abm score", abm_score)):
+        results[name] = timed(fn)
+    print(f"{'way':<16} {'seconds':>8} {'decisions/s':>12}")
+    for name, (_, seconds) in results.items():
+        print(f"{name:<16} {seconds:>8.1f} {n / seconds:>12.2f}")
+    print()
+    for slow, quick in (("naive generate", "abm generate"), ("naive score", "abm score"),
+                        ("naive generate", "abm score")):
+        a, b = results[slow][0], results[quick][0]
+        agree = sum(x == y for x, y in zip(a, b))
+        print(f"{quick} vs {slow}: {results[slow][1] / results[quick][1]:.1f}x faster, "
+              f"same decision in {agree}/{n}")
+
+if __name__ == "__main__":
+    main()
