@@ -296,8 +296,22 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None,
     graph = data.get("graph")
     if isinstance(graph, dict) and graph.get("kind") == "file" and isinstance(graph.get("path"), str):
         graph["path"] = str((path.parent / graph["path"]).resolve())
+    _resolve_templates(data, path.parent)
     return validate_scenario(data, source=str(path), set_keys=[o.partition("=")[0].strip()
                                                              for o in overrides or []])
+
+
+def _resolve_templates(data: dict[str, Any], folder: Path) -> None:
+    """LLM template paths are relative to the scenario file, like graph files."""
+    population = data.get("population")
+    if not isinstance(population, dict):
+        return
+    specs = list(population.get("players") or [])
+    specs += [entry.get("policy") for entry in population.get("mix") or []
+              if isinstance(entry, dict)]
+    for spec in specs:
+        if isinstance(spec, dict) and isinstance(spec.get("template"), str):
+            spec["template"] = str((folder / spec["template"]).expanduser().resolve())
 
 
 def validate_scenario(data: dict[str, Any], source: str = "<scenario>",

@@ -177,3 +177,53 @@ def test_rule_only_runs_do_not_import_torch(tmp_path):
             % (SCENARIOS / "round_robin_rules.toml", tmp_path / "o"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+CUSTOM = """Two traders each pick BUY or HOLD. {length_rule} Points: both {label_c}: {R}.
+---
+Trade {round}{of_rounds}. {history} Points so far: {score}. Say {first} or {second}."""
+
+
+def custom_scenario(scenario_file, tmp_path, template: str, extra: str = "") -> "Path":
+    (tmp_path / "prompts").mkdir(exist_ok=True)
+    (tmp_path / "prompts" / "trade.txt").write_text(template)
+    return scenario_file(
+        'seed = 1\n[match]\nrounds = 2\n[graph]\nkind = "complete"\n[population]\n'
+        'players = ["all_d", { name = "llm", framing = "custom", template = "prompts/trade.txt",'
+        f' labels = ["HOLD", "BUY"]{extra} }}]\n')
+
+
+def test_custom_template_relative_to_the_scenario(fake, scenario_file, tmp_path):
+    model = play(DilemmaModel(custom_scenario(scenario_file, tmp_path, CUSTOM)))
+    first, second = model.llm_policies[0].drain()
+    text = first["prompt"][-1]["content"]
+    assert text.startswith("Two traders each pick BUY or HOLD. There will be 2 rounds. "
+                           "Points: both HOLD: 9.")
+    assert "Trade 1 of 2. Nothing has happened yet. Points so far: 0. Say HOLD or BUY." in text
+    assert "- you: HOLD; the other player: BUY (you got 0 points)" in \
+        second["prompt"][-1]["content"]
+
+
+@pytest.mark.parametrize("template, extra, message", [
+    (CUSTOM.replace("{score}", "{points}"), "", "uses {points}, which is not a template variable"),
+    (CUSTOM.replace("\n---\n", "\n"), "", "needs a line '---'"),
+    (CUSTOM, ', answer_prefix = "I say"', None),
+])
+def test_custom_template_errors(fake, scenario_file, tmp_path, capsys, template, extra, message):
+    from abm.run import main
+    path = custom_scenario(scenario_file, tmp_path, template, extra)
+    code = main([str(path), "--quiet", "--out", str(tmp_path / "out")])
+    if message is None:
+        assert code == 0
+        return
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "field 'population'" in err and message in err
+
+
+def test_police_framing_refuses_labels(scenario_file, capsys):
+    from abm.run import main
+    path = scenario_file('[graph]\nkind = "complete"\n[population]\n'
+                         'players = ["all_d", { name = "llm", labels = ["a", "b"] }]\n')
+    assert main([str(path), "--quiet"]) == 2
+    assert "labels are for the neutral and custom framings" in capsys.readouterr().err

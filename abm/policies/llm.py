@@ -49,6 +49,9 @@ class LLMParams(BaseModel):
                              "(two strings, C first)")
         if self.framing != "custom" and self.template is not None:
             raise ValueError("template is only used with framing = \"custom\"")
+        if self.framing == "police" and self.labels is not None:
+            raise ValueError("the police framing has fixed answers (remain silent, testify); "
+                             "labels are for the neutral and custom framings")
         if self.labels is not None and (self.labels[0] == self.labels[1] or not all(self.labels)):
             raise ValueError("labels must be two different, non-empty strings")
         return self
@@ -88,14 +91,13 @@ class LLMPolicy:
         elif params.framing == "neutral":
             self.framing = prompts.neutral(params.labels or ("J", "F"))
         else:
-            self.framing = prompts.custom(Path(params.template), params.labels,
-                                          params.answer_prefix or "")
-        if params.labels and params.framing == "police":
-            self.framing = prompts.Framing(**{**self.framing.__dict__,
-                                              "label_c": params.labels[0],
-                                              "label_d": params.labels[1],
-                                              "c_words": (params.labels[0],),
-                                              "d_words": (params.labels[1],)})
+            try:
+                self.framing = prompts.custom(Path(params.template), params.labels,
+                                              params.answer_prefix or "")
+            except OSError as exc:
+                raise ValueError(f"cannot read the template {params.template}: "
+                                 f"{exc.strerror}") from None
+            prompts.check_template(self.framing)
         self.answer_prefix = (params.answer_prefix if params.answer_prefix is not None
                               else self.framing.answer_prefix)
         self.backend = shared_backend(params)

@@ -79,3 +79,21 @@ def custom(path: Path, labels: tuple[str, str], answer_prefix: str) -> Framing:
     return Framing("custom", rules, turn, c, d, answer_prefix, (c,), (d,), "you",
                    "the other player", "round",
                    f"Please answer with exactly one of: {c} or {d}.", did=(c, d))
+
+
+VARIABLES = ("R", "S", "T", "P", "length_rule", "round", "of_rounds", "rounds_left", "history",
+             "score", "reflection", "label_c", "label_d", "first", "second")
+
+
+def check_template(framing: Framing) -> None:
+    """ValueError naming any variable a template uses that abm does not provide."""
+    values = {name: "" for name in VARIABLES}
+    for part in (framing.rules, framing.turn):
+        try:
+            part.format(**values)
+        except KeyError as exc:
+            raise ValueError(f"the template uses {{{exc.args[0]}}}, which is not a template "
+                             f"variable; allowed: {', '.join(VARIABLES)}") from None
+        except (IndexError, ValueError) as exc:
+            raise ValueError(f"the template is not a valid format string ({exc}); write "
+                             "literal braces as {{ and }}") from None
