@@ -25,9 +25,13 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
     folder = RunFolder(Path(out) if out else default_folder(scenario.name))
     writer = TableWriter(folder.path, model.labels, model.label_of_node, model.policy_names,
                          rounds=scenario.output.rounds)
+    decisions = tqdm(desc="LLM decisions", unit="decision", disable=quiet or not model.llm_policies,
+                     leave=False, position=1)
+    for policy in model.llm_policies:
+        policy.progress = decisions  # an LLM step takes long enough to want its own bar
     try:
         for _ in tqdm(range(model.total_steps), desc=scenario.name, unit="step",
-                      disable=quiet, leave=False):
+                      disable=quiet, leave=False, position=0):
             model.step()
             writer.add(model.last_result, model.last_totals,
                        [r for policy in model.llm_policies for r in policy.drain()])
@@ -39,6 +43,8 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
         writer.close()
         folder.discard()
         raise
+    finally:
+        decisions.close()
     if not quiet:
         print(f"{summary['steps']} steps, {summary['matches']} matches, "
               f"cooperation rate {summary['cooperation_rate']:.3f}, "

@@ -104,6 +104,7 @@ class LLMPolicy:
         prefix = self.answer_prefix
         self.label_tokens = (self.backend.label_ids(self._continuation(prefix, self.framing.label_c)),
                              self.backend.label_ids(self._continuation(prefix, self.framing.label_d)))
+        self.progress: Any = None  # a tqdm bar, when the run shows one
         self.memo: dict[tuple, Any] = {}
         self.records: list[dict[str, Any]] = []
         self._pending: dict[tuple[int, int, int], dict[str, Any]] = {}
@@ -179,6 +180,8 @@ class LLMPolicy:
             actions, extra = self._generate(conversations, view, rng)
         latency = (time.perf_counter() - started) / n
         self.counts["decisions"] += n
+        if self.progress is not None:
+            self.progress.update(n)
         for i in range(n):
             record = {
                 "step": view.step + 1, "match": int(view.match[i]), "side": int(_side(view, i)),
