@@ -43,7 +43,7 @@ def collect_prompts(model: str, device: str) -> list[list[list[dict]]]:
         path = Path(tmp) / "rr.toml"
         path.write_text(tomli_w.dumps(data))
         out = run_scenario(path, out=Path(tmp) / "run", quiet=True)
-        lines = [json.loads(l) for l in (out / "transcripts.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in (out / "transcripts.jsonl").read_text().splitlines()]
     batches: dict[tuple[int, int], list] = {}
     for line in lines:
         batches.setdefault((line["step"], line["round"]), []).append(line["prompt"])

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from pathlib import Path
 
 CHILD = textwrap.dedent("""
     import json, resource, sys, time

@@ -43,7 +43,7 @@ def test_rule_cells_unchanged_and_llm_row_present(experiment):
 
 
 def test_every_decision_is_recorded_with_probabilities(experiment):
-    lines = [json.loads(l) for l in (experiment / "transcripts.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (experiment / "transcripts.jsonl").read_text().splitlines()]
     assert len(lines) == 35
     for line in lines:
         assert line["p_cooperate"] + line["p_defect"] == pytest.approx(1)

@@ -129,7 +129,7 @@ def test_reflections_follow_each_round_and_feed_the_next_prompt(fake):
 
 def test_run_writes_transcripts_and_llm_summary(fake, tmp_path):
     out = run_scenario(SCENARIOS / "round_robin.toml", out=tmp_path / "rr", quiet=True)
-    lines = [json.loads(l) for l in (out / "transcripts.jsonl").read_text().splitlines()]
+    lines = [json.loads(ln) for ln in (out / "transcripts.jsonl").read_text().splitlines()]
     rounds = pq.read_table(out / "rounds.parquet").to_pandas()
     llm_rows = rounds[rounds["player"] == "LLM"]
     assert len(lines) == len(llm_rows) == 7 * 5  # 5 rule opponents + 2 self-play sides
@@ -138,7 +138,7 @@ def test_run_writes_transcripts_and_llm_summary(fake, tmp_path):
             "retries", "reflection", "latency_s", "model", "revision", "actual", "payoff"}
     assert keys <= set(lines[0])
     assert lines[0]["prompt"][-1]["role"] == "user"
-    by_key = {(l["match"], l["agent"], l["round"], l["opponent"]): l["actual"] for l in lines}
+    by_key = {(ln["match"], ln["agent"], ln["round"], ln["opponent"]): ln["actual"] for ln in lines}
     for row in llm_rows.itertuples():
         assert by_key[(row.match, row.agent, row.round, row.opponent)] == row.actual
     summary = json.loads((out / "summary.json").read_text())
@@ -159,7 +159,7 @@ def test_run_writes_transcripts_and_llm_summary(fake, tmp_path):
 def test_sft_export(fake, tmp_path, capsys):
     out = run_scenario(SCENARIOS / "round_robin.toml", out=tmp_path / "rr", quiet=True)
     assert export_main([str(out), "--format", "sft", "--valid-only", "--reflections"]) == 0
-    examples = [json.loads(l) for l in (out / "sft.jsonl").read_text().splitlines()]
+    examples = [json.loads(ln) for ln in (out / "sft.jsonl").read_text().splitlines()]
     assert len(examples) == 35
     roles = [m["role"] for m in examples[0]["messages"]]
     assert roles == ["user", "assistant", "user", "assistant"]
@@ -184,7 +184,7 @@ CUSTOM = """Two traders each pick BUY or HOLD. {length_rule} Points: both {label
 Trade {round}{of_rounds}. {history} Points so far: {score}. Say {first} or {second}."""
 
 
-def custom_scenario(scenario_file, tmp_path, template: str, extra: str = "") -> "Path":
+def custom_scenario(scenario_file, tmp_path, template: str, extra: str = ""):
     (tmp_path / "prompts").mkdir(exist_ok=True)
     (tmp_path / "prompts" / "trade.txt").write_text(template)
     return scenario_file(

@@ -145,7 +145,7 @@ class LLMPolicy:
         f = self.framing
         n = int(view.length[i])
         if n == 0:
-            return f"Nothing has happened yet."
+            return "Nothing has happened yet."
         lines = [f"What you remember of the last {n} {f.round_word}{'s' if n > 1 else ''} "
                  "(oldest first):"]
         verbs = {0: f.label_c, 1: f.label_d}
