@@ -139,6 +139,8 @@ class DilemmaModel(mesa.Model):
         """Pick this step's matches, play them all in lockstep, fold in the results."""
         index = self.played_steps
         edge_ids = self.pairing.matches(index, self._pairing_rng)
+        if self.scenario.pairing.repetitions > 1:
+            edge_ids = np.repeat(edge_ids, self.scenario.pairing.repetitions)
         result = self.engine.play(index, edge_ids)
         totals = self.tally.add(result)
         self.last_totals = totals

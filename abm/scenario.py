@@ -203,6 +203,7 @@ class PopulationConfig(_Strict):
 class PairingConfig(_Strict):
     scheme: Literal["all_edges", "random_matching", "round_robin"] = "all_edges"
     steps: int | None = Field(None, ge=1, le=10_000_000)
+    repetitions: int = Field(1, ge=1, le=10_000_000)
 
 
 class OutputConfig(_Strict):
@@ -223,6 +224,13 @@ class Scenario(_Strict):
     population: PopulationConfig
     pairing: PairingConfig = PairingConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _repetitions_need_match_memory(self) -> Scenario:
+        if self.pairing.repetitions > 1 and self.memory.scope != "match":
+            raise ValueError("pairing.repetitions > 1 plays the same pair several times at "
+                             "once, which only memory scope = \"match\" can keep apart")
+        return self
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The resolved scenario as a TOML-ready dict (no None values)."""

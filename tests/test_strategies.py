@@ -17,8 +17,9 @@ from abm.engine import Engine
 from abm.game import C, D, PayoffMatrix
 from abm.policies import REGISTRY, View, lookup, make
 
-# the rule strategies; the LLM policy has tests of its own (tests/test_llm_*.py)
-RULES = {name: info for name, info in REGISTRY.items() if not info.uses_llm}
+# the rule strategies; the LLM policy and the Axelrod adapter have tests of their own
+RULES = {name: info for name, info in REGISTRY.items()
+         if info.factory.__module__ == "abm.policies.rules"}
 from abm.policies.rules import GenerousTitForTat, Trigger, WinStayLoseShift
 from abm.seeding import stream
 
