@@ -14,11 +14,19 @@ class Player(CellAgent):
     """The agent on one node. Its numbers live in the model's NumPy arrays, which the
     engine updates for all agents at once; the agent reads them on demand."""
 
-    def __init__(self, model: DilemmaModel, node: int, label: str, policy: str) -> None:
+    def __init__(self, model: DilemmaModel, node: int) -> None:
         super().__init__(model)
         self.node = node
-        self.label = label
-        self.policy = policy
+
+    @property
+    def label(self) -> str:
+        """The player's name in tables and charts (changes when evolution copies a policy)."""
+        return self.model.labels[self.model.label_of_node[self.node]]
+
+    @property
+    def policy(self) -> str:
+        """The policy's name and parameters."""
+        return self.model.name_of_label[self.model.label_of_node[self.node]]
 
     @property
     def score(self) -> float:

@@ -12,8 +12,10 @@ class Tally:
     """Sums per (player label, opponent label) and per step, updated after every step,
     so a run of any length needs memory only for the label tables."""
 
-    def __init__(self, labels: list[str], label_of_node: np.ndarray) -> None:
+    def __init__(self, labels: list[str], label_of_node: np.ndarray,
+                 track_shares: bool = False) -> None:
         self.labels = labels
+        self.track_shares = track_shares
         self.label_of_node = label_of_node
         k = len(labels)
         self.pair_matches = np.zeros(k * k, np.int64)
@@ -36,12 +38,17 @@ class Tally:
         self.rank_matches += np.bincount(row[other], minlength=k)
         self.rank_payoff += np.bincount(row[other], totals["payoff"][other], minlength=k)
         decisions = int(result.side_length.sum())
+        shares = {}
+        if self.track_shares:  # who played this step, before any strategy update
+            counts = np.bincount(self.label_of_node, minlength=k) / len(self.label_of_node)
+            shares = {f"share:{label}": float(c) for label, c in zip(self.labels, counts)}
         self.steps.append({
             "step": result.step,
             "matches": result.n_matches,
             "decisions": decisions,
             "cooperation_rate": float(totals["cooperations"].sum() / decisions) if decisions else float("nan"),
             "mean_payoff": float(totals["payoff"].sum() / decisions) if decisions else float("nan"),
+            **shares,
         })
         return totals
 

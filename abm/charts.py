@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 # Past this many players a grid of numbers is unreadable; the colours still tell.
@@ -45,6 +46,31 @@ def cooperation_chart(steps: pd.DataFrame) -> alt.Chart:
                 scale=alt.Scale(domain=[0, 1])),
         tooltip=["step", alt.Tooltip("cooperation_rate:Q", format=".3f")],
     ).properties(width=480, height=240)
+
+
+def shares_chart(steps: pd.DataFrame, labels: list[str]) -> alt.Chart:
+    """Share of the agents holding each policy, per step."""
+    data = steps.melt(id_vars="step", value_vars=[f"share:{label}" for label in labels],
+                      var_name="policy", value_name="share")
+    data["policy"] = data["policy"].str.removeprefix("share:")
+    return alt.Chart(data, title="Policy shares per step").mark_line().encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("share:Q", title="share of agents", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("policy:N", sort=labels),
+        tooltip=["step", "policy", alt.Tooltip("share:Q", format=".3f")],
+    ).properties(width=480, height=240)
+
+
+def lattice_chart(grid: np.ndarray, labels: list[str], step: int) -> alt.Chart:
+    """Who holds which policy on a lattice, one square per agent."""
+    rows, cols = grid.shape
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    data = pd.DataFrame({"row": r, "col": c, "policy": np.array(labels)[grid.ravel()]})
+    size = max(2, min(20, 600 // max(rows, cols)))
+    return alt.Chart(data, title=f"Policies on the lattice after step {step}").mark_rect().encode(
+        x=alt.X("col:O", axis=None), y=alt.Y("row:O", axis=None),
+        color=alt.Color("policy:N", sort=labels),
+    ).properties(width=size * cols, height=size * rows)
 
 
 def save(chart: alt.Chart, folder: Path, stem: str) -> list[str]:

@@ -13,15 +13,17 @@ from abm.agents import Player
 from abm.analysis import Tally
 from abm.engine import Engine, StepResult
 from abm.errors import ScenarioError
+from abm.evolution import Evolution
 from abm.graphs import build_graph, edge_array
 from abm.pairing import make_pairing
 from abm.policies import lookup, make
 from abm.population import assign_policies
-from abm.scenario import Scenario, load_scenario
+from abm.scenario import PolicySpec, Scenario, load_scenario
 from abm.seeding import fresh_seed, stream
 
 
-AGENT_ROWS_LIMIT = 10_000
+# agents x steps: Mesa's DataCollector walks every agent in Python each step
+AGENT_ROWS_LIMIT = 1_000_000
 
 
 def _mean_cooperation(model: DilemmaModel) -> float:
@@ -32,14 +34,21 @@ def _mean_payoff(model: DilemmaModel) -> float:
     return model.tally.steps[-1]["mean_payoff"] if model.tally.steps else float("nan")
 
 
+def _share_reporter(index: int):
+    def share(model: DilemmaModel) -> float:
+        return float(np.count_nonzero(model.label_of_node == index) / model.n_nodes)
+    return share
+
+
 class DilemmaModel(mesa.Model):
     """Players on a NetworkX graph playing repeated 2x2 games, one step at a time.
 
     Build it from a validated ``Scenario`` or a path to a scenario file; ``seed``
     overrides the scenario's seed (a fresh one is drawn and recorded when neither
     gives one). ``collect_agents`` turns Mesa's per-agent DataCollector rows on or
-    off; by default they are collected up to ``AGENT_ROWS_LIMIT`` agents, because
-    the DataCollector walks every agent in Python each step.
+    off; by default they are collected while agents x steps stays within
+    ``AGENT_ROWS_LIMIT``, because the DataCollector walks every agent in Python
+    each step.
     """
 
     def __init__(self, scenario: Scenario | str | Path, *, seed: int | None = None,
@@ -68,38 +77,18 @@ class DilemmaModel(mesa.Model):
             raise ScenarioError(f"{self.source}: field 'graph': the graph has no edges, so "
                                 "nobody would play; use a denser graph or self_loops = true")
 
-        keys = list(dict.fromkeys((s.name, tuple(sorted(s.params.items()))) for s in specs))
+        self._build_types(specs)
         game = scenario.game.payoffs
-        try:
-            self.policies = [make(name, dict(params), game) for name, params in keys]
-        except (ValueError, ScenarioError) as exc:
-            raise ScenarioError(f"{self.source}: field 'population': {exc}") from None
-        self.llm_policies = [p for p in self.policies if hasattr(p, "drain")]
-        index = {key: i for i, key in enumerate(keys)}
-        self.policy_of_node = np.array([index[(s.name, tuple(sorted(s.params.items())))]
-                                        for s in specs], np.int64)
-        displays = {id(s): s.display for s in {id(s): s for s in specs}.values()}
-        present = set(displays.values())
-        # labels in the order the scenario names them, not the random order of the nodes
-        self.labels = [label for label in dict.fromkeys(
-            [s.display for s in scenario.policies()] + [s.display for s in specs])
-            if label in present]
-        label_index = {label: i for i, label in enumerate(self.labels)}
-        self.label_of_node = np.array([label_index[displays[id(s)]] for s in specs], np.int64)
-        unlabelled = {key: s.model_copy(update={"label": None}).display
-                      for key, s in {id(s): s for s in specs}.items()}
-        self.policy_names = [unlabelled[id(s)] for s in specs]
-
         self.scores = np.zeros(self.n_nodes)
         self.decisions = np.zeros(self.n_nodes, np.int64)
         self.cooperations = np.zeros(self.n_nodes, np.int64)
-        self.tally = Tally(self.labels, self.label_of_node)
+        self.tally = Tally(self.labels, self.label_of_node,
+                           track_shares=scenario.evolution is not None)
         self.last_result: StepResult | None = None
         self.played_steps = 0  # Mesa's own counter moved between 3.x releases
 
         self.space = Network(graph, random=self.random)
-        self.players = [Player(self, node, displays[id(specs[node])], self.policy_names[node])
-                        for node in range(self.n_nodes)]
+        self.players = [Player(self, node) for node in range(self.n_nodes)]
         for player in self.players:
             player.cell = self.space[player.node]
 
@@ -116,12 +105,84 @@ class DilemmaModel(mesa.Model):
             rounds=scenario.match.rounds,
             continuation_probability=scenario.match.continuation_probability,
             rngs={p: stream(seed, p) for p in ("noise", "policy", "match_length")})
+        self.evolution = None
+        if scenario.evolution is not None:
+            label_index = {label: i for i, label in enumerate(self.labels)}
+            span = float(game.table.max() - game.table.min()) * self._mean_rounds()
+            self.evolution = Evolution(
+                scenario.evolution, self.edges, self.n_nodes,
+                [label_index[s.display] for s in (scenario.mutants() or scenario.policies()
+                                                   or specs)],
+                span, stream(seed, "evolution"))
+        self.snapshots: list[tuple[int, np.ndarray]] = []
+        if scenario.evolution is not None and self.grid_shape is not None:
+            self.snapshots.append((0, self.label_of_node.copy()))
+        reporters = {"cooperation_rate": _mean_cooperation, "mean_payoff": _mean_payoff}
+        reporters.update({f"share:{label}": _share_reporter(i)
+                          for i, label in enumerate(self.labels)})
+        if collect_agents is None:
+            collect_agents = self.n_nodes * self.total_steps <= AGENT_ROWS_LIMIT
         self.datacollector = mesa.DataCollector(
-            model_reporters={"cooperation_rate": _mean_cooperation, "mean_payoff": _mean_payoff},
-            agent_reporters={"score": "score", "cooperation_rate": "cooperation_rate"}
-            if (collect_agents if collect_agents is not None
-                else self.n_nodes <= AGENT_ROWS_LIMIT) else None,
+            model_reporters=reporters,
+            agent_reporters={"score": "score", "cooperation_rate": "cooperation_rate",
+                             "player": "label"} if collect_agents else None,
         )
+
+    def _build_types(self, specs: list[PolicySpec]) -> None:
+        """Player labels ("types") and the policy object behind each.
+
+        Evolution copies labels between nodes, so a label must name exactly one
+        policy; the policies that mutation may bring in get labels up front.
+        """
+        scenario, game = self.scenario, self.scenario.game.payoffs
+        named = scenario.policies() + scenario.mutants() + specs
+        present = {s.display for s in specs} | {s.display for s in scenario.mutants()}
+        key_of_label: dict[str, tuple] = {}
+        spec_of_label: dict[str, PolicySpec] = {}
+        for s in named:
+            key = (s.name, tuple(sorted(s.params.items())))
+            if key_of_label.setdefault(s.display, key) != key:
+                raise ScenarioError(
+                    f"{self.source}: field 'population': the label {s.display!r} is given to "
+                    "two different policies; give each policy its own label")
+            spec_of_label.setdefault(s.display, s)
+        # labels in the order the scenario names them, not the random order of the nodes
+        self.labels = [label for label in key_of_label if label in present]
+        keys = list(dict.fromkeys(key_of_label[label] for label in self.labels))
+        try:
+            self.policies = [make(name, dict(params), game) for name, params in keys]
+        except (ValueError, ScenarioError) as exc:
+            raise ScenarioError(f"{self.source}: field 'population': {exc}") from None
+        self.llm_policies = [p for p in self.policies if hasattr(p, "drain")]
+        self.policy_of_label = np.array([keys.index(key_of_label[label])
+                                         for label in self.labels], np.int64)
+        self.name_of_label = [spec_of_label[label].model_copy(update={"label": None}).display
+                              for label in self.labels]
+        label_index = {label: i for i, label in enumerate(self.labels)}
+        # both arrays change in place under evolution: the engine and tally hold them
+        self.label_of_node = np.array([label_index[s.display] for s in specs], np.int64)
+        self.policy_of_node = self.policy_of_label[self.label_of_node]
+
+    @property
+    def policy_names(self) -> list[str]:
+        """Each node's policy as name and parameters (its label left out)."""
+        return [self.name_of_label[i] for i in self.label_of_node]
+
+    @property
+    def grid_shape(self) -> tuple[int, int] | None:
+        """(rows, cols) when the graph is a lattice, for snapshots of who is where."""
+        g = self.scenario.graph
+        return (g.rows, g.cols) if g.kind == "grid" else None
+
+    def shares(self) -> np.ndarray:
+        """Share of the agents under each label, in ``labels`` order."""
+        return np.bincount(self.label_of_node, minlength=len(self.labels)) / self.n_nodes
+
+    def _mean_rounds(self) -> float:
+        match = self.scenario.match
+        if match.rounds is not None:
+            return float(match.rounds)
+        return 1.0 / (1.0 - match.continuation_probability)
 
     def _check_memory(self, specs: list) -> None:
         window = self.scenario.memory.window
@@ -146,7 +207,8 @@ class DilemmaModel(mesa.Model):
         self.last_totals = totals
         own = ~result.twin
         agents = result.agent[own]
-        self.scores += np.bincount(agents, totals["payoff"][own], minlength=self.n_nodes)
+        payoff = np.bincount(agents, totals["payoff"][own], minlength=self.n_nodes)
+        self.scores += payoff
         self.decisions += np.bincount(agents, result.side_length[own],
                                       minlength=self.n_nodes).astype(np.int64)
         self.cooperations += np.bincount(agents, totals["cooperations"][own],
@@ -154,5 +216,18 @@ class DilemmaModel(mesa.Model):
         self.last_result = result
         self.datacollector.collect(self)
         self.played_steps += 1
+        if self.evolution is not None:
+            matches = np.bincount(agents, minlength=self.n_nodes)
+            self._evolve(self.evolution.fitness(payoff, matches))
         if self.played_steps >= self.total_steps:
             self.running = False
+
+    def _evolve(self, fitness: np.ndarray) -> None:
+        new = self.evolution.update(self.label_of_node, fitness)
+        self.label_of_node[:] = new
+        self.policy_of_node[:] = self.policy_of_label[new]
+        every = self.scenario.evolution.snapshot_every
+        if self.grid_shape is not None and (
+                self.played_steps == self.total_steps
+                or (every is not None and self.played_steps % every == 0)):
+            self.snapshots.append((self.played_steps, self.label_of_node.copy()))

@@ -65,6 +65,26 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _evolution_summary(model: DilemmaModel, steps: pd.DataFrame) -> dict[str, Any]:
+    """Final shares (after the last update) and shares averaged over the last N steps."""
+    last = model.scenario.evolution.average_last
+    window = steps.tail(last)
+    return {
+        "rule": model.scenario.evolution.rule,
+        "average_last": last,
+        "final_shares": dict(zip(model.labels, map(float, model.shares()))),
+        "mean_shares": {label: float(window[f"share:{label}"].mean()) for label in model.labels},
+    }
+
+
+def _write_snapshots(model: DilemmaModel, folder: Path) -> None:
+    """Who held which label on the lattice at each snapshot: steps (S,), grid (S, rows, cols)."""
+    steps = np.array([s for s, _ in model.snapshots], np.int64)
+    grid = np.stack([g.reshape(model.grid_shape) for _, g in model.snapshots]).astype(np.int32)
+    np.savez_compressed(folder / "snapshots.npz", steps=steps, grid=grid,
+                        labels=np.array(model.labels))
+
+
 def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
                   with_charts: bool = True) -> dict[str, Any]:
     """Everything but the streamed tables: config, matrices, summary, agents, charts."""
@@ -107,6 +127,10 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
         "ranking": tally.ranking(),
         "wall_seconds": round(wall_seconds, 3),
     }
+    if model.evolution is not None:
+        summary["evolution"] = _evolution_summary(model, steps)
+        if model.snapshots:
+            _write_snapshots(model, folder)
     if model.llm_policies:
         summary["llm"] = [policy.stats() for policy in model.llm_policies]
     (folder / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n",
@@ -117,4 +141,10 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
         charts.save(charts.heatmap(defections, "Times the player chose D in a match",
                                    "defections"), folder, "defections_heatmap")
         charts.save(charts.cooperation_chart(steps), folder, "cooperation")
+        if model.evolution is not None:
+            charts.save(charts.shares_chart(steps, model.labels), folder, "shares")
+            if model.snapshots:
+                step, grid = model.snapshots[-1]
+                charts.save(charts.lattice_chart(grid.reshape(model.grid_shape), model.labels,
+                                                 step), folder, "lattice")
     return summary

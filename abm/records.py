@@ -29,13 +29,14 @@ class TableWriter:
     """
 
     def __init__(self, folder: Path, labels: list[str], label_of_node: np.ndarray,
-                 policy_names: list[str], rounds: bool = True) -> None:
+                 name_of_label: list[str], rounds: bool = True, matches: bool = True) -> None:
         self.labels = pa.array(labels)
+        # read at every step: evolution changes who plays what in place
         self.label_of_node = label_of_node
-        names = list(dict.fromkeys(policy_names))
+        names = list(dict.fromkeys(name_of_label))
         self.policies = pa.array(names)
-        index = {name: i for i, name in enumerate(names)}
-        self.policy_of_node = np.array([index[p] for p in policy_names], np.int32)
+        self.name_code = np.array([names.index(n) for n in name_of_label], np.int32)
+        self.write_matches = matches
         self.next_match = 0
         self.rounds_writer: pq.ParquetWriter | None = None
         self.rounds_path = folder / "rounds.parquet" if rounds else None
@@ -51,8 +52,9 @@ class TableWriter:
             "opponent": pa.array(opponent.astype(np.int64)),
             "player": _dictionary(self.label_of_node[agent], self.labels),
             "opponent_player": _dictionary(self.label_of_node[opponent], self.labels),
-            "policy": _dictionary(self.policy_of_node[agent], self.policies),
-            "opponent_policy": _dictionary(self.policy_of_node[opponent], self.policies),
+            "policy": _dictionary(self.name_code[self.label_of_node[agent]], self.policies),
+            "opponent_policy": _dictionary(self.name_code[self.label_of_node[opponent]],
+                                           self.policies),
         }
 
     def add(self, result: StepResult, totals: dict[str, np.ndarray],
@@ -62,6 +64,10 @@ class TableWriter:
         if exchanges:
             self._add_exchanges(exchanges)
         self.next_match += m
+        if self.rounds_path is not None:
+            self._add_rounds(result, match)
+        if not self.write_matches:
+            return
         sides = {"step": pa.array(np.full(2 * m, result.step + 1, np.int64)),
                  "match": pa.array(match.astype(np.int64)),
                  **self._who(result.agent, result.opponent),
@@ -78,8 +84,6 @@ class TableWriter:
         if self.matches_writer is None:
             self.matches_writer = pacsv.CSVWriter(str(self.matches_path), table.schema)
         self.matches_writer.write_table(table)
-        if self.rounds_path is not None:
-            self._add_rounds(result, match)
 
     def _add_rounds(self, result: StepResult, match: np.ndarray) -> None:
         n_rounds, n_sides = result.actual.shape

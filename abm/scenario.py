@@ -208,7 +208,31 @@ class PairingConfig(_Strict):
 
 class OutputConfig(_Strict):
     rounds: bool = True
+    matches: bool = True
     charts: bool = True
+
+
+class EvolutionConfig(_Strict):
+    """Strategy updates between steps: agents adopt a neighbour's policy."""
+
+    rule: Literal["imitate_best", "proportional", "fermi", "death_birth", "moran"]
+    update: Literal["synchronous", "asynchronous"] = "synchronous"
+    # asynchronous: the share of agents that update in a step; None = exactly one agent
+    update_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    mutation: float = Field(0.0, ge=0.0, le=1.0)
+    mutants: list[PolicySpec] | None = Field(None, min_length=1)
+    payoff: Literal["accumulated", "average"] = "accumulated"
+    temperature: float = Field(0.1, gt=0.0)
+    intensity: float = Field(1.0, ge=0.0)
+    average_last: int = Field(100, ge=1)
+    snapshot_every: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _fraction_is_asynchronous(self) -> EvolutionConfig:
+        if self.update_fraction is not None and self.update == "synchronous":
+            raise ValueError("update_fraction applies to update = \"asynchronous\" only; "
+                             "synchronous updates move every agent each step")
+        return self
 
 
 class Scenario(_Strict):
@@ -224,6 +248,7 @@ class Scenario(_Strict):
     population: PopulationConfig
     pairing: PairingConfig = PairingConfig()
     output: OutputConfig = OutputConfig()
+    evolution: EvolutionConfig | None = None
 
     @model_validator(mode="after")
     def _repetitions_need_match_memory(self) -> Scenario:
@@ -234,7 +259,7 @@ class Scenario(_Strict):
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The resolved scenario as a TOML-ready dict (no None values)."""
-        data = self.model_dump(exclude_none=True, exclude={"population"})
+        data = self.model_dump(exclude_none=True, exclude={"population", "evolution"})
         pop = self.population
         if pop.players is not None:
             data["population"] = {"players": [p.to_toml() for p in pop.players]}
@@ -243,6 +268,11 @@ class Scenario(_Strict):
                                           for s in pop.mix]}
         else:
             data["population"] = {"attribute": pop.attribute}
+        if self.evolution is not None:
+            evo = self.evolution.model_dump(exclude_none=True, exclude={"mutants"})
+            if self.evolution.mutants:
+                evo["mutants"] = [p.to_toml() for p in self.evolution.mutants]
+            data["evolution"] = evo
         return data
 
     def policies(self) -> list[PolicySpec]:
@@ -253,6 +283,10 @@ class Scenario(_Strict):
         if pop.mix is not None:
             return [s.policy for s in pop.mix]
         return []
+
+    def mutants(self) -> list[PolicySpec]:
+        """The policies that evolution may introduce beyond the initial population."""
+        return list(self.evolution.mutants or []) if self.evolution else []
 
 
 # ---------------------------------------------------------------- loading

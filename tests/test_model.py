@@ -106,15 +106,19 @@ def test_geometric_matches_stop_at_their_own_length():
     assert (r.payoff[r.actual == -1] == 0).all()
 
 
-def test_collect_agents_is_off_for_huge_graphs_by_default():
+def test_collect_agents_is_off_for_huge_runs_by_default():
+    # the limit is on agents x steps: 10,001 agents for 100 steps pass 1,000,000 rows
     data = {"seed": 1, "graph": {"kind": "ring", "n": 10_001},
-            "population": {"mix": [{"policy": "all_c", "share": 1.0}]}}
+            "population": {"mix": [{"policy": "all_c", "share": 1.0}]},
+            "pairing": {"steps": 100}}
     big = DilemmaModel(validate_scenario(data))
     big.step()
     assert not big.datacollector.agent_reporters
     assert len(big.datacollector.get_model_vars_dataframe()) == 1
     forced = DilemmaModel(validate_scenario(data), collect_agents=True)
-    assert set(forced.datacollector.agent_reporters) == {"score", "cooperation_rate"}
+    assert set(forced.datacollector.agent_reporters) == {"score", "cooperation_rate", "player"}
+    data["pairing"]["steps"] = 99
+    assert DilemmaModel(validate_scenario(data)).datacollector.agent_reporters
 
 
 def test_resolved_scenario_round_trips(tmp_path):
