@@ -22,7 +22,17 @@ def build_graph(config: AnyGraph, rng: np.random.Generator, source: str = "<scen
     def fail(field: str, message: str) -> ScenarioError:
         return ScenarioError(f"{source}: field 'graph.{field}': {message}")
 
-    seed = int(rng.integers(2**31 - 1))
+    # copies are independent draws, laid out one after another: copy i holds
+    # nodes i*n .. (i+1)*n - 1, so a whole ensemble plays in one vectorised step
+    parts = [_one_graph(config, int(rng.integers(2**31 - 1)), fail, n_default)
+             for _ in range(config.copies)]
+    graph = parts[0] if len(parts) == 1 else nx.disjoint_union_all(parts)
+    if config.self_loops:
+        graph.add_edges_from((v, v) for v in graph.nodes)
+    return graph
+
+
+def _one_graph(config: AnyGraph, seed: int, fail, n_default: int | None) -> nx.Graph:
     if isinstance(config, CompleteGraph):
         n = config.n if config.n is not None else n_default
         if n is None:
@@ -52,8 +62,6 @@ def build_graph(config: AnyGraph, rng: np.random.Generator, source: str = "<scen
         graph = nx.random_regular_graph(config.d, config.n, seed=seed)
     else:
         graph = _from_file(config, fail)
-    if config.self_loops:
-        graph.add_edges_from((v, v) for v in graph.nodes)
     return graph
 
 

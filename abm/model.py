@@ -172,7 +172,7 @@ class DilemmaModel(mesa.Model):
     def grid_shape(self) -> tuple[int, int] | None:
         """(rows, cols) when the graph is a lattice, for snapshots of who is where."""
         g = self.scenario.graph
-        return (g.rows, g.cols) if g.kind == "grid" else None
+        return (g.rows, g.cols) if g.kind == "grid" and g.copies == 1 else None
 
     def shares(self) -> np.ndarray:
         """Share of the agents under each label, in ``labels`` order."""

@@ -69,21 +69,39 @@ class PolicySpec(BaseModel):
 
 
 class GameConfig(_Strict):
-    kind: Literal["prisoners_dilemma", "custom"] = "prisoners_dilemma"
+    kind: Literal["prisoners_dilemma", "custom", "donation"] = "prisoners_dilemma"
     R: float = 9.0
     S: float = 0.0
     T: float = 10.0
     P: float = 5.0
+    # donation game: giving costs the giver c and brings the other b
+    b: float | None = None
+    c: float | None = None
     noise: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _is_a_game(self) -> GameConfig:
+        if self.kind == "donation":
+            given = sorted({"R", "S", "T", "P"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"kind = \"donation\" sets R, S, T, P from b and c; leave out "
+                                 f"{', '.join(given)}")
+            if self.b is None or self.c is None or not self.b > self.c > 0:
+                raise ValueError("kind = \"donation\" needs a benefit b and a cost c with "
+                                 f"b > c > 0; got b = {self.b}, c = {self.c}")
+            for name, value in (("R", self.b - self.c), ("S", -self.c), ("T", self.b),
+                                ("P", 0.0)):
+                object.__setattr__(self, name, value)
+        elif self.b is not None or self.c is not None:
+            raise ValueError("b and c belong to kind = \"donation\"; for other games give "
+                             "R, S, T and P")
         self.payoffs  # PayoffMatrix raises ValueError naming the broken ordering
         return self
 
     @property
     def payoffs(self) -> PayoffMatrix:
-        return PayoffMatrix(self.R, self.S, self.T, self.P, self.kind)
+        kind = "prisoners_dilemma" if self.kind == "donation" else self.kind
+        return PayoffMatrix(self.R, self.S, self.T, self.P, kind)
 
 
 class MatchConfig(_Strict):
@@ -115,6 +133,8 @@ class MemoryConfig(_Strict):
 
 class _Graph(_Strict):
     self_loops: bool = False
+    # independent copies of the graph side by side: an ensemble of replicates in one run
+    copies: int = Field(1, ge=1, le=1_000_000)
 
 
 class CompleteGraph(_Graph):
@@ -260,6 +280,8 @@ class Scenario(_Strict):
     def to_toml_dict(self) -> dict[str, Any]:
         """The resolved scenario as a TOML-ready dict (no None values)."""
         data = self.model_dump(exclude_none=True, exclude={"population", "evolution"})
+        if self.game.kind == "donation":  # R, S, T, P follow from b and c
+            data["game"] = {k: v for k, v in data["game"].items() if k not in "RSTP"}
         pop = self.population
         if pop.players is not None:
             data["population"] = {"players": [p.to_toml() for p in pop.players]}

@@ -320,3 +320,43 @@ evolution = { rule = "copy_the_rich" }
     assert main([str(path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "evolution.rule" in err and "imitate_best" in err
+
+
+def test_donation_game_sets_the_payoffs_from_b_and_c(scenario_file, capsys):
+    from abm.scenario import validate_scenario as validate
+    base = {"graph": {"kind": "ring", "n": 4},
+            "population": {"mix": [{"policy": "all_c", "share": 1.0}]}}
+    game = validate({**base, "game": {"kind": "donation", "b": 5, "c": 2}}).game
+    # a cooperator pays c = 2 so that the other gets b = 5
+    assert (game.R, game.S, game.T, game.P) == (3.0, -2.0, 5.0, 0.0)
+    path = scenario_file("""
+graph = { kind = "ring", n = 4 }
+population = { mix = [ { policy = "all_c", share = 1.0 } ] }
+game = { kind = "donation", b = 1, c = 2 }
+""")
+    assert main([str(path), "--quiet"]) == 2
+    assert "b > c > 0" in capsys.readouterr().err
+
+
+def test_graph_copies_are_independent_blocks():
+    model = model_of(["all_c"] * 30, {"kind": "random_regular", "n": 10, "d": 3, "copies": 3},
+                     {"rule": "death_birth"})
+    edges = model.edges
+    assert len(edges) == 3 * 15
+    # every edge stays inside its block of 10 nodes, and the blocks are different draws
+    assert (edges[:, 0] // 10 == edges[:, 1] // 10).all()
+    blocks = [{tuple(e) for e in edges[edges[:, 0] // 10 == i] - 10 * i} for i in range(3)]
+    assert len({frozenset(b) for b in blocks}) > 1
+
+
+@pytest.mark.parametrize("name", ["nowak_may", "santos_pacheco", "ohtsuki_bc"])
+def test_reproduction_scenarios_run(name, tmp_path):
+    from conftest import SCENARIOS
+    out = tmp_path / name
+    assert main([str(SCENARIOS / f"{name}.toml"), "--out", str(out), "--quiet",
+                 "--set", "pairing.steps=3", "--set", "evolution.average_last=2",
+                 "--set", "output.charts=false"]) == 0
+    import json
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert sum(summary["evolution"]["final_shares"].values()) == pytest.approx(1.0)

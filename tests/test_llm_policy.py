@@ -171,7 +171,8 @@ def test_sft_export(fake, tmp_path, capsys):
 
 
 def test_rule_only_runs_do_not_import_torch(tmp_path):
-    import subprocess, sys
+    import subprocess
+    import sys
     code = ("import sys; from abm.run import main; main(['%s', '--quiet', '--out', '%s']); "
             "print('torch' in sys.modules, 'transformers' in sys.modules)"
             % (SCENARIOS / "round_robin_rules.toml", tmp_path / "o"))

@@ -16,12 +16,12 @@ import pytest
 from abm.engine import Engine
 from abm.game import C, D, PayoffMatrix
 from abm.policies import REGISTRY, View, lookup, make
+from abm.policies.rules import GenerousTitForTat, Trigger, WinStayLoseShift
+from abm.seeding import stream
 
 # the rule strategies; the LLM policy and the Axelrod adapter have tests of their own
 RULES = {name: info for name, info in REGISTRY.items()
          if info.factory.__module__ == "abm.policies.rules"}
-from abm.policies.rules import GenerousTitForTat, Trigger, WinStayLoseShift
-from abm.seeding import stream
 
 GAME = PayoffMatrix()  # R=9, S=0, T=10, P=5
 PURPOSES = ("noise", "policy", "match_length")
