@@ -1,0 +1,261 @@
+"""The model behind the visualization: DilemmaModel built from a scenario file plus the
+page's control values, with what the page needs and the model does not keep.
+
+``VizModel`` is a ``DilemmaModel`` (the same model the CLI runs) whose constructor takes
+keyword arguments only, so Mesa's SolaraViz can rebuild it from its controls on Reset.
+Each control left at ``None`` keeps the scenario's value.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from abm.errors import ScenarioError
+from abm.model import DilemmaModel
+from abm.scenario import Scenario, load_scenario, validate_scenario
+from abm.viz_layout import drawing_for
+
+DEFAULT_SCENARIO = "scenarios/round_robin_rules.toml"
+SCENARIO_ENV = "ABM_VIZ_SCENARIO"
+GRAPH_FAMILIES = ("complete", "ring", "grid", "watts_strogatz", "barabasi_albert",
+                  "erdos_renyi", "random_regular")
+LLM_LOG_LIMIT = 500  # exchanges kept for the page; older ones are dropped
+
+# progress(text, fraction) while a step or a build runs; fraction None = unknown;
+# progress(None, None) when done. The app points this at the page's progress bar.
+ProgressHook = Callable[[str | None, float | None], None]
+
+
+def default_scenario() -> str:
+    """The scenario the page shows: $ABM_VIZ_SCENARIO, else the round robin of rules
+    (looked up from the working directory, then next to the package)."""
+    chosen = os.environ.get(SCENARIO_ENV)
+    if chosen:
+        return chosen
+    here = Path(DEFAULT_SCENARIO)
+    if here.is_file():
+        return str(here)
+    return str(Path(__file__).resolve().parents[1] / DEFAULT_SCENARIO)
+
+
+def scenario_nodes(scenario: Scenario) -> int | None:
+    """The number of agents the scenario's graph has (None for a graph file)."""
+    g = scenario.graph
+    if g.kind == "grid":
+        return g.rows * g.cols
+    if g.kind == "complete" and g.n is None:
+        players = scenario.population.players
+        return len(players) if players else None
+    return getattr(g, "n", None)
+
+
+def graph_table(kind: str, n: int, base: dict[str, Any]) -> dict[str, Any]:
+    """A [graph] table of family ``kind`` with about ``n`` nodes; the same family keeps
+    the scenario's other keys, a new one gets common defaults."""
+    n = max(int(n), 2)
+    loops = {"self_loops": True} if base.get("self_loops") else {}
+    if kind == base.get("kind"):
+        table = dict(base)
+        if kind == "grid":
+            rows = max(1, int(np.sqrt(n)))
+            table.update(rows=rows, cols=-(-n // rows))
+        else:
+            table["n"] = n
+        return table
+    if kind == "complete":
+        return {"kind": kind, "n": n, **loops}
+    if kind == "ring":
+        return {"kind": kind, "n": max(n, 3), "k": 2 if n >= 5 else 1, **loops}
+    if kind == "grid":
+        rows = max(1, int(np.sqrt(n)))
+        return {"kind": kind, "rows": rows, "cols": -(-n // rows), "torus": True, **loops}
+    if kind == "watts_strogatz":
+        return {"kind": kind, "n": max(n, 5), "k": 4, "p": 0.1, **loops}
+    if kind == "barabasi_albert":
+        return {"kind": kind, "n": max(n, 3), "m": 2, **loops}
+    if kind == "erdos_renyi":
+        return {"kind": kind, "n": n, "p": min(1.0, 6.0 / n), **loops}
+    if kind == "random_regular":
+        return {"kind": kind, "n": max(n, 5), "d": 4, **loops}
+    raise ScenarioError(f"field 'graph.kind': unknown graph family {kind!r}; "
+                        f"allowed: {', '.join(GRAPH_FAMILIES)}")
+
+
+def _as_mix(players: list[Any]) -> list[dict[str, Any]]:
+    """A players list as a mix with the same proportions (for a graph of another size)."""
+    counts = collections.Counter(repr(p) for p in players)
+    first = {repr(p): p for p in reversed(players)}
+    return [{"policy": first[key], "share": c / len(players)} for key, c in counts.items()]
+
+
+def apply_controls(path: str, *, noise: float | None = None, rounds: int | None = None,
+                   window: int | None = None, graph_kind: str | None = None,
+                   n: int | str | None = None, seed: int | str | None = None,
+                   steps: int | None = None) -> Scenario:
+    """The scenario file with the page's control values applied (``None``: as in the file).
+
+    ``window`` 0 means the whole match. Raises ScenarioError naming the field."""
+    base = load_scenario(path)
+    data = base.to_toml_dict()
+    if seed not in (None, ""):
+        try:
+            data["seed"] = int(seed)
+        except ValueError:
+            raise ScenarioError(f"{path}: field 'seed': must be an integer >= 0; "
+                                f"got {seed!r}") from None
+    if noise is not None and noise != base.game.noise:
+        data.setdefault("game", {})["noise"] = float(noise)
+    if rounds is not None and rounds != base.match.rounds:
+        data["match"] = {"rounds": int(rounds)}
+    if window is not None and (window or None) != base.memory.window:
+        memory = dict(data.get("memory", {}))
+        memory.pop("window", None)
+        if window:
+            memory["window"] = int(window)
+        data["memory"] = memory
+    if steps is not None:
+        data.setdefault("pairing", {})["steps"] = int(steps)
+    size = None
+    if n not in (None, ""):
+        try:
+            size = int(n)
+        except ValueError:
+            raise ScenarioError(f"{path}: field 'graph.n': must be an integer; got {n!r}") from None
+    kind = graph_kind or base.graph.kind
+    nodes = scenario_nodes(base)  # None for a graph file
+    if kind != base.graph.kind or (size is not None and size != nodes):
+        if kind == "file":
+            raise ScenarioError(f"{path}: field 'graph': a graph file has its own size; pick "
+                                f"a graph family to change it ({', '.join(GRAPH_FAMILIES)})")
+        data["graph"] = graph_table(kind, size or nodes or 100, data["graph"])
+        players = data["population"].get("players")
+        if players is not None:
+            data["population"] = {"mix": _as_mix(players)}
+    return validate_scenario(data, source=str(path))
+
+
+class VizModel(DilemmaModel):
+    """DilemmaModel for the page: keyword-only construction from controls, the last LLM
+    exchange of each LLM agent, policy shares per step, and progress reports.
+
+    It drains the LLM policies' records after each step (nobody else does in the viz):
+    ``llm_last`` holds each LLM agent's last exchange, ``llm_log`` the latest
+    ``LLM_LOG_LIMIT`` exchanges. A control combination the scenario rejects falls back
+    to the scenario as written, with the reason in ``viz_error``.
+    """
+
+    progress_hook: ProgressHook | None = None
+
+    def __init__(self, scenario: str | None = None, noise: float | None = None,
+                 rounds: int | None = None, window: int | None = None,
+                 graph_kind: str | None = None, n: int | str | None = None,
+                 seed: int | str | None = None, steps: int | None = None,
+                 collect_agents: bool | None = None) -> None:
+        path = scenario or default_scenario()
+        self.viz_error: str | None = None
+        self._report(f"building {Path(path).name}", None)
+        controls = {"noise": noise, "rounds": rounds, "window": window,
+                    "graph_kind": graph_kind, "n": n, "seed": seed, "steps": steps}
+        try:
+            resolved = apply_controls(path, **controls)
+            super().__init__(resolved, source=path, collect_agents=collect_agents)
+        except ScenarioError as exc:
+            if all(v in (None, "") for v in controls.values()):
+                self._report(None, None)
+                raise
+            self.viz_error = f"{exc} (showing the scenario as written instead)"
+            super().__init__(load_scenario(path), source=path, collect_agents=collect_agents)
+        self.scenario_path = path
+        self.llm_last: dict[int, dict[str, Any]] = {}
+        self.llm_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LLM_LOG_LIMIT)
+        self.share_history: list[np.ndarray] = [self.policy_counts()]
+        self.step_seconds: list[float] = []
+        self._llm_expected = 0
+        self._llm_done = 0
+        for policy in self.llm_policies:
+            policy.progress = self  # the policy calls update(n) per batch of decisions
+        self._report("laying out the graph", None)
+        drawing_for(self)  # once per graph, while the progress bar says so
+        self._report("drawing", None)  # the page clears it once drawn
+
+    # ------------------------------------------------------------ progress
+
+    def _report(self, text: str | None, fraction: float | None) -> None:
+        hook = type(self).progress_hook
+        if hook is not None:
+            hook(text, fraction)
+
+    def update(self, n: int) -> None:
+        """Called by the LLM policies after each batch of decisions (like a tqdm bar)."""
+        self._llm_done += n
+        if self._llm_expected:
+            text = f"step {self.played_steps + 1}: {self._llm_done} of about " \
+                   f"{self._llm_expected} LLM decisions"
+            self._report(text, min(1.0, self._llm_done / self._llm_expected))
+        else:
+            self._report(f"step {self.played_steps + 1}: {self._llm_done} LLM decisions", None)
+
+    # ------------------------------------------------------------ stepping
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        self._llm_done = 0
+        self._report(f"step {self.played_steps + 1} of {self.total_steps}: playing", None)
+        try:
+            super().step()
+            self._collect_llm()
+            self.share_history.append(self.policy_counts())
+        finally:
+            self._report(f"step {self.played_steps} played: drawing", None)  # the page clears it
+        if self.llm_policies:
+            self._llm_expected = self._llm_done  # the next step is usually as long
+        self.step_seconds.append(time.perf_counter() - started)
+
+    def _collect_llm(self) -> None:
+        for policy in self.llm_policies:
+            for record in policy.drain():
+                self.llm_last[int(record["agent"])] = record
+                self.llm_log.append(record)
+
+    # ------------------------------------------------------------ reading
+
+    def policy_counts(self) -> np.ndarray:
+        """Agents per label now (labels may be added while the model runs)."""
+        return np.bincount(np.asarray(self.label_of_node), minlength=len(self.labels))
+
+    def llm_nodes(self) -> np.ndarray:
+        """Nodes whose current policy is an LLM."""
+        if not self.llm_policies:
+            return np.zeros(0, np.int64)
+        is_llm = np.array([hasattr(p, "drain") for p in self.policies])
+        return np.flatnonzero(is_llm[np.asarray(self.policy_of_node)])
+
+    def last_actions(self) -> np.ndarray:
+        """Per node: its last actual action in this step's matches (0 = C, 1 = D), -1 if it
+        did not play this step."""
+        out = np.full(self.n_nodes, -1, np.int8)
+        r = self.last_result
+        if r is None or r.n_matches == 0:
+            return out
+        lengths = r.side_length
+        last = r.actual[np.maximum(lengths - 1, 0), np.arange(len(lengths))]
+        own = ~r.twin
+        out[r.agent[own]] = last[own]
+        return out
+
+    def match_cooperation(self) -> tuple[np.ndarray, np.ndarray]:
+        """This step's matched edge ids and each match's share of C among actual actions."""
+        r = self.last_result
+        if r is None or r.n_matches == 0:
+            return np.zeros(0, np.int64), np.zeros(0)
+        m = r.n_matches
+        coop = (r.actual == 0).sum(axis=0)
+        both = coop[:m] + coop[m:]
+        return np.asarray(r.edge), both / np.maximum(2 * r.length, 1)
