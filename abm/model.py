@@ -111,15 +111,17 @@ class DilemmaModel(mesa.Model):
             span = float(game.table.max() - game.table.min()) * self._mean_rounds()
             self.evolution = Evolution(
                 scenario.evolution, self.edges, self.n_nodes,
-                [label_index[s.display] for s in (scenario.mutants() or scenario.policies()
-                                                   or specs)],
+                # each policy once, however many nodes start with it
+                list(dict.fromkeys(label_index[s.display] for s in (
+                    scenario.mutants() or scenario.policies() or specs))),
                 span, stream(seed, "evolution"))
         self.snapshots: list[tuple[int, np.ndarray]] = []
         if scenario.evolution is not None and self.grid_shape is not None:
             self.snapshots.append((0, self.label_of_node.copy()))
         reporters = {"cooperation_rate": _mean_cooperation, "mean_payoff": _mean_payoff}
-        reporters.update({f"share:{label}": _share_reporter(i)
-                          for i, label in enumerate(self.labels)})
+        if self.evolution is not None:  # without it, shares never change
+            reporters.update({f"share:{label}": _share_reporter(i)
+                              for i, label in enumerate(self.labels)})
         if collect_agents is None:
             collect_agents = self.n_nodes * self.total_steps <= AGENT_ROWS_LIMIT
         self.datacollector = mesa.DataCollector(

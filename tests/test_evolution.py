@@ -360,3 +360,12 @@ def test_reproduction_scenarios_run(name, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3
     assert sum(summary["evolution"]["final_shares"].values()) == pytest.approx(1.0)
+
+
+def test_datacollector_reports_the_shares_that_played_the_step():
+    model = lone_defector(1.2)
+    model.step()
+    frame = model.datacollector.get_model_vars_dataframe()
+    # collected after the step's games, before the update: one D among 25
+    assert frame["share:all_d"].iloc[-1] == pytest.approx(1 / 25)
+    assert model.shares()[1] == pytest.approx(9 / 25)  # after the update
