@@ -1,0 +1,173 @@
+"""Runs as Ray tasks, on a local Ray instance or an existing cluster.
+
+Rule-only runs are plain Ray tasks (one CPU each). Runs with LLM players go to Ray
+actors that stay alive for the whole sweep: the model is loaded once per actor (the
+LLM policy keeps loaded models per process) and serves every run sent to it. An
+actor asks for a GPU when the scenario's LLM player asks for CUDA, or leaves the
+device to ``"auto"`` and the cluster has GPUs. Runs of different models go to
+different actors, one model after the other, so a GPU holds one model at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from typing import Any
+
+from abm.batch.backends import OnResult, Task, _one_line, default_workers, execute
+from abm.errors import ScenarioError
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ScenarioError("--backend ray needs Ray, which is not installed; install it with: "
+                            "pip install 'abm[ray]'") from None
+    return ray
+
+
+class LLMWorker:
+    """A Ray actor: one process that keeps its loaded models and runs task after task."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, task: Task) -> dict[str, Any]:
+        return execute(task)
+
+
+def model_key(task: Task) -> tuple:
+    """Runs that can share an actor: the same models on the same devices."""
+    return tuple(sorted((p.get("model", "smollm2-135m-instruct"), p.get("device", "auto"),
+                         p.get("dtype", "auto")) for p in task.llm))
+
+
+def gpus_for(task: Task, cluster_gpus: float) -> int:
+    """1 when the run's LLM asks for CUDA, or says "auto" on a cluster with GPUs."""
+    devices = [str(p.get("device", "auto")) for p in task.llm]
+    if any(d.startswith("cuda") for d in devices):
+        return 1
+    if any(d == "auto" for d in devices) and cluster_gpus > 0:
+        return 1
+    return 0
+
+
+def connect(address: str | None, workers: int | None) -> bool:
+    """Start or join Ray unless already connected; True when this call connected."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                               "log_to_driver": False}
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(num_cpus=workers or default_workers(), **options)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise ScenarioError(f"--backend ray: cannot start or join {where}: "
+                            f"{_one_line(exc)}") from None
+    return True
+
+
+def run_ray(tasks: list[Task], on_result: OnResult, workers: int | None = None,
+            address: str | None = None) -> None:
+    """Run every task on Ray. ``workers``: the CPUs of a local instance started here; on a
+    running cluster, the most runs at once (default: as many as it has CPUs)."""
+    ray = import_ray()
+    connected_here = connect(address, workers)
+    try:
+        # a local instance started here has exactly ``workers`` CPUs, so Ray itself keeps
+        # that many running and a second batch can wait in its queue; on a cluster that was
+        # already running, ``workers`` is the number of runs in flight
+        in_flight = 2 * (workers or 0) if connected_here or workers is None else workers
+        _schedule(ray, tasks, on_result, workers, in_flight)
+    finally:
+        if connected_here:
+            ray.shutdown()
+
+
+def _schedule(ray: Any, tasks: list[Task], on_result: OnResult, workers: int | None,
+              in_flight: int) -> None:
+    resources = ray.cluster_resources()
+    cpus = max(1, int(resources.get("CPU", 1)))
+    gpus = float(resources.get("GPU", 0))
+    limit = workers or cpus  # LLM actors at once
+    in_flight = in_flight or 2 * cpus  # rule-only runs submitted at once
+    remote_execute = ray.remote(num_cpus=1)(execute)
+    actor_class = ray.remote(LLMWorker)
+
+    rules = deque(t for t in tasks if not t.llm)
+    groups: dict[tuple, deque[Task]] = {}
+    for task in tasks:
+        if task.llm:
+            groups.setdefault((model_key(task), gpus_for(task, gpus)), deque()).append(task)
+    waiting = deque(groups.items())
+    inflight: dict[Any, tuple[Task, Any]] = {}
+    actors: list[Any] = []
+    idle: list[Any] = []
+    current: deque[Task] = deque()
+    need_gpus = 0
+
+    def new_actor() -> Any:
+        return actor_class.options(num_cpus=1, num_gpus=need_gpus).remote()
+
+    try:
+        while rules or current or waiting or inflight:
+            if not current and not actors and waiting:
+                (_, need_gpus), current = waiting.popleft()
+                if need_gpus and gpus == 0:
+                    for task in current:  # a CUDA model on a cluster without GPUs
+                        on_result(task, _failed(task, "the run's LLM asks for CUDA but the Ray "
+                                                "cluster has no GPU"))
+                    current = deque()
+                    continue
+                n = min(len(current), limit, int(gpus) if need_gpus else cpus)
+                actors = [new_actor() for _ in range(max(1, n))]
+                idle = list(actors)
+            while current and idle:
+                actor = idle.pop()
+                task = current.popleft()
+                inflight[actor.run.remote(task)] = (task, actor)
+            in_rules = sum(1 for _, a in inflight.values() if a is None)
+            while rules and in_rules < in_flight:
+                task = rules.popleft()
+                inflight[remote_execute.remote(task)] = (task, None)
+                in_rules += 1
+            if not current and actors and len(idle) == len(actors):
+                for actor in actors:  # this model is done: free its CPUs and GPU
+                    ray.kill(actor)
+                actors, idle = [], []
+                continue
+            if not inflight:
+                continue
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                task, actor = inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    result = _failed(task, f"the Ray actor died: {_one_line(exc)}")
+                    actors.remove(actor)
+                    actor = new_actor()
+                    actors.append(actor)
+                except ray.exceptions.RayError as exc:
+                    result = _failed(task, f"Ray: {_one_line(exc)}")
+                if actor is not None:
+                    idle.append(actor)
+                on_result(task, result)
+    except BaseException:
+        for ref, (_, actor) in inflight.items():
+            if actor is None:
+                ray.cancel(ref, force=True)
+        for actor in actors:
+            ray.kill(actor)
+        raise
+
+
+def _failed(task: Task, error: str) -> dict[str, Any]:
+    return {"run_id": task.run_id, "status": "failed", "error": error, "run_seconds": 0.0}

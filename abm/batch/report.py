@@ -1,0 +1,155 @@
+"""A sweep's report: aggregate.csv (mean, std, 95 % CI per parameter point) and charts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import pandas as pd
+
+from abm.batch.stats import mean_ci
+from abm.batch.storage import BOOKKEEPING, RESULTS, SWEEP_JSON
+from abm.errors import ScenarioError
+
+AGGREGATE = "aggregate.csv"
+CHARTS = "charts"
+_MAX_SERIES = 12  # past this many lines a chart is unreadable; the table still has them
+
+
+def metric_columns(results: pd.DataFrame, keys: list[str]) -> list[str]:
+    """Numeric columns that measure a run (not its parameters or bookkeeping)."""
+    skip = set(BOOKKEEPING) | set(keys)
+    return [c for c in results.columns
+            if c not in skip and pd.api.types.is_numeric_dtype(results[c])
+            and not pd.api.types.is_bool_dtype(results[c])]
+
+
+def aggregate(results: pd.DataFrame, keys: list[str],
+              metrics: list[str] | None = None) -> pd.DataFrame:
+    """One row per parameter point and metric over the successful runs: n (runs with a
+    value), mean, std (sample, n - 1), sem, and the 95 % t-interval of the mean."""
+    ok = results[results["status"] == "ok"]
+    metrics = metrics or metric_columns(results, keys)
+    rows: list[dict[str, Any]] = []
+    for point, group in ok.groupby("point", sort=True):
+        params = {key: group[key].iloc[0] for key in keys}
+        for metric in metrics:
+            stats = mean_ci(group[metric].tolist())
+            rows.append({"point": int(point), **params, "metric": metric, "n": stats["n"],
+                         "mean": stats["mean"], "std": stats["std"], "sem": stats["sem"],
+                         "ci95_low": stats["ci_low"], "ci95_high": stats["ci_high"]})
+    columns = ["point", *keys, "metric", "n", "mean", "std", "sem", "ci95_low", "ci95_high"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_report(out: str | Path, charts: bool = True) -> list[Path]:
+    """Write ``aggregate.csv`` and the charts of the sweep in ``out``; return the files."""
+    out = Path(out)
+    meta_file, results_file = out / SWEEP_JSON, out / RESULTS
+    if not meta_file.is_file() or not results_file.is_file():
+        raise ScenarioError(f"{out}: not a sweep output folder ({SWEEP_JSON} and {RESULTS} "
+                            "are written by python -m abm.batch SWEEP_FILE)")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    keys: list[str] = meta.get("keys", [])
+    results = pd.read_parquet(results_file)
+    keys = [k for k in keys if k in results.columns]
+    table = aggregate(results, keys)
+    written = [out / AGGREGATE]
+    tmp = out / f".{AGGREGATE}.tmp-{os.getpid()}"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out / AGGREGATE)
+    if charts and len(table):
+        folder = out / CHARTS
+        folder.mkdir(exist_ok=True)
+        crossed = _crossed_pairs(meta, keys)
+        known = set(table["metric"])
+        for metric in meta.get("metrics", []):
+            if metric not in known:
+                print(f"note: report metric {metric!r} is not a column of {RESULTS}; known: "
+                      f"{', '.join(sorted(known))}", file=sys.stderr)
+                continue
+            data = table[table["metric"] == metric]
+            if data.empty or data["mean"].isna().all():
+                continue
+            for key in keys:
+                written += _save(_line_chart(data, metric, key, [k for k in keys if k != key]),
+                                 folder, f"{_safe(metric)}_vs_{_safe(key)}")
+            if len(keys) == 2 and crossed:
+                written += _save(_heatmap(data, metric, keys[0], keys[1]), folder,
+                                 f"{_safe(metric)}_heatmap")
+    return written
+
+
+def _crossed_pairs(meta: dict[str, Any], keys: list[str]) -> bool:
+    """The two swept keys vary independently (a grid), not together (zipped)."""
+    axes = [axis for axis in meta.get("axes", []) if any(k in keys for k in axis)]
+    return len(axes) == 2
+
+
+def _is_number(series: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+
+
+def _line_chart(data: pd.DataFrame, metric: str, key: str, others: list[str]) -> alt.Chart:
+    frame = pd.DataFrame({
+        "x": data[key].to_numpy() if _is_number(data[key]) else data[key].astype(str).to_numpy(),
+        "mean": data["mean"].to_numpy(), "low": data["ci95_low"].to_numpy(),
+        "high": data["ci95_high"].to_numpy(), "n": data["n"].to_numpy(),
+        "series": (data[others].astype(str).apply(
+            lambda r: ", ".join(f"{k}={v}" for k, v in zip(others, r)), axis=1).to_numpy()
+                   if others else "all"),
+    })
+    numeric = _is_number(data[key])
+    order = list(dict.fromkeys(frame["x"])) if not numeric else None
+    x = alt.X("x:Q" if numeric else "x:N", title=key, sort=order,
+              scale=alt.Scale(zero=False) if numeric else alt.Undefined)
+    series_order = list(dict.fromkeys(frame["series"]))[:_MAX_SERIES]
+    frame = frame[frame["series"].isin(series_order)]
+    color = (alt.Color("series:N", title=", ".join(others), sort=series_order)
+             if others else alt.value("#4c78a8"))
+    base = alt.Chart(frame, title=f"{metric} vs {key} (mean and 95% CI over replicates)")
+    line = base.mark_line(point=True).encode(
+        x=x, y=alt.Y("mean:Q", title=metric, scale=alt.Scale(zero=False)), color=color,
+        tooltip=[alt.Tooltip("x", title=key), "series", alt.Tooltip("mean:Q", format=".4f"),
+                 alt.Tooltip("low:Q", format=".4f"), alt.Tooltip("high:Q", format=".4f"), "n"])
+    bars = base.mark_rule().encode(x=x, y="low:Q", y2="high:Q", color=color)
+    return (bars + line).properties(width=420, height=260)
+
+
+def _heatmap(data: pd.DataFrame, metric: str, xkey: str, ykey: str) -> alt.Chart:
+    frame = pd.DataFrame({"x": data[xkey].astype(str).to_numpy(),
+                          "y": data[ykey].astype(str).to_numpy(),
+                          "mean": data["mean"].to_numpy()})
+    xs, ys = list(dict.fromkeys(frame["x"])), list(dict.fromkeys(frame["y"]))
+    lo, hi = float(frame["mean"].min()), float(frame["mean"].max())
+    base = alt.Chart(frame, title=f"{metric}: mean over replicates").encode(
+        x=alt.X("x:N", sort=xs, title=xkey, axis=alt.Axis(labelAngle=-40)),
+        y=alt.Y("y:N", sort=ys, title=ykey))
+    cells = base.mark_rect().encode(
+        color=alt.Color("mean:Q", title=metric,
+                        scale=alt.Scale(scheme="viridis", domain=[lo, hi] if hi > lo else [lo - 1, hi + 1])),
+        tooltip=[alt.Tooltip("x", title=xkey), alt.Tooltip("y", title=ykey),
+                 alt.Tooltip("mean:Q", format=".4f")])
+    chart = cells
+    if len(xs) * len(ys) <= 400:
+        middle = (lo + hi) / 2
+        chart = cells + base.mark_text(fontSize=11).encode(
+            text=alt.Text("mean:Q", format=".3~f"),
+            color=alt.condition(alt.datum["mean"] > middle, alt.value("black"), alt.value("white")))
+    size = max(24, min(60, 600 // max(len(xs), len(ys), 1)))
+    return chart.properties(width=size * len(xs), height=size * len(ys))
+
+
+def _save(chart: alt.Chart, folder: Path, stem: str) -> list[Path]:
+    from abm import charts
+
+    return [folder / name for name in charts.save(chart, folder, stem)]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "metric"

@@ -1,0 +1,123 @@
+"""Running a sweep: what is left to do, on which backend, recorded as it finishes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from abm.batch.backends import Task, default_workers, run_local, run_serial
+from abm.batch.storage import Store
+from abm.batch.sweep import Sweep
+from abm.errors import ScenarioError
+
+BACKENDS = ("local", "serial", "ray")
+
+
+@dataclass
+class SweepResult:
+    """What one call of ``run_sweep`` did."""
+
+    out: Path
+    total: int
+    skipped: int  # complete before this call
+    ran: list[str] = field(default_factory=list)  # run ids run by this call, in finishing order
+    failed: list[str] = field(default_factory=list)  # run ids that failed (this call)
+    errors: dict[str, str] = field(default_factory=dict)  # run id -> error of a failed run
+    workers: dict[str, str] = field(default_factory=dict)  # run id -> "host:pid" that ran it
+    recovered: int = 0  # rows rebuilt from run folders
+    orphans: list[str] = field(default_factory=list)
+    report: list[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "local", workers: int | None = None,
+              force: bool = False, address: str | None = None, quiet: bool = True,
+              report: bool = True, charts: bool = True) -> SweepResult:
+    """Run every run of ``sweep`` that is not complete in ``out`` (all of them with
+    ``force``), record results.parquet, then write the report.
+
+    ``backend``: "local" (a process pool of ``workers`` processes, default one per
+    core; one worker runs in this process), "serial" (this process) or "ray".
+    Raises ScenarioError for a folder that cannot be used, WorkerLost when a local
+    worker process dies, KeyboardInterrupt on Ctrl-C; everything finished before
+    is kept in every case.
+    """
+    if backend not in BACKENDS:
+        raise ScenarioError(f"--backend {backend!r}: allowed: {', '.join(BACKENDS)}")
+    if workers is not None and workers < 1:
+        raise ScenarioError(f"--workers {workers}: must be at least 1")
+    if backend == "ray":
+        from abm.batch.ray_backend import import_ray
+
+        import_ray()  # say how to install it before anything is written
+    out = Path(out).resolve()
+    store = Store(out, sweep)
+    store.open()
+    result = SweepResult(out=out, total=len(sweep.runs), skipped=0)
+    try:
+        todo = []
+        for run in sweep.runs:
+            if force or not store.complete(run):
+                todo.append(run)
+        result.skipped = len(sweep.runs) - len(todo)
+        if force:
+            for run in todo:
+                store.rows.pop(run.run_id, None)
+        result.recovered = store.recover(skip={run.run_id for run in todo})
+        result.orphans = store.orphans()
+        tasks = [Task(run_id=run.run_id, base=str(sweep.base), overrides=run.overrides,
+                      seed=run.seed, out=str(store.folder(run)), force=force, llm=run.llm)
+                 for run in todo]
+        runs = {run.run_id: run for run in todo}
+        n_workers = min(workers or default_workers(), max(1, len(tasks)))
+        if not quiet:
+            where = {"serial": "in this process",
+                     "local": (f"on {n_workers} local worker processes" if n_workers > 1
+                               else "in this process"),
+                     "ray": "on Ray"}[backend]
+            print(f"{sweep.name}: {len(sweep.runs)} runs ({len(sweep.points)} points x "
+                  f"{sweep.replicates} replicates); {result.skipped} complete, "
+                  f"{len(tasks)} to run {where}", flush=True)
+            if result.orphans:
+                print(f"note: {len(result.orphans)} folders in {out / 'runs'} belong to no run "
+                      "of this sweep (the sweep or its base scenario changed); left alone")
+        bar = tqdm(total=len(tasks), desc=sweep.name, unit="run", disable=quiet or not tasks,
+                   smoothing=0.1)
+
+        def on_result(task: Task, row: dict[str, Any]) -> None:
+            store.add(runs[task.run_id], row)
+            result.ran.append(task.run_id)
+            result.workers[task.run_id] = str(row.get("worker", ""))
+            if row.get("status") != "ok":
+                result.failed.append(task.run_id)
+                result.errors[task.run_id] = str(row.get("error"))
+                bar.set_postfix(failed=len(result.failed))
+            bar.update()
+            store.flush()
+
+        try:
+            if not tasks:
+                pass
+            elif backend == "ray":
+                from abm.batch.ray_backend import run_ray
+
+                run_ray(tasks, on_result, workers=workers, address=address)
+            elif backend == "serial" or n_workers == 1:
+                run_serial(tasks, on_result)
+            else:
+                run_local(tasks, on_result, n_workers)
+        finally:
+            bar.close()
+    finally:
+        store.close()
+    if report:
+        from abm.batch.report import write_report
+
+        result.report = write_report(out, charts=charts)
+    return result

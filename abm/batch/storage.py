@@ -1,0 +1,254 @@
+"""A sweep's output folder: one run folder per run, results.parquet, the lock.
+
+``DIR/runs/<run_id>/`` is written by ``abm.run`` under a temporary name and renamed
+when complete, so a run is complete exactly when its folder exists. results.parquet
+holds one row per run (parameters, seed, status, metrics) and is replaced atomically;
+rows missing from it are rebuilt from the run folders, so a crash loses nothing
+that was complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from abm.batch.sweep import Run, Sweep, label
+from abm.errors import ScenarioError
+
+RESULTS = "results.parquet"
+RUNS = "runs"
+SWEEP_JSON = "sweep.json"
+ERRORS = "errors.log"
+# columns that describe a run rather than measure it
+BOOKKEEPING = ("run_id", "point", "replicate", "seed", "status", "error", "out", "run_seconds")
+
+
+# ------------------------------------------------------------------ metrics of one run
+
+
+def read_metrics(folder: Path) -> dict[str, Any]:
+    """The numbers of a finished run folder, one value each.
+
+    From summary.json: agents, edges, steps, matches, decisions, cooperation_rate;
+    from steps.csv: mean_payoff (per decision) and final_cooperation_rate (last step);
+    per player: ``payoff[<player>]`` (mean match payoff against others, as in the
+    ranking) and ``cooperation[<player>]`` (share of its actions that were C); with LLM
+    players: llm_decisions, llm_invalid_rate, llm_fallbacks.
+    """
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    out: dict[str, Any] = {key: summary.get(key) for key in
+                           ("agents", "edges", "steps", "matches", "decisions",
+                            "cooperation_rate")}
+    steps = pd.read_csv(folder / "steps.csv")
+    decisions = steps["decisions"].to_numpy(float)
+    total = decisions.sum()
+    out["mean_payoff"] = (float((steps["mean_payoff"].fillna(0) * decisions).sum() / total)
+                          if total else float("nan"))
+    out["final_cooperation_rate"] = (float(steps["cooperation_rate"].iloc[-1])
+                                     if len(steps) else float("nan"))
+    for row in summary.get("ranking", []):
+        out[f"payoff[{row['player']}]"] = row["mean_payoff"]
+    agents = pd.read_csv(folder / "agents.csv")
+    coop = (agents["cooperation_rate"].fillna(0) * agents["decisions"]).groupby(
+        agents["player"], sort=False).sum()
+    made = agents.groupby("player", sort=False)["decisions"].sum()
+    for player in made.index:
+        out[f"cooperation[{player}]"] = (float(coop[player] / made[player]) if made[player]
+                                         else float("nan"))
+    llm = summary.get("llm") or []
+    if llm:
+        decided = sum(s.get("decisions", 0) for s in llm)
+        out["llm_decisions"] = decided
+        out["llm_invalid_rate"] = (sum(s.get("invalid", 0) for s in llm) / decided
+                                   if decided else 0.0)
+        out["llm_fallbacks"] = sum(s.get("fallbacks", 0) for s in llm)
+    return {k: (float("nan") if v is None else v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------ the folder
+
+
+class Store:
+    """The sweep's output folder: who runs what, and results.parquet."""
+
+    def __init__(self, out: Path, sweep: Sweep) -> None:
+        self.out = out
+        self.sweep = sweep
+        self.runs_dir = out / RUNS
+        self.by_id = {run.run_id: run for run in sweep.runs}
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._lock_file = None
+        self._last_flush = 0.0
+        self._dirty = False
+
+    # -- setup
+
+    def open(self) -> None:
+        """Check the folder, take the lock, clear what killed runs left, read old rows."""
+        out = self.out
+        marker = out / SWEEP_JSON
+        old: dict[str, Any] = {}
+        if out.exists() and not out.is_dir():
+            raise ScenarioError(f"--out {out}: exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()):
+            if not marker.is_file():
+                raise ScenarioError(f"--out {out}: exists, is not empty and holds no sweep "
+                                    f"({SWEEP_JSON} is missing); choose another folder")
+            old = json.loads(marker.read_text(encoding="utf-8"))
+            if old.get("name") != self.sweep.name:
+                raise ScenarioError(f"--out {out}: holds the sweep {old.get('name')!r}, not "
+                                    f"{self.sweep.name!r}; choose another folder")
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        for partial in self.runs_dir.glob(".*.partial-*"):
+            shutil.rmtree(partial, ignore_errors=True)  # a run killed half way
+        _write_atomic(marker, json.dumps({**self.sweep.to_json(), "abm_batch": 1},
+                                         indent=2).encode() + b"\n")
+        _write_atomic(out / "sweep.toml", self.sweep.text.encode())
+        results = out / RESULTS
+        if results.is_file():
+            skip = set(BOOKKEEPING) | set(old.get("keys", [])) | set(self.sweep.keys)
+            for row in pd.read_parquet(results).to_dict("records"):
+                run = self.by_id.get(row.get("run_id"))
+                if run is None or row.get("status") != "ok" or not self.complete(run):
+                    continue  # not in this sweep, failed (run again), or its folder is gone
+                metrics = {k: _py(v) for k, v in row.items() if k not in skip and not _missing(v)}
+                self.add(run, {"status": "ok", "error": None,
+                               "run_seconds": _py(row.get("run_seconds")), **metrics})
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks here: trust the user
+            return
+        handle = open(self.out / ".lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ScenarioError(f"--out {self.out}: another sweep is writing to this folder "
+                                "right now; wait for it or choose another folder") from None
+        self._lock_file = handle
+
+    def close(self) -> None:
+        self.flush(force=True)
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- runs
+
+    def folder(self, run: Run) -> Path:
+        return self.runs_dir / run.run_id
+
+    def complete(self, run: Run) -> bool:
+        return (self.folder(run) / "summary.json").is_file()
+
+    def orphans(self) -> list[str]:
+        """Run folders that belong to no run of this sweep (an edited sweep or base)."""
+        return sorted(p.name for p in self.runs_dir.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and p.name not in self.by_id)
+
+    def recover(self, skip: set[str] = frozenset()) -> int:
+        """Rows for complete runs that results.parquet does not have yet."""
+        n = 0
+        for run in self.sweep.runs:
+            if run.run_id not in self.rows and run.run_id not in skip and self.complete(run):
+                self.add(run, {"status": "ok", "error": None,
+                               **read_metrics(self.folder(run))})
+                n += 1
+        return n
+
+    def add(self, run: Run, result: dict[str, Any]) -> dict[str, Any]:
+        row: dict[str, Any] = {"run_id": run.run_id, "point": run.point,
+                               "replicate": run.replicate, "seed": run.seed}
+        row.update(run.params)
+        row["status"] = result.get("status", "ok")
+        row["error"] = result.get("error")
+        row["out"] = f"{RUNS}/{run.run_id}" if row["status"] == "ok" else None
+        row["run_seconds"] = result.get("run_seconds", float("nan"))
+        row.update({k: v for k, v in result.items()
+                    if k not in ("status", "error", "run_seconds", "traceback", "run_id",
+                                 "worker")})
+        self.rows[run.run_id] = row
+        if row["status"] != "ok" and result.get("traceback"):
+            with open(self.out / ERRORS, "a", encoding="utf-8") as log:
+                log.write(f"=== {run.run_id} (seed {run.seed}, "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n{result['traceback']}\n")
+        self._dirty = True
+        return row
+
+    # -- results.parquet
+
+    def frame(self) -> pd.DataFrame:
+        return results_frame(self.sweep, list(self.rows.values()))
+
+    def flush(self, force: bool = False, every: float = 1.0) -> None:
+        """Write results.parquet (temp file + rename) at most every ``every`` seconds."""
+        if not self._dirty or (not force and time.monotonic() - self._last_flush < every):
+            return
+        frame = self.frame()
+        tmp = self.out / f".{RESULTS}.tmp-{os.getpid()}"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, self.out / RESULTS)
+        self._last_flush = time.monotonic()
+        self._dirty = False
+
+
+def results_frame(sweep: Sweep, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows in sweep order (point, then replicate), parameter columns typed one way."""
+    keys = sweep.keys
+    first = ["run_id", "point", "replicate", "seed", *keys, "status", "error", "out",
+             "run_seconds"]
+    # columns in the order rows of the sweep name them, whatever order runs finished in
+    frame = pd.DataFrame(sorted(rows, key=lambda r: (r["point"], r["replicate"])))
+    for column in first:
+        if column not in frame:
+            frame[column] = pd.Series(dtype=object)
+    rest = [c for c in frame.columns if c not in first]
+    frame = frame[first + rest]
+    for key in keys:
+        frame[key] = _param_column(frame[key])
+    frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), None)
+    frame["out"] = frame["out"].astype(object).where(frame["out"].notna(), None)
+    for column in ("point", "replicate", "seed"):
+        frame[column] = frame[column].astype("int64")
+    for column in rest:
+        if frame[column].dtype == object:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame.sort_values(["point", "replicate"], kind="stable").reset_index(drop=True)
+
+
+def _param_column(values: pd.Series) -> pd.Series:
+    """Numbers stay numbers, booleans booleans; tables, lists and mixtures become labels."""
+    items = list(values)
+    if all(isinstance(v, bool) for v in items):
+        return pd.Series(items, index=values.index, dtype=bool)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        if all(isinstance(v, int) for v in items):
+            return pd.Series(items, index=values.index, dtype="int64")
+        return pd.Series(items, index=values.index, dtype="float64")
+    return pd.Series([str(label(v)) if not isinstance(v, str) else v for v in items],
+                     index=values.index, dtype=object)
+
+
+def _py(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+

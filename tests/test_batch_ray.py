@@ -1,0 +1,136 @@
+"""The Ray backend on a local instance: the same rows as serial runs, LLM runs on actors."""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from abm.batch import load_sweep, run_sweep
+from abm.batch.__main__ import main
+from abm.batch.backends import Task
+from abm.batch.ray_backend import gpus_for, model_key
+
+ray = pytest.importorskip("ray")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_llm import build_tiny_model  # noqa: E402
+
+RULES = """
+name = "tiny"
+seed = 5
+[game]
+noise = 0.1
+[match]
+rounds = 3
+[graph]
+kind = "complete"
+self_loops = true
+[population]
+players = ["all_d", "tit_for_tat", { name = "random", p = 0.5 }]
+[output]
+charts = false
+rounds = false
+"""
+
+LLM = """
+name = "tiny_llm"
+seed = 5
+[game]
+noise = 0.1
+[match]
+rounds = 2
+[graph]
+kind = "complete"
+self_loops = true
+[population]
+players = ["all_d", "tit_for_tat",
+           { name = "llm", label = "LLM", model = "MODEL", device = "cpu", dtype = "float32" }]
+[output]
+charts = false
+rounds = false
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def rows(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "results.parquet").drop(columns=["run_seconds"])
+
+
+def test_ray_rows_equal_serial_rows(local_ray, tmp_path):
+    (tmp_path / "base.toml").write_text(RULES)
+    (tmp_path / "sweep.toml").write_text(
+        'scenario = "base.toml"\nseed = 11\n[sweep]\nreplicates = 3\n'
+        'game.noise = [0.0, 0.2]\n"population.players[2].p" = [0.2, 0.8]\n')
+    sweep = load_sweep(tmp_path / "sweep.toml")
+    serial = run_sweep(sweep, tmp_path / "serial", backend="serial", report=False)
+    on_ray = run_sweep(sweep, tmp_path / "ray", backend="ray", report=False)
+    assert serial.ok and on_ray.ok and len(on_ray.ran) == 12
+    pd.testing.assert_frame_equal(rows(tmp_path / "serial"), rows(tmp_path / "ray"))
+    assert ray.is_initialized()  # a session it did not start is left running
+    # and resuming on Ray skips what is complete
+    again = run_sweep(sweep, tmp_path / "ray", backend="ray", report=False)
+    assert again.skipped == 12 and again.ran == []
+
+
+def test_llm_runs_go_to_one_actor_that_keeps_its_model(local_ray, tmp_path):
+    model = build_tiny_model(tmp_path / "tiny_model")
+    (tmp_path / "base.toml").write_text(LLM.replace("MODEL", str(model)))
+    (tmp_path / "sweep.toml").write_text(
+        'scenario = "base.toml"\nseed = 4\n[sweep]\nreplicates = 2\n'
+        '"population.players[2].framing" = ["police", "neutral"]\n')
+    sweep = load_sweep(tmp_path / "sweep.toml")
+    assert all(run.llm for run in sweep.runs)
+    on_ray = run_sweep(sweep, tmp_path / "ray", backend="ray", workers=1, report=False)
+    assert on_ray.ok, on_ray.errors
+    # one actor process served all four runs, loading the model once
+    assert len(set(on_ray.workers.values())) == 1
+    assert not any(w.endswith(f":{__import__('os').getpid()}") for w in on_ray.workers.values())
+    loads = {pd.read_json(tmp_path / "ray" / "runs" / r / "summary.json", typ="series")["llm"][0]
+             ["load_seconds"] for r in on_ray.ran}
+    assert len(loads) == 1
+    serial = run_sweep(sweep, tmp_path / "serial", backend="serial", report=False)
+    assert serial.ok
+    frame = rows(tmp_path / "ray")
+    pd.testing.assert_frame_equal(rows(tmp_path / "serial"), frame)
+    assert (frame["llm_decisions"] > 0).all()
+
+
+def test_a_cuda_model_on_a_cluster_without_gpus_fails_its_runs(local_ray, tmp_path):
+    (tmp_path / "base.toml").write_text(LLM.replace("MODEL", "/nowhere").replace(
+        'device = "cpu"', 'device = "cuda"'))
+    (tmp_path / "sweep.toml").write_text(
+        'scenario = "base.toml"\nseed = 4\n[sweep]\nmatch.rounds = [1, 2]\n')
+    result = run_sweep(load_sweep(tmp_path / "sweep.toml"), tmp_path / "out", backend="ray",
+                       report=False)
+    assert len(result.failed) == 2
+    assert all("asks for CUDA but the Ray cluster has no GPU" in e for e in result.errors.values())
+
+
+def test_gpu_requests():
+    def task(*devices):
+        return Task("r", "b", (), 1, "o", llm=tuple({"device": d} for d in devices))
+
+    assert gpus_for(task("cuda"), cluster_gpus=0) == 1
+    assert gpus_for(task("cuda:1"), cluster_gpus=4) == 1
+    assert gpus_for(task("auto"), cluster_gpus=2) == 1
+    assert gpus_for(task("auto"), cluster_gpus=0) == 0
+    assert gpus_for(task("cpu"), cluster_gpus=8) == 0
+    assert gpus_for(task(), cluster_gpus=8) == 0
+    assert model_key(task("cpu")) != model_key(task("cuda"))
+
+
+def test_without_ray_the_error_says_how_to_install(tmp_path, monkeypatch, capsys):
+    (tmp_path / "base.toml").write_text(RULES)
+    (tmp_path / "sweep.toml").write_text('scenario = "base.toml"\n[sweep]\ngame.noise = [0.0]\n')
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    assert main([str(tmp_path / "sweep.toml"), "--backend", "ray", "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'abm[ray]'" in err and "Traceback" not in err
