@@ -92,9 +92,10 @@ def test_llm_runs_go_to_one_actor_that_keeps_its_model(local_ray, tmp_path):
     # one actor process served all four runs, loading the model once
     assert len(set(on_ray.workers.values())) == 1
     assert not any(w.endswith(f":{__import__('os').getpid()}") for w in on_ray.workers.values())
-    loads = {pd.read_json(tmp_path / "ray" / "runs" / r / "summary.json", typ="series")["llm"][0]
-             ["load_seconds"] for r in on_ray.ran}
-    assert len(loads) == 1
+    loads = [pd.read_json(tmp_path / "ray" / "runs" / r / "summary.json", typ="series")["llm"][0]
+             ["load_seconds"] for r in on_ray.ran]
+    # the run that loaded the model reports the load; the others reused it
+    assert len(loads) == 4 and sum(x > 0 for x in loads) == 1
     serial = run_sweep(sweep, tmp_path / "serial", backend="serial", report=False)
     assert serial.ok
     frame = rows(tmp_path / "ray")

@@ -457,3 +457,44 @@ def test_cache_root_honours_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("ABM_MODEL_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cache_root() == tmp_path / ".cache" / "abm" / "models"
+
+
+def test_conversion_lock_lets_one_process_convert_at_a_time(tmp_path):
+    import threading
+    import time as clock
+
+    from abm.llm.backend import _conversion_lock
+    folder = tmp_path / "models" / "m"
+    events = []
+
+    def convert(name):
+        with _conversion_lock(folder):
+            events.append(f"{name} in")
+            clock.sleep(0.2)
+            events.append(f"{name} out")
+
+    threads = [threading.Thread(target=convert, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+        clock.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert events == ["a in", "a out", "b in", "b out"]
+
+
+def test_saved_copy_replaces_a_half_written_one(tmp_path):
+    from types import SimpleNamespace
+
+    from abm.llm.backend import _save_converted
+
+    def saver(name):
+        return lambda folder: (folder / name).write_text("x")
+
+    model = SimpleNamespace(config=SimpleNamespace(), save_pretrained=saver("config.json"))
+    tokenizer = SimpleNamespace(save_pretrained=saver("tokenizer.json"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("half")  # a crash before config.json
+    _save_converted(tokenizer, model, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no partial folder left

@@ -228,3 +228,25 @@ def test_police_framing_refuses_labels(scenario_file, capsys):
                          'players = ["all_d", { name = "llm", labels = ["a", "b"] }]\n')
     assert main([str(path), "--quiet"]) == 2
     assert "labels are for the neutral and custom framings" in capsys.readouterr().err
+
+
+def test_summary_counts_only_this_runs_work(fake, tmp_path):
+    # a process that runs several scenarios (a batch worker) keeps its loaded model:
+    # counters from earlier runs and the one-time load must not be counted again
+    fake.stats.tokens, fake.stats.forward_passes, fake.load_seconds = 1000, 7, 2.5
+    score = fake.score
+
+    def counted(*args, **kwargs):  # count work as the real backend does
+        fake.stats.tokens += 1
+        return score(*args, **kwargs)
+
+    fake.score = counted
+    summaries = []
+    for name in ("a", "b"):
+        out = run_scenario(SCENARIOS / "round_robin.toml", out=tmp_path / name, quiet=True,
+                           overrides=["output.charts=false"])
+        summaries.append(json.loads((out / "summary.json").read_text())["llm"][0])
+    # the same seeded run twice does the same work, counted from zero each time
+    assert summaries[0]["tokens"] == summaries[1]["tokens"] > 0
+    assert [s["forward_passes"] for s in summaries] == [0, 0]
+    assert [s["load_seconds"] for s in summaries] == [2.5, 0.0]

@@ -7,15 +7,13 @@ parallel and Ray runs of a sweep give the same rows.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import shutil
 import socket
-import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -54,10 +52,8 @@ def execute(task: Task) -> dict[str, Any]:
         if task.force and final.exists():
             shutil.rmtree(final)
         if not (final / "summary.json").is_file():  # another attempt may have finished it
-            _fresh_llm_counters()
-            with _conversion_guard(task):
-                run_scenario(task.base, out=final, seed=task.seed,
-                             overrides=list(task.overrides), quiet=True)
+            run_scenario(task.base, out=final, seed=task.seed,
+                         overrides=list(task.overrides), quiet=True)
         result: dict[str, Any] = {"status": "ok", "error": None, **read_metrics(final)}
     except Exception as exc:  # a failed run is a result; KeyboardInterrupt is not
         result = {"status": "failed", "error": _one_line(exc),
@@ -66,49 +62,6 @@ def execute(task: Task) -> dict[str, Any]:
     result["run_seconds"] = time.perf_counter() - started
     result["worker"] = f"{socket.gethostname()}:{os.getpid()}"
     return result
-
-
-@contextlib.contextmanager
-def _conversion_guard(task: Task) -> Iterator[None]:
-    """A GGUF model is converted once and kept in the model cache; when it is not yet,
-    the first run to get here converts it while holding a file lock, and runs in other
-    processes (pool workers, Ray actors) wait for it instead of converting it again."""
-    if not task.llm or not _needs_conversion(task):
-        yield
-        return
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks: convert as the policy would
-        yield
-        return
-    from abm.llm.models import cache_root
-
-    cache_root().mkdir(parents=True, exist_ok=True)
-    with open(cache_root() / ".convert.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        if _needs_conversion(task):
-            yield  # this run converts, holding the lock
-            return
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    yield
-
-
-def _needs_conversion(task: Task) -> bool:
-    from abm.llm.models import DEFAULT_MODEL, resolve
-
-    for params in task.llm:
-        source = resolve(str(params.get("model", DEFAULT_MODEL)))
-        if source.converted is not None and not (source.converted / "config.json").is_file():
-            return True
-    return False
-
-
-def _fresh_llm_counters() -> None:
-    """Loaded models are kept for the next run of this process (that is what makes a
-    worker cheap); their work counters start again so summary.json counts one run."""
-    llm = sys.modules.get("abm.policies.llm")
-    for backend in getattr(llm, "_BACKENDS", {}).values():
-        backend.stats = type(backend.stats)()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -7,11 +7,16 @@ identical prompts are answered once (see ``abm.policies.llm``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -314,16 +319,18 @@ def _load(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> t
     hf_logging.set_verbosity_error()  # conversion progress bars and notices are not ours
     hf_logging.disable_progress_bar()
     if source.converted is not None:
-        if (source.converted / "config.json").is_file():
-            return (AutoTokenizer.from_pretrained(source.converted),
-                    AutoModelForCausalLM.from_pretrained(source.converted, dtype=dtype))
-        print(f"abm: converting {source.name} from GGUF once (about 20 s); the copy is kept in "
-              f"{source.converted}", file=sys.stderr)
-        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file,
-                                                     dtype=torch.float32)
-        _save_converted(tokenizer, model, source.converted)
-        return tokenizer, model.to(dtype)
+        with _conversion_lock(source.converted):
+            if not (source.converted / "config.json").is_file():
+                print(f"abm: converting {source.name} from GGUF once (about 20 s); the copy "
+                      f"is kept in {source.converted}", file=sys.stderr)
+                tokenizer = AutoTokenizer.from_pretrained(source.location,
+                                                          gguf_file=source.gguf_file)
+                model = AutoModelForCausalLM.from_pretrained(
+                    source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+                _save_converted(tokenizer, model, source.converted)
+                return tokenizer, model.to(dtype)
+        return (AutoTokenizer.from_pretrained(source.converted),
+                AutoModelForCausalLM.from_pretrained(source.converted, dtype=dtype))
     options = {"trust_remote_code": trust_remote_code}
     try:
         return (AutoTokenizer.from_pretrained(source.location, local_files_only=True, **options),
@@ -352,11 +359,30 @@ def _save_converted(tokenizer: Any, model: Any, folder) -> None:
             obj._is_quantized = False
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
-    partial = folder.with_name(folder.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    if folder.exists():
-        import shutil
+    if folder.exists():  # a half-written copy from a crash: config.json is written last
         shutil.rmtree(folder)
     partial.rename(folder)
+
+
+@contextlib.contextmanager
+def _conversion_lock(folder: Path) -> Iterator[None]:
+    """One process converts a model while the others (pool workers, Ray actors on one
+    machine) wait, then load the finished copy instead of converting it again."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: per-process partial folders still keep
+        yield            # concurrent conversions from clashing
+        return
+    with open(folder.with_name(f"{folder.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -5,6 +5,8 @@ Importing this module is cheap; torch and transformers load when a policy is bui
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -101,6 +103,11 @@ class LLMPolicy:
         self.answer_prefix = (params.answer_prefix if params.answer_prefix is not None
                               else self.framing.answer_prefix)
         self.backend = shared_backend(params)
+        self._stats_start = dataclasses.replace(self.backend.stats)
+        # a model loads once per process: the first policy to use it reports the time
+        self._load_seconds = 0.0 if getattr(self.backend, "claimed", False) \
+            else self.backend.load_seconds
+        self.backend.claimed = True
         prefix = self.answer_prefix
         self.label_tokens = (self.backend.label_ids(self._continuation(prefix, self.framing.label_c)),
                              self.backend.label_ids(self._continuation(prefix, self.framing.label_d)))
@@ -319,14 +326,19 @@ class LLMPolicy:
         return out
 
     def stats(self) -> dict[str, Any]:
-        b = self.backend.stats
+        """This run's work: the backend's counters since this policy was made (a
+        loaded model serves every run of a process), and the load time if this run
+        loaded the model."""
+        b, start = self.backend.stats, self._stats_start
         decisions = self.counts["decisions"]
         return {**self.counts, "model": self.params.model, "mode": self.params.mode,
                 "invalid_rate": self.counts["invalid"] / decisions if decisions else 0.0,
-                "tokens": b.tokens, "forward_passes": b.forward_passes,
-                "generate_calls": b.generate_calls, "prefix_cache_hits": b.prefix_hits,
-                "llm_seconds": round(b.seconds, 3),
-                "load_seconds": round(self.backend.load_seconds, 3)}
+                "tokens": b.tokens - start.tokens,
+                "forward_passes": b.forward_passes - start.forward_passes,
+                "generate_calls": b.generate_calls - start.generate_calls,
+                "prefix_cache_hits": b.prefix_hits - start.prefix_hits,
+                "llm_seconds": round(b.seconds - start.seconds, 3),
+                "load_seconds": round(self._load_seconds, 3)}
 
 
 def _side(view: View, i: int) -> int:
