@@ -31,6 +31,8 @@ class Adjacency:
 
     def random_neighbour(self, nodes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One uniformly drawn neighbour per node; -1 for a node with none."""
+        if not len(self.indices):
+            return np.full(len(nodes), -1, np.int64)
         deg = self.degree[nodes]
         pick = self.indptr[nodes] + (rng.random(len(nodes)) * deg).astype(np.int64)
         return np.where(deg > 0, self.indices[np.minimum(pick, len(self.indices) - 1)], -1)
@@ -39,6 +41,8 @@ class Adjacency:
                            rng: np.random.Generator) -> np.ndarray:
         """One neighbour per node drawn in proportion to ``weight[neighbour]``
         (uniformly where all weights are 0); -1 for a node with no neighbours."""
+        if not len(self.indices):
+            return np.full(len(nodes), -1, np.int64)
         w = weight[self.indices]
         cum = np.concatenate([[0.0], np.cumsum(w)])
         lo, hi = self.indptr[nodes], self.indptr[nodes + 1]
@@ -73,8 +77,8 @@ class Evolution:
     """Applies one ``[evolution]`` rule to the population after each step.
 
     ``types`` are the model's player labels (each names one policy);
-    ``payoff_span`` is the largest possible payoff difference between two
-    agents in one match, which normalises the ``proportional`` rule.
+    ``payoff_span`` is the largest possible payoff difference in one match,
+    which, times the number of matches, normalises the ``proportional`` rule.
     """
 
     def __init__(self, config: EvolutionConfig, edges: np.ndarray, n_nodes: int,
@@ -99,8 +103,10 @@ class Evolution:
         k = 1 if fraction is None else max(1, round(fraction * self.n))
         return self.rng.choice(self.n, size=k, replace=False)
 
-    def update(self, types: np.ndarray, fitness: np.ndarray) -> np.ndarray:
-        """New types after one update; ``types`` itself is left as it was."""
+    def update(self, types: np.ndarray, fitness: np.ndarray,
+               matches: np.ndarray | None = None) -> np.ndarray:
+        """New types after one update; ``types`` itself is left as it was. ``matches``
+        counts each agent's matches in the step (default: its degree)."""
         cfg, rng, adj = self.config, self.rng, self.adj
         focal = self._focal()
         new = types.copy()
@@ -117,8 +123,9 @@ class Evolution:
             gain = fitness[j] - fitness[i]
             if cfg.rule == "proportional":
                 scale = self.payoff_span
-                if cfg.payoff == "accumulated":
-                    scale = scale * np.maximum(adj.degree[i], adj.degree[j])
+                if cfg.payoff == "accumulated":  # the largest possible gap in the step
+                    played = adj.degree if matches is None else matches
+                    scale = scale * np.maximum(1, np.maximum(played[i], played[j]))
                 prob = np.clip(gain / scale, 0.0, 1.0)
             else:
                 prob = 0.5 * (1.0 + np.tanh(gain / (2.0 * cfg.temperature)))  # = Fermi function

@@ -36,7 +36,7 @@ def _mean_payoff(model: DilemmaModel) -> float:
 
 def _share_reporter(index: int):
     def share(model: DilemmaModel) -> float:
-        return float(np.count_nonzero(model.label_of_node == index) / model.n_nodes)
+        return float(model.shares()[index])
     return share
 
 
@@ -108,7 +108,7 @@ class DilemmaModel(mesa.Model):
         self.evolution = None
         if scenario.evolution is not None:
             label_index = {label: i for i, label in enumerate(self.labels)}
-            span = float(game.table.max() - game.table.min()) * self._mean_rounds()
+            span = float(game.table.max() - game.table.min()) * self._mean_rounds()  # a match
             self.evolution = Evolution(
                 scenario.evolution, self.edges, self.n_nodes,
                 # each policy once, however many nodes start with it
@@ -139,13 +139,18 @@ class DilemmaModel(mesa.Model):
         scenario, game = self.scenario, self.scenario.game.payoffs
         named = scenario.policies() + scenario.mutants() + specs
         present = {s.display for s in specs} | {s.display for s in scenario.mutants()}
+        if scenario.evolution is not None:  # a policy on no node now may spread by mutation
+            present |= {s.display for s in scenario.policies()}
         key_of_label: dict[str, tuple] = {}
         spec_of_label: dict[str, PolicySpec] = {}
         for s in named:
             key = (s.name, tuple(sorted(s.params.items())))
             if key_of_label.setdefault(s.display, key) != key:
+                field = ("evolution.mutants" if any(m.display == s.display
+                                                    for m in scenario.mutants())
+                         else "population")
                 raise ScenarioError(
-                    f"{self.source}: field 'population': the label {s.display!r} is given to "
+                    f"{self.source}: field '{field}': the label {s.display!r} is given to "
                     "two different policies; give each policy its own label")
             spec_of_label.setdefault(s.display, s)
         # labels in the order the scenario names them, not the random order of the nodes
@@ -164,6 +169,10 @@ class DilemmaModel(mesa.Model):
         # both arrays change in place under evolution: the engine and tally hold them
         self.label_of_node = np.array([label_index[s.display] for s in specs], np.int64)
         self.policy_of_node = self.policy_of_label[self.label_of_node]
+        # who played the last step: the records read it after the step's update,
+        # so under evolution it is a copy taken before the update
+        self.played_label_of_node = (self.label_of_node.copy() if scenario.evolution
+                                     else self.label_of_node)
 
     @property
     def policy_names(self) -> list[str]:
@@ -220,12 +229,13 @@ class DilemmaModel(mesa.Model):
         self.played_steps += 1
         if self.evolution is not None:
             matches = np.bincount(agents, minlength=self.n_nodes)
-            self._evolve(self.evolution.fitness(payoff, matches))
+            self._evolve(self.evolution.fitness(payoff, matches), matches)
         if self.played_steps >= self.total_steps:
             self.running = False
 
-    def _evolve(self, fitness: np.ndarray) -> None:
-        new = self.evolution.update(self.label_of_node, fitness)
+    def _evolve(self, fitness: np.ndarray, matches: np.ndarray) -> None:
+        self.played_label_of_node[:] = self.label_of_node
+        new = self.evolution.update(self.label_of_node, fitness, matches)
         self.label_of_node[:] = new
         self.policy_of_node[:] = self.policy_of_label[new]
         every = self.scenario.evolution.snapshot_every

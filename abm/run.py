@@ -23,7 +23,8 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
     scenario = load_scenario(path, overrides, seed)
     model = DilemmaModel(scenario, source=str(path))
     folder = RunFolder(Path(out) if out else default_folder(scenario.name))
-    writer = TableWriter(folder.path, model.labels, model.label_of_node, model.name_of_label,
+    writer = TableWriter(folder.path, model.labels, model.played_label_of_node,
+                         model.name_of_label,
                          rounds=scenario.output.rounds, matches=scenario.output.matches)
     decisions = tqdm(desc="LLM decisions", unit="decision", disable=quiet or not model.llm_policies,
                      leave=False, position=1)

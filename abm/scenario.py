@@ -243,7 +243,7 @@ class EvolutionConfig(_Strict):
     mutants: list[PolicySpec] | None = Field(None, min_length=1)
     payoff: Literal["accumulated", "average"] = "accumulated"
     temperature: float = Field(0.1, gt=0.0)
-    intensity: float = Field(1.0, ge=0.0)
+    intensity: float = Field(1.0, ge=0.0, le=1e6)
     average_last: int = Field(100, ge=1)
     snapshot_every: int | None = Field(None, ge=1)
 
@@ -281,7 +281,7 @@ class Scenario(_Strict):
         """The resolved scenario as a TOML-ready dict (no None values)."""
         data = self.model_dump(exclude_none=True, exclude={"population", "evolution"})
         if self.game.kind == "donation":  # R, S, T, P follow from b and c
-            data["game"] = {k: v for k, v in data["game"].items() if k not in "RSTP"}
+            data["game"] = {k: v for k, v in data["game"].items() if k not in {"R", "S", "T", "P"}}
         pop = self.population
         if pop.players is not None:
             data["population"] = {"players": [p.to_toml() for p in pop.players]}

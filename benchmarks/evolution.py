@@ -6,7 +6,7 @@ Prisoner's Dilemma (R = 1, T = b = 1.5, S = P = 0), half cooperators, the
 wall time, generations per second, and how the time splits between playing
 the step (engine) and the strategy update, with peak memory.
 
-    PYTHONPATH=. python benchmarks/evolution.py [--agents N] [--generations G] [--rule R]
+    python benchmarks/evolution.py [--agents N] [--generations G] [--rule R]
 """
 
 from __future__ import annotations

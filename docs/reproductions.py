@@ -1,7 +1,7 @@
 """Re-run the classic network-reciprocity results with abm and draw the figures.
 
-    PYTHONPATH=. python docs/reproductions.py            # all three, about 10 minutes on 2 cores
-    PYTHONPATH=. python docs/reproductions.py nowak_may  # one of nowak_may, santos_pacheco, ohtsuki
+    python docs/reproductions.py            # all three, about 7 minutes on 2 cores
+    python docs/reproductions.py nowak_may  # one of nowak_may, santos_pacheco, ohtsuki
 
 Each study starts from its scenario in scenarios/ and changes only the swept
 parameter (and, where stated, size and length to keep the run short). Writes

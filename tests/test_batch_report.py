@@ -145,3 +145,17 @@ def test_zipped_keys_get_no_heatmap(tmp_path):
     run_sweep(load_sweep(tmp_path / "sweep.toml"), tmp_path / "out", backend="serial")
     names = sorted(p.name for p in (tmp_path / "out" / "charts").glob("*.png"))
     assert names == ["mean_payoff_vs_game.noise.png", "mean_payoff_vs_match.rounds.png"]
+
+
+def test_evolution_shares_reach_the_results(tmp_path):
+    from abm.batch.storage import read_metrics
+    from abm.run import run_scenario
+    from conftest import SCENARIOS
+    out = run_scenario(SCENARIOS / "nowak_may.toml", out=tmp_path / "nm", quiet=True,
+                       overrides=["graph.rows=10", "graph.cols=10", "pairing.steps=4",
+                                  "evolution.average_last=2", "output.charts=false"])
+    metrics = read_metrics(out)
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert metrics["final_share[all_c]"] == summary["evolution"]["final_shares"]["all_c"]
+    assert metrics["mean_share[all_d]"] == summary["evolution"]["mean_shares"]["all_d"]
+    assert metrics["final_share[all_c]"] + metrics["final_share[all_d]"] == pytest.approx(1.0)

@@ -369,3 +369,65 @@ def test_datacollector_reports_the_shares_that_played_the_step():
     # collected after the step's games, before the update: one D among 25
     assert frame["share:all_d"].iloc[-1] == pytest.approx(1 / 25)
     assert model.shares()[1] == pytest.approx(9 / 25)  # after the update
+
+
+def test_tables_name_the_policy_each_agent_played_not_the_one_it_took(tmp_path, scenario_file):
+    path = scenario_file("""
+seed = 2
+game = { kind = "custom", R = 1, T = 1.9, S = 0, P = 0 }
+match = { rounds = 2 }
+graph = { kind = "grid", rows = 6, cols = 6, torus = true, neighbourhood = "moore" }
+population = { mix = [ { policy = "all_c", share = 0.7 }, { policy = "all_d", share = 0.3 } ] }
+pairing = { steps = 3 }
+output = { charts = false }
+evolution = { rule = "imitate_best", snapshot_every = 1 }
+""")
+    assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    import pandas as pd
+    snaps = np.load(tmp_path / "out" / "snapshots.npz")
+    labels = list(snaps["labels"])
+    matches = pd.read_csv(tmp_path / "out" / "matches.csv")
+    rounds = pd.read_parquet(tmp_path / "out" / "rounds.parquet")
+    for step in (1, 2, 3):
+        before = snaps["grid"][step - 1].ravel()  # the labels that played step `step`
+        rows = matches[matches["step"] == step]
+        assert (rows["player"].to_numpy() == np.array(labels)[before[rows["agent"]]]).all()
+        played = rounds[rounds["step"] == step]
+        # no noise: an all_d never chose C, an all_c never chose D
+        assert set(played.loc[played["player"] == "all_d", "intended"]) <= {"D"}
+        assert set(played.loc[played["player"] == "all_c", "intended"]) <= {"C"}
+        assert set(played["intended"]) == {"C", "D"} or step > 1
+    assert (snaps["grid"][1] != snaps["grid"][0]).any()  # somebody did change policy
+
+
+def test_a_policy_on_no_node_can_still_arrive_by_mutation():
+    # 1% of 36 nodes rounds to none; the policy is still a label, at share 0
+    model = DilemmaModel(validate_scenario({
+            "seed": 1, "graph": {"kind": "grid", "rows": 6, "cols": 6},
+            "population": {"mix": [{"policy": "all_c", "share": 0.99},
+                                   {"policy": "all_d", "share": 0.01}]},
+            "pairing": {"steps": 3}, "evolution": {"rule": "fermi", "mutation": 0.5}}))
+    assert model.labels == ["all_c", "all_d"] and model.shares()[1] == 0
+    while model.running:
+        model.step()
+    assert model.shares()[1] > 0
+
+
+@pytest.mark.parametrize("rule", ["imitate_best", "proportional", "fermi", "death_birth", "moran"])
+def test_agents_without_neighbours_keep_their_policy(rule):
+    # only self-loops: everybody plays itself and has nobody to copy
+    model = model_of(["all_c", "all_d", "all_c"], {"kind": "erdos_renyi", "n": 3, "p": 0.0,
+                                                   "self_loops": True}, {"rule": rule})
+    model.step()
+    assert labels(model) == ["all_c", "all_d", "all_c"]
+
+
+def test_proportional_scale_counts_the_matches_played():
+    # one pair, gap 5 in a game whose one-match span is 10: copy with 5 / (10 * matches)
+    edges = np.array([[0, 1]])
+    evo = Evolution(evolution("proportional"), edges, 2, [0, 1], 10.0,
+                    np.random.default_rng(6))
+    for played, p in ((1, 0.5), (2, 0.25)):
+        copies = sum(evo.update(np.array([0, 1]), np.array([0.0, 5.0]),
+                                np.array([played, played]))[0] == 1 for _ in range(4000))
+        assert within(int(copies), 4000, p)

@@ -9,8 +9,9 @@ from pathlib import Path
 from abm.errors import ScenarioError
 
 USAGE = """python -m abm.batch SWEEP_FILE [--workers N] [--out DIR] [--backend local|ray]
-                          [--address ADDR] [--set KEY.PATH=VALUE ...] [--force] [--quiet]
-       python -m abm.batch report DIR"""
+                          [--address ADDR] [--set KEY.PATH=VALUE ...] [--force]
+                          [--no-report] [--dry-run] [--quiet]
+       python -m abm.batch report DIR [--no-charts]"""
 
 
 def _sweep_parser() -> argparse.ArgumentParser:

@@ -39,8 +39,10 @@ def read_metrics(folder: Path) -> dict[str, Any]:
     From summary.json: agents, edges, steps, matches, decisions, cooperation_rate;
     from steps.csv: mean_payoff (per decision) and final_cooperation_rate (last step);
     per player: ``payoff[<player>]`` (mean match payoff against others, as in the
-    ranking) and ``cooperation[<player>]`` (share of its actions that were C); with LLM
-    players: llm_decisions, llm_invalid_rate, llm_fallbacks.
+    ranking) and ``cooperation[<player>]`` (share of its actions that were C); with
+    ``[evolution]``: ``final_share[<player>]`` and ``mean_share[<player>]`` (over the
+    last ``average_last`` steps); with LLM players: llm_decisions, llm_invalid_rate,
+    llm_fallbacks.
     """
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     out: dict[str, Any] = {key: summary.get(key) for key in
@@ -62,6 +64,11 @@ def read_metrics(folder: Path) -> dict[str, Any]:
     for player in made.index:
         out[f"cooperation[{player}]"] = (float(coop[player] / made[player]) if made[player]
                                          else float("nan"))
+    evolution = summary.get("evolution") or {}
+    for player, share in evolution.get("final_shares", {}).items():
+        out[f"final_share[{player}]"] = share
+    for player, share in evolution.get("mean_shares", {}).items():
+        out[f"mean_share[{player}]"] = share
     llm = summary.get("llm") or []
     if llm:
         decided = sum(s.get("decisions", 0) for s in llm)

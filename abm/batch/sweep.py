@@ -473,8 +473,12 @@ def _expand(sweep: Sweep, base_raw: dict[str, Any]) -> None:
     failures: list[str] = []
     for point in points:
         where = f"{src}: run with {_describe(point)}" if point else f"{src}: [set]"
-        try:
+        try:  # names the sweep file and the key itself
             overrides = overrides_for(base_raw, {**sweep.fixed, **point}, src)
+        except ScenarioError as exc:
+            failures.append(str(exc))
+            continue
+        try:
             scenario = load_scenario(sweep.base, overrides, derive_seed(sweep.seed, point, 0))
             _preflight(scenario, sweep.base)
         except ScenarioError as exc:
