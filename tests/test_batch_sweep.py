@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from abm.batch.__main__ import main
-from abm.batch.sweep import derive_seed, load_sweep, overrides_for
+from abm.batch.keys import overrides_for
+from abm.batch.sweep import derive_seed, load_sweep
 from abm.errors import ScenarioError
 from abm.scenario import load_scenario
 from conftest import ROOT, SCENARIOS

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _sweep_parser().parse_args(argv)
     from abm.batch.backends import WorkerLost
     from abm.batch.runner import run_sweep
-    from abm.batch.sweep import label, load_sweep
+    from abm.batch.keys import label
+    from abm.batch.sweep import load_sweep
 
     try:
         sweep = load_sweep(args.sweep, args.overrides)

@@ -31,7 +31,7 @@ from typing import Any
 
 from abm.model import DilemmaModel
 from abm.scenario import load_scenario
-from abm.batch.sweep import toml_value
+from abm.batch.keys import toml_value
 
 
 class SweepModel(DilemmaModel):

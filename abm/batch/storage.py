@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from abm.batch.sweep import Run, Sweep, label
+from abm.batch.keys import label
+from abm.batch.sweep import Run, Sweep
 from abm.errors import ScenarioError
 
 RESULTS = "results.parquet"

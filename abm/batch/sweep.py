@@ -8,12 +8,9 @@ table whose leaves are lists of values. Every run is the base scenario with some
 
 from __future__ import annotations
 
-import copy
 import difflib
 import hashlib
 import itertools
-import json
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -21,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomli_w
 
+from abm.batch.keys import (Path_, canonical, canonical_text, flatten, format_key, label,
+                            overrides_for, parse_key, toml_value)
 from abm.errors import ScenarioError
 from abm.scenario import Scenario, load_scenario, parse_override
 
@@ -31,98 +29,6 @@ SWEEP_KEYS = ("replicates", "zip")
 REPORT_KEYS = ("metrics",)
 DEFAULT_METRICS = ("cooperation_rate", "mean_payoff")
 MAX_REPLICATES = 1_000_000
-
-Path_ = tuple[str | int, ...]  # a key path: table keys and list indices
-
-_SEGMENT = re.compile(r"^([A-Za-z0-9_-]+)((?:\[\d+\])*)$")
-
-
-# ------------------------------------------------------------------ key paths
-
-
-def parse_key(text: str, where: str) -> Path_:
-    """``"population.players[5].framing"`` -> ("population", "players", 5, "framing")."""
-    parts: list[str | int] = []
-    for segment in text.split("."):
-        match = _SEGMENT.match(segment.strip())
-        if not match:
-            raise ScenarioError(f"{where}: key {text!r} is not a key path; write dotted keys "
-                                "such as game.noise, with [i] to pick a list element, as in "
-                                "\"population.players[5].framing\"")
-        parts.append(match.group(1))
-        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", match.group(2)))
-    return tuple(parts)
-
-
-def format_key(path: Path_) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
-def _flatten(table: dict[str, Any], where: str, prefix: Path_ = ()) -> list[tuple[Path_, Any]]:
-    """Nested tables (from dotted TOML keys) -> (path, leaf value) pairs, in file order."""
-    out: list[tuple[Path_, Any]] = []
-    for key, value in table.items():
-        path = prefix + parse_key(key, where)
-        if isinstance(value, dict):
-            out += _flatten(value, where, path)
-        else:
-            out.append((path, value))
-    return out
-
-
-# ------------------------------------------------------------------ values
-
-
-def canonical(value: Any) -> Any:
-    """A JSON-ready form in which equal TOML values are equal (0 and 0.0 alike)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, dict):
-        return {str(k): canonical(v) for k, v in sorted(value.items())}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    return str(value)  # dates and times
-
-
-def canonical_text(value: Any) -> str:
-    return json.dumps(canonical(value), sort_keys=True, separators=(",", ":"))
-
-
-def toml_value(value: Any) -> str:
-    """A value as inline TOML, as ``--set KEY=VALUE`` reads it."""
-    if isinstance(value, dict):
-        items = ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items())
-        return "{" + items + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return tomli_w.dumps({"v": value}).strip()[len("v = "):]
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def label(value: Any) -> Any:
-    """How a swept value is shown in tables and charts: scalars as they are, tables
-    as ``kind(key=value, ...)``, lists as text."""
-    if isinstance(value, dict):
-        rest = {k: v for k, v in value.items() if k != "kind"}
-        inner = ", ".join(f"{k}={label(v)}" for k, v in rest.items())
-        if "kind" in value:
-            return f"{value['kind']}({inner})" if inner else str(value["kind"])
-        return "{" + inner + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(str(label(v)) for v in value) + "]"
-    return value
 
 
 def _slug(params: dict[str, Any], limit: int = 60) -> str:
@@ -304,7 +210,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
     # fixed overrides: [set] and --set
     fixed: dict[str, Any] = {}
-    for p, value in _flatten(data.get("set", {}), f"{src}: [set]"):
+    for p, value in flatten(data.get("set", {}), f"{src}: [set]"):
         _check_path(p, f"{src}: [set]")
         fixed[format_key(p)] = value
     for text_override in overrides or []:
@@ -335,13 +241,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         seen_keys[key] = where.rsplit(": ", 1)[-1]
         return key
 
-    for p, value in _flatten(table, f"{src}: [sweep]"):
+    for p, value in flatten(table, f"{src}: [sweep]"):
         key = claim(p, f"{src}: [sweep]")
         vals = _values(p, value, f"{src}: [sweep]")
         axes.append(Axis((key,), tuple((v,) for v in vals)))
     for i, group in enumerate(zips):
         where = f"{src}: [[sweep.zip]] #{i + 1}"
-        leaves = _flatten(group, where)
+        leaves = flatten(group, where)
         if not leaves:
             raise ScenarioError(f"{where}: empty table; give two or more lists of the same "
                                 "length")
@@ -386,78 +292,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 
 # ------------------------------------------------------------------ expansion
-
-
-def _set_path(data: dict[str, Any], path: Path_, value: Any, where: str) -> None:
-    node: Any = data
-    for i, part in enumerate(path[:-1]):
-        nxt = path[i + 1]
-        here = format_key(path[: i + 1])
-        if isinstance(part, int):
-            if not isinstance(node, list) or part >= len(node):
-                size = len(node) if isinstance(node, list) else 0
-                raise ScenarioError(f"{where}: field '{format_key(path)}': {format_key(path[:i])} "
-                                    f"has {size} elements, so there is no [{part}]")
-            if node[part] is None or (not isinstance(node[part], (dict, list))):
-                if isinstance(nxt, str) and isinstance(node[part], str):
-                    node[part] = {"name": node[part]}  # a bare policy name becomes a table
-                else:
-                    raise ScenarioError(f"{where}: field '{format_key(path)}': {here} is a "
-                                        "value, not a table")
-            node = node[part]
-            continue
-        if not isinstance(node, dict):
-            raise ScenarioError(f"{where}: field '{format_key(path)}': "
-                                f"{format_key(path[:i]) or 'the scenario'} is "
-                                f"{'a list; pick an element with [i]' if isinstance(node, list) else 'a value, not a table'}")
-        if isinstance(nxt, int):
-            if not isinstance(node.get(part), list):
-                raise ScenarioError(f"{where}: field '{format_key(path)}': {here} is not a list "
-                                    "in the base scenario, so it has no elements to pick")
-        else:
-            if part not in node:
-                node[part] = {}
-            elif isinstance(node[part], str) and isinstance(nxt, str) and path[0] == "population":
-                node[part] = {"name": node[part]}  # policy = "name" -> policy = { name = ... }
-        node = node[part]
-    last = path[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise ScenarioError(f"{where}: field '{format_key(path)}': no element [{last}]")
-        node[last] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ScenarioError(f"{where}: field '{format_key(path)}': {format_key(path[:-1])} is a "
-                            f"{'list; pick an element with [i]' if isinstance(node, list) else 'value, not a table'}")
-
-
-def _get_path(data: Any, path: Path_) -> Any:
-    for part in path:
-        data = data[part]
-    return data
-
-
-def overrides_for(base_raw: dict[str, Any], settings: dict[str, Any], where: str) -> list[str]:
-    """``--set`` strings that turn the base scenario into the one with ``settings``.
-
-    A key that picks a list element (``population.players[5].framing``) is given to
-    ``--set`` as the whole list with that element changed, since ``--set`` has no
-    list indices; tables are set before the keys inside them.
-    """
-    final = copy.deepcopy(base_raw)
-    order: dict[Path_, int] = {}
-    paths = [(parse_key(key, where), value) for key, value in settings.items()]
-    paths.sort(key=lambda pv: len(pv[0]))  # whole tables before the keys inside them
-    for p, value in paths:
-        _set_path(final, p, copy.deepcopy(value), where)
-        first_index = next((i for i, part in enumerate(p) if isinstance(part, int)), None)
-        collapsed = p if first_index is None else p[:first_index]
-        order.setdefault(collapsed, len(order))
-    result = []
-    for collapsed in sorted(order, key=lambda c: (len(c), order[c])):
-        result.append(f"{format_key(collapsed)}={toml_value(_get_path(final, collapsed))}")
-    return result
 
 
 def _expand(sweep: Sweep, base_raw: dict[str, Any]) -> None:
