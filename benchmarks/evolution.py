@@ -43,9 +43,9 @@ def main() -> None:
     evolve = model.evolution.update
     spent = [0.0]
 
-    def timed(types, fitness):
+    def timed(*args):
         t = time.perf_counter()
-        out = evolve(types, fitness)
+        out = evolve(*args)
         spent[0] += time.perf_counter() - t
         return out
 
