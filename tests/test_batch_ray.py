@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from batch_scenarios import tiny_base
+from tiny_llm import build_tiny_model
 
 from abm.batch import load_sweep, run_sweep
 from abm.batch.__main__ import main
@@ -13,25 +15,7 @@ from abm.batch.ray_backend import gpus_for, model_key
 
 ray = pytest.importorskip("ray")
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_llm import build_tiny_model  # noqa: E402
-
-RULES = """
-name = "tiny"
-seed = 5
-[game]
-noise = 0.1
-[match]
-rounds = 3
-[graph]
-kind = "complete"
-self_loops = true
-[population]
-players = ["all_d", "tit_for_tat", { name = "random", p = 0.5 }]
-[output]
-charts = false
-rounds = false
-"""
+RULES = tiny_base(noise=0.1)
 
 LLM = """
 name = "tiny_llm"

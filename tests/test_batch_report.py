@@ -8,23 +8,9 @@ import pytest
 from abm.batch import aggregate, load_sweep, run_sweep
 from abm.batch.__main__ import main
 from abm.batch.stats import mean_ci, t_quantile
+from batch_scenarios import tiny_base
 
-BASE = """
-name = "tiny"
-seed = 5
-[game]
-noise = 0.1
-[match]
-rounds = 4
-[graph]
-kind = "complete"
-self_loops = true
-[population]
-players = ["all_d", "tit_for_tat", { name = "random", p = 0.5 }]
-[output]
-charts = false
-rounds = false
-"""
+BASE = tiny_base(noise=0.1, rounds=4)
 
 # two-sided 95 % quantiles of Student's t, from printed tables
 T975 = {1: 12.706204736174694, 2: 4.302652729749462, 4: 2.7764451051977934,

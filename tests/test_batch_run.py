@@ -15,25 +15,11 @@ from abm.batch import load_sweep, run_sweep
 from abm.batch.__main__ import main
 from abm.batch.storage import read_metrics
 from conftest import ROOT
+from batch_scenarios import tiny_base
 
 TIMING = ["run_seconds"]  # the only columns that may differ between two runs of a sweep
 
-BASE = """
-name = "tiny"
-seed = 5
-[game]
-noise = 0.0
-[match]
-rounds = 3
-[graph]
-kind = "complete"
-self_loops = true
-[population]
-players = ["all_d", "tit_for_tat", { name = "random", p = 0.5 }]
-[output]
-charts = false
-rounds = false
-"""
+BASE = tiny_base()
 
 SWEEP = """
 scenario = "base.toml"

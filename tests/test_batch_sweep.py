@@ -15,23 +15,9 @@ from abm.batch.sweep import derive_seed, load_sweep
 from abm.errors import ScenarioError
 from abm.scenario import load_scenario
 from conftest import ROOT, SCENARIOS
+from batch_scenarios import tiny_base
 
-BASE = """
-name = "tiny"
-seed = 5
-[game]
-noise = 0.0
-[match]
-rounds = 3
-[graph]
-kind = "complete"
-self_loops = true
-[population]
-players = ["all_d", "tit_for_tat", { name = "random", p = 0.5 }]
-[output]
-charts = false
-rounds = false
-"""
+BASE = tiny_base()
 
 
 @pytest.fixture
