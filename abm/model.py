@@ -34,9 +34,9 @@ def _mean_payoff(model: DilemmaModel) -> float:
     return model.tally.steps[-1]["mean_payoff"] if model.tally.steps else float("nan")
 
 
-def _share_reporter(index: int):
-    def share(model: DilemmaModel) -> float:
-        return float(model.shares()[index])
+def _share_reporter(label: str):
+    def share(model: DilemmaModel) -> float:  # the tally counted the step's players already
+        return model.tally.steps[-1][f"share:{label}"] if model.tally.steps else float("nan")
     return share
 
 
@@ -120,8 +120,8 @@ class DilemmaModel(mesa.Model):
             self.snapshots.append((0, self.label_of_node.copy()))
         reporters = {"cooperation_rate": _mean_cooperation, "mean_payoff": _mean_payoff}
         if self.evolution is not None:  # without it, shares never change
-            reporters.update({f"share:{label}": _share_reporter(i)
-                              for i, label in enumerate(self.labels)})
+            reporters.update({f"share:{label}": _share_reporter(label)
+                              for label in self.labels})
         if collect_agents is None:
             collect_agents = self.n_nodes * self.total_steps <= AGENT_ROWS_LIMIT
         self.datacollector = mesa.DataCollector(
@@ -185,9 +185,13 @@ class DilemmaModel(mesa.Model):
         g = self.scenario.graph
         return (g.rows, g.cols) if g.kind == "grid" and g.copies == 1 else None
 
+    def policy_counts(self) -> np.ndarray:
+        """Agents under each label now, in ``labels`` order."""
+        return np.bincount(self.label_of_node, minlength=len(self.labels))
+
     def shares(self) -> np.ndarray:
-        """Share of the agents under each label, in ``labels`` order."""
-        return np.bincount(self.label_of_node, minlength=len(self.labels)) / self.n_nodes
+        """Share of the agents under each label now, in ``labels`` order."""
+        return self.policy_counts() / self.n_nodes
 
     def _mean_rounds(self) -> float:
         match = self.scenario.match

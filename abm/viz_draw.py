@@ -102,7 +102,7 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
     ax = fig.add_axes((0.01, 0.01, 0.70, 0.91))
     ax.set_axis_off()
     labels_now = np.asarray(model.label_of_node)
-    counts = np.bincount(labels_now, minlength=len(model.labels))
+    counts = model.policy_counts()
     last = model.last_actions()
     fig.text(0.01, 0.975, f"{model.scenario.name}: step {model.played_steps} of "
              f"{model.total_steps}, {model.n_nodes:,} agents", fontsize=11, va="top",

@@ -226,10 +226,6 @@ class VizModel(DilemmaModel):
 
     # ------------------------------------------------------------ reading
 
-    def policy_counts(self) -> np.ndarray:
-        """Agents per label now (labels may be added while the model runs)."""
-        return np.bincount(np.asarray(self.label_of_node), minlength=len(self.labels))
-
     def llm_nodes(self) -> np.ndarray:
         """Nodes whose current policy is an LLM."""
         if not self.llm_policies:
