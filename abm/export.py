@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from abm.atomic import atomic_file
 from abm.errors import ScenarioError
 
 
@@ -50,16 +50,11 @@ def sft_examples(records: Iterator[dict[str, Any]], *, valid_only: bool = False,
 
 def export_sft(run_dir: Path, out: Path, **filters: Any) -> int:
     """Write the examples to ``out`` atomically; return how many were written."""
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     count = 0
-    try:
-        with open(partial, "w", encoding="utf-8") as handle:
-            for example in sft_examples(read_transcripts(run_dir), **filters):
-                handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_file(out) as partial, open(partial, "w", encoding="utf-8") as handle:
+        for example in sft_examples(read_transcripts(run_dir), **filters):
+            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import altair as alt
 import pandas as pd
 
+from abm.atomic import atomic_file
 from abm.batch.stats import mean_ci
 from abm.batch.storage import BOOKKEEPING, RESULTS, SWEEP_JSON
 from abm.errors import ScenarioError
@@ -60,9 +60,8 @@ def write_report(out: str | Path, charts: bool = True) -> list[Path]:
     keys = [k for k in keys if k in results.columns]
     table = aggregate(results, keys)
     written = [out / AGGREGATE]
-    tmp = out / f".{AGGREGATE}.tmp-{os.getpid()}"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out / AGGREGATE)
+    with atomic_file(out / AGGREGATE) as tmp:
+        table.to_csv(tmp, index=False)
     if charts and len(table):
         folder = out / CHARTS
         folder.mkdir(exist_ok=True)

@@ -10,7 +10,6 @@ that was complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from abm.atomic import atomic_file
 from abm.batch.keys import label
 from abm.batch.sweep import Run, Sweep
 from abm.errors import ScenarioError
@@ -203,9 +203,8 @@ class Store:
         if not self._dirty or (not force and time.monotonic() - self._last_flush < every):
             return
         frame = self.frame()
-        tmp = self.out / f".{RESULTS}.tmp-{os.getpid()}"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, self.out / RESULTS)
+        with atomic_file(self.out / RESULTS) as tmp:
+            frame.to_parquet(tmp, index=False)
         self._last_flush = time.monotonic()
         self._dirty = False
 
@@ -256,7 +255,6 @@ def _missing(value: Any) -> bool:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
