@@ -365,7 +365,7 @@ def _save_converted(tokenizer: Any, model: Any, folder) -> None:
     partial.mkdir(parents=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    if folder.exists():  # a half-written copy from a crash: config.json is written last
+    if folder.exists():  # a leftover without config.json (else we would not convert)
         shutil.rmtree(folder)
     partial.rename(folder)
 
