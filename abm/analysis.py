@@ -21,6 +21,12 @@ class Tally:
         self.pair_matches = np.zeros(k * k, np.int64)
         self.pair_payoff = np.zeros(k * k)
         self.pair_defections = np.zeros(k * k)
+        # matches stopped by an unreadable answer are kept out of the tables' means
+        # (their totals cover fewer rounds) and counted on their own
+        self.pair_void = np.zeros(k * k, np.int64)
+        self.pair_decisions = np.zeros(k * k, np.int64)
+        self.pair_invalid = np.zeros(k * k, np.int64)
+        self.pair_fallbacks = np.zeros(k * k, np.int64)
         self.rank_matches = np.zeros(k, np.int64)
         self.rank_payoff = np.zeros(k)
         self.steps: list[dict[str, float]] = []
@@ -31,10 +37,20 @@ class Tally:
         k = len(self.labels)
         row = self.label_of_node[result.agent]
         pair = row * k + self.label_of_node[result.opponent]
-        self.pair_matches += np.bincount(pair, minlength=k * k)
-        self.pair_payoff += np.bincount(pair, totals["payoff"], minlength=k * k)
-        self.pair_defections += np.bincount(pair, totals["intended_defections"], minlength=k * k)
-        other = result.agent != result.opponent
+        void = (np.concatenate([result.void, result.void]) if result.void is not None
+                else np.zeros(len(pair), bool))
+        whole = ~void
+        self.pair_matches += np.bincount(pair[whole], minlength=k * k)
+        self.pair_payoff += np.bincount(pair[whole], totals["payoff"][whole], minlength=k * k)
+        self.pair_defections += np.bincount(pair[whole], totals["intended_defections"][whole],
+                                            minlength=k * k)
+        self.pair_void += np.bincount(pair[void], minlength=k * k)
+        self.pair_decisions += np.bincount(pair, totals["decided"],
+                                           minlength=k * k).astype(np.int64)
+        self.pair_invalid += np.bincount(pair, totals["invalid"], minlength=k * k).astype(np.int64)
+        self.pair_fallbacks += np.bincount(pair, totals["fallbacks"],
+                                           minlength=k * k).astype(np.int64)
+        other = (result.agent != result.opponent) & whole
         self.rank_matches += np.bincount(row[other], minlength=k)
         self.rank_payoff += np.bincount(row[other], totals["payoff"][other], minlength=k)
         decisions = int(result.side_length.sum())
@@ -60,12 +76,43 @@ class Tally:
         return frame
 
     def payoff_matrix(self) -> pd.DataFrame:
-        """Mean total payoff of the row player in a match against the column player."""
+        """Mean total payoff of the row player in a match against the column player
+        (matches stopped by an unreadable answer left out; NaN where none is left)."""
         return self._matrix(self.pair_payoff)
 
     def defection_matrix(self) -> pd.DataFrame:
         """Mean number of rounds in which the row player chose D against the column player."""
         return self._matrix(self.pair_defections)
+
+    def _frame(self, values: np.ndarray) -> pd.DataFrame:
+        k = len(self.labels)
+        return pd.DataFrame(values.reshape(k, k), index=pd.Index(self.labels, name="player"),
+                            columns=self.labels)
+
+    def unread_matrix(self) -> pd.DataFrame:
+        """Share of the row player's decisions against the column player that no model
+        answer decided: invalid ones plus those the fallback rule chose (NaN: no decision)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self._frame((self.pair_invalid + self.pair_fallbacks) / self.pair_decisions)
+
+    def void_matrix(self) -> pd.DataFrame:
+        """Matches of the row player against the column player stopped by an unreadable
+        answer (either side's), and so left out of the payoff and defection tables."""
+        return self._frame(self.pair_void)
+
+    def unread_counts(self) -> pd.DataFrame:
+        """Per (player, opponent) cell with decisions: decisions, invalid, fallbacks,
+        invalid_rate, void matches, complete matches."""
+        k = len(self.labels)
+        i, j = np.divmod(np.arange(k * k), k)
+        frame = pd.DataFrame({
+            "player": np.array(self.labels)[i], "opponent": np.array(self.labels)[j],
+            "decisions": self.pair_decisions, "invalid": self.pair_invalid,
+            "fallbacks": self.pair_fallbacks, "void_matches": self.pair_void,
+            "complete_matches": self.pair_matches})
+        frame = frame[frame["decisions"] > 0].reset_index(drop=True)
+        frame["invalid_rate"] = frame["invalid"] / frame["decisions"]
+        return frame
 
     def ranking(self) -> list[dict[str, float]]:
         """Labels by mean match payoff against others (self-play excluded), best first."""

@@ -12,30 +12,71 @@ import pandas as pd
 _MAX_ANNOTATED = 25
 
 
-def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f") -> alt.Chart:
-    """Row player vs column opponent, colour and printed value per cell."""
+def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
+            unread: pd.DataFrame | None = None) -> alt.Chart:
+    """Row player vs column opponent, colour and printed value per cell.
+
+    ``unread`` (share of the row player's decisions in each cell that no model
+    answer decided) marks cells: an orange frame and a "*" where it is above 0,
+    and a grey "no data" cell where every match was stopped by an unreadable
+    answer, so a measurement never passes for what the model chose.
+    """
     labels = list(matrix.index)
     data = matrix.reset_index().melt(id_vars="player", var_name="opponent", value_name=value)
-    data = data.dropna()
-    lo, hi = float(data[value].min()), float(data[value].max())
+    if unread is not None:
+        flags = unread.reset_index().melt(id_vars="player", var_name="opponent",
+                                          value_name="unread")
+        data = data.merge(flags, on=["player", "opponent"], how="left")
+        # a cell with decisions but no complete match shows as "no data", not blank
+        data = data[data[value].notna() | data["unread"].notna()]
+        data["unread"] = data["unread"].fillna(0.0)
+    else:
+        data = data.dropna()
+        data["unread"] = 0.0
+    data["marked"] = data["unread"] > 0
+    data["text"] = ["no data" if pd.isna(v) else _number(v, fmt) + ("*" if m else "")
+                    for v, m in zip(data[value], data["marked"])]
+    known = data[value].dropna()
+    lo, hi = (float(known.min()), float(known.max())) if len(known) else (0.0, 1.0)
     size = max(24, min(60, 600 // max(1, len(labels))))
-    base = alt.Chart(data, title=title).encode(
+    base = alt.Chart(data).encode(
         x=alt.X("opponent:N", sort=labels, title="opponent", axis=alt.Axis(labelAngle=-40)),
         y=alt.Y("player:N", sort=labels, title="player"),
     )
+    tooltip = ["player", "opponent", alt.Tooltip(f"{value}:Q", format=fmt),
+               alt.Tooltip("unread:Q", title="share not read from the model", format=".0%")]
     cells = base.mark_rect().encode(
-        color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme="viridis", domain=[lo, hi])),
-        tooltip=["player", "opponent", alt.Tooltip(f"{value}:Q", format=fmt)],
+        color=alt.condition(f"isValid(datum['{value}'])",
+                            alt.Color(f"{value}:Q",
+                                      scale=alt.Scale(scheme="viridis", domain=[lo, hi])),
+                            alt.value("#bbbbbb")),
+        tooltip=tooltip,
     )
-    chart = cells
+    layers = [cells]
+    if data["marked"].any():
+        layers.append(base.transform_filter("datum.marked").mark_rect(
+            fill=None, stroke="#ff7f0e", strokeWidth=3).encode(tooltip=tooltip))
     if len(labels) <= _MAX_ANNOTATED:
         middle = (lo + hi) / 2
-        text = base.mark_text(fontSize=12).encode(
-            text=alt.Text(f"{value}:Q", format=fmt),
-            color=alt.condition(alt.datum[value] > middle, alt.value("black"), alt.value("white")),
-        )
-        chart = cells + text
+        layers.append(base.mark_text(fontSize=12 if len(labels) <= 12 else 9).encode(
+            text="text:N",
+            color=alt.condition(f"isValid(datum['{value}']) && datum['{value}'] > {middle}",
+                                alt.value("black"), alt.value("white")),
+        ))
+    subtitle = ([] if not data["marked"].any() else
+                ["* and orange frame: some of the row player's decisions were not read from "
+                 "the model (invalid answers or the fallback rule); grey: no complete match"])
+    chart = alt.layer(*layers).properties(
+        title=alt.TitleParams(title, subtitle=subtitle) if subtitle else title)
     return chart.properties(width=size * len(labels), height=size * len(labels))
+
+
+def _number(v: float, fmt: str) -> str:
+    """Python's rendering of a d3 format such as ".2~f" (``~``: trim trailing zeros)."""
+    if "~" not in fmt:
+        return format(v, fmt)
+    text = format(v, fmt.replace("~", ""))
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def cooperation_chart(steps: pd.DataFrame) -> alt.Chart:

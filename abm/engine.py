@@ -12,14 +12,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from abm.game import EMPTY, PayoffMatrix, apply_noise
+from abm.game import EMPTY, INVALID, PayoffMatrix, apply_noise
 from abm.memory import Memory
-from abm.policies.base import Outcome, Policy, View
+from abm.policies.base import Decisions, Outcome, Policy, View
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """Everything that happened in one step; round arrays are (rounds, sides)."""
+    """Everything that happened in one step; round arrays are (rounds, sides).
+
+    ``length`` is the number of rounds each match played; ``void`` marks the
+    matches stopped early because a decision could not be read (``intended``
+    holds INVALID there and that round has no actual action); ``fallback``
+    marks actions the scenario's fallback rule chose for an unreadable answer.
+    """
 
     step: int
     edge: np.ndarray
@@ -30,6 +36,8 @@ class StepResult:
     intended: np.ndarray
     actual: np.ndarray
     payoff: np.ndarray
+    fallback: np.ndarray | None = None
+    void: np.ndarray | None = None
 
     @property
     def n_matches(self) -> int:
@@ -40,12 +48,18 @@ class StepResult:
         return np.concatenate([self.length, self.length])
 
     def totals(self) -> dict[str, np.ndarray]:
-        """Per side: total payoff, actual C and D counts, intended D count."""
+        """Per side: total payoff, actual C and D counts, intended D count, and the
+        decisions not read from a model: invalid ones and fallback-chosen ones."""
+        n = self.actual.shape[1]
         return {  # rounds a match did not reach hold payoff 0 and action EMPTY
             "payoff": self.payoff.sum(axis=0),
             "cooperations": _count(self.actual == 0),
             "defections": _count(self.actual == 1),
             "intended_defections": _count(self.intended == 1),
+            "invalid": _count(self.intended == INVALID),
+            "decided": _count(self.intended != EMPTY),
+            "fallbacks": (_count(self.fallback) if self.fallback is not None
+                          else np.zeros(n, np.int64)),
         }
 
 
@@ -108,7 +122,6 @@ class Engine:
         s_side = (order >= m).astype(np.int8)
         s_total = np.full(n, self.rounds if fixed else -1, np.int32)
         s_score = np.zeros(n)
-        observers = [(p, a, b) for p, a, b in groups if hasattr(self.policies[p], "observe")]
         s_partner = pos[partner[order]]
         s_len = np.concatenate([lengths, lengths])[order]
         if self.scope == "match":
@@ -123,12 +136,17 @@ class Engine:
         intended = np.full((n_rounds, n), EMPTY, np.int8)
         actual = np.full((n_rounds, n), EMPTY, np.int8)
         payoff = np.zeros((n_rounds, n), np.float64)
+        fallback = np.zeros((n_rounds, n), bool)
+        void = np.zeros(m, bool)
         flat_table = self.table.ravel()
+        # fixed-length matches take the slice fast path until one stops early
+        dynamic = not fixed
         for r in range(n_rounds):
-            live = slice(None) if fixed else np.flatnonzero(s_len > r)
+            live = slice(None) if not dynamic else np.flatnonzero(s_len > r)
+            decided = []
             for p, a, b in groups:
-                rows = slice(a, b) if fixed else live[(live >= a) & (live < b)]
-                if not fixed and len(rows) == 0:
+                rows = slice(a, b) if not dynamic else live[(live >= a) & (live < b)]
+                if dynamic and len(rows) == 0:
                     continue
                 mine, theirs, length = memory.read(rows if s_slots is None else s_slots[rows])
                 view = View(mine=mine, theirs=theirs, length=length,
@@ -136,19 +154,39 @@ class Engine:
                             agent=s_agent[rows], opponent=s_opponent[rows],
                             match=s_match[rows], step=step, side=s_side[rows],
                             score=s_score[rows], rounds_total=s_total[rows])
-                intended[r, rows] = self.policies[p].decide(view, self.rngs["policy"])
+                out = self.policies[p].decide(view, self.rngs["policy"])
+                if isinstance(out, Decisions):
+                    intended[r, rows] = out.actions
+                    fallback[r, rows] = out.fallback
+                else:
+                    intended[r, rows] = out
+                decided.append((p, rows))
+            stopped = None
+            unread = intended[r] == INVALID
+            if unread.any():
+                # No move can be invented for an unreadable answer, and every later
+                # round would depend on one: the match ends here, nothing is played.
+                void[s_match[unread]] = True
+                lengths = np.where(void, np.minimum(lengths, r), lengths)
+                s_len = np.concatenate([lengths, lengths])[order]
+                stopped = void[s_match] & (s_len == r)
+                dynamic = True
+                live = np.flatnonzero(s_len > r)
             # noise is drawn in the canonical side order, whatever the policy grouping
             actual[r] = apply_noise(intended[r, pos], self.noise, self.rngs["noise"])[order]
+            if stopped is not None:
+                actual[r, stopped] = EMPTY
             mine_now, theirs_now = actual[r, live], actual[r, s_partner[live]]
             payoff[r, live] = flat_table[2 * mine_now + theirs_now]
             s_score += payoff[r]
-            if s_slots is None and fixed:
+            if s_slots is None and not dynamic:
                 memory.push(None, mine_now, theirs_now)
             else:
                 memory.push(live if s_slots is None else s_slots[live], mine_now, theirs_now,
                             unique=self.scope != "all")
-            for p, a, b in observers:
-                rows = slice(a, b) if fixed else live[(live >= a) & (live < b)]
+            for p, rows in decided:
+                if not hasattr(self.policies[p], "observe"):
+                    continue
                 self.policies[p].observe(Outcome(
                     step=step, round=r, match=s_match[rows], side=s_side[rows],
                     agent=s_agent[rows], opponent=s_opponent[rows], intended=intended[r, rows],
@@ -156,7 +194,7 @@ class Engine:
                     payoff=payoff[r, rows]))
         return StepResult(step=step, edge=edge_ids, agent=agent, opponent=opponent, twin=twin,
                           length=lengths, intended=intended[:, pos], actual=actual[:, pos],
-                          payoff=payoff[:, pos])
+                          payoff=payoff[:, pos], fallback=fallback[:, pos], void=void)
 
 
 def _group(side_policy: np.ndarray, n_policies: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:

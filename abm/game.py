@@ -10,7 +10,11 @@ import numpy as np
 C: int = 0
 D: int = 1
 EMPTY: int = -1
+# A decision that could not be read (an LLM answer naming no option): it is
+# recorded as such and nothing is played for it, so no move is ever invented.
+INVALID: int = 2
 ACTION_LABELS = ("C", "D")
+INTENDED_LABELS = ("C", "D", "invalid")
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,9 @@ class PayoffMatrix:
 def apply_noise(intended: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
     """Flip each intended action independently with probability ``noise``.
 
-    One draw per entry, even when ``noise`` is 0 and for EMPTY entries (which
-    stay EMPTY), so the noise stream stays aligned across runs that differ only
-    in the noise level or in which matches are still running.
+    One draw per entry, even when ``noise`` is 0 and for EMPTY or INVALID entries
+    (which stay as they are), so the noise stream stays aligned across runs that
+    differ only in the noise level or in which matches are still running.
     """
-    flips = (rng.random(intended.shape[0]) < noise) & (intended != EMPTY)
+    flips = (rng.random(intended.shape[0]) < noise) & ((intended == C) | (intended == D))
     return np.where(flips, 1 - intended, intended).astype(np.int8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -144,7 +145,8 @@ class DilemmaModel(mesa.Model):
         key_of_label: dict[str, tuple] = {}
         spec_of_label: dict[str, PolicySpec] = {}
         for s in named:
-            key = (s.name, tuple(sorted(s.params.items())))
+            # JSON, not a tuple of items: parameters may be lists or tables
+            key = (s.name, json.dumps(s.params, sort_keys=True))
             if key_of_label.setdefault(s.display, key) != key:
                 field = ("evolution.mutants" if any(m.display == s.display
                                                     for m in scenario.mutants())
@@ -157,7 +159,7 @@ class DilemmaModel(mesa.Model):
         self.labels = [label for label in key_of_label if label in present]
         keys = list(dict.fromkeys(key_of_label[label] for label in self.labels))
         try:
-            self.policies = [make(name, dict(params), game) for name, params in keys]
+            self.policies = [make(name, json.loads(params), game) for name, params in keys]
         except (ValueError, ScenarioError) as exc:
             raise ScenarioError(f"{self.source}: field 'population': {exc}") from None
         self.llm_policies = [p for p in self.policies if hasattr(p, "drain")]

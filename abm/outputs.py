@@ -85,6 +85,20 @@ def _write_snapshots(model: DilemmaModel, folder: Path) -> None:
                         labels=np.array(model.labels))
 
 
+def _llm_summary(model: DilemmaModel, policy: Any, counts: pd.DataFrame) -> dict[str, Any]:
+    """A policy's own statistics plus its invalid rate against each opponent."""
+    index = model.policies.index(policy)
+    labels = [label for label, p in zip(model.labels, model.policy_of_label) if p == index]
+    rows = counts[counts["player"].isin(labels)]
+    by_opponent = {
+        opponent: {"decisions": int(g["decisions"].sum()), "invalid": int(g["invalid"].sum()),
+                   "fallbacks": int(g["fallbacks"].sum()),
+                   "invalid_rate": float(g["invalid"].sum() / g["decisions"].sum()),
+                   "void_matches": int(g["void_matches"].sum())}
+        for opponent, g in rows.groupby("opponent", sort=False)}
+    return {"players": labels, **policy.stats(), "by_opponent": by_opponent}
+
+
 def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
                   with_charts: bool = True) -> dict[str, Any]:
     """Everything but the streamed tables: config, matrices, summary, agents, charts."""
@@ -131,15 +145,20 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
         summary["evolution"] = _evolution_summary(model, steps)
         if model.snapshots:
             _write_snapshots(model, folder)
+    unread = None
     if model.llm_policies:
-        summary["llm"] = [policy.stats() for policy in model.llm_policies]
+        unread = tally.unread_matrix()
+        counts = tally.unread_counts()
+        counts.to_csv(folder / "invalid_answers.csv", index=False)
+        summary["llm"] = [_llm_summary(model, policy, counts) for policy in model.llm_policies]
+        summary["warnings"] = [w for entry in summary["llm"] for w in entry["warnings"]]
     (folder / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n",
                                          encoding="utf-8")
     if with_charts:
-        charts.save(charts.heatmap(payoff, "Total payoff of the player in a match", "payoff"),
-                    folder, "payoff_heatmap")
+        charts.save(charts.heatmap(payoff, "Total payoff of the player in a match", "payoff",
+                                   unread=unread), folder, "payoff_heatmap")
         charts.save(charts.heatmap(defections, "Times the player chose D in a match",
-                                   "defections"), folder, "defections_heatmap")
+                                   "defections", unread=unread), folder, "defections_heatmap")
         charts.save(charts.cooperation_chart(steps), folder, "cooperation")
         if model.evolution is not None:
             charts.save(charts.shares_chart(steps, model.labels), folder, "shares")

@@ -12,13 +12,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from abm.engine import StepResult
-from abm.game import ACTION_LABELS, EMPTY
+from abm.game import EMPTY, INTENDED_LABELS
 
-_ACTIONS = pa.array(ACTION_LABELS)
+_INTENDED = pa.array(INTENDED_LABELS)
 
 
 def _dictionary(codes: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
-    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), values)
+    # EMPTY codes become nulls: a round that was decided but not played
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=codes < 0),
+                                          values)
 
 
 class TableWriter:
@@ -76,7 +78,11 @@ class TableWriter:
                  "payoff": pa.array(totals["payoff"]),
                  "cooperations": pa.array(totals["cooperations"].astype(np.int64)),
                  "defections": pa.array(totals["defections"].astype(np.int64)),
-                 "intended_defections": pa.array(totals["intended_defections"].astype(np.int64))}
+                 "intended_defections": pa.array(totals["intended_defections"].astype(np.int64)),
+                 "invalid": pa.array(totals["invalid"].astype(np.int64)),
+                 "fallbacks": pa.array(totals["fallbacks"].astype(np.int64)),
+                 "void": pa.array(np.concatenate([result.void, result.void])
+                                  if result.void is not None else np.zeros(2 * m, bool))}
         table = pa.table(sides)
         for column in ("player", "opponent_player", "policy", "opponent_policy"):
             i = table.schema.get_field_index(column)
@@ -94,16 +100,23 @@ class TableWriter:
 
         side = np.broadcast_to(np.arange(n_sides), (n_rounds, n_sides))
         rnd = np.broadcast_to(np.arange(1, n_rounds + 1)[:, None], (n_rounds, n_sides))
-        keep = order(result.actual != EMPTY)
+        # every decision made, including one that could not be read and the other
+        # side's decision in the round that stopped the match (actual is null there)
+        keep = order(result.intended != EMPTY)
+        played = order(result.actual != EMPTY)[keep]
+        fallback = (order(result.fallback)[keep] if result.fallback is not None
+                    else np.zeros(len(played), bool))
         side, rnd = order(side)[keep], order(rnd)[keep]
         table = pa.table({
             "step": pa.array(np.full(len(side), result.step + 1, np.int64)),
             "match": pa.array(match[side].astype(np.int64)),
             "round": pa.array(rnd.astype(np.int32)),
             **self._who(result.agent[side], result.opponent[side]),
-            "intended": _dictionary(order(result.intended)[keep], _ACTIONS),
-            "actual": _dictionary(order(result.actual)[keep], _ACTIONS),
-            "payoff": pa.array(order(result.payoff)[keep]),
+            "intended": _dictionary(order(result.intended)[keep], _INTENDED),
+            # one dictionary for both columns, so that they compare as categoricals
+            "actual": _dictionary(order(result.actual)[keep], _INTENDED),
+            "payoff": pa.array(order(result.payoff)[keep], mask=~played),
+            "fallback": pa.array(fallback),
         })
         if self.rounds_writer is None:
             # statistics and dictionary pages only where they pay: the step (to filter

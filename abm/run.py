@@ -50,7 +50,24 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
         print(f"{summary['steps']} steps, {summary['matches']} matches, "
               f"cooperation rate {summary['cooperation_rate']:.3f}, "
               f"simulated in {summary['wall_seconds']:.2f} s")
+        for entry in summary.get("llm", []):
+            print(llm_line(entry))
+    for warning in summary.get("warnings", []):
+        print(f"WARNING: {warning}", file=sys.stderr)
     return final
+
+
+def llm_line(entry: dict) -> str:
+    """One line on how far an LLM player's choices are the model's own."""
+    line = (f"{'/'.join(entry['players'])} ({entry['model']}, {entry['mode']}): "
+            f"{entry['decisions']} decisions, {entry['invalid']} invalid "
+            f"({entry['invalid_rate']:.1%})")
+    if entry["fallbacks"]:
+        line += f", {entry['fallbacks']} played by the fallback rule ({entry['fallback_rule']})"
+    mass = entry.get("label_mass")
+    if mass:
+        line += f", label mass mean {mass['mean']:.2f} (min {mass['min']:.2f})"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

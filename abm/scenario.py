@@ -367,6 +367,8 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None,
 
 def _resolve_templates(data: dict[str, Any], folder: Path) -> None:
     """LLM template paths are relative to the scenario file, like graph files."""
+    from abm.llm.chat_formats import NAMED as CHAT_FORMATS
+
     population = data.get("population")
     if not isinstance(population, dict):
         return
@@ -376,6 +378,9 @@ def _resolve_templates(data: dict[str, Any], folder: Path) -> None:
     for spec in specs:
         if isinstance(spec, dict) and isinstance(spec.get("template"), str):
             spec["template"] = str((folder / spec["template"]).expanduser().resolve())
+        chat = spec.get("chat_template") if isinstance(spec, dict) else None
+        if isinstance(chat, str) and chat not in CHAT_FORMATS:  # a Jinja file, not a name
+            spec["chat_template"] = str((folder / chat).expanduser().resolve())
 
 
 def validate_scenario(data: dict[str, Any], source: str = "<scenario>",

@@ -7,7 +7,9 @@
    batch per round).
 2. score mode: the naive way scores each decision alone with two full forward
    passes (prompt + each answer), no reuse; abm scores each round's batch at
-   once with the shared-prefix KV cache and answers repeated prompts once.
+   once with the shared-prefix KV cache and answers repeated prompts once;
+   "abm phrasings" scores every phrasing of the police framing (7 for C, 4 for
+   D, as the policy does) on one prefill and one step per level of their trie.
 3. generate mode: the naive way calls transformers' generate once per
    decision; abm
    generates each round's distinct prompts in one batch on the shared-prefix
@@ -27,6 +29,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import tomli_w
 import torch
 
@@ -65,7 +68,7 @@ def main() -> None:
 
     from abm.llm.backend import Backend
     from abm.llm.models import resolve
-    from abm.llm.parsing import parse_action
+    from abm.llm.parsing import parse_answer
     from abm.llm.prompts import police
 
     batches = collect_prompts(args.model, args.device)
@@ -74,7 +77,9 @@ def main() -> None:
     prefix = framing.answer_prefix
     naive = Backend(resolve(args.model), device=args.device, prefix_cache=False)
     fast = Backend(resolve(args.model), device=args.device, prefix_cache=True)
-    labels = (naive.label_ids(" " + framing.label_c), naive.label_ids(" " + framing.label_d))
+    context = fast.render(batches[0][0], prefix)
+    labels = tuple(fast.continuation_ids(context, " " + label)
+                   for label in (framing.label_c, framing.label_d))
     print(f"model {args.model} on {naive.device}; {n} decisions in {len(batches)} batches")
 
     def naive_score():
@@ -85,7 +90,8 @@ def main() -> None:
                 lp = []
                 for lab in labels:  # one full pass per answer: no batching, no reuse
                     with torch.inference_mode():
-                        logits = naive.model(input_ids=torch.tensor([ids + lab])).logits[0]
+                        logits = naive.model(input_ids=torch.tensor([ids + lab],
+                                                                 device=naive.device)).logits[0]
                     logp = torch.log_softmax(logits.float(), dim=-1)
                     lp.append(sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(lab)))
                 out.append(int(lp[1] > lp[0]))
@@ -106,13 +112,13 @@ def main() -> None:
         tok = naive.tokenizer
         for batch in batches:
             for messages in batch:
-                ids = torch.tensor([naive.encode(messages)])
+                ids = torch.tensor([naive.encode(messages)], device=naive.device)
                 with torch.inference_mode():  # transformers' own generate, one prompt at a time
                     new = naive.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                                max_new_tokens=args.new_tokens, do_sample=False,
                                                pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
                 text = tok.decode(new, skip_special_tokens=True).strip()
-                out.append(parse_action(text, framing.c_words, framing.d_words)[0])
+                out.append(parse_answer(text, framing.words).action)
         return out
 
     def abm_generate():
@@ -123,19 +129,37 @@ def main() -> None:
             if todo:
                 memo.update(zip(todo, fast.generate([list(t) for t in todo],
                                                     max_new_tokens=args.new_tokens)))
-            out += [parse_action(memo[i], framing.c_words, framing.d_words)[0] for i in ids]
+            out += [parse_answer(memo[i], framing.words).action for i in ids]
+        return out
+
+    sets = [[fast.continuation_ids(context, t) for t in texts] for texts in framing.phrasings]
+    phrasings = [ids for texts in sets for ids in texts]
+    owner = np.repeat([0, 1], [len(t) for t in sets])
+
+    def abm_phrasings():  # what the policy does: every phrasing of each option counts
+        out, memo = [], {}
+        for batch in batches:
+            ids = [tuple(fast.encode(m, prefix)) for m in batch]
+            todo = list(dict.fromkeys(i for i in ids if i not in memo))
+            if todo:
+                memo.update(zip(todo, fast.score_phrasings([list(t) for t in todo],
+                                                           phrasings)))
+            for i in ids:
+                c, d = (np.logaddexp.reduce(memo[i][owner == o]) for o in (0, 1))
+                out.append(int(d > c))
         return out
 
     results = {}
     for name, fn in (("naive generate", naive_generate), ("abm generate", abm_generate),
-                     ("naive score", naive_score), ("abm score", abm_score)):
+                     ("naive score", naive_score), ("abm score", abm_score),
+                     ("abm phrasings", abm_phrasings)):
         results[name] = timed(fn)
     print(f"{'way':<16} {'seconds':>8} {'decisions/s':>12}")
     for name, (_, seconds) in results.items():
         print(f"{name:<16} {seconds:>8.1f} {n / seconds:>12.2f}")
     print()
     for slow, quick in (("naive generate", "abm generate"), ("naive score", "abm score"),
-                        ("naive generate", "abm score")):
+                        ("naive generate", "abm score"), ("abm score", "abm phrasings")):
         a, b = results[slow][0], results[quick][0]
         agree = sum(x == y for x, y in zip(a, b))
         print(f"{quick} vs {slow}: {results[slow][1] / results[quick][1]:.1f}x faster, "

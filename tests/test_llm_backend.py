@@ -91,7 +91,8 @@ def make_backend(tiny_dir):
 
 
 def rules_text(length: str = "There will be 5 interrogations.") -> str:
-    return police().rules.format(R=9, S=0, T=10, P=5, length_rule=length)
+    return police().rules.format(R=9, S=0, T=10, P=5, length_rule=length, first="remain silent",
+                                 second="testify")
 
 
 def conversation(tail: str, rules: str | None = None) -> list[dict[str, str]]:
@@ -201,8 +202,10 @@ def test_batch_equals_one_prompt_at_a_time(make_backend, path, prefix_cache):
     small = make_backend(prefix_cache)
     np.testing.assert_allclose(small.score(prompts, labels, max_batch_size=2), together,
                                atol=1e-4, rtol=0)
-    # ceil(5 / 2) batches of one pass each, plus one pass for the shared prefix when cached
-    assert small.stats.forward_passes == 3 + prefix_cache
+    # ceil(5 / 2) batches, each one prefill plus one step per level of the label trie
+    # below its first tokens (longest label minus one), plus the shared prefix's pass
+    levels = max(LABELS[path][1]) - 1
+    assert small.stats.forward_passes == 3 * (1 + levels) + prefix_cache
     assert small.stats.prefix_hits == (2 if prefix_cache else 0)
 
 
@@ -241,7 +244,7 @@ def test_prefix_cache_is_reused_and_saves_tokens(make_backend):
     # uncached: every sequence in full; cached: the shared prefix once, then only tails
     assert cached.stats.tokens < plain.stats.tokens
     assert cached.stats.tokens <= plain.stats.tokens - (n - 1) * shared
-    assert plain.stats.forward_passes == 2
+    assert plain.stats.forward_passes == 2 * 2  # per batch: a prefill, a step for "silent"
 
 
 # ------------------------------------------------------------------ generation
@@ -333,15 +336,70 @@ def test_encode_uses_the_chat_template_and_appends_the_answer_prefix(make_backen
     assert with_prefix == plain + prefix_ids
 
 
-def test_encode_without_a_chat_template_joins_the_messages(make_backend):
+def test_encode_without_a_chat_template_uses_plain_and_warns(make_backend, capsys):
     backend = make_backend()
     backend.tokenizer.chat_template = None
     assert not backend.has_chat_template
-    ids = backend.encode(conversation("Will you testify?", rules="You are Suspect1."), "I want to")
-    tok = backend.tokenizer
-    assert ids == tok("You are Suspect1.\n\nWill you testify?\n\nI want to",
-                      add_special_tokens=False).input_ids
-    assert tok.convert_tokens_to_ids("<|assistant|>") not in ids
+    messages = conversation("Will you testify?", rules="You are Suspect1.")
+    text = backend.render(messages, "I want to")
+    # "plain": the bos token, then each message, blank lines between, ready to continue
+    assert text == "[BOS]You are Suspect1.\n\nWill you testify?\n\nI want to"
+    assert "has no chat template" in capsys.readouterr().err
+    backend.render(messages)
+    assert capsys.readouterr().err == ""  # once per model
+    assert backend.encode(messages, "I want to") == backend.tokenize(text)
+
+
+def test_a_named_chat_template_replaces_the_models_own(make_backend):
+    from abm.llm.chat_formats import NAMED
+    backend = make_backend()
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Will you testify?"}]
+    # vicuna v1.1: system line, " USER: ... ASSISTANT:", and the answer prefix after a space
+    assert backend.render(messages, ANSWER_PREFIX, NAMED["vicuna"]) == \
+        "[BOS]Be brief. USER: Will you testify? ASSISTANT: Suspect1: I want to"
+    assert backend.render(messages, "", NAMED["llama-2"]) == \
+        "[BOS][INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWill you testify? [/INST]"
+
+
+def test_continuations_are_tokenized_as_the_model_sees_them():
+    """Under a SentencePiece-style tokenizer (Llama's: a word-start marker prepended to
+    the text) " testify" alone is [marker, testify]; after the prompt it is [testify]."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                            normalizers.Replace(" ", "\u2581")])
+    core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
+                                      decoders.Strip(" ", 1, 0)])
+    corpus = ["Suspect1: I want to testify", "I want to remain silent",
+              "Police: Will you remain silent or testify?"] * 50
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200,
+                                                         special_tokens=["<unk>"]))
+    backend = Backend.__new__(Backend)
+    backend.tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
+    token = core.token_to_id
+    assert backend.label_ids(" testify") == [token("\u2581"), token("\u2581testify")]
+    assert backend.continuation_ids("I want to", " testify") == [token("\u2581testify")]
+    # this corpus merges "to remain silent" into one token: the text alone, marker dropped
+    assert backend.continuation_ids("I want to", " remain silent") == \
+        [token("\u2581remain\u2581silent")]
+
+
+def test_phrasings_share_one_prefill_and_equal_hand_computation(make_backend):
+    backend = make_backend()
+    prompts = encoded(backend)
+    phrasings = [backend.label_ids(" " + t) for t in (
+        "remain silent", "stay silent", "keep silent", "testify", "testify against Suspect2",
+        "confess", "remain")]
+    got = backend.score_phrasings(prompts, phrasings, max_batch_size=3)
+    for k, phrase in enumerate(phrasings):
+        want = reference(backend.model, prompts, (phrase, phrase))[:, 0]
+        np.testing.assert_allclose(got[:, k], want, atol=1e-4, rtol=0)
+    # per batch: one prefill, one step for {remain, stay, keep, testify}, one for
+    # {testify against}; two batches; plus the shared prefix
+    assert backend.stats.forward_passes == 2 * 3 + 1
 
 
 def test_empty_label_is_a_scenario_error(make_backend):
@@ -498,3 +556,24 @@ def test_saved_copy_replaces_a_half_written_one(tmp_path):
     _save_converted(tokenizer, model, folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no partial folder left
+
+
+# ------------------------------------------------------------------ size on the CPU
+
+
+def test_parameter_count_reads_safetensors_headers(tiny_dir):
+    from abm.llm.backend import _parameter_count
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert _parameter_count(resolve(str(tiny_dir))) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_big_model_does_not_silently_land_on_the_cpu(tiny_dir, monkeypatch, capsys):
+    import abm.llm.backend as backend_module
+    monkeypatch.setattr(backend_module, "_pick_device", lambda device: "cpu")
+    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
+    # 7e9 parameters * 4 bytes (float32 on a CPU) = 26 GiB
+    with pytest.raises(ScenarioError, match=r"about 7.0 billion parameters, about 26 GiB"):
+        Backend(resolve(str(tiny_dir)), device="auto", dtype="auto")
+    Backend(resolve(str(tiny_dir)), device="cpu", dtype="auto")  # asked for: a warning
+    assert "expect minutes per round" in capsys.readouterr().err

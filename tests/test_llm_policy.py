@@ -65,7 +65,8 @@ def test_prompt_shows_only_the_memory_window(fake):
     # alternator played C, D, C; the window holds rounds 2 and 3: D then C
     history = [line for line in last.splitlines() if line.startswith("- Suspect1")]
     assert "Suspect2: testify" in history[0] and "Suspect2: remain silent" in history[1]
-    assert "Your points so far in these interrogations:" in last
+    # points of the remembered rounds only: (C v D) 0 + (D v C) 10, not the match's 19
+    assert "Your points in the interrogations you remember: 10." in last
 
 
 def test_identical_prompts_are_computed_once(fake):
@@ -83,7 +84,7 @@ def test_generate_mode_retries_then_falls_back(fake):
 
     def script(text):
         calls["n"] += 1
-        if "Please answer with exactly" in text:
+        if "Your reply could not be read." in text:
             return "testify"
         return "I will not testify."
 
@@ -135,7 +136,8 @@ def test_run_writes_transcripts_and_llm_summary(fake, tmp_path):
     assert len(lines) == len(llm_rows) == 7 * 5  # 5 rule opponents + 2 self-play sides
     keys = {"step", "match", "round", "agent", "opponent", "player", "opponent_player",
             "prompt", "answer", "response", "action", "p_cooperate", "p_defect", "valid",
-            "retries", "reflection", "latency_s", "model", "revision", "actual", "payoff"}
+            "retries", "reflection", "latency_s", "model", "revision", "actual", "payoff",
+            "input", "input_tokens", "labels", "option_order", "label_mass"}
     assert keys <= set(lines[0])
     assert lines[0]["prompt"][-1]["role"] == "user"
     by_key = {(ln["match"], ln["agent"], ln["round"], ln["opponent"]): ln["actual"] for ln in lines}
@@ -234,13 +236,13 @@ def test_summary_counts_only_this_runs_work(fake, tmp_path):
     # a process that runs several scenarios (a batch worker) keeps its loaded model:
     # counters from earlier runs and the one-time load must not be counted again
     fake.stats.tokens, fake.stats.forward_passes, fake.load_seconds = 1000, 7, 2.5
-    score = fake.score
+    score = fake.score_phrasings
 
     def counted(*args, **kwargs):  # count work as the real backend does
         fake.stats.tokens += 1
         return score(*args, **kwargs)
 
-    fake.score = counted
+    fake.score_phrasings = counted
     summaries = []
     for name in ("a", "b"):
         out = run_scenario(SCENARIOS / "round_robin.toml", out=tmp_path / name, quiet=True,

@@ -70,6 +70,7 @@ class Backend:
         self.dtype = _pick_dtype(dtype, self.device)
         self.prefix_cache = prefix_cache
         self.stats = BackendStats()
+        _check_size(source, device, self.device, self.dtype)
         started = time.perf_counter()
         self.tokenizer, self.model = _load(source, self.dtype, trust_remote_code)
         self.model.to(self.device).eval()
@@ -86,6 +87,7 @@ class Backend:
         self._stop_ids.discard(None)
         self._prefixes: dict[tuple[int, ...], Any] = {}
         self._anchor: list[int] | None = None
+        self._warned_template = False
         self.load_seconds = time.perf_counter() - started
 
     # ---------------------------------------------------------------- prompts
@@ -94,20 +96,53 @@ class Backend:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def encode(self, messages: Messages, answer_prefix: str = "") -> list[int]:
-        """Token ids of a conversation ready for the assistant's answer."""
-        if self.has_chat_template:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True)
-            if not isinstance(ids, list):  # newer releases return a BatchEncoding
-                ids = ids["input_ids"]
-            ids = list(ids)
-        else:
-            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-            ids = self.tokenizer(text).input_ids
+    def render(self, messages: Messages, answer_prefix: str = "",
+               chat_template: str | None = None) -> str:
+        """The exact text the model reads: the conversation in the chat format (the
+        scenario's, else the tokenizer's own, else "plain" with a warning), ready for
+        the assistant's turn, then ``answer_prefix``."""
+        template = chat_template
+        if template is None and not self.has_chat_template:
+            from abm.llm.chat_formats import NAMED
+            if not self._warned_template:
+                print(f"abm: warning: {self.source.name} has no chat template; using the "
+                      "\"plain\" format. Set chat_template (e.g. \"vicuna\", \"llama-2\") "
+                      "to the format the model was trained with.", file=sys.stderr)
+                self._warned_template = True
+            template = NAMED["plain"]
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False)
         if answer_prefix:
-            ids += self.tokenizer(answer_prefix, add_special_tokens=False).input_ids
-        return ids
+            # "ASSISTANT:" + "Suspect1: ..." needs the space a human turn would have
+            joined = text[-1:].isspace() or answer_prefix[:1].isspace()
+            text += answer_prefix if joined or not text else " " + answer_prefix
+        return text
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of rendered text; templates write their own special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def encode(self, messages: Messages, answer_prefix: str = "",
+               chat_template: str | None = None) -> list[int]:
+        """Token ids of a conversation ready for the assistant's answer."""
+        return self.tokenize(self.render(messages, answer_prefix, chat_template))
+
+    def continuation_ids(self, context: str, text: str) -> list[int]:
+        """Token ids ``text`` gets when it follows ``context``, as the model would see
+        them: tokenizing it alone adds a word-start marker under SentencePiece
+        (Llama) tokenizers and splits differently from the joined text."""
+        whole, head = self.tokenize(context + text), self.tokenize(context)
+        n = _common_prefix([whole, head])
+        if n == len(head):
+            tail = whole[n:]
+        else:  # the joined text merges across the boundary: tokenize the text alone,
+            tail = self.tokenize(text)  # without the lone word-start marker it gets
+            if len(tail) > 1 and text[:1].isspace() and not self.tokenizer.decode(
+                    tail[:1]).strip():
+                tail = tail[1:]
+        if not tail:
+            raise ScenarioError(f"the answer phrasing {text!r} is empty after tokenization")
+        return tail
 
     def label_ids(self, label: str) -> list[int]:
         ids = self.tokenizer(label, add_special_tokens=False).input_ids
@@ -120,47 +155,62 @@ class Backend:
     def score(self, prompts: list[list[int]], labels: tuple[list[int], list[int]],
               max_batch_size: int = 16) -> np.ndarray:
         """Log-probability of each label's full token sequence after each prompt, (n, 2)."""
-        a, b = labels
-        out = np.empty((len(prompts), 2))
+        return self.score_phrasings(prompts, list(labels), max_batch_size)
+
+    def score_phrasings(self, prompts: list[list[int]], phrasings: list[list[int]],
+                        max_batch_size: int = 16) -> np.ndarray:
+        """log P(phrasing | prompt) for every prompt and phrasing, shape (n, len(phrasings)).
+
+        The phrasings form a trie: one prefill gives every first token's
+        probability, then each deeper level of the trie is one batched decode
+        step over the cache rows of its parents, so ten phrasings of one or two
+        tokens cost one prefill and one small step, not ten prefills.
+        """
+        levels: list[list[tuple[int, ...]]] = []
+        for depth in range(1, max(map(len, phrasings))):
+            levels.append(sorted({tuple(p[:depth]) for p in phrasings if len(p) > depth}))
+        out = np.empty((len(prompts), len(phrasings)))
         for start in range(0, len(prompts), max_batch_size):
             batch = prompts[start:start + max_batch_size]
+            logits, state = self._prefill(batch, 1)
+            logp = {(): torch.log_softmax(logits[:, -1].float(), dim=-1)}
+            started = time.perf_counter()
+            cache, mask, position = state["cache"], state["mask"], state["next_position"]
+            parents: list[tuple[int, ...]] = [()]
+            for level in levels:
+                parent_row = {node: i for i, node in enumerate(parents)}
+                rows = torch.tensor([b * len(parents) + parent_row[node[:-1]]
+                                     for b in range(len(batch)) for node in level],
+                                    device=self.device)
+                cache.reorder_cache(rows)
+                mask = torch.cat([mask[rows], torch.ones((len(rows), 1), dtype=mask.dtype,
+                                                         device=self.device)], dim=1)
+                position = position[rows]
+                tokens = torch.tensor([node[-1] for _ in batch for node in level],
+                                      device=self.device)
+                step = self._forward(tokens, mask, position, cache)
+                self.stats.tokens += len(rows)
+                position = position + 1
+                step = torch.log_softmax(step.float(), dim=-1).view(len(batch), len(level), -1)
+                for j, node in enumerate(level):
+                    logp[node] = step[:, j]
+                parents = level
             rows = slice(start, start + len(batch))
-            if len(a) == 1 or len(b) == 1:
-                # one sequence per prompt: prompt + the longer label minus its last token;
-                # the prompt's last position gives both first tokens
-                long, short = (a, b) if len(b) == 1 else (b, a)
-                got = self._packed_logprobs(batch, long, short[0])
-                out[rows] = got if long is a else got[:, ::-1]
-            else:
-                seqs = [p + lab[:-1] for p in batch for lab in labels]
-                k = [len(lab) for _ in batch for lab in labels]
-                targets = [lab for _ in batch for lab in labels]
-                out[rows] = self._tail_logprobs(seqs, k, targets).reshape(-1, 2)
+            for k, phrase in enumerate(phrasings):
+                out[rows, k] = sum(logp[tuple(phrase[:t])][:, token]
+                                   for t, token in enumerate(phrase)).cpu().numpy()
+            self.stats.seconds += time.perf_counter() - started
         return out
 
-    def _packed_logprobs(self, prompts: list[list[int]], long: list[int], short: int) -> np.ndarray:
-        """(log P(long), log P(short)) from one pass over prompt + long[:-1] per prompt."""
-        k = len(long)
-        logp = self._last_positions([p + long[:-1] for p in prompts], k)  # (B, k, V)
-        out = np.zeros((len(prompts), 2))
-        out[:, 0] = logp[:, torch.arange(k), torch.tensor(long)].sum(dim=1).cpu().numpy()
-        out[:, 1] = logp[:, 0, short].cpu().numpy()
-        return out
-
-    def _tail_logprobs(self, seqs: list[list[int]], k: list[int],
-                       targets: list[list[int]]) -> np.ndarray:
-        width = max(k)
-        logp = self._last_positions(seqs, width)
-        out = np.zeros(len(seqs))
-        for i, (n, tokens) in enumerate(zip(k, targets)):
-            # sequences end together: the last n positions predict the n label tokens
-            out[i] = logp[i, width - n + torch.arange(n), torch.tensor(tokens)].sum().item()
-        return out
-
-    def _last_positions(self, seqs: list[list[int]], k: int) -> torch.Tensor:
-        """Log-softmax over the vocabulary at the last ``k`` positions of each sequence."""
-        logits, _ = self._prefill(seqs, k)
-        return torch.log_softmax(logits.float(), dim=-1)
+    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                 cache: Any) -> torch.Tensor:
+        """One new token per row on top of ``cache``; the next-token logits (B, V)."""
+        kwargs = {"input_ids": tokens[:, None], "attention_mask": mask,
+                  "position_ids": position[:, None], "use_cache": True, self._cache_arg: cache}
+        with torch.inference_mode():
+            logits = self.model(**kwargs).logits[:, -1]
+        self.stats.forward_passes += 1
+        return logits
 
     def _prefill(self, seqs: list[list[int]], k: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Run the batch, reusing the cached KV of the prefix all sequences share.
@@ -269,11 +319,7 @@ class Backend:
                 break
             mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype,
                                                device=self.device)], dim=1)
-            kwargs = {"input_ids": token[:, None], "attention_mask": mask,
-                      "position_ids": position[:, None], "use_cache": True,
-                      self._cache_arg: cache}
-            with torch.inference_mode():
-                logits = self.model(**kwargs).logits
+            logits = self._forward(token, mask, position, cache)[:, None]
             position = position + 1
         rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in batch]
         self.stats.generate_calls += 1
@@ -313,6 +359,57 @@ def _common_prefix(seqs: list[list[int]]) -> int:
             i += 1
         n = i
     return n
+
+
+# Past this many bytes of weights a CPU run is a mistake more often than a plan
+CPU_WEIGHT_LIMIT = 8 * 2**30
+
+
+def _check_size(source: ModelSource, asked: str, device: str, dtype: torch.dtype) -> None:
+    """Refuse to put a multi-billion-parameter model on the CPU just because no GPU
+    was found (device = "auto"); warn when the scenario asks for the CPU itself."""
+    if device != "cpu":
+        return
+    params = _parameter_count(source)
+    if params is None:
+        return
+    size = params * torch.empty(0, dtype=dtype).element_size()
+    if size <= CPU_WEIGHT_LIMIT:
+        return
+    what = (f"{source.name} has about {params / 1e9:.1f} billion parameters, about "
+            f"{size / 2**30:.0f} GiB in {str(dtype).removeprefix('torch.')} on the CPU")
+    if asked == "auto":
+        raise ScenarioError(f"{what}, and torch sees no CUDA GPU, so device = \"auto\" would "
+                            "run it on the CPU (slowly, if it fits in memory at all); run on a "
+                            "machine with a GPU, or set device = \"cpu\" to insist")
+    print(f"abm: warning: {what}; expect minutes per round", file=sys.stderr)
+
+
+def _parameter_count(source: ModelSource) -> int | None:
+    """Parameters of a local model from its safetensors headers (no weights are read);
+    None when the files are not here (hub models not yet cached, GGUF files)."""
+    folder: Path | None = None
+    if source.converted is not None:
+        folder = source.converted if (source.converted / "config.json").is_file() else None
+    elif source.hub:
+        try:
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(source.location, local_files_only=True))
+        except Exception:  # not cached: the load will say so
+            return None
+    else:
+        folder = Path(source.location)
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                total += int(np.prod(handle.get_slice(key).get_shape()))
+    return total
 
 
 def _load(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:

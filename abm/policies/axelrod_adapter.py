@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from abm.game import PayoffMatrix
+from abm.game import EMPTY, PayoffMatrix
 from abm.policies.base import Outcome, View, register
 
 
@@ -103,6 +103,8 @@ class AxelrodPolicy:
         """Give each player the round as it happened (after noise), like axelrod.Match."""
         for match, side, mine, theirs in zip(outcome.match, outcome.side, outcome.mine,
                                              outcome.theirs):
+            if mine == EMPTY:  # the match stopped before this round was played
+                continue
             player, shadow = self._players[(outcome.step, int(match), int(side))]
             own, other = self.actions[int(mine)], self.actions[int(theirs)]
             player.update_history(own, other)

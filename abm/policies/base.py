@@ -47,15 +47,31 @@ class View:
 class Policy(Protocol):
     """Anything that turns a batch of views into a batch of actions."""
 
-    def decide(self, view: View, rng: np.random.Generator) -> np.ndarray:
-        """Return one int8 action (0 = C, 1 = D) per row of ``view``."""
+    def decide(self, view: View, rng: np.random.Generator) -> np.ndarray | Decisions:
+        """Return one int8 action (0 = C, 1 = D) per row of ``view``, or Decisions."""
         ...
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """What a policy whose decisions can fail (an LLM) returns instead of a bare array.
+
+    ``actions`` holds 0 = C, 1 = D or ``abm.game.INVALID`` (the answer could not be
+    read: the engine plays nothing for it and stops that match there);
+    ``fallback`` is True where the action was chosen by the scenario's fallback
+    rule rather than read from the model's answer, so the tables can mark it.
+    """
+
+    actions: np.ndarray
+    fallback: np.ndarray
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What happened in one round to a batch of sides, for policies that keep notes
-    (an LLM reflecting on the round). Arrays line up with the decisions' views."""
+    (an LLM reflecting on the round). Arrays line up with the decisions' views;
+    ``mine`` and ``theirs`` are EMPTY (-1) where the match stopped at this round
+    because a decision in it could not be read, so nothing was played."""
 
     step: int
     round: int

@@ -1,12 +1,14 @@
 """The LLM policy: prompts from memory windows, one batched backend call per round, records.
 
 Importing this module is cheap; torch and transformers load when a policy is built.
+What is recorded is what the model did: an answer that cannot be read is
+invalid (the engine plays nothing for it) unless the scenario names a
+fallback rule, and then the played action is flagged as the rule's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -14,35 +16,61 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from abm.game import C, D, EMPTY, PayoffMatrix
-from abm.policies.base import Outcome, View, register
+from abm.game import C, D, EMPTY, INVALID, PayoffMatrix
+from abm.llm.reflections import clean_reflection
+from abm.policies.base import Decisions, Outcome, View, register
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Phrasings(BaseModel):
+    """Score mode: the continuations of the answer prefix that count for each option."""
+
+    model_config = ConfigDict(extra="forbid")
+    cooperate: list[str] = Field(min_length=1)
+    defect: list[str] = Field(min_length=1)
 
 
 class LLMParams(BaseModel):
     """The TOML table of an LLM player (see the README for each key)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     mode: Literal["score", "generate"] = "score"
     framing: Literal["police", "neutral", "custom"] = "police"
     template: str | None = None
     labels: tuple[str, str] | None = None
     answer_prefix: str | None = None
-    shuffle_labels: bool = False
+    answer_format: Literal["line", "json"] = "line"
+    option_order: Literal["fixed", "reversed", "random"] = "fixed"
+    label_assignment: Literal["fixed", "swapped", "random"] = "fixed"
+    phrasings: Phrasings | None = None
+    chat_template: str | None = None
     system_prompt: str | None = None
     reflection: bool = False
     feed_reflection: bool = True
     reflection_tokens: int = Field(48, ge=1, le=1024)
+    reflection_temperature: float = Field(0.0, ge=0.0, le=5.0)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(16, ge=1, le=1024)
-    fallback: Literal["cooperate", "defect", "random", "repeat_last"] = "cooperate"
+    max_new_tokens: int = Field(32, ge=1, le=1024)
+    fallback: Literal["invalid", "cooperate", "defect", "random", "repeat_last"] = "invalid"
+    warn_invalid_rate: float = Field(0.05, ge=0.0, le=1.0)
+    warn_label_mass: float = Field(0.5, ge=0.0, le=1.0)
     max_batch_size: int = Field(16, ge=1, le=4096)
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
     prefix_cache: bool = True
     memoize: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "shuffle_labels" in data:
+            raise ValueError("shuffle_labels was replaced by option_order = \"random\" "
+                             "(and, for neutral labels, label_assignment = \"random\")")
+        return data
 
     @model_validator(mode="after")
     def _framing_needs(self) -> LLMParams:
@@ -56,6 +84,15 @@ class LLMParams(BaseModel):
                              "labels are for the neutral and custom framings")
         if self.labels is not None and (self.labels[0] == self.labels[1] or not all(self.labels)):
             raise ValueError("labels must be two different, non-empty strings")
+        if self.framing == "police" and self.label_assignment != "fixed":
+            raise ValueError("label_assignment swaps neutral or custom labels; the police "
+                             "framing's answers mean what they say")
+        if self.phrasings is not None and self.label_assignment != "fixed":
+            raise ValueError("phrasings name each option's words, which a swapped label "
+                             "assignment would contradict; leave one of them out")
+        if self.phrasings is not None and not all(
+                p.strip() for p in self.phrasings.cooperate + self.phrasings.defect):
+            raise ValueError("phrasings must be non-empty strings")
         return self
 
 
@@ -76,6 +113,21 @@ def shared_backend(params: LLMParams) -> Any:
     return _BACKENDS[key]
 
 
+@dataclasses.dataclass(frozen=True)
+class Shown:
+    """How one decision's options were presented: which label meant C and D, and
+    which came first."""
+
+    label_c: str
+    label_d: str
+    d_first: bool
+    swapped: bool
+
+    @property
+    def order(self) -> tuple[str, str]:
+        return (self.label_d, self.label_c) if self.d_first else (self.label_c, self.label_d)
+
+
 @register("llm", stochastic=True, uses_llm=True, params=LLMParams,
           description=("A Hugging Face causal language model that reads its memory window "
                        "as text; decides by scoring the two answers or by writing one."))
@@ -84,7 +136,7 @@ class LLMPolicy:
     transcript record of every exchange."""
 
     def __init__(self, game: PayoffMatrix, **options: Any) -> None:
-        from abm.llm import prompts
+        from abm.llm import chat_formats, prompts
 
         self.params = params = LLMParams(**options)
         self.game = game
@@ -100,6 +152,8 @@ class LLMPolicy:
                 raise ValueError(f"cannot read the template {params.template}: "
                                  f"{exc.strerror}") from None
             prompts.check_template(self.framing)
+        self.chat_template = (chat_formats.chat_template(params.chat_template)
+                              if params.chat_template else None)
         self.answer_prefix = (params.answer_prefix if params.answer_prefix is not None
                               else self.framing.answer_prefix)
         self.backend = shared_backend(params)
@@ -108,9 +162,7 @@ class LLMPolicy:
         self._load_seconds = 0.0 if getattr(self.backend, "claimed", False) \
             else self.backend.load_seconds
         self.backend.claimed = True
-        prefix = self.answer_prefix
-        self.label_tokens = (self.backend.label_ids(self._continuation(prefix, self.framing.label_c)),
-                             self.backend.label_ids(self._continuation(prefix, self.framing.label_d)))
+        self._phrase_ids: dict[bool, tuple[list[list[int]], np.ndarray, list[str]]] = {}
         self.progress: Any = None  # a tqdm bar, when the run shows one
         self.memo: dict[tuple, Any] = {}
         self.records: list[dict[str, Any]] = []
@@ -118,28 +170,44 @@ class LLMPolicy:
         self._reflections: dict[tuple[int, int, int], str] = {}
         self.counts = {"decisions": 0, "computed": 0, "memo_hits": 0, "invalid": 0,
                        "retries": 0, "fallbacks": 0, "reflections": 0}
-
-    @staticmethod
-    def _continuation(prefix: str, label: str) -> str:
-        return (" " + label) if prefix and not prefix.endswith(" ") else label
+        self._mass: list[float] = []
+        self._by_order = {"CD": [0, 0, 0.0], "DC": [0, 0, 0.0]}  # read, read as C, sum P(C)
 
     # ------------------------------------------------------------ prompts
 
-    def messages(self, view: View, i: int, order: tuple[str, str]) -> list[dict[str, str]]:
-        """The chat messages of decision ``i`` of ``view``."""
+    def _shown(self, n: int, rng: np.random.Generator) -> list[Shown]:
+        p, f = self.params, self.framing
+        d_first = np.full(n, p.option_order == "reversed")
+        if p.option_order == "random":
+            d_first = rng.random(n) < 0.5
+        swapped = np.full(n, p.label_assignment == "swapped")
+        if p.label_assignment == "random":
+            swapped = rng.random(n) < 0.5
+        out = []
+        for first, swap in zip(d_first, swapped):
+            c, d = (f.label_d, f.label_c) if swap else (f.label_c, f.label_d)
+            out.append(Shown(c, d, bool(first), bool(swap)))
+        return out
+
+    def messages(self, view: View, i: int, shown: Shown) -> list[dict[str, str]]:
+        """The chat messages of decision ``i`` of ``view``, options as ``shown``."""
         f, g = self.framing, self.game
         r = int(view.round[i]) + 1
         total = int(view.rounds_total[i]) if view.rounds_total is not None else -1
+        first, second = shown.order
         variables = {
             "R": f"{g.R:g}", "S": f"{g.S:g}", "T": f"{g.T:g}", "P": f"{g.P:g}",
             "length_rule": (f"There will be {total} {f.round_word}s." if total > 0 else
                             f"You do not know how many {f.round_word}s there will be."),
             "round": r, "of_rounds": f" of {total}" if total > 0 else "",
             "rounds_left": total - r if total > 0 else "unknown",
-            "history": self._history(view, i),
-            "score": f"{float(view.score[i]):g}" if view.score is not None else "0",
+            "history": self._history(view, i, shown),
+            "score": f"{self._remembered_points(view, i):g}",
             "reflection": self._reflection_line(view, i),
-            "label_c": f.label_c, "label_d": f.label_d, "first": order[0], "second": order[1],
+            "label_c": shown.label_c, "label_d": shown.label_d, "first": first,
+            "second": second,
+            "answer_format": f.answer_format(self.params.mode, first, second,
+                                             self.params.answer_format),
         }
         user = f.rules.format(**variables) + "\n\n" + f.turn.format(**variables)
         out = []
@@ -148,19 +216,27 @@ class LLMPolicy:
         out.append({"role": "user", "content": user})
         return out
 
-    def _history(self, view: View, i: int) -> str:
+    def _history(self, view: View, i: int, shown: Shown) -> str:
         f = self.framing
         n = int(view.length[i])
         if n == 0:
             return "Nothing has happened yet."
         lines = [f"What you remember of the last {n} {f.round_word}{'s' if n > 1 else ''} "
                  "(oldest first):"]
-        verbs = {0: f.label_c, 1: f.label_d}
+        verbs = {C: shown.label_c, D: shown.label_d}
         table = self.game.table
         for mine, theirs in zip(view.mine[i, -n:], view.theirs[i, -n:]):
             lines.append(f"- {f.you}: {verbs[int(mine)]}; {f.other}: {verbs[int(theirs)]} "
                          f"({f.you} got {table[mine, theirs]:g} points)")
         return "\n".join(lines)
+
+    def _remembered_points(self, view: View, i: int) -> float:
+        """Points of the remembered rounds only: a whole-match score would tell the
+        model about rounds its memory window has dropped."""
+        n = int(view.length[i])
+        if n == 0:
+            return 0.0
+        return float(self.game.table[view.mine[i, -n:], view.theirs[i, -n:]].sum())
 
     def _reflection_line(self, view: View, i: int) -> str:
         if not (self.params.reflection and self.params.feed_reflection):
@@ -170,101 +246,169 @@ class LLMPolicy:
 
     # ------------------------------------------------------------ deciding
 
-    def decide(self, view: View, rng: np.random.Generator) -> np.ndarray:
+    def decide(self, view: View, rng: np.random.Generator) -> Decisions:
         n = len(view)
         if n == 0:
-            return np.zeros(0, np.int8)
+            return Decisions(np.zeros(0, np.int8), np.zeros(0, bool))
         started = time.perf_counter()
-        f = self.framing
-        orders = [(f.label_c, f.label_d)] * n
-        if self.params.shuffle_labels:
-            flips = rng.random(n) < 0.5
-            orders = [(f.label_d, f.label_c) if flip else (f.label_c, f.label_d) for flip in flips]
-        conversations = [self.messages(view, i, orders[i]) for i in range(n)]
+        shown = self._shown(n, rng)
+        conversations = [self.messages(view, i, shown[i]) for i in range(n)]
+        prefix = self.answer_prefix if self.params.mode == "score" else ""
+        texts = [self.backend.render(c, prefix, self.chat_template) for c in conversations]
+        ids = [self.backend.tokenize(t) for t in texts]
         if self.params.mode == "score":
-            actions, extra = self._score(conversations, rng)
+            actions, extra = self._score(ids, texts, shown, rng)
         else:
-            actions, extra = self._generate(conversations, view, rng)
+            actions, extra = self._generate(conversations, ids, shown, view, rng)
+        fallback = np.array([e["fallback"] for e in extra], bool)
         latency = (time.perf_counter() - started) / n
         self.counts["decisions"] += n
         if self.progress is not None:
             self.progress.update(n)
         for i in range(n):
+            s = shown[i]
             record = {
                 "step": view.step + 1, "match": int(view.match[i]), "side": int(_side(view, i)),
                 "round": int(view.round[i]) + 1, "agent": int(view.agent[i]),
                 "opponent": int(view.opponent[i]), "mode": self.params.mode,
-                "framing": f.name, "prompt": conversations[i], **extra[i],
+                "framing": self.framing.name, "prompt": conversations[i],
+                "input": texts[i], "input_tokens": len(ids[i]),
+                "labels": [s.label_c, s.label_d], "option_order": "DC" if s.d_first else "CD",
+                **extra[i],
                 "response": (f"{self.answer_prefix} {extra[i]['answer']}".strip()
                              if self.params.mode == "score" else extra[i]["answer"]),
-                "action": "CD"[int(actions[i])], "reflection": None,
-                "latency_s": round(latency, 4), "model": self.params.model,
+                "action": "invalid" if actions[i] == INVALID else "CD"[int(actions[i])],
+                "reflection": None, "latency_s": round(latency, 4), "model": self.params.model,
                 "revision": self.backend.revision,
             }
             self.records.append(record)
             self._pending[(view.step, record["match"], record["side"])] = record
-        return actions
+            if record["valid"]:
+                tally = self._by_order[record["option_order"]]
+                tally[0] += 1
+                tally[1] += actions[i] == C
+                tally[2] += record.get("p_cooperate", float(actions[i] == C))
+        return Decisions(actions, fallback)
 
-    def _score(self, conversations: list, rng: np.random.Generator) -> tuple[np.ndarray, list]:
-        keys = [self.backend.encode(c, self.answer_prefix) for c in conversations]
-        logp = self._memoized(keys, lambda todo: list(self.backend.score(
-            todo, self.label_tokens, self.params.max_batch_size)), always=True)
-        logp = np.array(logp)
-        temperature = self.params.temperature
-        # probabilities of the two answers, renormalised over the pair
+    def _phrasings(self, swapped: bool, context: str) -> tuple[list[list[int]], np.ndarray,
+                                                               list[str]]:
+        """Token ids of every phrasing as it continues ``context``, which option each
+        stands for, and its text; a phrasing that extends another is dropped (its
+        probability is already inside the shorter one's)."""
+        if swapped in self._phrase_ids:
+            return self._phrase_ids[swapped]
+        f, p = self.framing, self.params
+        if p.phrasings is not None:
+            space = " " if self.answer_prefix and not self.answer_prefix.endswith(" ") else ""
+            sets = ([space + t.strip() for t in p.phrasings.cooperate],
+                    [space + t.strip() for t in p.phrasings.defect])
+        else:
+            sets = f.phrasings[::-1] if swapped else f.phrasings
+        entries = sorted({(tuple(self.backend.continuation_ids(context, text)), option, text)
+                          for option, texts in enumerate(sets) for text in texts},
+                         key=lambda e: len(e[0]))
+        kept: list[tuple[tuple[int, ...], int, str]] = []
+        for tokens, option, text in entries:
+            shorter = next((k for k in kept if tokens[:len(k[0])] == k[0]), None)
+            if shorter is None:
+                kept.append((tokens, option, text))
+            elif shorter[1] != option:
+                from abm.errors import ScenarioError
+                raise ScenarioError(
+                    f"the phrasing {text!r} begins with the tokens of {shorter[2]!r}, which "
+                    "stands for the other option, so its probability would count for both; "
+                    "change one of them")
+        result = ([list(k[0]) for k in kept], np.array([k[1] for k in kept]),
+                  [k[2] for k in kept])
+        self._phrase_ids[swapped] = result
+        return result
+
+    def _score(self, ids: list[list[int]], texts: list[str], shown: list[Shown],
+               rng: np.random.Generator) -> tuple[np.ndarray, list]:
+        n = len(ids)
+        logp = np.empty((n, 2))
+        for swapped in sorted({s.swapped for s in shown}):
+            rows = [i for i in range(n) if shown[i].swapped == swapped]
+            tokens, owner, _ = self._phrasings(swapped, texts[rows[0]])
+            per = np.array(self._memoized(
+                [(swapped, tuple(ids[i])) for i in rows],
+                lambda todo, tokens=tokens: list(self.backend.score_phrasings(
+                    [list(k[1]) for k in todo], tokens, self.params.max_batch_size)),
+                deterministic=True))
+            for option in (C, D):
+                logp[rows, option] = np.logaddexp.reduce(per[:, owner == option], axis=1)
+        mass = np.exp(logp).sum(axis=1)
+        # probabilities of the two options, renormalised over the pair
         z = logp - logp.max(axis=1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        if temperature == 0:
+        draws = rng.random(n)  # drawn at temperature 0 too: keeps the stream aligned
+        if self.params.temperature == 0:
             actions = (probs[:, 1] > probs[:, 0]).astype(np.int8)
-            draws = rng.random(len(keys))  # keeps the stream aligned with sampling runs
         else:
-            tempered = np.exp(z / temperature)
-            p_defect = tempered[:, 1] / tempered.sum(axis=1)
-            draws = rng.random(len(keys))
-            actions = (draws < p_defect).astype(np.int8)
-        f = self.framing
-        extra = [{"answer": f.label_c if a == C else f.label_d, "valid": True, "retries": 0,
+            tempered = np.exp(z / self.params.temperature)
+            actions = (draws < tempered[:, 1] / tempered.sum(axis=1)).astype(np.int8)
+        self._mass.extend(mass.tolist())
+        extra = [{"answer": s.label_c if a == C else s.label_d, "valid": True, "retries": 0,
                   "fallback": False, "p_cooperate": float(p[0]), "p_defect": float(p[1]),
-                  "logprob_cooperate": float(lp[0]), "logprob_defect": float(lp[1])}
-                 for a, p, lp in zip(actions, probs, logp)]
+                  "logprob_cooperate": float(lp[0]), "logprob_defect": float(lp[1]),
+                  "label_mass": float(m)}
+                 for a, p, lp, m, s in zip(actions, probs, logp, mass, shown)]
         return actions, extra
 
-    def _generate(self, conversations: list, view: View,
-                  rng: np.random.Generator) -> tuple[np.ndarray, list]:
-        from abm.llm.parsing import parse_action
+    def _generate(self, conversations: list, ids: list[list[int]], shown: list[Shown],
+                  view: View, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+        from abm.llm.parsing import label_words
 
         p, f = self.params, self.framing
         seed = int(rng.integers(2**31 - 1))
-        keys = [self.backend.encode(c) for c in conversations]
-        answers = self._memoized(keys, lambda todo: self.backend.generate(
-            todo, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
-            seed=seed, max_batch_size=p.max_batch_size), always=p.temperature == 0)
-        parsed = [parse_action(a, f.c_words, f.d_words) for a in answers]
-        extra = [{"answer": a, "valid": act is not None, "parse": why, "retries": 0,
-                  "fallback": False, "first_answer": None} for a, (act, why) in zip(answers, parsed)]
-        bad = [i for i, (act, _) in enumerate(parsed) if act is None]
+        sampling = p.temperature > 0
+        words = {s.swapped: (f.words if not s.swapped else label_words(s.label_c, s.label_d))
+                 for s in shown}
+
+        def read(text: str, s: Shown) -> Any:
+            from abm.llm.parsing import parse_answer
+            return parse_answer(text, words[s.swapped])
+
+        answers = self._memoized([tuple(k) for k in ids], lambda todo: self.backend.generate(
+            [list(t) for t in todo], temperature=p.temperature, top_p=p.top_p,
+            max_new_tokens=p.max_new_tokens, seed=seed, max_batch_size=p.max_batch_size),
+            deterministic=not sampling)
+        readings = [read(a, s) for a, s in zip(answers, shown)]
+        extra = [{"answer": a, "valid": r.action is not None, "parse": r.reason,
+                  "parsed_from": r.evidence, "retries": 0, "fallback": False,
+                  "first_answer": None} for a, r in zip(answers, readings)]
+        bad = [i for i, r in enumerate(readings) if r.action is None]
         if bad:
             self.counts["retries"] += len(bad)
-            again = [conversations[i] + [{"role": "assistant", "content": answers[i]},
-                                         {"role": "user", "content": f.reminder}] for i in bad]
-            retry = self.backend.generate([self.backend.encode(c) for c in again],
+            again = [conversations[i] + [
+                {"role": "assistant", "content": answers[i]},
+                {"role": "user", "content": f.reminder(p.mode, *shown[i].order, p.answer_format)}]
+                for i in bad]
+            texts = [self.backend.render(c, "", self.chat_template) for c in again]
+            retry = self.backend.generate([self.backend.tokenize(t) for t in texts],
                                           temperature=p.temperature, top_p=p.top_p,
                                           max_new_tokens=p.max_new_tokens, seed=seed + 1,
                                           max_batch_size=p.max_batch_size)
-            for i, text in zip(bad, retry):
-                act, why = parse_action(text, f.c_words, f.d_words)
+            for i, text, rendered, conversation in zip(bad, retry, texts, again):
+                reading = read(text, shown[i])
                 extra[i].update(first_answer=answers[i], answer=text, retries=1,
-                                valid=act is not None, parse=why)
-                parsed[i] = (act, why)
-        actions = np.zeros(len(keys), np.int8)
-        coin = rng.random(len(keys))
-        for i, (act, _) in enumerate(parsed):
-            if act is None:
-                self.counts["invalid"] += 1
+                                valid=reading.action is not None, parse=reading.reason,
+                                parsed_from=reading.evidence, retry_input=rendered,
+                                retry_prompt=conversation[-1]["content"])
+                readings[i] = reading
+        actions = np.zeros(len(ids), np.int8)
+        coin = rng.random(len(ids))
+        for i, reading in enumerate(readings):
+            if reading.action is not None:
+                actions[i] = reading.action
+                continue
+            self.counts["invalid"] += 1
+            if p.fallback == "invalid":
+                actions[i] = INVALID
+            else:
                 self.counts["fallbacks"] += 1
                 extra[i]["fallback"] = True
-                act = self._fallback(view, i, coin[i])
-            actions[i] = act
+                actions[i] = self._fallback(view, i, coin[i])
         return actions, extra
 
     def _fallback(self, view: View, i: int, coin: float) -> int:
@@ -274,18 +418,22 @@ class LLMPolicy:
             return C if last == EMPTY else last
         return {"cooperate": C, "defect": D}.get(rule, D if coin < 0.5 else C)
 
-    def _memoized(self, keys: list[list[int]], compute, always: bool) -> list:
-        """Answer each distinct prompt once; with ``always`` also across calls."""
-        use_memo = always and self.params.memoize
-        tuples = [tuple(k) for k in keys]
-        todo = list(dict.fromkeys(t for t in tuples if not (use_memo and t in self.memo)))
-        results = dict(zip(todo, compute([list(t) for t in todo]))) if todo else {}
+    def _memoized(self, keys: list[tuple], compute, deterministic: bool) -> list:
+        """Answer each distinct prompt once when answers are deterministic (and, with
+        ``memoize``, across calls); sampled answers are drawn once per decision, so
+        independent players never share a draw."""
+        if not deterministic:
+            self.counts["computed"] += len(keys)
+            return list(compute(keys)) if keys else []
+        use_memo = self.params.memoize
+        todo = list(dict.fromkeys(k for k in keys if not (use_memo and k in self.memo)))
+        results = dict(zip(todo, compute(todo))) if todo else {}
         self.counts["computed"] += len(todo)
         self.counts["memo_hits"] += len(keys) - len(todo)
         if use_memo:
             self.memo.update(results)
             results = {**self.memo, **results}
-        return [results[t] for t in tuples]
+        return [results[k] for k in keys]
 
     # ------------------------------------------------------------ after the round
 
@@ -293,29 +441,43 @@ class LLMPolicy:
         """Attach what happened to the pending records; ask for reflections in one batch."""
         keys = [(outcome.step, int(m), int(s)) for m, s in zip(outcome.match, outcome.side)]
         records = [self._pending.pop(k) for k in keys]
-        for record, mine, theirs, pay in zip(records, outcome.mine, outcome.theirs,
-                                             outcome.payoff):
+        played = []
+        for key, record, mine, theirs, pay in zip(keys, records, outcome.mine, outcome.theirs,
+                                                  outcome.payoff):
+            if mine == EMPTY:  # the match stopped on an unreadable answer: nothing happened
+                record.update(actual=None, opponent_action=None, payoff=None)
+                continue
             record.update(actual="CD"[int(mine)], opponent_action="CD"[int(theirs)],
                           payoff=float(pay))
-        if not self.params.reflection or not records:
+            played.append((key, record, int(mine), int(theirs)))
+        if not self.params.reflection or not played:
             return
-        f = self.framing
+        f, p = self.framing, self.params
         conversations = []
-        for record, mine, theirs in zip(records, outcome.mine, outcome.theirs):
-            ask = f.reflect.format(other=f.other, you=f.you, theirs=f.did[int(theirs)],
-                                   mine=f.did[int(mine)])
+        for _, record, mine, theirs in played:
+            did = f.did if f.name == "police" else tuple(record["labels"])
+            ask = f.reflect.format(other=f.other, you=f.you, theirs=did[theirs], mine=did[mine])
             conversations.append(record["prompt"] + [
                 {"role": "assistant", "content": record["response"]},
                 {"role": "user", "content": ask}])
-        encoded = [self.backend.encode(c) for c in conversations]
-        texts = self._memoized(encoded, lambda todo: self.backend.generate(
-            todo, temperature=0.0, max_new_tokens=self.params.reflection_tokens,
-            max_batch_size=self.params.max_batch_size), always=True)
+        rendered = [self.backend.render(c, "", self.chat_template) for c in conversations]
+        sampling = p.reflection_temperature > 0
+        seed = int(outcome.step * 1009 + outcome.round)
+        texts = self._memoized([tuple(self.backend.tokenize(t)) for t in rendered],
+                               lambda todo: self.backend.generate(
+                                   [list(t) for t in todo], temperature=p.reflection_temperature,
+                                   top_p=p.top_p, max_new_tokens=p.reflection_tokens, seed=seed,
+                                   max_batch_size=p.max_batch_size),
+                               deterministic=not sampling)
         self.counts["reflections"] += len(texts)
-        for key, record, conversation, text in zip(keys, records, conversations, texts):
-            record["reflection"] = text
+        for (key, record, _, _), conversation, text, inp in zip(played, conversations, texts,
+                                                                rendered):
+            clean = clean_reflection(text, (f.you, f.other, f.speaker.strip(" :")))
+            record["reflection"] = clean
+            record["reflection_raw"] = text
             record["reflection_prompt"] = conversation[-1]["content"]
-            self._reflections[key] = text
+            record["reflection_input"] = inp
+            self._reflections[key] = clean
 
     # ------------------------------------------------------------ reporting
 
@@ -326,19 +488,52 @@ class LLMPolicy:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """This run's work: the backend's counters since this policy was made (a
-        loaded model serves every run of a process), and the load time if this run
-        loaded the model."""
+        """This run's work and measurement quality: the backend's counters since this
+        policy was made (a loaded model serves every run of a process), the load time
+        if this run loaded the model, the invalid rate, the label mass (score mode),
+        cooperation by option order, and warnings."""
         b, start = self.backend.stats, self._stats_start
         decisions = self.counts["decisions"]
-        return {**self.counts, "model": self.params.model, "mode": self.params.mode,
-                "invalid_rate": self.counts["invalid"] / decisions if decisions else 0.0,
-                "tokens": b.tokens - start.tokens,
-                "forward_passes": b.forward_passes - start.forward_passes,
-                "generate_calls": b.generate_calls - start.generate_calls,
-                "prefix_cache_hits": b.prefix_hits - start.prefix_hits,
-                "llm_seconds": round(b.seconds - start.seconds, 3),
-                "load_seconds": round(self._load_seconds, 3)}
+        out = {**self.counts, "model": self.params.model, "mode": self.params.mode,
+               "fallback_rule": self.params.fallback,
+               "invalid_rate": self.counts["invalid"] / decisions if decisions else 0.0,
+               "tokens": b.tokens - start.tokens,
+               "forward_passes": b.forward_passes - start.forward_passes,
+               "generate_calls": b.generate_calls - start.generate_calls,
+               "prefix_cache_hits": b.prefix_hits - start.prefix_hits,
+               "llm_seconds": round(b.seconds - start.seconds, 3),
+               "load_seconds": round(self._load_seconds, 3)}
+        if self._mass:
+            mass = np.array(self._mass)
+            out["label_mass"] = {"mean": float(mass.mean()), "min": float(mass.min()),
+                                 "median": float(np.median(mass)),
+                                 "below_threshold": int((mass < self.params.warn_label_mass)
+                                                        .sum())}
+        out["by_option_order"] = {
+            order: {"decisions": n, "cooperate": int(c),
+                    "p_cooperate": (s / n if n else None)}
+            for order, (n, c, s) in self._by_order.items() if n}
+        out["warnings"] = self._warnings(out)
+        return out
+
+    def _warnings(self, stats: dict[str, Any]) -> list[str]:
+        p, out = self.params, []
+        if stats["decisions"] and stats["invalid_rate"] > p.warn_invalid_rate:
+            played = ("nothing was played for them and their matches stopped"
+                      if p.fallback == "invalid" else f"the fallback rule ({p.fallback}) "
+                      "played them, flagged in every table")
+            out.append(f"{stats['invalid']} of {stats['decisions']} answers of {p.model} "
+                       f"({stats['invalid_rate']:.0%}) could not be read as a decision "
+                       f"(threshold {p.warn_invalid_rate:.0%}); {played}. Read them in "
+                       "transcripts.jsonl (answer, parse).")
+        mass = stats.get("label_mass")
+        if mass and mass["mean"] < p.warn_label_mass:
+            out.append(f"{p.model} put on average {mass['mean']:.0%} (least {mass['min']:.0%}) "
+                       "of its next-token probability on the option phrasings (threshold "
+                       f"{p.warn_label_mass:.0%}): its choices are relative preferences "
+                       "between two unlikely answers; consider more phrasings or another "
+                       "framing.")
+        return out
 
 
 def _side(view: View, i: int) -> int:

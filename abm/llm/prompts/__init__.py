@@ -1,8 +1,9 @@
 """Prompt framings: the experiment's police story, a neutral game, or a custom template.
 
 A template file has two parts separated by a line ``---``: the rules (the
-same in every prompt of a run, so their key/value cache is reused) and the
-turn (this decision). Both are ``str.format`` templates over these variables:
+same in every prompt of a run that shows the options in one order, so their
+key/value cache is reused) and the turn (this decision). Both are templates
+over these plain ``{name}`` fields (no attribute, index or format spec):
 
 ``R``, ``S``, ``T``, ``P``   the payoffs
 ``length_rule``              one sentence on the match length
@@ -10,23 +11,34 @@ turn (this decision). Both are ``str.format`` templates over these variables:
 ``of_rounds``                " of N" when the length is fixed, else ""
 ``rounds_left``              rounds left after this one, or "unknown"
 ``history``                  the memory window as text, oldest first
-``score``                    points in the current match so far
+``score``                    points earned in the remembered rounds
 ``reflection``               the last reflection line (empty when off or none yet)
 ``label_c``, ``label_d``     the labels of the cooperative and the defecting option
 ``first``, ``second``        the two labels in the order shown this time
+``answer_format``            how to answer: one sentence that depends on the mode
 """
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from abm.llm.parsing import AnswerWords, label_words, police_words
+
 HERE = Path(__file__).resolve().parent
+
+VARIABLES = ("R", "S", "T", "P", "length_rule", "round", "of_rounds", "rounds_left", "history",
+             "score", "reflection", "label_c", "label_d", "first", "second", "answer_format")
 
 
 @dataclass(frozen=True)
 class Framing:
-    """Everything a framing decides: texts, labels and how answers are read."""
+    """Everything a framing decides: texts, labels, how answers are read and scored.
+
+    ``phrasings`` are the continuations of ``answer_prefix`` whose probabilities
+    make up each option in score mode (C's first, then D's).
+    """
 
     name: str
     rules: str
@@ -34,15 +46,29 @@ class Framing:
     label_c: str
     label_d: str
     answer_prefix: str
-    c_words: tuple[str, ...]
-    d_words: tuple[str, ...]
+    words: AnswerWords
+    phrasings: tuple[tuple[str, ...], tuple[str, ...]]
     you: str
     other: str
     round_word: str
-    reminder: str
     reflect: str = ("In this round, {other} chose {theirs}, while {you} chose {mine}. Based "
                     "on this outcome, please reflect on your decision-making in this game.")
     did: tuple[str, str] = ("", "")
+    speaker: str = ""  # who asks the questions ("Police: "), for reminders
+
+    def answer_format(self, mode: str, first: str, second: str, style: str = "line") -> str:
+        """The sentence that tells the model how to answer, options in the order shown."""
+        if mode == "score":
+            return f'Answer with "{first}" or "{second}".'
+        if style == "json":
+            return (f'Reply with JSON only: {{"action": "{first}"}} or '
+                    f'{{"action": "{second}"}}.')
+        return f'Reply with one line: "Answer: {first}" or "Answer: {second}".'
+
+    def reminder(self, mode: str, first: str, second: str, style: str = "line") -> str:
+        """What a retry after an unreadable answer says."""
+        return (f"{self.speaker}Your reply could not be read. "
+                + self.answer_format(mode, first, second, style))
 
 
 def split_template(text: str) -> tuple[str, str]:
@@ -54,46 +80,54 @@ def split_template(text: str) -> tuple[str, str]:
 
 
 def police() -> Framing:
+    """The experiment's story: Suspect1 questioned by the Police; remain silent = C."""
     rules, turn = split_template((HERE / "police.txt").read_text(encoding="utf-8"))
-    return Framing("police", rules, turn, "remain silent", "testify", "Suspect1: I want to",
-                   ("remain silent", "stay silent", "keep silent", "silent", "cooperate"),
-                   ("testify", "testified", "confess", "defect"), "Suspect1", "Suspect2",
-                   "interrogation",
-                   'Police: Please answer with exactly "remain silent" or "testify".',
-                   "Police: In this simulation, {other} {theirs}, while {you} {mine}. Based on "
-                   "this outcome, please reflect on your decision-making in this simulation.",
-                   ("remained silent", "testified against the other"))
+    return Framing(
+        "police", rules, turn, "remain silent", "testify", "Suspect1: I want to", police_words(),
+        ((" remain silent", " stay silent", " keep silent", " remain quiet", " stay quiet",
+          " keep quiet", " cooperate"),
+         (" testify", " confess", " defect", " betray")),
+        "Suspect1", "Suspect2", "interrogation",
+        "Police: In this simulation, {other} {theirs}, while {you} {mine}. Based on this "
+        "outcome, please reflect on your decision-making in this simulation.",
+        ("remained silent", "testified against the other"), speaker="Police: ")
 
 
 def neutral(labels: tuple[str, str]) -> Framing:
+    """An abstract two-option game; ``labels`` name C and D."""
     rules, turn = split_template((HERE / "neutral.txt").read_text(encoding="utf-8"))
     c, d = labels
-    return Framing("neutral", rules, turn, c, d, "I choose option", (c,), (d,), "you",
-                   "the other player", "round",
-                   f"Please answer with exactly one option: {c} or {d}.", did=(c, d))
+    return Framing("neutral", rules, turn, c, d, "I choose option", label_words(c, d),
+                   ((" " + c,), (" " + d,)), "you", "the other player", "round", did=(c, d))
 
 
 def custom(path: Path, labels: tuple[str, str], answer_prefix: str) -> Framing:
+    """A template file of the user's; ``labels`` name C and D."""
     rules, turn = split_template(path.read_text(encoding="utf-8"))
     c, d = labels
-    return Framing("custom", rules, turn, c, d, answer_prefix, (c,), (d,), "you",
-                   "the other player", "round",
-                   f"Please answer with exactly one of: {c} or {d}.", did=(c, d))
-
-
-VARIABLES = ("R", "S", "T", "P", "length_rule", "round", "of_rounds", "rounds_left", "history",
-             "score", "reflection", "label_c", "label_d", "first", "second")
+    space = " " if answer_prefix and not answer_prefix.endswith(" ") else ""
+    return Framing("custom", rules, turn, c, d, answer_prefix, label_words(c, d),
+                   ((space + c,), (space + d,)), "you", "the other player", "round", did=(c, d))
 
 
 def check_template(framing: Framing) -> None:
-    """ValueError naming any variable a template uses that abm does not provide."""
-    values = {name: "" for name in VARIABLES}
+    """ValueError naming any field a template uses that abm does not provide, or uses
+    with attribute access, indexing, a conversion or a format spec."""
     for part in (framing.rules, framing.turn):
         try:
-            part.format(**values)
-        except KeyError as exc:
-            raise ValueError(f"the template uses {{{exc.args[0]}}}, which is not a template "
-                             f"variable; allowed: {', '.join(VARIABLES)}") from None
-        except (IndexError, ValueError) as exc:
+            fields = list(string.Formatter().parse(part))
+        except ValueError as exc:
             raise ValueError(f"the template is not a valid format string ({exc}); write "
                              "literal braces as {{ and }}") from None
+        for _, name, spec, conversion in fields:
+            if name is None:
+                continue
+            if name not in VARIABLES:
+                plain = name.split(".")[0].split("[")[0]
+                why = ("is not a template variable" if plain not in VARIABLES
+                       else "uses attribute or index access, which templates do not allow")
+                raise ValueError(f"the template uses {{{name}}}, which {why}; allowed: "
+                                 f"{', '.join(VARIABLES)}")
+            if spec or conversion:
+                raise ValueError(f"the template field {{{name}}} has a conversion or format "
+                                 "spec; write plain {name} fields only")
