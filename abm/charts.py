@@ -45,14 +45,16 @@ def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
     )
     tooltip = ["player", "opponent", alt.Tooltip(f"{value}:Q", format=fmt),
                alt.Tooltip("unread:Q", title="share not read from the model", format=".0%")]
-    cells = base.mark_rect().encode(
-        color=alt.condition(f"isValid(datum['{value}'])",
-                            alt.Color(f"{value}:Q",
-                                      scale=alt.Scale(scheme="viridis", domain=[lo, hi])),
-                            alt.value("#bbbbbb")),
+    valid = f"isValid(datum['{value}'])"
+    cells = base.transform_filter(valid).mark_rect().encode(
+        color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme="viridis", domain=[lo, hi])),
         tooltip=tooltip,
     )
-    layers = [cells]
+    # Vega-Lite drops marks whose colour field is null, so cells without a value
+    # get a layer of their own
+    missing = base.transform_filter(f"!{valid}").mark_rect(color="#bbbbbb").encode(
+        tooltip=tooltip)
+    layers = [cells, missing]
     if data["marked"].any():
         layers.append(base.transform_filter("datum.marked").mark_rect(
             fill=None, stroke="#ff7f0e", strokeWidth=3).encode(tooltip=tooltip))
@@ -60,7 +62,7 @@ def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
         middle = (lo + hi) / 2
         layers.append(base.mark_text(fontSize=12 if len(labels) <= 12 else 9).encode(
             text="text:N",
-            color=alt.condition(f"isValid(datum['{value}']) && datum['{value}'] > {middle}",
+            color=alt.condition(f"!{valid} || datum['{value}'] > {middle}",
                                 alt.value("black"), alt.value("white")),
         ))
     subtitle = ([] if not data["marked"].any() else

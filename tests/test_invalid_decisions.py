@@ -164,3 +164,26 @@ def test_memory_across_matches_skips_the_unplayed_round():
     game.policies[0] = Scripted("CCC")
     nxt = game.play(1, np.array([0]))
     assert list(nxt.intended[:, 1]) == [D, C, C]
+
+
+def test_heatmap_marks_unread_cells_and_greys_cells_without_data():
+    from abm import charts
+
+    labels = ["LLM", "TFT"]
+    index = pd.Index(labels, name="player")
+    values = pd.DataFrame([[np.nan, 20.0], [np.nan, 45.0]], index=index, columns=labels)
+    unread = pd.DataFrame([[1.0, 0.2], [0.0, 0.0]], index=index, columns=labels)
+    spec = charts.heatmap(values, "payoff", "payoff", unread=unread).to_dict()
+    rows = {(r["player"], r["opponent"]): r for r in
+            next(iter(spec["datasets"].values()))}
+    # a value with some unread decisions gets a "*"; a cell with decisions but no
+    # complete match reads "no data"; a clean cell is just its number
+    assert rows[("LLM", "TFT")]["text"] == "20*" and rows[("LLM", "TFT")]["marked"]
+    assert rows[("LLM", "LLM")]["text"] == "no data"
+    assert rows[("TFT", "LLM")]["text"] == "no data" and not rows[("TFT", "LLM")]["marked"]
+    assert rows[("TFT", "TFT")]["text"] == "45"
+    marks = [layer["mark"] for layer in spec["layer"]]
+    # the grey layer exists apart from the colour scale (which drops null values) and
+    # the orange frame layer draws the marked cells
+    assert {"type": "rect", "color": "#bbbbbb"} in marks
+    assert any(m.get("stroke") == "#ff7f0e" for m in marks)

@@ -102,6 +102,9 @@ def test_a_final_decision_line_overrides_any_valid_answer(framing, answer):
     (" \n\t ", JF, Reading(None, "empty", "")),
     ("Silence is golden", POLICE, Reading(None, "neither", "")),
     ("You chose J.", JF, Reading(None, "neither", "")),
+    ("Testify.\nBecause it pays.", POLICE, Reading(D, "first_line", "Testify")),
+    ("Testify.\nNo, I will remain silent.", POLICE,
+     Reading(None, "conflict", "Testify | I will remain silent")),
 ])
 def test_reason_and_evidence(text, words, expected):
     assert parse_answer(text, words) == expected
@@ -210,7 +213,7 @@ def test_any_text_reads_without_error(text):
     for words in (POLICE, JF, AB):
         reading = parse_answer(text, words)
         assert reading.action in (C, D, None)
-        assert reading.reason in ({"decision_line", "json", "bare", "first_person"}
+        assert reading.reason in ({"decision_line", "json", "bare", "first_person", "first_line"}
                                   if reading.action is not None
                                   else {"empty", "neither", "both", "negated", "conflict"})
         assert isinstance(reading.evidence, str)

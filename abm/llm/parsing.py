@@ -6,7 +6,8 @@ with JSON ``{"action": "<option>"}``). Models do not always comply, so
 
 1. the last decision line (``Answer: testify``, ``Final answer: J``) or JSON object;
 2. an answer that is nothing but one option (``Testimony.``, ``1. Remain silent``, ``J``);
-3. first-person decision clauses (``I will testify``, ``I choose J``).
+3. first-person decision clauses (``I will testify``, ``I choose J``);
+4. a first line that is nothing but one option, followed by an explanation.
 
 abm is a measuring instrument: the parser reads the model's decision, never its
 narrative ("Suspect2 testified", "You chose J"), and never guesses. An answer it
@@ -42,7 +43,8 @@ class AnswerWords:
 class Reading:
     """What :func:`parse_answer` read: ``action`` 0 (C), 1 (D) or None (invalid).
 
-    ``reason`` is "decision_line", "json", "bare" or "first_person" when valid and
+    ``reason`` is "decision_line", "json", "bare", "first_person" or "first_line" when
+    valid and
     "empty", "neither", "both", "negated" or "conflict" when not; ``evidence`` is the
     text the reading rests on ("" when nothing was found).
     """
@@ -260,5 +262,17 @@ def parse_answer(text: str, words: AnswerWords) -> Reading:
     text = _normalise(text)
     # past forms ("testified") are blanked, keeping offsets, so no rule can read them
     masked = rules.past.sub(lambda m: "~" * len(m.group()), text) if rules.past else text
-    return (_declared(masked, text, rules) or _bare(masked, rules)
-            or _first_person(masked, text, rules))
+    found = _declared(masked, text, rules) or _bare(masked, rules)
+    if found is not None:
+        return found
+    person = _first_person(masked, text, rules)
+    # "Testify.\nBecause ..." answers first, then explains: the first line is bare
+    lines = masked.strip().split("\n", 1)
+    head = _bare(lines[0], rules) if len(lines) > 1 else None
+    if head is None or (person.action is None and person.reason != "neither"):
+        return person
+    if person.action is None:
+        return Reading(head.action, "first_line", head.evidence)
+    if person.action == head.action:
+        return person
+    return Reading(None, "conflict", f"{head.evidence} | {person.evidence}")
