@@ -91,9 +91,10 @@ class Tally:
 
     def unread_matrix(self) -> pd.DataFrame:
         """Share of the row player's decisions against the column player that no model
-        answer decided: invalid ones plus those the fallback rule chose (NaN: no decision)."""
+        answer decided: answers that could not be read, whether left unplayed or played
+        by the fallback rule (NaN: no decision)."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self._frame((self.pair_invalid + self.pair_fallbacks) / self.pair_decisions)
+            return self._frame(self.pair_invalid / self.pair_decisions)
 
     def void_matrix(self) -> pd.DataFrame:
         """Matches of the row player against the column player stopped by an unreadable

@@ -51,15 +51,19 @@ class StepResult:
         """Per side: total payoff, actual C and D counts, intended D count, and the
         decisions not read from a model: invalid ones and fallback-chosen ones."""
         n = self.actual.shape[1]
+        fallbacks = (_count(self.fallback) if self.fallback is not None
+                     else np.zeros(n, np.int64))
         return {  # rounds a match did not reach hold payoff 0 and action EMPTY
             "payoff": self.payoff.sum(axis=0),
             "cooperations": _count(self.actual == 0),
             "defections": _count(self.actual == 1),
-            "intended_defections": _count(self.intended == 1),
-            "invalid": _count(self.intended == INVALID),
+            # played rounds only: the round that stopped a match was not played
+            "intended_defections": _count((self.intended == 1) & (self.actual != EMPTY)),
+            # answers that could not be read: those left unplayed and those the
+            # fallback rule played
+            "invalid": _count(self.intended == INVALID) + fallbacks,
+            "fallbacks": fallbacks,
             "decided": _count(self.intended != EMPTY),
-            "fallbacks": (_count(self.fallback) if self.fallback is not None
-                          else np.zeros(n, np.int64)),
         }
 
 

@@ -234,8 +234,12 @@ class DilemmaModel(mesa.Model):
         self.datacollector.collect(self)
         self.played_steps += 1
         if self.evolution is not None:
-            matches = np.bincount(agents, minlength=self.n_nodes)
-            self._evolve(self.evolution.fitness(payoff, matches), matches)
+            # a match stopped by an unreadable answer is no sample of either side's fitness
+            whole = own if result.void is None else own & ~np.concatenate([result.void] * 2)
+            matches = np.bincount(result.agent[whole], minlength=self.n_nodes)
+            earned = np.bincount(result.agent[whole], totals["payoff"][whole],
+                                 minlength=self.n_nodes)
+            self._evolve(self.evolution.fitness(earned, matches), matches)
         if self.played_steps >= self.total_steps:
             self.running = False
 

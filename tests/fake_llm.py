@@ -40,6 +40,7 @@ class FakeBackend:
         self.score_batches: list[int] = []
         self.generate_batches: list[int] = []
         self.generate_temperatures: list[float] = []
+        self.generate_seeds: list[int] = []
 
     # ------------------------------------------------------------ prompts
 
@@ -89,6 +90,7 @@ class FakeBackend:
                  max_batch_size=16):
         self.generate_batches.append(len(prompts))
         self.generate_temperatures.append(temperature)
+        self.generate_seeds.append(seed)
         out = []
         for p in prompts:
             text = self.text(p)

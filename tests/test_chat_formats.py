@@ -167,3 +167,14 @@ def test_chat_template_jinja_syntax_error(tmp_path):
     with pytest.raises(ValueError, match=r"is not valid Jinja \(line 2: ") as info:
         chat_template("broken.jinja", base=tmp_path)
     assert ALL_NAMES in str(info.value)
+
+
+def test_a_tokenizer_without_bos_or_eos_renders_them_empty():
+    messages = [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "U2"}]
+    # the vicuna format by hand, with "" for both tokens
+    want = ("A chat between a curious user and an artificial intelligence assistant. The "
+            "assistant gives helpful, detailed, and polite answers to the user's questions. "
+            "USER: U1 ASSISTANT: A1USER: U2 ASSISTANT:")
+    assert render(NAMED["vicuna"], messages, bos_token=None, eos_token=None) == want
+    assert render(NAMED["plain"], messages[:1], bos_token=None) == "U1\n\n"

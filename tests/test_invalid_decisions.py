@@ -121,6 +121,8 @@ def test_fallback_actions_are_played_and_flagged():
     assert list(r.length) == [5, 5]
     assert r.fallback[:, 0].tolist() == [False, True, False, False, False]
     assert r.totals()["fallbacks"].tolist() == [1, 1, 0, 0]
+    # a fallback action stands for an answer that could not be read
+    assert r.totals()["invalid"].tolist() == [1, 1, 0, 0]
     tally = Tally(["LLM", "TFT", "All-C"], np.array([0, 1, 0, 2]))
     tally.add(r)
     # 1 of the script's 5 decisions against TFT was the rule's
@@ -153,7 +155,10 @@ def test_records_mark_invalid_and_fallback_decisions(tmp_path):
     row = matches[(matches["step"] == 1) & (matches["player"] == "LLM")].iloc[0]
     assert row["rounds"] == 2 and row["invalid"] == 1 and bool(row["void"])
     row = matches[(matches["step"] == 2) & (matches["player"] == "LLM")].iloc[0]
-    assert row["fallbacks"] == 1 and not bool(row["void"])
+    assert row["fallbacks"] == 1 and row["invalid"] == 1 and not bool(row["void"])
+    # the partner's decision in the round that stopped the match was never played
+    tft = matches[(matches["step"] == 1) & (matches["player"] == "TFT")].iloc[0]
+    assert tft["rounds"] == 2 and tft["intended_defections"] == 0
 
 
 def test_memory_across_matches_skips_the_unplayed_round():

@@ -172,7 +172,8 @@ def test_unicode_case_folding_does_not_break_the_reading():
 def test_police_words():
     w = POLICE
     assert w.cooperate[0] == "remain silent" and w.defect[0] == "testify"
-    assert {"silence", "staying silent", "cooperation"} <= set(w.cooperate)
+    assert {"silence", "staying silent"} <= set(w.cooperate)
+    assert {"cooperate", "cooperation"} <= set(w.past)  # ambiguous: never read
     assert {"testimony", "defecting", "confession", "betraying"} <= set(w.defect)
     assert {"testified", "remained silent", "cooperated"} <= set(w.past)
     assert not set(w.cooperate) & set(w.defect)

@@ -165,6 +165,11 @@ def test_fallback_rule_plays_and_flags_but_never_hides(fake, tmp_path):
     assert flagged.iloc[0]["opponent_player"] == "Defect Once"
     matches = pd.read_csv(out / "matches.csv")
     assert matches["fallbacks"].sum() == 1
+    # one meaning of "invalid" everywhere: the answer could not be read
+    assert matches["invalid"].sum() == 1 and unread.loc[("LLM", "Defect Once"), "invalid"] == 1
+    entry = json.loads((out / "summary.json").read_text())["llm"][0]
+    assert entry["invalid"] == entry["fallbacks"] == 1
+    assert entry["by_opponent"]["Defect Once"]["invalid"] == 1
 
 
 def test_all_garbage_is_loud_and_leaves_no_cooperation_behind(fake, tmp_path, capsys):
@@ -290,6 +295,43 @@ def test_reflections_have_their_own_temperature_and_are_cleaned(fake):
     record = model.llm_policies[0].drain()[0]
     assert record["reflection"] == "I think it went as planned."
     assert "reflect on your decision" in record["reflection_input"]
+
+
+def test_sampled_reflections_follow_the_run_seed(fake):
+    seeds = []
+    for seed in (1, 2, 1):
+        fake.generate_seeds.clear()
+        fake.generate_temperatures.clear()
+        spec = scenario({"mode": "generate", "reflection": True,
+                         "reflection_temperature": 0.9}, others=("all_d",))
+        run(DilemmaModel(spec.model_copy(update={"seed": seed})))
+        seeds.append([s for s, t in zip(fake.generate_seeds, fake.generate_temperatures)
+                      if t == 0.9])
+    assert seeds[0] == seeds[2] and seeds[0] != seeds[1]
+
+
+def test_stopped_matches_are_not_fitness(fake, monkeypatch):
+    from abm.evolution import Evolution
+    seen = {}
+    real = Evolution.fitness
+
+    def spy(self, payoff, matches):
+        seen.update(payoff=payoff.copy(), matches=matches.copy())
+        return real(self, payoff, matches)
+
+    monkeypatch.setattr(Evolution, "fitness", spy)
+    # the LLM (node 0) answers round 1 and then garbage: its matches stop in round 2
+    fake.script = lambda text: "Answer: testify" if "Nothing has happened" in text else "Hm."
+    spec = validate_scenario({
+        "seed": 3, "match": {"rounds": 3}, "graph": {"kind": "complete", "self_loops": False},
+        "population": {"players": [{"name": "llm", "label": "LLM", "mode": "generate"},
+                                   "all_c", "all_c"]},
+        "pairing": {"scheme": "all_edges", "steps": 1},
+        "evolution": {"rule": "imitate_best"}})
+    run(DilemmaModel(spec))
+    # node 0's two matches stopped; nodes 1 and 2 keep only their match with each other
+    assert seen["matches"].tolist() == [0, 1, 1]
+    assert seen["payoff"].tolist() == [0, 27, 27]  # 3 rounds of (C, C) at 9
 
 
 def test_the_exact_model_input_is_recorded(fake):

@@ -400,6 +400,11 @@ def _parameter_count(source: ModelSource) -> int | None:
     else:
         folder = Path(source.location)
     files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    index = folder / "model.safetensors.index.json" if folder is not None else None
+    if index is not None and index.is_file():  # sharded: only the shards the index names
+        import json
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        files = [f for f in files if f.name in shards]
     if not files:
         return None
     from safetensors import safe_open

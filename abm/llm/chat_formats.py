@@ -57,9 +57,14 @@ _CHECK = r"""
 """
 
 
+# a tokenizer without a bos or eos token passes None (or nothing): render it as ""
+_TOKENS = ("{%- set bos_token = bos_token if bos_token is defined and bos_token else '' -%}\n"
+           "{%- set eos_token = eos_token if eos_token is defined and eos_token else '' -%}\n")
+
+
 def _build(head: str, user: str, assistant: str, prompt: str, default: str = "none") -> str:
     """Jinja source from Jinja expressions for the start, each turn and the generation prompt."""
-    return (_SPLIT.replace("DEFAULT", default) + "{{- " + head + " -}}\n"
+    return (_TOKENS + _SPLIT.replace("DEFAULT", default) + "{{- " + head + " -}}\n"
             + "{%- for m in turns -%}" + _CHECK
             + "    {%- if m['role'] == 'user' -%}{{- " + user + " -}}\n"
             + "    {%- else -%}{{- " + assistant + " -}}{%- endif -%}\n"

@@ -58,15 +58,14 @@ def police_words() -> AnswerWords:
     """The police framing: remain silent (C) or testify (D), with inflections and synonyms."""
     return AnswerWords(
         ("remain silent", "remaining silent", "stay silent", "staying silent", "keep silent",
-         "keeping silent", "remain quiet", "stay quiet", "keep quiet", "silence", "silent",
-         "cooperate", "cooperating", "cooperation"),
+         "keeping silent", "remain quiet", "stay quiet", "keep quiet", "silence", "silent"),
         ("testify", "testifying", "testimony", "confess", "confessing", "confession", "defect",
          "defecting", "defection", "betray", "betraying"),
         ("remained silent", "stayed silent", "kept silent", "kept quiet", "cooperated",
          "testified", "confessed", "defected", "betrayed",
-         # cooperating with the police means testifying: never read, rather than read as C
-         "cooperate with the police", "cooperating with the police", "cooperate with police",
-         "cooperating with police", "cooperation with the police"))
+         # in an interrogation "cooperate" may mean with the police (testifying) or with
+         # the other suspect (silence): never read, rather than guessed
+         "cooperate", "cooperating", "cooperation"))
 
 
 def label_words(c: str, d: str, extra_c: tuple[str, ...] = (),
@@ -92,6 +91,8 @@ _DECISION_LINE = re.compile(
     rf"(?:[ \t]*[:=]|[ \t]+-+|[ \t]*$)|my[ \t]+(?:final[ \t]+)?{_KEY}[ \t]+is\b[ \t]*:?)"
     r"[ \t]*(?P<value>.*)$", re.I | re.M)
 _NEXT_LINE = re.compile(r"\S[^\n]*")
+_OTHER_SUBJECT = re.compile(r"\b(?:suspect\s*[2-9]|player\s*[2-9]|the\s+other|opponent|partner"
+                            r"|they|he|she|you|police)\b", re.I)
 _JSON = re.compile(r"\{[^{}]*\}")
 _JSON_PAIR = re.compile(rf"""["']?\b{_KEY}\b["']?\s*:\s*(?:"([^"]*)"|'([^']*)')""", re.I)
 # a closing "?" is kept: "Testify?" asks rather than answers
@@ -180,6 +181,8 @@ def _read_value(value: str, rules: _Rules, reason: str, evidence: str) -> Readin
     actions = {rules.action(h.group()) for h in hits}
     if len(actions) != 1:
         return Reading(None, "both" if actions else "neither", evidence)
+    if _OTHER_SUBJECT.search(value[:hits[0].start()]):  # "Answer: Suspect2 will testify"
+        return Reading(None, "neither", evidence)
     if _NEG_RX.search(value[:hits[0].start()]) or _NOT_RX.search(value[hits[0].end():]):
         return Reading(None, "negated", evidence)
     return Reading(actions.pop(), reason, evidence)
@@ -200,7 +203,13 @@ def _declared(masked: str, text: str, rules: _Rules) -> Reading | None:
             found.append((m.start(), " / ".join(values), "json", text[m.start():m.end()]))
     if not found:
         return None
-    _, value, reason, evidence = max(found, key=lambda f: f[0])
+    position, value, reason, evidence = max(found, key=lambda f: f[0])
+    line = masked.rfind("\n", 0, position)
+    # '{"action": "remain silent"} or {"action": "testify"}' echoes the instruction
+    same_line = [f for f in found if f[0] > line and f[2] == "json" and f[0] != position]
+    if reason == "json" and same_line:
+        values = " / ".join([value, *(f[1] for f in same_line)])
+        return _read_value(values, rules, reason, masked[same_line[0][0]:].split("\n")[0])
     return _read_value(value, rules, reason, evidence)
 
 

@@ -171,6 +171,7 @@ class LLMPolicy:
         self.counts = {"decisions": 0, "computed": 0, "memo_hits": 0, "invalid": 0,
                        "retries": 0, "fallbacks": 0, "reflections": 0}
         self._mass: list[float] = []
+        self._reflection_seed = 0
         self._by_order = {"CD": [0, 0, 0.0], "DC": [0, 0, 0.0]}  # read, read as C, sum P(C)
 
     # ------------------------------------------------------------ prompts
@@ -252,6 +253,9 @@ class LLMPolicy:
             return Decisions(np.zeros(0, np.int8), np.zeros(0, bool))
         started = time.perf_counter()
         shown = self._shown(n, rng)
+        if self.params.reflection and self.params.reflection_temperature > 0:
+            # the reflections after this round sample from the run's own stream
+            self._reflection_seed = int(rng.integers(2**31 - 1))
         conversations = [self.messages(view, i, shown[i]) for i in range(n)]
         prefix = self.answer_prefix if self.params.mode == "score" else ""
         texts = [self.backend.render(c, prefix, self.chat_template) for c in conversations]
@@ -360,7 +364,7 @@ class LLMPolicy:
         from abm.llm.parsing import label_words
 
         p, f = self.params, self.framing
-        seed = int(rng.integers(2**31 - 1))
+        seed, retry_seed = (int(x) for x in rng.integers(2**31 - 1, size=2))
         sampling = p.temperature > 0
         words = {s.swapped: (f.words if not s.swapped else label_words(s.label_c, s.label_d))
                  for s in shown}
@@ -387,7 +391,7 @@ class LLMPolicy:
             texts = [self.backend.render(c, "", self.chat_template) for c in again]
             retry = self.backend.generate([self.backend.tokenize(t) for t in texts],
                                           temperature=p.temperature, top_p=p.top_p,
-                                          max_new_tokens=p.max_new_tokens, seed=seed + 1,
+                                          max_new_tokens=p.max_new_tokens, seed=retry_seed,
                                           max_batch_size=p.max_batch_size)
             for i, text, rendered, conversation in zip(bad, retry, texts, again):
                 reading = read(text, shown[i])
@@ -462,7 +466,7 @@ class LLMPolicy:
                 {"role": "user", "content": ask}])
         rendered = [self.backend.render(c, "", self.chat_template) for c in conversations]
         sampling = p.reflection_temperature > 0
-        seed = int(outcome.step * 1009 + outcome.round)
+        seed = self._reflection_seed
         texts = self._memoized([tuple(self.backend.tokenize(t)) for t in rendered],
                                lambda todo: self.backend.generate(
                                    [list(t) for t in todo], temperature=p.reflection_temperature,

@@ -85,7 +85,7 @@ def police() -> Framing:
     return Framing(
         "police", rules, turn, "remain silent", "testify", "Suspect1: I want to", police_words(),
         ((" remain silent", " stay silent", " keep silent", " remain quiet", " stay quiet",
-          " keep quiet", " cooperate"),
+          " keep quiet"),
          (" testify", " confess", " defect", " betray")),
         "Suspect1", "Suspect2", "interrogation",
         "Police: In this simulation, {other} {theirs}, while {you} {mine}. Based on this "
