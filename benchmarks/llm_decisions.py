@@ -8,7 +8,7 @@
 2. score mode: the naive way scores each decision alone with two full forward
    passes (prompt + each answer), no reuse; abm scores each round's batch at
    once with the shared-prefix KV cache and answers repeated prompts once;
-   "abm phrasings" scores every phrasing of the police framing (7 for C, 4 for
+   "abm phrasings" scores every phrasing of the police framing (6 for C, 4 for
    D, as the policy does) on one prefill and one step per level of their trie.
 3. generate mode: the naive way calls transformers' generate once per
    decision; abm
