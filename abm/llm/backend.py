@@ -150,6 +150,11 @@ class Backend:
             raise ScenarioError(f"the action label {label!r} is empty after tokenization")
         return ids
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes, so a new run's work does not depend on earlier runs."""
+        self._prefixes.clear()
+        self._anchor = None
+
     # ---------------------------------------------------------------- scoring
 
     def score(self, prompts: list[list[int]], labels: tuple[list[int], list[int]],
@@ -417,6 +422,25 @@ def _parameter_count(source: ModelSource) -> int | None:
     return total
 
 
+HUB_HOST = ("huggingface.co", 443)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None: offline mode is set, or a
+    connection to it does not open within ``timeout`` seconds."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    import socket
+
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+    except OSError as exc:
+        return f"the hub cannot be reached ({exc.strerror or exc})"
+    return None
+
+
 def _load(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     hf_logging.set_verbosity_error()  # conversion progress bars and notices are not ours
     hf_logging.disable_progress_bar()
@@ -442,6 +466,12 @@ def _load(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> t
         if not source.hub:
             raise ScenarioError(f"cannot load a model from {source.location}: it needs "
                                 "config.json, tokenizer files and weights") from None
+    why = _hub_unreachable()
+    if why:  # transformers would retry for a minute before saying the same
+        raise ScenarioError(
+            f"model {source.name!r} is not in the local Hugging Face cache and {why}; "
+            f"download it where the hub is reachable (huggingface-cli download {source.name}) "
+            "and copy the cache (~/.cache/huggingface), or give a local folder as model")
     try:
         return (AutoTokenizer.from_pretrained(source.location, **options),
                 AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **options))

@@ -9,6 +9,8 @@ fallback rule, and then the played action is flagged as the rule's.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -93,6 +95,13 @@ class LLMParams(BaseModel):
         if self.phrasings is not None and not all(
                 p.strip() for p in self.phrasings.cooperate + self.phrasings.defect):
             raise ValueError("phrasings must be non-empty strings")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device {self.device!r} is not one of \"auto\", \"cpu\", "
+                             "\"cuda\", \"cuda:N\" (a GPU index), \"mps\"")
+        if self.trust_remote_code and os.environ.get("ABM_TRUST_REMOTE_CODE") != "1":
+            raise ValueError("trust_remote_code = true runs Python code that ships with the "
+                             "model; a scenario file alone cannot switch it on: set "
+                             "ABM_TRUST_REMOTE_CODE=1 in the environment of this run as well")
         return self
 
 
@@ -107,6 +116,15 @@ def shared_backend(params: LLMParams) -> Any:
     key = (params.model, params.device, params.dtype, params.trust_remote_code,
            params.prefix_cache)
     if key not in _BACKENDS:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ModuleNotFoundError as exc:
+            from abm.errors import ScenarioError
+            raise ScenarioError(
+                f"LLM players need {exc.name}, which is not installed; from the clone: "
+                "pip install torch==2.13.0 && pip install -e \".[llm]\" (a CPU build of "
+                "torch; see the README for GPUs)") from None
         _BACKENDS[key] = Backend(resolve(params.model), device=params.device, dtype=params.dtype,
                                  trust_remote_code=params.trust_remote_code,
                                  prefix_cache=params.prefix_cache)
@@ -157,6 +175,9 @@ class LLMPolicy:
         self.answer_prefix = (params.answer_prefix if params.answer_prefix is not None
                               else self.framing.answer_prefix)
         self.backend = shared_backend(params)
+        # a run's work must not depend on what an earlier run in this process cached
+        if hasattr(self.backend, "reset_prefix_cache"):
+            self.backend.reset_prefix_cache()
         self._stats_start = dataclasses.replace(self.backend.stats)
         # a model loads once per process: the first policy to use it reports the time
         self._load_seconds = 0.0 if getattr(self.backend, "claimed", False) \
@@ -474,6 +495,8 @@ class LLMPolicy:
                                    max_batch_size=p.max_batch_size),
                                deterministic=not sampling)
         self.counts["reflections"] += len(texts)
+        if self.progress is not None:
+            self.progress.update(len(texts))
         for (key, record, _, _), conversation, text, inp in zip(played, conversations, texts,
                                                                 rendered):
             clean = clean_reflection(text, (f.you, f.other, f.speaker.strip(" :")))
