@@ -1,0 +1,163 @@
+"""What a player did, round by round, and the memory-one strategy that fits it best.
+
+Everything here reads a run's tables (rounds.parquet, optionally the LLM's
+transcripts for probabilities), so it works on any run folder and for rule
+players too. Decisions are the *intended* actions (what the player chose);
+the condition a decision answers is the previous round of the same match as
+it was played (after noise), which is what the player saw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+CONDITIONS = ("first", "CC", "CD", "DC", "DD")
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials; (nan, nan) when n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def classic_strategies(g: float = 1 / 3) -> dict[str, tuple[float, ...]]:
+    """Memory-one strategies as (P(C) first, P(C | CC), P(C | CD), P(C | DC), P(C | DD));
+    the condition is (my last move, the opponent's last move). ``g`` is generous
+    tit-for-tat's forgiveness."""
+    return {
+        "All-C": (1, 1, 1, 1, 1),
+        "All-D": (0, 0, 0, 0, 0),
+        "Tit-for-tat": (1, 1, 0, 1, 0),
+        "Suspicious TFT": (0, 1, 0, 1, 0),
+        "Grim trigger": (1, 1, 0, 0, 0),
+        "Win-stay lose-shift": (1, 1, 0, 0, 1),
+        "Generous TFT": (1, 1, g, 1, g),
+        "Alternator": (1, 0, 0, 1, 1),
+    }
+
+
+def with_sides(rounds: pd.DataFrame) -> pd.DataFrame:
+    """rounds.parquet rows with the engine's ``side`` (0/1) and the partner's actual
+    action in the same round. The table lists each round's two sides in order, so
+    the side is the row's position within its (step, match, round)."""
+    frame = rounds.reset_index(drop=True).copy()
+    for column in ("intended", "actual"):
+        frame[column] = frame[column].astype(object)
+    frame["side"] = frame.groupby(["step", "match", "round"], sort=False).cumcount()
+    partner = frame[["step", "match", "round", "side", "actual"]].copy()
+    partner["side"] = 1 - partner["side"]
+    return frame.merge(partner.rename(columns={"actual": "their_actual"}),
+                       on=["step", "match", "round", "side"], how="left")
+
+
+def decisions(rounds: pd.DataFrame, transcripts: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per decision with its condition ("first" in round 1, else the previous
+    round's actual moves, mine then theirs), and ``p_cooperate`` where the model's
+    probability is known (score mode)."""
+    frame = with_sides(rounds).sort_values(["step", "match", "side", "round"])
+    track = frame.groupby(["step", "match", "side"], sort=False)
+    previous = (track["actual"].shift(1).fillna("")
+                + track["their_actual"].shift(1).fillna(""))
+    frame["condition"] = np.where(frame["round"] == 1, "first", previous)
+    if transcripts is not None and "p_cooperate" in transcripts:
+        probs = transcripts[["step", "match", "round", "side", "p_cooperate"]]
+        frame = frame.merge(probs, on=["step", "match", "round", "side"], how="left")
+    return frame.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """An estimated memory-one strategy: per condition, decisions, cooperations, the
+    share with its Wilson 95 % interval, and the mean model probability (score mode)."""
+
+    table: pd.DataFrame  # index CONDITIONS; n, cooperate, p, low, high, p_model
+    invalid: int
+
+    @property
+    def vector(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.table["p"])
+
+    def nearest(self, strategies: dict[str, tuple[float, ...]]) -> list[dict]:
+        """Classic strategies by root-mean-square difference over the conditions
+        observed at least once, closest first."""
+        seen = self.table["n"].to_numpy() > 0
+        if not seen.any():
+            return []
+        mine = self.table["p"].to_numpy()[seen]
+        out = [{"strategy": name, "distance": float(np.sqrt(np.mean(
+            (np.asarray(vec, float)[seen] - mine) ** 2)))} for name, vec in strategies.items()]
+        return sorted(out, key=lambda r: r["distance"])
+
+    def to_dict(self, strategies: dict[str, tuple[float, ...]]) -> dict:
+        rows = {}
+        for condition, row in self.table.iterrows():
+            rows[condition] = {"n": int(row["n"]), "cooperate": int(row["cooperate"]),
+                               "p": _num(row["p"]), "ci95": [_num(row["low"]), _num(row["high"])],
+                               "p_model": _num(row["p_model"])}
+        return {"conditions": rows, "invalid": self.invalid,
+                "nearest": self.nearest(strategies)[:3],
+                "distance": "root-mean-square difference of P(C) over observed conditions"}
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def fingerprint(frame: pd.DataFrame) -> Fingerprint:
+    """The memory-one fingerprint of the decisions in ``frame`` (rows of decisions())."""
+    valid = frame[frame["intended"].isin(["C", "D"])]
+    rows = []
+    for condition in CONDITIONS:
+        part = valid[valid["condition"] == condition]
+        n, k = len(part), int((part["intended"] == "C").sum())
+        low, high = wilson(k, n)
+        p_model = (float(part["p_cooperate"].mean())
+                   if "p_cooperate" in part and part["p_cooperate"].notna().any() else math.nan)
+        rows.append({"n": n, "cooperate": k, "p": k / n if n else math.nan, "low": low,
+                     "high": high, "p_model": p_model})
+    table = pd.DataFrame(rows, index=pd.Index(CONDITIONS, name="condition"))
+    return Fingerprint(table, int((frame["intended"] == "invalid").sum()))
+
+
+def round_by_round(frame: pd.DataFrame, player: str) -> pd.DataFrame:
+    """Per opponent and round: decisions, cooperations, invalid answers, the share of C
+    among readable decisions, mean model P(C) (score mode) and, when the player met
+    that opponent in one match (two for self-play), its moves as text ("CDDC", X for
+    an unreadable answer)."""
+    mine = frame[frame["player"] == player]
+    out = []
+    for (opponent, rnd), part in mine.groupby(["opponent_player", "round"], sort=False):
+        valid = part[part["intended"].isin(["C", "D"])]
+        out.append({
+            "player": player, "opponent": opponent, "round": int(rnd),
+            "decisions": len(part), "cooperate": int((valid["intended"] == "C").sum()),
+            "invalid": int((part["intended"] == "invalid").sum()),
+            "p_cooperate": (valid["intended"] == "C").mean() if len(valid) else math.nan,
+            "p_model": (part["p_cooperate"].mean() if "p_cooperate" in part else math.nan),
+        })
+    table = pd.DataFrame(out)
+    return table.sort_values(["opponent", "round"], kind="stable").reset_index(drop=True)
+
+
+def sequences(frame: pd.DataFrame, player: str) -> dict[str, str]:
+    """The player's moves against each opponent it met in exactly one match ("CDDCC";
+    "X" for an unreadable answer); self-play shows both copies ("CCCCC / CCCCC")."""
+    mine = frame[frame["player"] == player].sort_values(["step", "match", "side", "round"])
+    letters = {"C": "C", "D": "D", "invalid": "X"}
+    out = {}
+    for opponent, part in mine.groupby("opponent_player", sort=False):
+        tracks = [("".join(letters.get(a, "?") for a in t["intended"]))
+                  for _, t in part.groupby(["step", "match", "side"], sort=False)]
+        own = part["opponent"].iloc[0] == part["agent"].iloc[0]
+        if len(tracks) == 1 or (own and len(tracks) == 2):
+            out[str(opponent)] = " / ".join(tracks)
+    return out

@@ -1,0 +1,58 @@
+"""Charts of what LLM players did: cooperation by round and opponent, and fingerprints."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+from abm.behaviour import CONDITIONS
+
+
+def round_chart(table: pd.DataFrame) -> alt.Chart:
+    """Rows: opponents, columns: rounds, colour: share of C among readable decisions;
+    a cell of one match shows the move itself (X: an unreadable answer)."""
+    data = table.copy()
+    data["text"] = [
+        ("X" if inv else ("C" if coop else "D")) if n == 1 else
+        ("no data" if pd.isna(p) else f"{p:.2f}")
+        for n, coop, inv, p in zip(data["decisions"], data["cooperate"], data["invalid"],
+                                   data["p_cooperate"])]
+    opponents = list(dict.fromkeys(data["opponent"]))
+    base = alt.Chart(data).encode(
+        x=alt.X("round:O", title="round"),
+        y=alt.Y("opponent:N", sort=opponents, title="opponent"),
+    )
+    tooltip = ["player", "opponent", "round", "decisions", "cooperate", "invalid",
+               alt.Tooltip("p_cooperate:Q", format=".2f", title="share C"),
+               alt.Tooltip("p_model:Q", format=".2f", title="model P(C)")]
+    cells = base.mark_rect().encode(
+        color=alt.Color("p_cooperate:Q", title="share C",
+                        scale=alt.Scale(domain=[0, 1], scheme="redblue")),
+        tooltip=tooltip)
+    text = base.mark_text(fontSize=12).encode(text="text:N")
+    return alt.layer(cells, text).properties(
+        width=max(160, 48 * int(data["round"].max())), height=28 * len(opponents)
+    ).facet(row=alt.Row("player:N", title=None)).properties(
+        title=alt.TitleParams("What the LLM chose, round by round",
+                              subtitle=["C/D: its move in the one match against that "
+                                        "opponent; a number: the share of C over matches; "
+                                        "X: an answer that could not be read"]))
+
+
+def fingerprint_chart(table: pd.DataFrame) -> alt.Chart:
+    """P(C) first and after each last-round outcome, with 95 % Wilson intervals;
+    diamonds mark the model's own mean probability (score mode)."""
+    data = table.reset_index()
+    base = alt.Chart(data).encode(
+        x=alt.X("condition:N", sort=list(CONDITIONS),
+                title="situation (first round, or last round: mine then theirs)"))
+    bars = base.mark_bar(opacity=0.7).encode(
+        y=alt.Y("p:Q", scale=alt.Scale(domain=[0, 1]), title="P(cooperate)"),
+        tooltip=["player", "condition", "n", "cooperate", alt.Tooltip("p:Q", format=".2f"),
+                 alt.Tooltip("low:Q", format=".2f"), alt.Tooltip("high:Q", format=".2f")])
+    errors = base.mark_rule().encode(y="low:Q", y2="high:Q")
+    model = base.mark_point(shape="diamond", filled=True, color="black").encode(y="p_model:Q")
+    return alt.layer(bars, errors, model).properties(width=220, height=180).facet(
+        column=alt.Column("player:N", title=None)).properties(
+        title=alt.TitleParams("Memory-one fingerprint", subtitle=[
+            "bars: share of C with 95 % Wilson intervals; diamonds: the model's mean P(C)"]))
