@@ -3,7 +3,7 @@
 Everything here reads a run's tables (rounds.parquet, optionally the LLM's
 transcripts for probabilities), so it works on any run folder and for rule
 players too. Decisions are the *intended* actions (what the player chose);
-the condition a decision answers is the previous round of the same match as
+the situation a decision answers is the previous round of the same match as
 it was played (after noise), which is what the player saw.
 """
 
@@ -60,14 +60,14 @@ def with_sides(rounds: pd.DataFrame) -> pd.DataFrame:
 
 
 def decisions(rounds: pd.DataFrame, transcripts: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per decision with its condition ("first" in round 1, else the previous
+    """One row per decision with its situation ("first" in round 1, else the previous
     round's actual moves, mine then theirs), and ``p_cooperate`` where the model's
     probability is known (score mode)."""
     frame = with_sides(rounds).sort_values(["step", "match", "side", "round"])
     track = frame.groupby(["step", "match", "side"], sort=False)
     previous = (track["actual"].shift(1).fillna("")
                 + track["their_actual"].shift(1).fillna(""))
-    frame["condition"] = np.where(frame["round"] == 1, "first", previous)
+    frame["situation"] = np.where(frame["round"] == 1, "first", previous)
     if transcripts is not None and "p_cooperate" in transcripts:
         probs = transcripts[["step", "match", "round", "side", "p_cooperate"]]
         frame = frame.merge(probs, on=["step", "match", "round", "side"], how="left")
@@ -99,13 +99,13 @@ class Fingerprint:
 
     def to_dict(self, strategies: dict[str, tuple[float, ...]]) -> dict:
         rows = {}
-        for condition, row in self.table.iterrows():
-            rows[condition] = {"n": int(row["n"]), "cooperate": int(row["cooperate"]),
+        for situation, row in self.table.iterrows():
+            rows[situation] = {"n": int(row["n"]), "cooperate": int(row["cooperate"]),
                                "p": _num(row["p"]), "ci95": [_num(row["low"]), _num(row["high"])],
                                "p_model": _num(row["p_model"])}
-        return {"conditions": rows, "invalid": self.invalid,
+        return {"situations": rows, "invalid": self.invalid,
                 "nearest": self.nearest(strategies)[:3],
-                "distance": "root-mean-square difference of P(C) over observed conditions"}
+                "distance": "root-mean-square difference of P(C) over observed situations"}
 
 
 def _num(value: float) -> float | None:
@@ -117,14 +117,14 @@ def fingerprint(frame: pd.DataFrame) -> Fingerprint:
     valid = frame[frame["intended"].isin(["C", "D"])]
     rows = []
     for condition in CONDITIONS:
-        part = valid[valid["condition"] == condition]
+        part = valid[valid["situation"] == condition]
         n, k = len(part), int((part["intended"] == "C").sum())
         low, high = wilson(k, n)
         p_model = (float(part["p_cooperate"].mean())
                    if "p_cooperate" in part and part["p_cooperate"].notna().any() else math.nan)
         rows.append({"n": n, "cooperate": k, "p": k / n if n else math.nan, "low": low,
                      "high": high, "p_model": p_model})
-    table = pd.DataFrame(rows, index=pd.Index(CONDITIONS, name="condition"))
+    table = pd.DataFrame(rows, index=pd.Index(CONDITIONS, name="situation"))
     return Fingerprint(table, int((frame["intended"] == "invalid").sum()))
 
 

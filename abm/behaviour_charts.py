@@ -44,11 +44,11 @@ def fingerprint_chart(table: pd.DataFrame) -> alt.Chart:
     diamonds mark the model's own mean probability (score mode)."""
     data = table.reset_index()
     base = alt.Chart(data).encode(
-        x=alt.X("condition:N", sort=list(CONDITIONS),
+        x=alt.X("situation:N", sort=list(CONDITIONS),
                 title="situation (first round, or last round: mine then theirs)"))
     bars = base.mark_bar(opacity=0.7).encode(
         y=alt.Y("p:Q", scale=alt.Scale(domain=[0, 1]), title="P(cooperate)"),
-        tooltip=["player", "condition", "n", "cooperate", alt.Tooltip("p:Q", format=".2f"),
+        tooltip=["player", "situation", "n", "cooperate", alt.Tooltip("p:Q", format=".2f"),
                  alt.Tooltip("low:Q", format=".2f"), alt.Tooltip("high:Q", format=".2f")])
     errors = base.mark_rule().encode(y="low:Q", y2="high:Q")
     model = base.mark_point(shape="diamond", filled=True, color="black").encode(y="p_model:Q")

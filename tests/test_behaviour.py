@@ -133,7 +133,7 @@ def test_nearest_strategy_uses_observed_conditions_only():
     table = pd.DataFrame({"n": [4, 4, 0, 0, 4], "cooperate": [4, 4, 0, 0, 0],
                           "p": [1, 1, np.nan, np.nan, 0], "low": 0.0, "high": 1.0,
                           "p_model": np.nan}, index=pd.Index(
-                              ["first", "CC", "CD", "DC", "DD"], name="condition"))
+                              ["first", "CC", "CD", "DC", "DD"], name="situation"))
     from abm.behaviour import Fingerprint
     ranked = Fingerprint(table, 0).nearest(classic_strategies())
     # (1, 1, ., ., 0) matches TFT, grim and GTFT(g=0) exactly on the observed entries

@@ -1,0 +1,250 @@
+"""``python -m abm.compare RUN_OR_SWEEP ...``: several runs side by side, with tests.
+
+Each argument is a run folder (from ``abm.run``) or a sweep folder (from
+``abm.batch``: each point of the sweep is one condition, its replicates
+pooled). For the LLM players of every condition the report shows cooperation
+against each opponent with 95 % Wilson intervals, cooperation round by round,
+memory-one fingerprints, the payoff heatmap, and for every pair of conditions
+a two-proportion z-test of the difference in cooperation (overall and per
+opponent). Writes ``report.html`` (self-contained) and the CSVs behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import pyarrow.parquet as pq
+
+from abm.atomic import atomic_file
+from abm.behaviour import decisions, fingerprint, round_by_round, wilson
+from abm.behaviour_charts import fingerprint_chart, round_chart
+from abm.errors import ScenarioError
+
+
+@dataclass
+class Condition:
+    """One column of the comparison: a run, or one point of a sweep (its replicates)."""
+
+    name: str
+    folders: list[Path]
+    llm: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+def _run_condition(folder: Path) -> Condition:
+    summary = _json(folder / "summary.json")
+    players = [p for entry in summary.get("llm", []) for p in entry.get("players", [])]
+    settings = {"scenario": summary.get("scenario"), "seeds": [summary.get("seed")],
+                "models": sorted({e.get("model") for e in summary.get("llm", [])})}
+    return Condition(folder.name, [folder], players, settings)
+
+
+def _sweep_conditions(folder: Path) -> list[Condition]:
+    sweep = _json(folder / "sweep.json")
+    results_path = folder / "results.parquet"
+    try:
+        results = pd.read_parquet(results_path)
+    except Exception as exc:  # a missing or damaged file: say which
+        raise ScenarioError(f"{results_path}: cannot be read as a sweep's results ({exc})") \
+            from None
+    done = results[results["status"] == "ok"] if "status" in results else results
+    keys = [k for k in sweep.get("keys", []) if k in done]
+    out = []
+    for point, rows in done.groupby("point", sort=True):
+        values = ", ".join(f"{k}={rows[k].iloc[0]}" for k in keys) or f"point {point}"
+        folders = [folder / "runs" / str(r) for r in rows["run_id"]]
+        conditions = [_run_condition(f) for f in folders if (f / "summary.json").is_file()]
+        if conditions:
+            first = conditions[0]
+            out.append(Condition(values, [c.folders[0] for c in conditions], first.llm,
+                                 {**first.settings,
+                                  "seeds": [c.settings["seeds"][0] for c in conditions]}))
+    if not out:
+        raise ScenarioError(f"{folder}: the sweep has no finished runs to compare")
+    return out
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScenarioError(f"{path.parent}: not a run folder (no summary.json) nor a sweep "
+                            "folder (no sweep.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{path}: expected a JSON object")
+    return data
+
+
+def conditions_of(paths: list[Path]) -> list[Condition]:
+    """The conditions the arguments stand for, in order."""
+    out: list[Condition] = []
+    for path in paths:
+        if not path.is_dir():
+            raise ScenarioError(f"{path}: no such folder")
+        out += _sweep_conditions(path) if (path / "sweep.json").is_file() else \
+            [_run_condition(path)]
+    names = [c.name for c in out]
+    for c in out:  # two runs of the same name get their parent folder in front
+        if names.count(c.name) > 1:
+            c.name = f"{c.folders[0].parent.name}/{c.name}"
+    return out
+
+
+def _decisions(condition: Condition) -> pd.DataFrame:
+    frames = []
+    for i, folder in enumerate(condition.folders):
+        path = folder / "rounds.parquet"
+        if not path.is_file():
+            raise ScenarioError(f"{folder}: has no rounds.parquet (run it with "
+                                "output.rounds = true)")
+        rounds = pq.read_table(path).to_pandas()
+        transcripts = folder / "transcripts.jsonl"
+        records = (pd.DataFrame([json.loads(line) for line in
+                                 transcripts.read_text(encoding="utf-8").splitlines()])
+                   if transcripts.is_file() else None)
+        frame = decisions(rounds, records)
+        frame["replicate"] = i
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[frame["player"].isin(condition.llm)].assign(condition=condition.name)
+
+
+def cooperation_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per condition, player and opponent (and "all"): readable decisions, C, the share
+    with its Wilson 95 % interval, invalid answers."""
+    rows = []
+    for (cond, player), part in frame.groupby(["condition", "player"], sort=False):
+        groups = [("all", part), *part.groupby("opponent_player", sort=False)]
+        for opponent, g in groups:
+            valid = g[g["intended"].isin(["C", "D"])]
+            n, k = len(valid), int((valid["intended"] == "C").sum())
+            low, high = wilson(k, n)
+            rows.append({"condition": cond, "player": player, "opponent": str(opponent),
+                         "decisions": n, "cooperate": k, "share": k / n if n else math.nan,
+                         "low": low, "high": high,
+                         "invalid": int((g["intended"] == "invalid").sum())})
+    return pd.DataFrame(rows)
+
+
+def two_proportion_test(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
+    """z and two-sided p of H0: equal proportions (pooled standard error)."""
+    if min(n1, n2) == 0:
+        return math.nan, math.nan
+    pooled = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 0.0, 1.0
+    z = (k1 / n1 - k2 / n2) / se
+    return z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def differences(table: pd.DataFrame) -> pd.DataFrame:
+    """Every pair of conditions, per opponent both met: shares, difference, z, p."""
+    rows = []
+    names = list(dict.fromkeys(table["condition"]))
+    for a, b in itertools.combinations(names, 2):
+        left, right = table[table["condition"] == a], table[table["condition"] == b]
+        merged = left.merge(right, on="opponent", suffixes=("_a", "_b"))
+        for r in merged.itertuples():
+            z, p = two_proportion_test(r.cooperate_a, r.decisions_a, r.cooperate_b,
+                                       r.decisions_b)
+            rows.append({"a": a, "b": b, "opponent": r.opponent, "share_a": r.share_a,
+                         "n_a": r.decisions_a, "share_b": r.share_b, "n_b": r.decisions_b,
+                         "difference": r.share_a - r.share_b, "z": z, "p_value": p})
+    return pd.DataFrame(rows)
+
+
+def _cooperation_chart(table: pd.DataFrame) -> alt.Chart:
+    base = alt.Chart(table).encode(
+        y=alt.Y("opponent:N", title="opponent"),
+        color=alt.Color("condition:N", legend=alt.Legend(labelLimit=400, orient="bottom",
+                                                         columns=1)),
+        yOffset="condition:N")
+    points = base.mark_point(filled=True, size=60).encode(
+        x=alt.X("share:Q", scale=alt.Scale(domain=[0, 1]), title="share of C (95 % Wilson)"),
+        tooltip=["condition", "opponent", "decisions", "cooperate",
+                 alt.Tooltip("share:Q", format=".2f")])
+    return (base.mark_rule().encode(x="low:Q", x2="high:Q") + points).properties(
+        width=360, title="Cooperation of the LLM against each opponent")
+
+
+def report(conditions: list[Condition], out: Path) -> dict[str, Path]:
+    """Write the CSVs and report.html into ``out`` (created); return what was written."""
+    frame = pd.concat([_decisions(c) for c in conditions], ignore_index=True)
+    if frame.empty:
+        raise ScenarioError("none of these runs has an LLM player to compare")
+    coop = cooperation_table(frame)
+    diffs = differences(coop)
+    prints, rbr = [], []
+    for (cond, player), part in frame.groupby(["condition", "player"], sort=False):
+        fp = fingerprint(part).table.reset_index().assign(condition=cond, player=player)
+        prints.append(fp)
+        rbr.append(round_by_round(part, player).assign(condition=cond))
+    prints_table = pd.concat(prints, ignore_index=True)
+    rbr_table = pd.concat(rbr, ignore_index=True)
+    settings = pd.DataFrame([{"condition": c.name, "runs": len(c.folders),
+                              "llm_players": ", ".join(c.llm), **{k: json.dumps(v) for k, v in
+                                                                  c.settings.items()}}
+                             for c in conditions])
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, table in (("conditions", settings), ("cooperation", coop),
+                        ("differences", diffs), ("fingerprints", prints_table),
+                        ("round_by_round", rbr_table)):
+        with atomic_file(out / f"{name}.csv") as partial:
+            table.to_csv(partial, index=False)
+        written[name] = out / f"{name}.csv"
+    labelled = rbr_table.assign(player=rbr_table["condition"] + ": " + rbr_table["player"])
+    fp_chart = prints_table.assign(
+        player=prints_table["condition"] + ": " + prints_table["player"]).set_index("situation")
+    chart = alt.vconcat(_cooperation_chart(coop), round_chart(labelled),
+                        fingerprint_chart(fp_chart)).resolve_scale(color="independent")
+    page = chart.to_html(inline=True)
+    tables = ("<h2>Conditions</h2>" + settings.to_html(index=False, escape=True)
+              + "<h2>Differences in cooperation (two-proportion z-test)</h2><p>"
+              + html.escape("Decisions are pooled over matches and replicates and treated "
+                            "as independent; rounds of one match are not, so read p-values "
+                            "as a screen, not a proof.") + "</p>"
+              + diffs.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
+    page = page.replace("</body>", f"<div style='font-family:sans-serif'>{tables}</div></body>")
+    with atomic_file(out / "report.html") as partial:
+        partial.write_text(page, encoding="utf-8")
+    written["report"] = out / "report.html"
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m abm.compare", description=__doc__.split(
+        "\n\n")[0].split(": ", 1)[-1])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders or sweep folders")
+    parser.add_argument("--out", type=Path,
+                        help="report folder (default: outputs/compare-<timestamp>)")
+    args = parser.parse_args(argv)
+    out = args.out or Path("outputs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        conditions = conditions_of(args.runs)
+        if len(conditions) < 2:
+            raise ScenarioError("give at least two runs, or a sweep with two points, to compare")
+        written = report(conditions, out)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(conditions)} conditions compared; report: {written['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
