@@ -39,6 +39,7 @@ class Condition:
     folders: list[Path]
     llm: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    value: float | None = None  # a sweep's one numeric key at this point
 
 
 def _run_condition(folder: Path) -> Condition:
@@ -62,13 +63,17 @@ def _sweep_conditions(folder: Path) -> list[Condition]:
     out = []
     for point, rows in done.groupby("point", sort=True):
         values = ", ".join(f"{k}={rows[k].iloc[0]}" for k in keys) or f"point {point}"
+        number = rows[keys[0]].iloc[0] if len(keys) == 1 else None
+        number = float(number) if isinstance(number, (int, float)) and not isinstance(
+            number, bool) else None
         folders = [folder / "runs" / str(r) for r in rows["run_id"]]
         conditions = [_run_condition(f) for f in folders if (f / "summary.json").is_file()]
         if conditions:
             first = conditions[0]
             out.append(Condition(values, [c.folders[0] for c in conditions], first.llm,
                                  {**first.settings,
-                                  "seeds": [c.settings["seeds"][0] for c in conditions]}))
+                                  "seeds": [c.settings["seeds"][0] for c in conditions]},
+                                 number))
     if not out:
         raise ScenarioError(f"{folder}: the sweep has no finished runs to compare")
     return out
@@ -180,6 +185,18 @@ def _cooperation_chart(table: pd.DataFrame) -> alt.Chart:
         width=360, title="Cooperation of the LLM against each opponent")
 
 
+def _curve_chart(table: pd.DataFrame, key: str) -> alt.Chart:
+    """Cooperation against the swept value, with 95 % Wilson intervals."""
+    base = alt.Chart(table).encode(x=alt.X("value:Q", title=key))
+    line = base.mark_line(point=True).encode(
+        y=alt.Y("share:Q", scale=alt.Scale(domain=[0, 1]), title="share of C (95 % Wilson)"),
+        color=alt.Color("player:N"),
+        tooltip=["condition", "decisions", alt.Tooltip("share:Q", format=".2f")])
+    return (base.mark_errorbar().encode(y="low:Q", y2="high:Q", color="player:N")
+            + line).properties(width=360, height=220,
+                               title=f"The LLM's cooperation against {key}")
+
+
 def report(conditions: list[Condition], out: Path) -> dict[str, Path]:
     """Write the CSVs and report.html into ``out`` (created); return what was written."""
     frame = pd.concat([_decisions(c) for c in conditions], ignore_index=True)
@@ -209,8 +226,14 @@ def report(conditions: list[Condition], out: Path) -> dict[str, Path]:
     labelled = rbr_table.assign(player=rbr_table["condition"] + ": " + rbr_table["player"])
     fp_chart = prints_table.assign(
         player=prints_table["condition"] + ": " + prints_table["player"]).set_index("situation")
-    chart = alt.vconcat(_cooperation_chart(coop), round_chart(labelled),
-                        fingerprint_chart(fp_chart)).resolve_scale(color="independent")
+    charts = [_cooperation_chart(coop), round_chart(labelled), fingerprint_chart(fp_chart)]
+    if all(c.value is not None for c in conditions):  # one numeric key swept
+        key = conditions[0].name.rsplit("=", 1)[0]  # a sweep point is named "key=value"
+        value_of = {c.name: c.value for c in conditions}
+        overall = coop[coop["opponent"] == "all"].assign(
+            value=lambda t: t["condition"].map(value_of))
+        charts.insert(0, _curve_chart(overall, key))
+    chart = alt.vconcat(*charts).resolve_scale(color="independent")
     page = chart.to_html(inline=True)
     tables = ("<h2>Conditions</h2>" + settings.to_html(index=False, escape=True)
               + "<h2>Differences in cooperation (two-proportion z-test)</h2><p>"

@@ -103,3 +103,28 @@ def test_bad_arguments(fake, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_swept_probability_gives_the_cooperation_curve(fake, tmp_path):
+    # the fake plays Tit-for-tat against an opponent cooperating with probability p:
+    # p = 0 (All-D): C once, then D: 1 C in 10; p = 1 (All-C): all C
+    sweep = tmp_path / "sweep"
+    (sweep / "runs").mkdir(parents=True)
+    rows = []
+    for run_id, p in enumerate([0.0, 1.0]):
+        data = tomllib.loads((SCENARIOS / "llm_vs_random.toml").read_text())
+        data["population"]["players"][0]["p"] = p
+        path = tmp_path / f"a{run_id}.toml"
+        path.write_text(tomli_w.dumps(data))
+        run_scenario(path, out=sweep / "runs" / str(run_id), quiet=True,
+                     overrides=["output.charts=false"])
+        rows.append({"run_id": run_id, "point": run_id, "status": "ok",
+                     "population.players[0].p": p})
+    pd.DataFrame(rows).to_parquet(sweep / "results.parquet")
+    (sweep / "sweep.json").write_text(json.dumps({"keys": ["population.players[0].p"]}))
+    assert main([str(sweep), "--out", str(tmp_path / "cmp")]) == 0
+    coop = pd.read_csv(tmp_path / "cmp" / "cooperation.csv")
+    overall = coop[coop["opponent"] == "all"].set_index("condition")["share"]
+    assert overall.tolist() == [pytest.approx(10 / 100), 1.0]  # ten 10-round matches
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert "The LLM's cooperation against population.players[0].p" in page
