@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,3 +20,43 @@ def atomic_file(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (on this machine). This process counts as
+    alive; a process of another user counts as alive; a bad number counts as dead."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:  # os.kill(0 or -n, ...) would address a whole process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Remove the hidden ``.NAME.partial-PID`` folders in ``parent`` that a run killed
+    without a chance to clean up (SIGKILL, a power cut) left behind: those whose PID
+    no longer runs. Folders of live runs are left alone. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = re.fullmatch(r"\..+\.partial-(\d+)", entry.name)
+        try:
+            if not match or not entry.is_dir(follow_symlinks=False):
+                continue
+        except OSError:
+            continue
+        if not pid_alive(int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed

@@ -13,8 +13,11 @@ _MAX_ANNOTATED = 25
 
 
 def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
-            unread: pd.DataFrame | None = None) -> alt.Chart:
+            unread: pd.DataFrame | None = None, subtitle: list[str] | None = None) -> alt.Chart:
     """Row player vs column opponent, colour and printed value per cell.
+
+    ``subtitle``: lines under the title (what was measured: match length, noise,
+    matches per cell, models).
 
     ``unread`` (share of the row player's decisions in each cell that no model
     answer decided) marks cells: an orange frame and a "*" where it is above 0,
@@ -65,9 +68,10 @@ def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
             color=alt.condition(f"!{valid} || datum['{value}'] > {middle}",
                                 alt.value("black"), alt.value("white")),
         ))
-    subtitle = ([] if not data["marked"].any() else
-                ["* and orange frame: some of the row player's decisions were not read from "
-                 "the model (invalid answers or the fallback rule); grey: no complete match"])
+    subtitle = list(subtitle or []) + (
+        [] if not data["marked"].any() else
+        ["* and orange frame: some of the row player's decisions were not read from "
+         "the model (invalid answers or the fallback rule); grey: no complete match"])
     chart = alt.layer(*layers).properties(
         title=alt.TitleParams(title, subtitle=subtitle) if subtitle else title)
     return chart.properties(width=size * len(labels), height=size * len(labels))
@@ -81,8 +85,19 @@ def _number(v: float, fmt: str) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def cooperation_chart(steps: pd.DataFrame) -> alt.Chart:
-    """Share of C actions per step."""
+def cooperation_chart(steps: pd.DataFrame, by_round: pd.DataFrame | None = None) -> alt.Chart:
+    """Share of C actions per step; for a run of one step, per round of that step
+    (``by_round``: round, cooperation_rate), since one step would be a single dot."""
+    if by_round is not None and len(by_round):
+        return alt.Chart(by_round, title=alt.TitleParams(
+            "Cooperation rate per round (one step)",
+            subtitle=["share of the actual actions of each round that were C, over all matches"],
+        )).mark_line(point=True).encode(
+            x=alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("cooperation_rate:Q", title="share of actions that were C",
+                    scale=alt.Scale(domain=[0, 1])),
+            tooltip=["round", alt.Tooltip("cooperation_rate:Q", format=".3f")],
+        ).properties(width=480, height=240)
     return alt.Chart(steps, title="Cooperation rate per step").mark_line(point=True).encode(
         x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)),
         y=alt.Y("cooperation_rate:Q", title="share of actions that were C",

@@ -1,9 +1,15 @@
-"""``python -m abm.export RUN_DIR --format sft``: LLM transcripts as fine-tuning data."""
+"""``python -m abm.export RUN_DIR --format sft``: LLM transcripts as fine-tuning data.
+
+Answers that could not be read (``valid`` false) are left out unless
+``--include-invalid``; ``--valid-only`` is accepted and changes nothing. Bad input (no
+run folder, a transcript line that is not an exchange, an ``--out`` that cannot be
+written) ends with one ``error:`` paragraph and exit status 2, and no output file."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,27 +19,98 @@ from abm.atomic import atomic_file
 from abm.errors import ScenarioError
 
 
-def read_transcripts(run_dir: Path) -> Iterator[dict[str, Any]]:
-    """The exchanges of a run, one dict per LLM decision."""
+REQUIRED = ("prompt", "response")  # what an example is made of
+
+
+def _problem(record: Any) -> str | None:
+    """What keeps one transcript line from being an LLM exchange, or None."""
+    if not isinstance(record, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+                int: "a number", float: "a number"}.get(type(record), type(record).__name__)
+        return f"is {kind}, not an object"
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        return "lacks " + " and ".join(repr(k) for k in missing)
+    prompt = record["prompt"]
+    if not isinstance(prompt, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in prompt):
+        return "has a 'prompt' that is not a list of {\"role\": ..., \"content\": ...} messages"
+    if not isinstance(record["response"], str):
+        return "has a 'response' that is not a string"
+    if record.get("reflection") and not isinstance(record.get("reflection_prompt"), str):
+        return "has a 'reflection' but no 'reflection_prompt' string"
+    return None
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    """The run's transcripts.jsonl; ScenarioError if ``run_dir`` is not a run with one."""
+    if not run_dir.exists():
+        raise ScenarioError(f"{run_dir}: no such folder; give the output folder of a run "
+                            "(python -m abm.run SCENARIO --out FOLDER)")
+    if not run_dir.is_dir():
+        raise ScenarioError(f"{run_dir} is a file, not a run folder; give the output folder "
+                            "of a run, the one that holds transcripts.jsonl")
     path = run_dir / "transcripts.jsonl"
     if not path.is_file():
         raise ScenarioError(f"{run_dir}: no transcripts.jsonl here; only runs with an LLM "
                             "player have one")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    return path
+
+
+def read_transcripts(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """The exchanges of a run, one dict per LLM decision; a line that is not UTF-8, not
+    JSON or not an exchange raises ScenarioError naming the file and the line."""
+    path = check_run_dir(run_dir)
+    shape = ("each line must be one LLM exchange as python -m abm.run writes it: a JSON "
+             "object with at least 'prompt' (the chat messages) and 'response' (the "
+             "model's answer)")
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
             try:
-                yield json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ScenarioError(
+                    f"{path}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                    f"at column {exc.start + 1}); transcripts are written as UTF-8, so this "
+                    "file was changed or damaged after the run") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ScenarioError(f"{path}: line {number} is not JSON ({exc})") from None
+                raise ScenarioError(f"{path}: line {number} is not JSON ({exc}); "
+                                    f"{shape}") from None
+            problem = _problem(record)
+            if problem:
+                raise ScenarioError(f"{path}: line {number} {problem}; {shape}")
+            yield record
 
 
-def sft_examples(records: Iterator[dict[str, Any]], *, valid_only: bool = False,
-                 model: str | None = None, player: str | None = None,
+METADATA = ("model", "player", "opponent_player", "step", "match", "round", "action",
+            "valid", "fallback", "input")
+SCORES = ("p_cooperate", "p_defect")  # score mode only
+
+
+def sft_examples(records: Iterator[dict[str, Any]], *, include_invalid: bool = False,
+                 valid_only: bool = False, model: str | None = None,
+                 player: str | None = None,
                  reflections: bool = False) -> Iterator[dict[str, Any]]:
     """Chat-format examples: the prompt messages and the model's answer (and, with
-    ``reflections``, the reflection turn that followed it)."""
+    ``reflections``, the reflection turn that followed it).
+
+    Answers that could not be read (``valid`` false: left unplayed, or played by the
+    fallback rule) are not the model's decision and are left out unless
+    ``include_invalid``; ``valid_only`` is the old name of that default and changes
+    nothing. The metadata carries the exact model input and, in score mode, the
+    probabilities of C and D."""
+    del valid_only  # the default now; kept so old callers still work
     for r in records:
-        if valid_only and not r.get("valid", False):
+        if not include_invalid and r.get("valid") is False:
             continue
         if model is not None and r.get("model") != model:
             continue
@@ -43,18 +120,47 @@ def sft_examples(records: Iterator[dict[str, Any]], *, valid_only: bool = False,
         if reflections and r.get("reflection"):
             messages += [{"role": "user", "content": r["reflection_prompt"]},
                          {"role": "assistant", "content": r["reflection"]}]
-        yield {"messages": messages,
-               "metadata": {k: r.get(k) for k in ("model", "player", "opponent_player",
-                                                  "step", "match", "round", "action", "valid")}}
+        metadata = {k: r.get(k) for k in METADATA}
+        metadata.update({k: r[k] for k in SCORES if r.get(k) is not None})
+        yield {"messages": messages, "metadata": metadata}
+
+
+def check_out(out: Path, transcripts: Path) -> None:
+    """ScenarioError unless ``out`` names a file that can be written in an existing,
+    writable folder (and is not the transcripts themselves)."""
+    if out.is_dir():
+        raise ScenarioError(f"--out {out} is a folder; give a file name, such as "
+                            f"{out / 'sft.jsonl'}")
+    parent = out.parent
+    if not parent.exists():
+        raise ScenarioError(f"--out {out}: the folder {parent} does not exist; create it "
+                            "first or give a file in an existing folder")
+    if not parent.is_dir():
+        raise ScenarioError(f"--out {out}: {parent} is a file, not a folder; give a file "
+                            "in an existing folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ScenarioError(f"--out {out}: cannot write in the folder {parent} (it is "
+                            "read-only to you); give a file in a folder you can write to")
+    if out.exists() and out.resolve() == transcripts.resolve():
+        raise ScenarioError(f"--out {out} is the run's transcripts.jsonl itself; give "
+                            "another file name")
 
 
 def export_sft(run_dir: Path, out: Path, **filters: Any) -> int:
-    """Write the examples to ``out`` atomically; return how many were written."""
+    """Write the examples to ``out`` atomically; return how many were written.
+
+    Raises ScenarioError for a bad run folder, transcript line or output path; ``out``
+    then stays as it was (no partial file is left)."""
+    check_out(out, check_run_dir(run_dir))
     count = 0
-    with atomic_file(out) as partial, open(partial, "w", encoding="utf-8") as handle:
-        for example in sft_examples(read_transcripts(run_dir), **filters):
-            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-            count += 1
+    try:
+        with atomic_file(out) as partial, open(partial, "w", encoding="utf-8") as handle:
+            for example in sft_examples(read_transcripts(run_dir), **filters):
+                handle.write(json.dumps(example, ensure_ascii=False) + "\n")
+                count += 1
+    except OSError as exc:  # a read-only folder root may still enter, a full disk, ...
+        raise ScenarioError(f"--out {out}: cannot write it ({exc.strerror or exc}); give "
+                            "a file in a folder you can write to, with space left") from None
     return count
 
 
@@ -66,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["sft"], default="sft",
                         help="sft: chat-format JSONL for supervised fine-tuning")
     parser.add_argument("--out", type=Path, help="output file (default RUN_DIR/sft.jsonl)")
+    parser.add_argument("--include-invalid", action="store_true",
+                        help="keep answers that could not be read (valid false: left "
+                             "unplayed or played by the fallback rule); by default they are "
+                             "left out, since they are not the model's decision")
     parser.add_argument("--valid-only", action="store_true",
-                        help="leave out answers that could not be parsed")
+                        help="accepted for compatibility and changes nothing: leaving out "
+                             "unreadable answers is now the default")
     parser.add_argument("--model", help="only exchanges with this model")
     parser.add_argument("--player", help="only exchanges of this player name")
     parser.add_argument("--reflections", action="store_true",
@@ -75,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or args.run_dir / "sft.jsonl"
     try:
-        n = export_sft(args.run_dir, out, valid_only=args.valid_only, model=args.model,
-                       player=args.player, reflections=args.reflections)
+        if args.valid_only and args.include_invalid:
+            raise ScenarioError("--valid-only and --include-invalid contradict each other; "
+                                "give --include-invalid alone to keep unreadable answers "
+                                "(--valid-only is the default and may be left out)")
+        n = export_sft(args.run_dir, out, include_invalid=args.include_invalid,
+                       model=args.model, player=args.player, reflections=args.reflections)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,38 @@ def build_graph(config: AnyGraph, rng: np.random.Generator, source: str = "<scen
     return graph
 
 
+def graph_size(config: AnyGraph, n_default: int | None = None) -> tuple[int, int, str] | None:
+    """(nodes, edges, the field that sets the size) the graph will have, all copies and
+    self-loops included, from the [graph] table alone (an upper bound where the
+    graph is random); None for a graph file, whose size only reading it tells."""
+    if isinstance(config, FileGraph):
+        return None
+    if isinstance(config, GridGraph):
+        n = config.rows * config.cols
+        field = "rows" if config.rows >= config.cols else "cols"
+        edges = n * (4 if config.neighbourhood == "moore" else 2)
+    else:
+        n = config.n if config.n is not None else (n_default or 0)
+        field = "n"
+        if isinstance(config, CompleteGraph):
+            edges = n * (n - 1) // 2
+        elif isinstance(config, RingGraph):
+            edges = n * config.k
+        elif isinstance(config, WattsStrogatzGraph):
+            edges = n * config.k // 2
+        elif isinstance(config, BarabasiAlbertGraph):
+            edges = max(n - config.m, 0) * config.m
+        elif isinstance(config, ErdosRenyiGraph):
+            edges = int(config.p * n * (n - 1) / 2)
+        else:
+            edges = n * config.d // 2
+    if config.self_loops:
+        edges += n
+    if config.copies > n:  # many small copies: the number of copies is what is big
+        field = "copies"
+    return n * config.copies, edges * config.copies, field
+
+
 def _one_graph(config: AnyGraph, seed: int, fail, n_default: int | None) -> nx.Graph:
     if isinstance(config, CompleteGraph):
         n = config.n if config.n is not None else n_default

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 import mesa
@@ -15,7 +17,7 @@ from abm.analysis import Tally
 from abm.engine import Engine, StepResult
 from abm.errors import ScenarioError
 from abm.evolution import Evolution
-from abm.graphs import build_graph, edge_array
+from abm.graphs import build_graph, edge_array, graph_size
 from abm.pairing import make_pairing
 from abm.policies import lookup, make
 from abm.population import assign_policies
@@ -25,6 +27,109 @@ from abm.seeding import fresh_seed, stream
 
 # agents x steps: Mesa's DataCollector walks every agent in Python each step
 AGENT_ROWS_LIMIT = 1_000_000
+
+# What a run holds, measured (peak RSS) on NetworkX 3 / Mesa 3 with some margin: a node
+# (NetworkX node, Mesa cell and agent, per-node arrays) about 1.7 KB, an edge 260 B;
+# a round of one match side in the engine's step arrays 25 B, and 85 B more while
+# rounds.parquet is written.
+BYTES_PER_NODE = 2_000
+BYTES_PER_EDGE = 300
+BYTES_PER_ROUND_SIDE = 25
+BYTES_PER_ROUND_ROW = 85
+# a geometric match length is taken at this upper quantile (of the longest match of a step)
+LENGTH_QUANTILE_TAIL = 1e-6
+FALLBACK_MEMORY = 8 * 2**30  # when neither psutil nor /proc/meminfo says what is free
+
+
+def memory_limit() -> tuple[int, str]:
+    """(bytes a run may use, where the number comes from): the memory available now
+    (psutil, else /proc/meminfo, else 8 GiB), lowered by ABM_MEMORY_LIMIT_GB if set."""
+    available, why = None, "the memory available now"
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except Exception:  # not installed, or no answer on this platform
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    if available is None:
+        available, why = FALLBACK_MEMORY, "a default, since the free memory is unknown"
+    text = os.environ.get("ABM_MEMORY_LIMIT_GB", "").strip()
+    if text:
+        try:
+            gb = float(text)
+            if not math.isfinite(gb) or gb <= 0:
+                raise ValueError
+        except ValueError:
+            raise ScenarioError(f"ABM_MEMORY_LIMIT_GB: must be a positive number of GiB; "
+                                f"got {text!r}") from None
+        if gb * 2**30 < available:
+            available, why = int(gb * 2**30), f"ABM_MEMORY_LIMIT_GB={text}"
+    return available, why
+
+
+def longest_match(match, matches: int) -> int:
+    """The rounds of the longest match of a step, as the engine sizes its arrays: the
+    fixed length, or for geometric lengths a high quantile of the longest of
+    ``matches`` draws (the 1 - 1e-6 quantile of one match, or the median of the
+    longest when there are so many matches that this is larger)."""
+    if match.rounds is not None:
+        return int(match.rounds)
+    delta = match.continuation_probability
+    if delta <= 0:
+        return 1
+    tail = min(LENGTH_QUANTILE_TAIL, math.log(2) / max(matches, 1))
+    return max(1, math.ceil(math.log(tail) / math.log(delta)))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:,.0f} MiB"
+
+
+def check_size(scenario: Scenario, nodes: int, edges: int, graph_field: str,
+               source: str) -> None:
+    """Refuse, before anything is built, a scenario whose graph and step arrays cannot
+    fit in memory (see ``memory_limit``), naming the field that makes it big."""
+    pairing = scenario.pairing
+    matches = edges if pairing.scheme == "all_edges" else min(edges, nodes)
+    matches *= pairing.repetitions
+    rounds = longest_match(scenario.match, matches)
+    per_round = BYTES_PER_ROUND_SIDE + (BYTES_PER_ROUND_ROW if scenario.output.rounds else 0)
+    parts = {
+        graph_field: nodes * BYTES_PER_NODE + edges * BYTES_PER_EDGE,
+        "match": 2 * matches * rounds * per_round,
+        "memory.window": 0,
+    }
+    memory = scenario.memory
+    if memory.scope != "match":  # windows kept across steps, two int8 tables
+        slots = 2 * edges if memory.scope == "opponent" else 2 * nodes
+        parts["memory.window"] = 2 * slots * (memory.window or 0)
+    total = sum(parts.values())
+    limit, why = memory_limit()
+    if total <= limit:
+        return
+    field = max(parts, key=parts.get)
+    if field == "match":
+        if scenario.match.rounds is None:
+            field = "match.continuation_probability"
+        else:
+            field = "pairing.repetitions" if pairing.repetitions > scenario.match.rounds \
+                else "match.rounds"
+    length = ("" if scenario.match.rounds is not None
+              else ", a 1 - 1e-6 quantile of the geometric match length")
+    raise ScenarioError(
+        f"{source}: field '{field}': this scenario needs about {_gib(total)} of memory "
+        f"(the graph {_gib(parts[graph_field])} for {nodes:,} nodes and {edges:,} edges; a "
+        f"step's matches {_gib(parts['match'])} for {matches:,} matches of up to "
+        f"{rounds:,} rounds{length}"
+        + (f"; memory windows {_gib(parts['memory.window'])}" if parts["memory.window"] else "")
+        + f") but the limit is {_gib(limit)} ({why}); allowed: a scenario that fits, with a "
+        "smaller graph, shorter matches (a smaller continuation_probability) or fewer "
+        "repetitions")
 
 
 def _mean_cooperation(model: DilemmaModel) -> float:
@@ -67,9 +172,19 @@ class DilemmaModel(mesa.Model):
         super().__init__(rng=int(stream(seed, "mesa").integers(2**63)))
 
         pop = scenario.population
+        n_default = len(pop.players) if pop.players else None
+        size = graph_size(scenario.graph, n_default)
+        if size is not None:  # before building: a graph too big to hold fails fast
+            nodes, edges, field = size
+            field = ("population.players" if field == "n" and scenario.graph.kind == "complete"
+                     and scenario.graph.n is None else f"graph.{field}")
+            check_size(scenario, nodes, edges, field, self.source)
         graph = build_graph(scenario.graph, stream(seed, "graph"), self.source,
-                            n_default=len(pop.players) if pop.players else None)
+                            n_default=n_default)
         self.graph = graph
+        if size is None:  # a graph file: its size is known now
+            check_size(scenario, graph.number_of_nodes(), graph.number_of_edges(),
+                       "graph.path", self.source)
         specs = assign_policies(pop, graph, stream(seed, "population"), self.source)
         self._check_memory(specs)
         self.edges = edge_array(graph)
@@ -86,6 +201,9 @@ class DilemmaModel(mesa.Model):
         self.tally = Tally(self.labels, self.label_of_node,
                            track_shares=scenario.evolution is not None)
         self.last_result: StepResult | None = None
+        # the LLM records of the last step (prompts, answers ...), replaced every step, so
+        # that a long run through the Python API or mesa.batch_run holds one step's worth
+        self.last_exchanges: list[dict] = []
         self.played_steps = 0  # Mesa's own counter moved between 3.x releases
 
         self.space = Network(graph, random=self.random)
@@ -144,6 +262,9 @@ class DilemmaModel(mesa.Model):
             present |= {s.display for s in scenario.policies()}
         key_of_label: dict[str, tuple] = {}
         spec_of_label: dict[str, PolicySpec] = {}
+        field_of_key: dict[tuple, str] = {}
+        for s, field in self._sourced(specs):
+            field_of_key.setdefault((s.name, json.dumps(s.params, sort_keys=True)), field)
         for s in named:
             # JSON, not a tuple of items: parameters may be lists or tables
             key = (s.name, json.dumps(s.params, sort_keys=True))
@@ -158,10 +279,13 @@ class DilemmaModel(mesa.Model):
         # labels in the order the scenario names them, not the random order of the nodes
         self.labels = [label for label in key_of_label if label in present]
         keys = list(dict.fromkeys(key_of_label[label] for label in self.labels))
-        try:
-            self.policies = [make(name, json.loads(params), game) for name, params in keys]
-        except (ValueError, ScenarioError) as exc:
-            raise ScenarioError(f"{self.source}: field 'population': {exc}") from None
+        self.policies = []
+        for key in keys:
+            try:
+                self.policies.append(make(key[0], json.loads(key[1]), game))
+            except (ValueError, ScenarioError) as exc:
+                raise ScenarioError(self._field_error(field_of_key.get(key, "population"),
+                                                      str(exc))) from None
         self.llm_policies = [p for p in self.policies if hasattr(p, "drain")]
         self.policy_of_label = np.array([keys.index(key_of_label[label])
                                          for label in self.labels], np.int64)
@@ -201,25 +325,72 @@ class DilemmaModel(mesa.Model):
             return float(match.rounds)
         return 1.0 / (1.0 - match.continuation_probability)
 
-    def _check_memory(self, specs: list) -> None:
+    def _sourced(self, specs: list[PolicySpec]) -> list[tuple[PolicySpec, str]]:
+        """Every policy that can play, with the field it was given in: players, mix
+        entries (those that round to no node too), mutants, and the policies read from
+        a graph file's node attribute."""
+        scenario = self.scenario
+        pop = scenario.population
+        out: list[tuple[PolicySpec, str]] = []
+        if pop.players is not None:
+            out += [(s, f"population.players[{i}]") for i, s in enumerate(pop.players)]
+        if pop.mix is not None:
+            out += [(s.policy, f"population.mix[{i}].policy") for i, s in enumerate(pop.mix)]
+        out += [(s, f"evolution.mutants[{i}]") for i, s in enumerate(scenario.mutants())]
+        if pop.attribute is not None:
+            out += [(s, "population.attribute") for s in specs]
+        return out
+
+    def _field_error(self, field: str, message: str) -> str:
+        """One paragraph naming the file once and the full field path once, also for a
+        message that came with a field of its own (``<scenario>: field 'model': ...`` from
+        abm.llm.models.resolve becomes ``FILE: field 'population.players[5].model': ...``)."""
+        for prefix in (f"{self.source}: ", "<scenario>: "):
+            message = message.removeprefix(prefix)
+        inner = re.match(r"field '([^']*)'(.*)$", message, re.S)
+        if inner:
+            sub, rest = inner.groups()
+            if not (sub == field or sub.startswith((f"{field}.", f"{field}["))
+                    or sub.split(".")[0] in ("population", "evolution", "graph", "game",
+                                             "match", "memory", "pairing", "output")):
+                sub = f"{field}.{sub}"  # a key of the policy's own table
+            return f"{self.source}: field '{sub}'{rest}"
+        return f"{self.source}: field '{field}': {message}"
+
+    def _check_memory(self, specs: list[PolicySpec]) -> None:
+        """Every policy that can play (mutants and mix entries on no node included) must
+        fit in the memory window."""
         window = self.scenario.memory.window
         if window is None:
             return
-        for spec in {s.name: s for s in specs}.values():
+        seen = set()
+        for spec, field in self._sourced(specs):
+            if spec.name in seen:
+                continue
+            seen.add(spec.name)
             depth = lookup(spec.name).memory_depth
             if math.isfinite(depth) and depth > window:
                 raise ScenarioError(
-                    f"{self.source}: field 'memory.window': policy {spec.name!r} needs to "
-                    f"remember {depth:g} rounds but the window is {window}; allowed: a window "
-                    f">= {depth:g}, or leave it out to remember the whole match")
+                    f"{self.source}: field 'memory.window': policy {spec.name!r} (in {field}) "
+                    f"needs to remember {depth:g} rounds but the window is {window}; allowed: "
+                    f"a window >= {depth:g}, or leave it out to remember the whole match")
 
     def step(self) -> None:
         """Pick this step's matches, play them all in lockstep, fold in the results."""
         index = self.played_steps
+        for policy in self.llm_policies:
+            policy.drain()  # the last step's records, handed out as last_exchanges
         edge_ids = self.pairing.matches(index, self._pairing_rng)
         if self.scenario.pairing.repetitions > 1:
             edge_ids = np.repeat(edge_ids, self.scenario.pairing.repetitions)
         result = self.engine.play(index, edge_ids)
+        exchanges: list[dict] = []
+        for policy in self.llm_policies:
+            # read, not drained: policy.drain() after a step still returns that step's
+            # records; they are dropped when the next step starts
+            records = getattr(policy, "records", None)
+            exchanges += list(records) if isinstance(records, list) else policy.drain()
+        self.last_exchanges = exchanges
         totals = self.tally.add(result)
         self.last_totals = totals
         own = ~result.twin

@@ -138,10 +138,17 @@ class TableWriter:
             self.transcripts.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        if self.transcripts is not None:
-            self.transcripts.close()
-            self.transcripts = None
-        for writer in (self.rounds_writer, self.matches_writer):
-            if writer is not None:
-                writer.close()
-        self.rounds_writer = self.matches_writer = None
+        """Close every file, even when closing one fails (a full disk fails at the
+        last flush); then raise the first error, if any."""
+        files = [self.transcripts, self.rounds_writer, self.matches_writer]
+        self.transcripts = self.rounds_writer = self.matches_writer = None
+        first: BaseException | None = None
+        for f in files:
+            if f is None:
+                continue
+            try:
+                f.close()
+            except Exception as exc:  # noqa: BLE001 - the others must still be closed
+                first = first or exc
+        if first is not None:
+            raise first

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from abm.errors import ScenarioError
 from abm.game import PayoffMatrix
@@ -18,8 +20,30 @@ from abm.policies import lookup
 from abm.policies.base import validate_params
 
 
+# A run name is a file name: it names the output folder (outputs/<name>-<time>), so it
+# may not climb out of outputs/ (".."), nest folders ("a/b") or be hidden (".x").
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+NAME_RULE = ("a file name (it names the output folder): letters, digits, '.', '_' and '-', "
+             "not starting with '.', at most 100 characters")
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name an output folder, or None when it can."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        return f"must be {NAME_RULE}"
+    return None
+
+
+def safe_name(text: str) -> str:
+    """A file stem turned into a valid name (the default name of a scenario)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).lstrip(".")[:100].strip("-")
+    return name if NAME_PATTERN.fullmatch(name) else "scenario"
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: TOML says what type a value is, so true is no integer and "yes" no boolean
+    # (floats still take integers); no NaN or infinity anywhere
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class PolicySpec(BaseModel):
@@ -29,7 +53,7 @@ class PolicySpec(BaseModel):
     (``{ name = "random", p = 0.3, label = "Coin" }``).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, strict=True)
     name: str
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
@@ -270,6 +294,14 @@ class Scenario(_Strict):
     output: OutputConfig = OutputConfig()
     evolution: EvolutionConfig | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _is_a_file_name(cls, value: str) -> str:
+        problem = name_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _repetitions_need_match_memory(self) -> Scenario:
         if self.pairing.repetitions > 1 and self.memory.scope != "match":
@@ -314,12 +346,21 @@ class Scenario(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"game.noise=0.05"`` -> (["game", "noise"], 0.05); values are read as TOML."""
+def parse_override(text: str, source: str | None = None) -> tuple[list[str], Any]:
+    """``"game.noise=0.05"`` -> (["game", "noise"], 0.05); values are read as TOML.
+
+    Keys are the key paths of sweep files: ``population.players[5].model`` picks a
+    list element (the segments keep their ``[i]``; ``abm.batch.keys.parse_key`` of the
+    joined segments gives the path with indices)."""
+    from abm.batch.keys import parse_key
+
+    where = f"{source}: --set {text!r}" if source else f"--set {text!r}"
     key, sep, raw = text.partition("=")
     path = [part.strip() for part in key.strip().split(".")]
     if not sep or not all(path):
-        raise ScenarioError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set game.noise=0.05")
+        raise ScenarioError(f"{where}: expected KEY.PATH=VALUE, e.g. --set game.noise=0.05 "
+                            "or --set population.players[5].model=\"./my-model\"")
+    parse_key(".".join(path), where)  # raises naming the key when it is no key path
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -327,17 +368,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys in the raw scenario dict before validation."""
+def apply_overrides(data: dict[str, Any], overrides: list[str],
+                    source: str | None = None) -> dict[str, Any]:
+    """Set key paths (``game.noise``, ``population.players[5].model``) in the raw
+    scenario dict before validation; ScenarioError for an index out of range or a key
+    into something that is not a table."""
+    from abm.batch.keys import _set_path, parse_key
+
     for text in overrides:
-        path, value = parse_override(text)
-        table = data
-        for i, part in enumerate(path[:-1]):
-            table = table.setdefault(part, {})
-            if not isinstance(table, dict):
-                raise ScenarioError(f"--set {text!r}: {'.'.join(path[: i + 1])} is a value, "
-                                    "not a table, so it has no keys")
-        table[path[-1]] = value
+        path, value = parse_override(text, source)
+        where = f"{source}: --set {text!r}" if source else f"--set {text!r}"
+        _set_path(data, parse_key(".".join(path), where), value, where)
     return data
 
 
@@ -353,34 +394,67 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None,
         raise ScenarioError(f"{path}: cannot read the scenario file ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
-    data.setdefault("name", path.stem)
-    apply_overrides(data, list(overrides or []))
+    data.setdefault("name", safe_name(path.stem))  # a name given is checked by the schema
+    apply_overrides(data, list(overrides or []), str(path))
     if seed is not None:
         data["seed"] = seed
     graph = data.get("graph")
     if isinstance(graph, dict) and graph.get("kind") == "file" and isinstance(graph.get("path"), str):
         graph["path"] = str((path.parent / graph["path"]).resolve())
     _resolve_templates(data, path.parent)
-    return validate_scenario(data, source=str(path), set_keys=[o.partition("=")[0].strip()
+    return validate_scenario(data, source=str(path), set_keys=[_set_key(o)
                                                              for o in overrides or []])
 
 
+def _set_key(override: str) -> str:
+    """The key of a ``--set`` as error messages spell fields (``players[5].model``)."""
+    return "".join(override.partition("=")[0].split())
+
+
+def _policy_tables(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every policy table of a raw scenario: players, mix entries and mutants."""
+    specs: list[Any] = []
+    population = data.get("population")
+    if isinstance(population, dict):
+        players = population.get("players")
+        specs += players if isinstance(players, list) else []
+        mix = population.get("mix")
+        specs += [entry.get("policy") for entry in mix if isinstance(entry, dict)] \
+            if isinstance(mix, list) else []
+    evolution = data.get("evolution")
+    if isinstance(evolution, dict) and isinstance(evolution.get("mutants"), list):
+        specs += evolution["mutants"]
+    return [spec for spec in specs if isinstance(spec, dict)]
+
+
+def _relative_to(folder: Path, value: str) -> str:
+    path = Path(value).expanduser()
+    return str((path if path.is_absolute() else folder / path).resolve())
+
+
+def _local_model(folder: Path, value: str) -> bool:
+    """Whether an LLM ``model`` value names a file or folder (not a built-in name or a
+    Hugging Face id): it starts with "." or "~", ends with .gguf, or is a folder next to
+    the scenario."""
+    if value.startswith((".", "~")) or value.endswith(".gguf"):
+        return True
+    return not Path(value).is_absolute() and (folder / value).is_dir()
+
+
 def _resolve_templates(data: dict[str, Any], folder: Path) -> None:
-    """LLM template paths are relative to the scenario file, like graph files."""
+    """LLM template files, Jinja chat templates and local model paths are relative to the
+    scenario file, like graph files, wherever a policy is given (players, mix, mutants)."""
     from abm.llm.chat_formats import NAMED as CHAT_FORMATS
 
-    population = data.get("population")
-    if not isinstance(population, dict):
-        return
-    specs = list(population.get("players") or [])
-    specs += [entry.get("policy") for entry in population.get("mix") or []
-              if isinstance(entry, dict)]
-    for spec in specs:
-        if isinstance(spec, dict) and isinstance(spec.get("template"), str):
-            spec["template"] = str((folder / spec["template"]).expanduser().resolve())
-        chat = spec.get("chat_template") if isinstance(spec, dict) else None
+    for spec in _policy_tables(data):
+        if isinstance(spec.get("template"), str):
+            spec["template"] = _relative_to(folder, spec["template"])
+        chat = spec.get("chat_template")
         if isinstance(chat, str) and chat not in CHAT_FORMATS:  # a Jinja file, not a name
-            spec["chat_template"] = str((folder / chat).expanduser().resolve())
+            spec["chat_template"] = _relative_to(folder, chat)
+        model = spec.get("model")
+        if spec.get("name") == "llm" and isinstance(model, str) and _local_model(folder, model):
+            spec["model"] = _relative_to(folder, model)
 
 
 def validate_scenario(data: dict[str, Any], source: str = "<scenario>",
@@ -397,7 +471,8 @@ def _explain(exc: ValidationError, source: str, set_keys: list[str]) -> str:
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         field = _dotted(loc)
-        where = " (set with --set)" if any(field == k or field.startswith(k + ".") for k in set_keys) else ""
+        where = " (set with --set)" if any(_within(field, k) or (field and _within(k, field))
+                                           for k in set_keys) else ""
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -418,10 +493,18 @@ def _explain(exc: ValidationError, source: str, set_keys: list[str]) -> str:
             continue
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        text = ("true" if got else "false") if isinstance(got, bool) else repr(got)  # as in TOML
+        if len(text) > 80:  # a 300-character name need not be shown whole
+            text = f"{text[:60]}... ({len(got) if isinstance(got, str) else len(text)} characters)"
+        shown = "" if isinstance(got, dict) or got is None else f" (got {text})"
         name = f"field '{field}'" if field else "the scenario"
         problems.append(f"{name}{where}: {msg}{shown}")
     return f"{source}: " + "; ".join(problems)
+
+
+def _within(field: str, key: str) -> bool:
+    """Whether ``field`` is ``key`` or lies inside it (``a.b[2].c`` inside ``a.b``)."""
+    return field == key or field.startswith((key + ".", key + "["))
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

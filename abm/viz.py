@@ -17,10 +17,39 @@ from abm.viz_model import SCENARIO_ENV, default_scenario
 APP = Path(__file__).with_name("app.py")
 
 
+ALLOWED_HOSTS = ("allowed: an address of this machine, such as 127.0.0.1 (this machine "
+                 "only, the default) or 0.0.0.0 (every network interface), or a host name "
+                 "that resolves to one")
+
+
+def _family(host: str) -> int:
+    """The address family ``host`` resolves to (IPv6 for a bare IPv6 address)."""
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    except (OSError, UnicodeError):
+        return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def host_problem(host: str) -> str | None:
+    """Why the server could not listen on ``host`` at all, or None if it can: a name or
+    address that does not resolve, or an address that is not this machine's."""
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return f"--host {host!r} is not an address or a host name that resolves ({reason}); " \
+               f"{ALLOWED_HOSTS}"
+    try:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+    except OSError as exc:
+        return f"--host {host!r}: cannot listen there ({exc.strerror or exc}); {ALLOWED_HOSTS}"
+    return None
+
+
 def port_problem(host: str, port: int) -> str | None:
     """Why the server could not listen on host:port, or None if it can."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         try:
             sock.bind((host, port))
@@ -33,8 +62,8 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    """A port that is free on ``host`` now (check the host with host_problem first)."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
@@ -62,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: --port must be between 0 and 65535; got {args.port}", file=sys.stderr)
         return 2
-    port = args.port or free_port(args.host)
-    problem = port_problem(args.host, port)
+    # the host first: a name that does not resolve or an address that is not this
+    # machine's would otherwise end in a traceback (from free_port or from the server)
+    problem = host_problem(args.host)
+    port = args.port
+    if problem is None:
+        port = args.port or free_port(args.host)
+        problem = port_problem(args.host, port)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

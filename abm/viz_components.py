@@ -5,6 +5,7 @@ heatmaps. Each re-renders when Mesa's controls step or reset the model."""
 from __future__ import annotations
 
 import base64
+import math
 import time
 import warnings
 from typing import Any
@@ -16,12 +17,21 @@ warnings.filterwarnings("ignore", message=r".*ComponentsView: `use_state` found 
 import numpy as np  # noqa: E402
 import solara  # noqa: E402
 from mesa.visualization import SolaraViz  # noqa: E402, F401  (re-exported for the app)
+from mesa.visualization import solara_viz as _mesa_solara_viz  # noqa: E402
 from mesa.visualization.utils import update_counter  # noqa: E402
 
 from abm.scenario import load_scenario  # noqa: E402
 from abm.viz_draw import NETWORK_SIZE, heatmaps_png, network_png, timeseries_png  # noqa: E402
 from abm.viz_layout import drawing_for  # noqa: E402
-from abm.viz_model import GRAPH_FAMILIES, VizModel, scenario_nodes  # noqa: E402
+from abm.viz_model import (  # noqa: E402
+    GRAPH_FAMILIES,
+    MAX_PAGE_AGENTS,
+    MAX_PAGE_LINKS,
+    MIN_PAGE_AGENTS,
+    VizModel,
+    scenario_nodes,
+    size_problem,
+)
 
 # (text, fraction or None) while the model steps or builds; None when idle
 progress: solara.Reactive[tuple[str, float | None] | None] = solara.reactive(None)
@@ -68,12 +78,86 @@ def model_params(model: VizModel) -> dict[str, Any]:
         "graph_kind": {"type": "Select", "label": "Graph family", "value": base.graph.kind,
                        "values": kinds},
         "n": {"type": "InputText", "label": "Graph size (agents)",
-              "value": str(nodes) if nodes else ""},
+              "value": str(nodes) if nodes else "",
+              # read by UserInputs below (Mesa's own ignores them)
+              "message": f"{MIN_PAGE_AGENTS} to {MAX_PAGE_AGENTS:,} agents (and about "
+                         f"{MAX_PAGE_LINKS:,} links at most); larger sizes are refused",
+              "check": size_problem},
         "steps": {"type": "SliderInt", "label": "Steps", "value": model.total_steps, "min": 1,
                   "max": max(200, model.total_steps), "step": 1},
         "seed": {"type": "InputText", "label": "Seed", "value": str(model.master_seed)},
     })
     return params
+
+
+# Mesa's own, kept once (a reload of this module must not wrap the wrapper)
+_MESA_USER_INPUTS = getattr(_mesa_solara_viz, "_abm_mesa_user_inputs",
+                            _mesa_solara_viz.UserInputs)
+_mesa_solara_viz._abm_mesa_user_inputs = _MESA_USER_INPUTS
+
+
+@solara.component
+def CheckedInput(label: str, value: str, on_value, message: str, check):
+    """A text box that says under it what it takes, and in red why a value is refused."""
+    text, set_text = solara.use_state(value)
+
+    def changed(new):
+        set_text(new)
+        on_value(new)
+
+    problem = check(text)
+    solara.InputText(label, value=text, on_value=changed, message=message,
+                     error=f"{problem}; Reset keeps the scenario's size" if problem else False)
+
+
+def slider_text(value: float, step: float | None) -> str:
+    """A slider's value as shown next to it, to the precision of its step."""
+    if isinstance(value, int) or step is None or float(step).is_integer():
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    decimals = max(0, -math.floor(math.log10(float(step))))
+    return f"{value:.{decimals}f}"
+
+
+@solara.component
+def ShownSlider(kind: str, label: str, value, on_value, min, max, step):
+    """A slider with its value written next to it (Mesa's show it only while dragged)."""
+    current, set_current = solara.use_state(value)
+
+    def changed(new):
+        set_current(new)
+        on_value(new)
+
+    slider = solara.SliderInt if kind == "SliderInt" else solara.SliderFloat
+    with solara.Row(gap="6px", style={"align-items": "center", "flex-wrap": "nowrap"}):
+        with solara.Div(style={"flex": "1 1 auto", "min-width": "0"}):
+            slider(label, value=current, on_value=changed, min=min, max=max, step=step)
+        solara.Text(slider_text(current, step), classes=["abm-slider-value"],
+                    style={"min-width": "2.5em", "text-align": "right", "font-weight": "bold"})
+
+
+@solara.component
+def UserInputs(user_params, on_change=None):
+    """Mesa's model controls (its ``UserInputs``), except that every slider has its
+    value written next to it, and a text box with a ``check`` says its bounds and why a
+    value is refused."""
+    for name, options in user_params.items():
+
+        def change(value, name=name):
+            on_change(name, value)
+
+        kind = options.get("type") if isinstance(options, dict) else None
+        if kind in ("SliderInt", "SliderFloat"):
+            ShownSlider(kind, options.get("label", name), options.get("value"), change,
+                        options.get("min"), options.get("max"), options.get("step"))
+        elif kind == "InputText" and callable(options.get("check")):
+            CheckedInput(options.get("label", name), options.get("value") or "", change,
+                         options.get("message", ""), options["check"])
+        else:
+            _MESA_USER_INPUTS({name: options}, on_change=on_change)
+
+
+# Mesa's ModelCreator looks UserInputs up in its module when it renders the controls
+_mesa_solara_viz.UserInputs = UserInputs
 
 
 @solara.component
@@ -96,12 +180,14 @@ def StatusBar(model: VizModel):
     # a step or a rebuild leaves its progress message up until the new pictures are made
     solara.use_effect(lambda: progress.set(None), [model, model.played_steps, counter])
     scenario = model.scenario
-    edges = int((model.edges[:, 0] != model.edges[:, 1]).sum())
+    loops = int((model.edges[:, 0] == model.edges[:, 1]).sum())
+    edges = len(model.edges) - loops
+    links = f"{edges:,} links" + (f" + {loops:,} self-play loops" if loops else "")
     with solara.Column(gap="4px"):
         solara.Text(f"Step {model.played_steps} of {model.total_steps}",
                     classes=["abm-step"], style={"font-size": "20px", "font-weight": "bold"})
         solara.Text(f"{scenario.name}: {scenario.description or model.scenario_path} "
-                    f"({model.n_nodes:,} agents, {edges:,} links, {scenario.pairing.scheme}, "
+                    f"({model.n_nodes:,} agents, {links}, {scenario.pairing.scheme}, "
                     f"seed {model.master_seed}). Parameter changes apply on Reset.",
                     style={"font-size": "13px"})
         ProgressBar()
@@ -145,14 +231,42 @@ def NetworkView(model: VizModel):
         solara.Div(children=[image])
 
 
+UNREAD_STYLE = {"font-size": "13px", "font-weight": "bold", "color": "#e65100"}
+
+
+def unread_note(record: dict[str, Any]) -> str | None:
+    """What the panel says about an answer that could not be read, or None."""
+    if record.get("fallback"):
+        return (f"fallback: the answer could not be read (invalid), so the fallback rule "
+                f"played {record.get('action')}; not the model's decision")
+    if record.get("valid") is False or record.get("action") == "invalid":
+        return ("invalid: the answer could not be read, so nothing was played and the "
+                "match stopped")
+    return None
+
+
 def _exchange(record: dict[str, Any]) -> None:
     p_c = record.get("p_cooperate")
     chance = f", p(C) = {p_c:.2f}" if isinstance(p_c, float) else ""
-    solara.Text(f"Step {record.get('step')}, round {record.get('round')}, against agent "
-                f"{record.get('opponent')}: answered \u201c{record.get('answer')}\u201d, so "
-                f"{record.get('action')} (after noise {record.get('actual', '?')}, the other "
-                f"played {record.get('opponent_action', '?')}){chance}",
-                style={"font-size": "13px"})
+    head = (f"Step {record.get('step')}, round {record.get('round')}, against agent "
+            f"{record.get('opponent')}: answered \u201c{record.get('answer')}\u201d")
+    note = unread_note(record)
+    unplayed = "actual" in record and record["actual"] is None  # the match stopped
+    if note and record.get("fallback"):
+        what = (f", invalid; the fallback rule played {record.get('action')} (after noise "
+                f"{record.get('actual', '?')}, the other played "
+                f"{record.get('opponent_action', '?')})")
+    elif note:
+        what = ", invalid: nothing played"
+    elif unplayed:
+        what = (f", so {record.get('action')}{chance}, not played: the match stopped on the "
+                "other side's unreadable answer")
+    else:
+        what = (f", so {record.get('action')} (after noise {record.get('actual', '?')}, the "
+                f"other played {record.get('opponent_action', '?')}){chance}")
+    solara.Text(head + what, style={"font-size": "13px"})
+    if note:
+        solara.Text(note, classes=["abm-unread"], style=UNREAD_STYLE)
     solara.Text("Prompt", style={"font-weight": "bold", "font-size": "13px"})
     text = "\n\n".join(f"[{m.get('role')}]\n{m.get('content')}" for m in record.get("prompt", []))
     solara.v.Html(tag="pre", children=[text], class_="abm-prompt", style_=PRE)
@@ -178,7 +292,14 @@ def _matches_of(model: VizModel, node: int) -> list[str]:
         who = int(r.opponent[side])
         label = model.labels[int(model.label_of_node[who])]
         name = "itself (self-play)" if who == node else f"{who} ({label})"
-        lines.append(f"vs {name}: {mine} against {theirs}, payoff {r.payoff[:n, side].sum():g}")
+        line = f"vs {name}: {mine} against {theirs}, payoff {r.payoff[:n, side].sum():g}"
+        if r.fallback is not None and r.fallback[:n, side].any():
+            which = np.flatnonzero(r.fallback[:n, side]) + 1
+            rounds = ("round " if len(which) == 1 else "rounds ") + ", ".join(map(str, which))
+            line += f" (fallback rule, not the model, in {rounds})"
+        if r.void is not None and r.void[side % r.n_matches]:
+            line += f" (stopped after {n} rounds: an answer could not be read)"
+        lines.append(line)
     return lines
 
 
@@ -213,6 +334,9 @@ def AgentPanel(model: VizModel):
                     classes=["abm-agent-title"], style={"font-weight": "bold"})
         solara.Text(f"{degree} neighbours; score {model.scores[chosen]:g} over {decisions} "
                     f"decisions; cooperation rate {rate}", style={"font-size": "13px"})
+        solara.Text(f"Agent ids here are node ids, as in agents.csv and rounds.parquet "
+                    f"(Mesa's AgentID is {model.players[chosen].unique_id})",
+                    classes=["abm-agent-ids"], style={"font-size": "12px", "color": "grey"})
         lines = _matches_of(model, chosen)
         if lines:
             solara.Text("This step: " + "; ".join(lines[:8]) + (" ..." if len(lines) > 8 else ""),

@@ -5,15 +5,16 @@ safe to draw from the page's worker threads."""
 from __future__ import annotations
 
 import io
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.collections import LineCollection
+from matplotlib.collections import LineCollection, PatchCollection
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Circle, Patch, Rectangle
 
 from abm.viz_layout import MAX_DRAWN_EDGES, Drawing, drawing_for
 
@@ -46,6 +47,7 @@ class Hits:
     radius: np.ndarray                  # pixel radius of each marker
     grid: tuple[int, int] | None = None
     extent: tuple[float, float, float, float] | None = None  # image box: x0, y0, x1, y1
+    loops: np.ndarray | None = None     # nodes drawn with a self-play loop
 
     def node_at(self, x: float, y: float) -> int | None:
         if self.grid is not None and self.extent is not None:
@@ -63,7 +65,13 @@ class Hits:
         return int(self.nodes[best]) if d[best] <= self.radius[best] + 6 else None
 
 
-def _legend(fig: Figure, model, counts: np.ndarray, grid: bool) -> None:
+def self_loops(model) -> np.ndarray:
+    """Node of each self-play loop (a node meeting an independent copy of itself)."""
+    u, v = model.edges[:, 0], model.edges[:, 1]
+    return u[u == v]
+
+
+def _legend(fig: Figure, model, counts: np.ndarray, grid: bool, loops: int = 0) -> None:
     handles = [Patch(facecolor=colour(i), edgecolor="black", linewidth=0.5,
                      label=f"{label} ({counts[i]})")
                for i, label in enumerate(model.labels) if i < len(counts) and counts[i]]
@@ -74,6 +82,8 @@ def _legend(fig: Figure, model, counts: np.ndarray, grid: bool) -> None:
     if grid:
         handles += [blank, Patch(facecolor="0.6", label="last action C"),
                     Patch(facecolor="0.3", label="last action D (darker)")]
+        if loops:
+            handles.append(Patch(alpha=0, label=f"{loops:,} self-play loops (not drawn)"))
     else:
         handles += [
             blank,
@@ -89,6 +99,10 @@ def _legend(fig: Figure, model, counts: np.ndarray, grid: bool) -> None:
             Line2D([], [], color=MATCH_CMAP(0.0), linewidth=2.5, label="match: all D"),
             Line2D([], [], color="0.75", linewidth=1, label="link, no match"),
         ]
+        if loops:
+            handles.append(Line2D([], [], marker="o", linestyle="none", markersize=10,
+                                  markerfacecolor="none", markeredgecolor="0.45",
+                                  label=f"self-play loop ({loops:,})"))
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.715, 0.93), frameon=False,
                fontsize=9, title="policy (agents)", title_fontsize=9, alignment="left")
 
@@ -107,11 +121,15 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
     fig.text(0.01, 0.975, f"{model.scenario.name}: step {model.played_steps} of "
              f"{model.total_steps}, {model.n_nodes:,} agents", fontsize=11, va="top",
              weight="bold")
+    loop_nodes = self_loops(model)
     if model.last_result is not None:
         shown = "one pixel per agent" if drawing.grid is not None else "node size = score so far"
-        fig.text(0.01, 0.94, f"{model.last_result.n_matches:,} matches this step; {shown}",
+        r = model.last_result
+        selfplay = int((r.agent[:r.n_matches] == r.opponent[:r.n_matches]).sum())
+        extra = f" ({selfplay:,} of them self-play)" if selfplay else ""
+        fig.text(0.01, 0.94, f"{r.n_matches:,} matches this step{extra}; {shown}",
                  fontsize=9, va="top", color="0.3")
-    _legend(fig, model, counts, drawing.grid is not None)
+    _legend(fig, model, counts, drawing.grid is not None, len(loop_nodes))
     if drawing.grid is not None:
         rows, cols = drawing.grid
         rgb = np.array(PALETTE)[labels_now % len(PALETTE)]
@@ -136,6 +154,7 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
             ax.add_collection(LineCollection(segments, colors=MATCH_CMAP(share[keep]),
                                              linewidths=2.0 if len(keep) < 500 else 0.8,
                                              zorder=2))
+    loops, loop_reach = _draw_loops(ax, model, drawing, loop_nodes, edge_ids, share)
     score = np.asarray(model.scores)[nodes]
     spread = score.max() - score.min() if len(score) else 0.0
     scaled = (score - score.min()) / spread if spread > 0 else np.full(len(score), 0.5)
@@ -163,14 +182,46 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
                     fontsize=9, weight="bold", zorder=5,
                     bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.5", "alpha": 0.85})
     ax.set_aspect("equal", adjustable="box")
-    pad = 0.06 * max(float(np.ptp(pos[:, 0])) if len(pos) else 1.0, 1e-9)
+    pad = max(0.06 * max(float(np.ptp(pos[:, 0])) if len(pos) else 1.0, 1e-9), loop_reach)
     ax.set_xlim(pos[:, 0].min() - pad, pos[:, 0].max() + pad)
     ax.set_ylim(pos[:, 1].min() - pad, pos[:, 1].max() + pad)
     data = _png(fig)  # drawing fixes the limits; the transform below is the final one
     xy = ax.transData.transform(pos)
     xy[:, 1] = height - xy[:, 1]
     radius = np.sqrt(sizes) / 2 * DPI / 72
-    return data, Hits(nodes=nodes, xy=xy, radius=radius)
+    return data, Hits(nodes=nodes, xy=xy, radius=radius, loops=loops)
+
+
+def _draw_loops(ax, model, drawing: Drawing, loop_nodes: np.ndarray, edge_ids: np.ndarray,
+                share: np.ndarray) -> tuple[np.ndarray, float]:
+    """A small circle beside each drawn node with a self-play loop, pointing away from
+    the middle, coloured like a match when it was played this step. Returns the nodes
+    drawn with a loop and how far the loops reach past the nodes (data units)."""
+    index, pos = drawing.index, drawing.pos
+    drawn = loop_nodes[index[loop_nodes] >= 0]
+    if len(drawn) == 0 or len(pos) == 0:
+        return drawn, 0.0
+    span = max(float(np.ptp(pos[:, 0])), float(np.ptp(pos[:, 1])), 1e-9)
+    r = span * float(np.clip(0.35 / np.sqrt(len(pos)), 0.006, 0.04))
+    at = pos[index[drawn]]
+    out = at - pos.mean(axis=0)
+    length = np.hypot(out[:, 0], out[:, 1])
+    out = np.where(length[:, None] > 1e-9, out / np.maximum(length, 1e-9)[:, None], [0.0, 1.0])
+    centres = at + 0.9 * r * out
+    colours = np.tile(np.array([0.75, 0.75, 0.75, 1.0]), (len(drawn), 1))
+    widths = np.full(len(drawn), 0.8)
+    u = model.edges[edge_ids, 0] if len(edge_ids) else np.zeros(0, np.int64)
+    played = u[model.edges[edge_ids, 1] == u] if len(edge_ids) else u
+    if len(played):
+        last_share = dict(zip(played.tolist(), share[model.edges[edge_ids, 1] == u].tolist()))
+        for i, node in enumerate(drawn.tolist()):
+            if node in last_share:
+                colours[i] = MATCH_CMAP(last_share[node])
+                widths[i] = 2.0 if len(drawn) < 500 else 0.8
+    ax.add_collection(PatchCollection([Circle(tuple(c), r) for c in centres],
+                                      facecolors="none", edgecolors=colours,
+                                      linewidths=widths, zorder=2))
+    return drawn, 2 * r
 
 
 def timeseries_png(model) -> bytes:
@@ -218,19 +269,50 @@ def timeseries_png(model) -> bytes:
     return _png(fig)
 
 
-def heatmaps_png(model) -> bytes:
+UNREAD_COLOUR = "#ff7f0e"  # the frame of a cell with decisions not read from the model
+NO_DATA_COLOUR = "0.73"    # a cell with decisions but no complete match
+
+
+def heatmap_marks(model) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per (player, opponent) cell: whether some of the row player's decisions were not
+    read from the model (invalid answers or the fallback rule), whether it has decisions
+    but no complete match ("no data"); and how many matches an unreadable answer stopped
+    (they are left out of both tables, as in the run's charts)."""
+    tally = model.tally
+    unread = tally.unread_matrix().to_numpy(dtype=float)
+    payoff = tally.payoff_matrix().to_numpy(dtype=float)
+    marked = np.nan_to_num(unread, nan=0.0) > 0
+    no_data = np.isnan(payoff) & ~np.isnan(unread)
+    # each match counts once for each of its two sides
+    return marked, no_data, int(tally.void_matrix().to_numpy().sum()) // 2
+
+
+def heatmaps_figure(model) -> Figure:
     """The experiment's two tables so far: mean payoff and mean (intended) defections per
-    match, row player against column opponent."""
+    match, row player against column opponent. Cells with decisions not read from the
+    model get an orange frame and a "*"; cells without a complete match are grey
+    ("no data"), as in the run's heatmaps."""
     matrices = [(model.tally.payoff_matrix(), "Mean payoff per match", ".1f"),
                 (model.tally.defection_matrix(), "Mean defections per match", ".2f")]
+    marked, no_data, void = heatmap_marks(model)
+    flagged = bool(marked.any() or no_data.any())
     labels = [str(x) for x in matrices[0][0].columns]
     k = len(labels)
     longest = min(max((len(x) for x in labels), default=1), 24)
     # laid out in pixels (constrained layout would double the drawing time)
     side = int(np.clip(48 * k, 160, 330))
-    left, bottom, top, bar = 46 + 6 * longest, 44 + 4 * longest, 30, 62
+    left, bar = 46 + 6 * longest, 62
     panel = left + side + bar
-    width, height = 2 * panel, bottom + side + top
+    width = 2 * panel
+    note = ""
+    if flagged:
+        stopped = (f"; {void:,} match{'es' if void != 1 else ''} stopped by an unreadable "
+                   "answer left out" if void else "")
+        note = textwrap.fill("* and orange frame: some of the row player's decisions were not "
+                             "read from the model (invalid answers or the fallback rule); "
+                             f"grey: no complete match{stopped}", width=max(40, width // 6))
+    bottom, top = 44 + 4 * longest + (14 * (note.count("\n") + 1) + 8 if note else 0), 30
+    height = bottom + side + top
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     cmap = colormaps["viridis"].with_extremes(bad="0.92")
     for i, (frame, title, fmt) in enumerate(matrices):
@@ -247,13 +329,32 @@ def heatmaps_png(model) -> bytes:
         ax.set_ylabel("player", fontsize=9)
         fig.colorbar(image, cax=cax)
         cax.tick_params(labelsize=8)
-        if k <= 12 and np.isfinite(values).any():
-            lo, hi = np.nanmin(values), np.nanmax(values)
+        for r, c in zip(*np.nonzero(no_data)):
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, facecolor=NO_DATA_COLOUR,
+                                   edgecolor="none", zorder=2))
+        for r, c in zip(*np.nonzero(marked)):
+            ax.add_patch(Rectangle((c - 0.45, r - 0.45), 0.9, 0.9, fill=False,
+                                   edgecolor=UNREAD_COLOUR, linewidth=2.5, zorder=3))
+        if k <= 12:
+            finite = values[np.isfinite(values)]
+            lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)
             for (r, c), val in np.ndenumerate(values):
+                star = "*" if marked[r, c] else ""
                 if np.isfinite(val):
                     bright = hi > lo and (val - lo) / (hi - lo) > 0.6
-                    ax.text(c, r, format(val, fmt), ha="center", va="center", fontsize=8,
-                            color="black" if bright else "white")
+                    ax.text(c, r, format(val, fmt) + star, ha="center", va="center",
+                            fontsize=8, color="black" if bright else "white", zorder=4)
+                elif no_data[r, c]:
+                    ax.text(c, r, "no data", ha="center", va="center", fontsize=7,
+                            color="black", zorder=4)
+    if note:
+        fig.text(0.01, 4 / height, note, fontsize=8, va="bottom", color="0.25",
+                 linespacing=1.3)
     if not model.tally.steps:
         fig.text(0.5, 0.5, "no matches played yet", ha="center", fontsize=10, color="0.4")
-    return _png(fig)
+    return fig
+
+
+def heatmaps_png(model) -> bytes:
+    """``heatmaps_figure`` as PNG bytes."""
+    return _png(heatmaps_figure(model))

@@ -27,6 +27,11 @@ SCENARIO_ENV = "ABM_VIZ_SCENARIO"
 GRAPH_FAMILIES = ("complete", "ring", "grid", "watts_strogatz", "barabasi_albert",
                   "erdos_renyi", "random_regular")
 LLM_LOG_LIMIT = 500  # exchanges kept for the page; older ones are dropped
+# the graph-size box's bounds: past MAX_DRAWN_NODES (2,000) the page draws a sample, and
+# up to these sizes building a graph, a step and the drawing take a few seconds at most
+MIN_PAGE_AGENTS = 2
+MAX_PAGE_AGENTS = 100_000
+MAX_PAGE_LINKS = 2_000_000  # a complete graph reaches it at 2,000 agents
 
 # progress(text, fraction) while a step or a build runs; fraction None = unknown;
 # progress(None, None) when done. The app points this at the page's progress bar.
@@ -88,6 +93,46 @@ def graph_table(kind: str, n: int, base: dict[str, Any]) -> dict[str, Any]:
                         f"allowed: {', '.join(GRAPH_FAMILIES)}")
 
 
+def size_problem(text: str | int | None) -> str | None:
+    """Why the graph-size box's value is refused, or None (empty: the scenario's size)."""
+    if text in (None, ""):
+        return None
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        return f"must be a whole number of agents; got {text!r}"
+    if not MIN_PAGE_AGENTS <= n <= MAX_PAGE_AGENTS:
+        bigger = " (run bigger graphs with python -m abm.run)" if n > MAX_PAGE_AGENTS else ""
+        return f"the page takes {MIN_PAGE_AGENTS} to {MAX_PAGE_AGENTS:,} agents; got {n:,}{bigger}"
+    return None
+
+
+def graph_size(table: dict[str, Any]) -> tuple[int, float]:
+    """About how many agents and links a [graph] table of a family makes."""
+    kind, copies = table.get("kind"), int(table.get("copies", 1))
+    if kind == "grid":
+        n = int(table["rows"]) * int(table["cols"])
+        links = n * (4 if table.get("neighbourhood") == "moore" else 2)
+    else:
+        n = int(table.get("n") or 0)
+        links = {"complete": n * (n - 1) / 2, "ring": n * int(table.get("k", 1)),
+                 "watts_strogatz": n * int(table.get("k", 2)) / 2,
+                 "barabasi_albert": n * int(table.get("m", 1)),
+                 "erdos_renyi": float(table.get("p", 0.0)) * n * (n - 1) / 2,
+                 "random_regular": n * int(table.get("d", 0)) / 2}.get(kind, 0.0)
+    return n * copies, links * copies
+
+
+def _check_page_size(path: str, table: dict[str, Any]) -> None:
+    """ScenarioError when a graph the page's controls ask for is too big for the page."""
+    nodes, links = graph_size(table)
+    if nodes > MAX_PAGE_AGENTS or links > MAX_PAGE_LINKS:
+        raise ScenarioError(
+            f"{path}: field 'graph.n': the page takes at most {MAX_PAGE_AGENTS:,} agents and "
+            f"about {MAX_PAGE_LINKS:,} links; a {table.get('kind')} graph of {nodes:,} agents "
+            f"has about {int(links):,} links (run bigger graphs with python -m abm.run)")
+
+
 def _as_mix(players: list[Any]) -> list[dict[str, Any]]:
     """A players list as a mix with the same proportions (for a graph of another size)."""
     counts = collections.Counter(repr(p) for p in players)
@@ -124,10 +169,10 @@ def apply_controls(path: str, *, noise: float | None = None, rounds: int | None 
         data.setdefault("pairing", {})["steps"] = int(steps)
     size = None
     if n not in (None, ""):
-        try:
-            size = int(n)
-        except ValueError:
-            raise ScenarioError(f"{path}: field 'graph.n': must be an integer; got {n!r}") from None
+        problem = size_problem(n)
+        if problem:
+            raise ScenarioError(f"{path}: field 'graph.n': {problem}")
+        size = int(n)
     kind = graph_kind or base.graph.kind
     nodes = scenario_nodes(base)  # None for a graph file
     if kind != base.graph.kind or (size is not None and size != nodes):
@@ -135,6 +180,7 @@ def apply_controls(path: str, *, noise: float | None = None, rounds: int | None 
             raise ScenarioError(f"{path}: field 'graph': a graph file has its own size; pick "
                                 f"a graph family to change it ({', '.join(GRAPH_FAMILIES)})")
         data["graph"] = graph_table(kind, size or nodes or 100, data["graph"])
+        _check_page_size(path, data["graph"])
         players = data["population"].get("players")
         if players is not None:
             data["population"] = {"mix": _as_mix(players)}
@@ -173,6 +219,10 @@ class VizModel(DilemmaModel):
             self.viz_error = f"{exc} (showing the scenario as written instead)"
             super().__init__(load_scenario(path), source=path, collect_agents=collect_agents)
         self.scenario_path = path
+        if self.datacollector.agent_reporters and "node" not in self.datacollector.agent_reporters:
+            # Mesa's AgentID counts from 1; the node id (agents.csv and rounds.parquet
+            # `agent`, the page's agent ids) is AgentID - 1
+            self.datacollector._new_agent_reporter("node", "node")
         self.llm_last: dict[int, dict[str, Any]] = {}
         self.llm_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LLM_LOG_LIMIT)
         self.share_history: list[np.ndarray] = [self.policy_counts()]

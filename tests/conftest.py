@@ -24,3 +24,14 @@ def rules_scenario(tmp_path) -> Path:
     path = tmp_path / "round_robin_rules.toml"
     shutil.copy(SCENARIOS / "round_robin_rules.toml", path)
     return path
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A scripted stand-in for the LLM backend (tests/fake_llm.py) behind every LLM player."""
+    import abm.policies.llm as llm_module
+    from fake_llm import FakeBackend
+
+    backend = FakeBackend()
+    monkeypatch.setattr(llm_module, "shared_backend", lambda params: backend)
+    return backend

@@ -118,4 +118,4 @@ def test_without_ray_the_error_says_how_to_install(tmp_path, monkeypatch, capsys
     assert main([str(tmp_path / "sweep.toml"), "--backend", "ray", "--out",
                  str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "pip install 'abm[ray]'" in err and "Traceback" not in err
+    assert 'pip install -e ".[ray]"' in err and "Traceback" not in err

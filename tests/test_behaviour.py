@@ -14,12 +14,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import abm.policies.llm as llm_module
 from abm.behaviour import (classic_strategies, decisions, fingerprint, round_by_round,
                            sequences, wilson)
 from abm.run import run_scenario
 from conftest import SCENARIOS
-from fake_llm import FakeBackend, last_history_line
+from fake_llm import last_history_line
 
 
 def test_wilson_interval_by_hand():
@@ -64,13 +63,6 @@ def condition_of(text: str) -> str:
     mine, theirs = (part.split(":")[1].split("(")[0].strip() for part in last.split(";"))
     return ("C" if mine == "remain silent" else "D") + ("C" if theirs == "remain silent"
                                                        else "D")
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    backend = FakeBackend()
-    monkeypatch.setattr(llm_module, "shared_backend", lambda params: backend)
-    return backend
 
 
 def test_a_known_memory_one_strategy_is_recovered(fake, scenario_file, tmp_path):
@@ -141,3 +133,28 @@ def test_nearest_strategy_uses_observed_conditions_only():
     assert exact == {"Tit-for-tat", "Grim trigger"}
     gtft = next(r for r in ranked if r["strategy"] == "Generous TFT")
     assert gtft["distance"] == pytest.approx(math.sqrt((1 / 3) ** 2 / 3))
+
+
+def test_every_llm_run_writes_its_behaviour(fake, tmp_path):
+    import tomllib
+
+    import tomli_w
+    data = tomllib.loads((SCENARIOS / "round_robin.toml").read_text())
+    data["population"]["players"][-1]["reflection"] = False
+    (tmp_path / "s.toml").write_text(tomli_w.dumps(data))
+    out = run_scenario(tmp_path / "s.toml", out=tmp_path / "o", quiet=True)
+    entry = json.loads((out / "summary.json").read_text())["llm"][0]["behaviour"]["LLM"]
+    # the fake plays Tit-for-tat: its fingerprint, and the nearest classic strategy
+    situations = entry["fingerprint"]["situations"]
+    assert [situations[s]["p"] for s in ("first", "CC", "CD", "DC", "DD")] == [1, 1, 0, 1, 0]
+    assert entry["fingerprint"]["nearest"][0] == {"strategy": "Tit-for-tat", "distance": 0.0}
+    # TFT against All-D: C, then four D
+    assert entry["sequences"]["All-D"] == "CDDDD"
+    assert entry["fingerprint_by_opponent"]["All-D"]["situations"]["CD"]["n"] == 1
+    rounds = pd.read_csv(out / "llm_rounds.csv")
+    assert set(rounds["opponent"]) == {"All-D", "All-C", "Defect Once", "Trigger",
+                                       "Tit-for-tat", "LLM"}
+    prints = pd.read_csv(out / "llm_fingerprints.csv")
+    assert set(prints["opponent"]) >= {"all", "All-D"}
+    for chart in ("llm_rounds", "llm_fingerprint"):
+        assert (out / f"{chart}.png").stat().st_size > 0 and (out / f"{chart}.html").is_file()

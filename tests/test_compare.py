@@ -9,18 +9,9 @@ import pandas as pd
 import pytest
 import tomli_w
 
-import abm.policies.llm as llm_module
 from abm.compare import main, two_proportion_test
 from abm.run import run_scenario
 from conftest import SCENARIOS
-from fake_llm import FakeBackend
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    backend = FakeBackend()
-    monkeypatch.setattr(llm_module, "shared_backend", lambda params: backend)
-    return backend
 
 
 def experiment(tmp_path, name, seed=2024, **llm):

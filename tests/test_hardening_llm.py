@@ -11,15 +11,7 @@ import pytest
 import abm.policies.llm as llm_module
 from abm.model import DilemmaModel
 from abm.run import main, run_scenario
-from fake_llm import FakeBackend
 from test_llm_policy import CUSTOM, custom_scenario, scenario
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    backend = FakeBackend()
-    monkeypatch.setattr(llm_module, "shared_backend", lambda params: backend)
-    return backend
 
 
 def llm_file(scenario_file, **llm) -> str:

@@ -7,21 +7,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import abm.policies.llm as llm_module
 from abm.export import main as export_main
 from abm.model import DilemmaModel
 from abm.run import run_scenario
 from abm.scenario import validate_scenario
 from conftest import SCENARIOS
-from fake_llm import FakeBackend
 from test_round_robin import DEFECTIONS, PAYOFF, PLAYERS
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    backend = FakeBackend()
-    monkeypatch.setattr(llm_module, "shared_backend", lambda params: backend)
-    return backend
 
 
 def scenario(llm: dict, others=("all_d",), rounds=3, memory=None, steps=1):
@@ -221,7 +212,7 @@ def test_custom_template_errors(fake, scenario_file, tmp_path, capsys, template,
         return
     assert code == 2
     err = capsys.readouterr().err
-    assert "field 'population'" in err and message in err
+    assert "field 'population.players[1]'" in err and message in err
 
 
 def test_police_framing_refuses_labels(scenario_file, capsys):

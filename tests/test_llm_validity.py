@@ -78,13 +78,6 @@ class Speaker:
         return forms[self.n % len(forms)]
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    backend = FakeBackend()
-    monkeypatch.setattr(llm_module, "shared_backend", lambda params: backend)
-    return backend
-
-
 def experiment_file(tmp_path, **llm) -> Path:
     """round_robin.toml with the LLM player's keys changed (reflections off)."""
     data = tomllib.loads((SCENARIOS / "round_robin.toml").read_text())

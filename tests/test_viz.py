@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import solara
 from conftest import SCENARIOS
-from fake_llm import FakeBackend
 
-import abm.policies.llm as llm_module
 from abm import viz_layout
 from abm.app import Page
 from abm.viz import main as viz_main
@@ -33,13 +31,6 @@ def no_selection():
     selected.set(None)
     yield
     selected.set(None)
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    backend = FakeBackend()
-    monkeypatch.setattr(llm_module, "shared_backend", lambda params: backend)
-    return backend
 
 
 def render(scenario):

@@ -26,8 +26,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
                         help="runs at once (default: one per core; 1 runs in this process)")
     parser.add_argument("--backend", choices=("local", "ray"), default="local",
                         help="local processes (default) or Ray")
-    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a "
-                        "local Ray instance)")
+    parser.add_argument("--address", help="Ray cluster to join, HOST:PORT or ray://HOST:PORT "
+                        "(default: $RAY_ADDRESS, else a local Ray instance on 127.0.0.1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY.PATH=VALUE", help="override a value in every run, like "
                         "[set] in the sweep file (repeatable)")

@@ -10,7 +10,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -91,7 +94,7 @@ def run_local(tasks: list[Task], on_result: OnResult, workers: int) -> None:
     context = multiprocessing.get_context(start_method())
     threads = max(1, default_workers() // workers)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                               initializer=_limit_threads, initargs=(threads,))
+                               initializer=_init_worker, initargs=(threads, os.getpid()))
     pending: dict[Any, Task] = {}
     queue = list(reversed(tasks))
     try:
@@ -108,6 +111,52 @@ def run_local(tasks: list[Task], on_result: OnResult, workers: int) -> None:
         raise WorkerLost("a worker process died (killed, or out of memory)") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    """Set up a pool worker: its share of the cores, and an end when the sweep ends."""
+    _limit_threads(threads)
+    exit_with_parent(parent)
+
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def exit_with_parent(parent: int, interval: float = PARENT_POLL_SECONDS) -> None:
+    """End this process as soon as ``parent`` (the sweep's process) is gone.
+
+    A pool worker waits on pipes that it shares with its parent, so it never sees them
+    close: after a SIGKILL of the sweep (or an out-of-memory kill) it would run on as an
+    orphan. On Linux the kernel sends it SIGKILL when the parent dies (PR_SET_PDEATHSIG);
+    everywhere, a daemon thread also checks every ``interval`` seconds whether the
+    parent is still its parent (an orphan is adopted by another process) and ends the
+    process with ``os._exit`` when it is not.
+    """
+    _kill_on_parent_death()
+    if os.getppid() != parent:  # the parent died before this worker got here
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="abm-parent-watch", daemon=True).start()
+
+
+def _kill_on_parent_death() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux; nothing elsewhere or if it fails. (It
+    fires when the parent's thread that started this process ends; the pool starts its
+    workers from the thread that runs the sweep, which outlives the pool.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _limit_threads(threads: int) -> None:

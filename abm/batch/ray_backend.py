@@ -6,13 +6,19 @@ LLM policy keeps loaded models per process) and serves every run sent to it. An
 actor asks for a GPU when the scenario's LLM player asks for CUDA, or leaves the
 device to ``"auto"`` and the cluster has GPUs. Runs of different models go to
 different actors, one model after the other, so a GPU holds one model at a time.
+
+A local instance started here listens on 127.0.0.1 only; a cluster's address is checked
+with a TCP connection before Ray is asked to join it, so a wrong one fails in seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from abm.batch.backends import OnResult, Task, _one_line, default_workers, execute
@@ -23,8 +29,9 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ScenarioError("--backend ray needs Ray, which is not installed; install it with: "
-                            "pip install 'abm[ray]'") from None
+        raise ScenarioError("--backend ray needs Ray, which is not installed; install it from "
+                            "the clone of abm with: pip install -e \".[ray]\" (or: pip install "
+                            "\"ray>=2.40\")") from None
     return ray
 
 
@@ -54,32 +61,110 @@ def gpus_for(task: Task, cluster_gpus: float) -> int:
     return 0
 
 
+LOOPBACK = "127.0.0.1"
+CONNECT_TIMEOUT = 3.0  # seconds to wait for a TCP answer from a cluster's address
+# Ray reads this once, at import, into ray._private.ray_constants.ENABLE_RAY_CLUSTER; when
+# it is false (Ray's single-machine mode, the default on macOS and Windows) a node started
+# with _node_ip_address="127.0.0.1" keeps that address; otherwise Ray replaces it with the
+# machine's routable address and its servers listen on every interface
+_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def connect(address: str | None, workers: int | None) -> bool:
-    """Start or join Ray unless already connected; True when this call connected."""
+    """Start or join Ray unless already connected; True when this call connected.
+
+    With an address (``--address`` or $RAY_ADDRESS) it first checks, with a TCP connection
+    of at most ``CONNECT_TIMEOUT`` seconds, that something answers there, so a wrong
+    address fails in seconds (``ray.init`` itself retries for minutes). Without one it
+    starts a local instance that listens on 127.0.0.1 only.
+    """
     ray = import_ray()
     if ray.is_initialized():
         return False
+    flag = f"--address {address}" if address else None
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and flag is None:
+        flag = f"RAY_ADDRESS={address}"
     options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                                "log_to_driver": False}
+    if address:
+        check_reachable(address, str(flag))
     try:
         if address:
             ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=workers or default_workers(), **options)
-    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            with _loopback_only():
+                ray.init(num_cpus=workers or default_workers(), _node_ip_address=LOOPBACK,
+                         **options)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError, SystemExit) as exc:
+        # SystemExit: what ray.init raises when a reachable address never answers as Ray
+        where = f"the Ray cluster at {flag}" if address else "a local Ray instance"
         raise ScenarioError(f"--backend ray: cannot start or join {where}: "
                             f"{_one_line(exc)}") from None
     return True
 
 
+def check_reachable(address: str, flag: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """ScenarioError unless something accepts a TCP connection at ``address`` (HOST:PORT
+    or ray://HOST:PORT; "auto" and "local" are Ray's own and are left to it)."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, colon, port = target.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ScenarioError(f"{flag}: not the address of a Ray cluster; allowed: HOST:PORT "
+                            "(the head node's port, 6379 unless `ray start --head --port` "
+                            "chose another, e.g. 10.0.0.5:6379), ray://HOST:PORT (Ray Client) "
+                            "or auto (the cluster started on this machine)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ScenarioError(f"{flag}: no Ray cluster answers there ({reason}, within "
+                            f"{timeout:g} s); start one with `ray start --head` on that "
+                            "machine, correct the address, or leave --address out (and unset "
+                            "RAY_ADDRESS) to start a local Ray instance") from None
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While a local instance starts, Ray's single-machine mode, so that the 127.0.0.1 given
+    as its node address is kept: the GCS, the raylet and the workers then listen on
+    127.0.0.1 only, not on every interface. Set in the environment for the processes Ray
+    starts and in Ray's constant for this one; both are restored afterwards."""
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # another layout: the address alone is the best there is
+        ray_constants = None
+    saved_env = os.environ.get(_SINGLE_MACHINE_ENV)
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    if saved is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop(_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[_SINGLE_MACHINE_ENV] = saved_env
+        if saved is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def run_ray(tasks: list[Task], on_result: OnResult, workers: int | None = None,
-            address: str | None = None) -> None:
+            address: str | None = None, connected: bool | None = None) -> None:
     """Run every task on Ray. ``workers``: the CPUs of a local instance started here; on a
-    running cluster, the most runs at once (default: as many as it has CPUs)."""
+    running cluster, the most runs at once (default: as many as it has CPUs).
+
+    ``connected``: None to connect here (and shut Ray down after); True or False when the
+    caller has called ``connect`` itself (what it returned) and shuts Ray down itself.
+    """
     ray = import_ray()
-    connected_here = connect(address, workers)
+    owner = connected is None
+    connected_here = connect(address, workers) if owner else bool(connected)
     try:
         # a local instance started here has exactly ``workers`` CPUs, so Ray itself keeps
         # that many running and a second batch can wait in its queue; on a cluster that was
@@ -87,7 +172,7 @@ def run_ray(tasks: list[Task], on_result: OnResult, workers: int | None = None,
         in_flight = 2 * (workers or 0) if connected_here or workers is None else workers
         _schedule(ray, tasks, on_result, workers, in_flight)
     finally:
-        if connected_here:
+        if owner and connected_here:
             ray.shutdown()
 
 

@@ -1,8 +1,12 @@
-"""A sweep's report: aggregate.csv (mean, std, 95 % CI per parameter point) and charts."""
+"""A sweep's report: aggregate.csv (mean, std, 95 % CI per parameter point) and charts.
+
+aggregate.csv holds the t-interval as computed, which for a rate or share of few
+replicates can reach below 0 or above 1; the charts clip such intervals to [0, 1] and
+say so in their titles.
+"""
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -13,7 +17,8 @@ import pandas as pd
 
 from abm.atomic import atomic_file
 from abm.batch.stats import mean_ci
-from abm.batch.storage import BOOKKEEPING, RESULTS, SWEEP_JSON
+from abm.batch.storage import (BOOKKEEPING, RESULTS, SWEEP_JSON, _reason, read_results,
+                               read_sweep_json)
 from abm.errors import ScenarioError
 
 AGGREGATE = "aggregate.csv"
@@ -54,11 +59,22 @@ def write_report(out: str | Path, charts: bool = True) -> list[Path]:
     if not meta_file.is_file() or not results_file.is_file():
         raise ScenarioError(f"{out}: not a sweep output folder ({SWEEP_JSON} and {RESULTS} "
                             "are written by python -m abm.batch SWEEP_FILE)")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    meta = read_sweep_json(meta_file, str(out))
     keys: list[str] = meta.get("keys", [])
-    results = pd.read_parquet(results_file)
+    results = read_results(results_file, str(out))
     keys = [k for k in keys if k in results.columns]
     table = aggregate(results, keys)
+    try:
+        return _write(out, meta, keys, table, charts)
+    except OSError as exc:
+        raise ScenarioError(f"{out}: cannot write the report there ({_reason(exc)}); "
+                            f"{RESULTS} and the run folders are untouched; make the folder "
+                            "writable, or copy it and run python -m abm.batch report on the "
+                            "copy") from None
+
+
+def _write(out: Path, meta: dict[str, Any], keys: list[str], table: pd.DataFrame,
+           charts: bool) -> list[Path]:
     written = [out / AGGREGATE]
     with atomic_file(out / AGGREGATE) as tmp:
         table.to_csv(tmp, index=False)
@@ -94,30 +110,60 @@ def _is_number(series: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
 
 
+def is_share(metric: str) -> bool:
+    """A rate or share, between 0 and 1 by construction (cooperation_rate,
+    final_cooperation_rate, llm_invalid_rate, cooperation[...], final_share[...],
+    mean_share[...]): its charts clip the 95 % interval to [0, 1]."""
+    return metric.endswith("_rate") or metric.startswith(("cooperation[", "final_share[",
+                                                          "mean_share["))
+
+
 def _line_chart(data: pd.DataFrame, metric: str, key: str, others: list[str]) -> alt.Chart:
+    """Mean and 95 % CI of ``metric`` against ``key``, one colour per value of the other
+    keys: a line over a numeric key; points with error bars, side by side, over a
+    categorical one (its values have no order a line could join). The t-interval of a
+    rate or share is clipped to [0, 1] here (aggregate.csv keeps it as computed)."""
+    share = is_share(metric)
+    low, high = data["ci95_low"], data["ci95_high"]
+    if share:  # a t-interval of few replicates can reach past what a share can be
+        low, high = low.clip(0.0, 1.0), high.clip(0.0, 1.0)
+    numeric = _is_number(data[key])
     frame = pd.DataFrame({
-        "x": data[key].to_numpy() if _is_number(data[key]) else data[key].astype(str).to_numpy(),
-        "mean": data["mean"].to_numpy(), "low": data["ci95_low"].to_numpy(),
-        "high": data["ci95_high"].to_numpy(), "n": data["n"].to_numpy(),
+        "x": data[key].to_numpy() if numeric else data[key].astype(str).to_numpy(),
+        "mean": data["mean"].to_numpy(), "low": low.to_numpy(), "high": high.to_numpy(),
+        "n": data["n"].to_numpy(),
         "series": (data[others].astype(str).apply(
             lambda r: ", ".join(f"{k}={v}" for k, v in zip(others, r)), axis=1).to_numpy()
                    if others else "all"),
     })
-    numeric = _is_number(data[key])
     order = list(dict.fromkeys(frame["x"])) if not numeric else None
     x = alt.X("x:Q" if numeric else "x:N", title=key, sort=order,
-              scale=alt.Scale(zero=False) if numeric else alt.Undefined)
+              scale=alt.Scale(zero=False) if numeric else alt.Undefined,
+              axis=(alt.Undefined if numeric else alt.Axis(
+                  labelAngle=0 if max(map(len, order)) <= 12 else -40, labelLimit=0)))
     series_order = list(dict.fromkeys(frame["series"]))[:_MAX_SERIES]
     frame = frame[frame["series"].isin(series_order)]
-    color = (alt.Color("series:N", title=", ".join(others), sort=series_order)
+    # labelLimit/titleLimit 0: no limit, so "population.players[2].framing=police" is
+    # shown whole instead of cut at Vega's default 160 pixels
+    color = (alt.Color("series:N", title=", ".join(others), sort=series_order,
+                       legend=alt.Legend(labelLimit=0, titleLimit=0))
              if others else alt.value("#4c78a8"))
-    base = alt.Chart(frame, title=f"{metric} vs {key} (mean and 95% CI over replicates)")
-    line = base.mark_line(point=True).encode(
-        x=x, y=alt.Y("mean:Q", title=metric, scale=alt.Scale(zero=False)), color=color,
-        tooltip=[alt.Tooltip("x", title=key), "series", alt.Tooltip("mean:Q", format=".4f"),
-                 alt.Tooltip("low:Q", format=".4f"), alt.Tooltip("high:Q", format=".4f"), "n"])
-    bars = base.mark_rule().encode(x=x, y="low:Q", y2="high:Q", color=color)
-    return (bars + line).properties(width=420, height=260)
+    ci = "95% CI clipped to [0, 1]" if share else "95% CI"
+    base = alt.Chart(frame, title=alt.TitleParams(
+        f"{metric} vs {key} (mean and {ci} over replicates)", limit=0))
+    y = alt.Y("mean:Q", title=metric, scale=alt.Scale(zero=False))
+    tooltip = [alt.Tooltip("x", title=key), "series", alt.Tooltip("mean:Q", format=".4f"),
+               alt.Tooltip("low:Q", format=".4f"), alt.Tooltip("high:Q", format=".4f"), "n"]
+    if numeric:
+        marks = base.mark_line(point=True).encode(x=x, y=y, color=color, tooltip=tooltip)
+        bars = base.mark_rule().encode(x=x, y="low:Q", y2="high:Q", color=color)
+    else:
+        dodge = {"xOffset": alt.XOffset("series:N", sort=series_order)} if others else {}
+        marks = base.mark_point(filled=True, size=60, opacity=1).encode(
+            x=x, y=y, color=color, tooltip=tooltip, **dodge)
+        bars = base.mark_rule(strokeWidth=2).encode(x=x, y="low:Q", y2="high:Q", color=color,
+                                                    **dodge)
+    return (bars + marks).properties(width=420, height=260)
 
 
 def _heatmap(data: pd.DataFrame, metric: str, xkey: str, ykey: str) -> alt.Chart:

@@ -58,13 +58,21 @@ def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "local", workers:
         import_ray()  # say how to install it before anything is written
     out = Path(out).resolve()
     store = Store(out, sweep)
-    store.open()
+    store.load()  # reads only: a folder that cannot be used is refused before any write
     result = SweepResult(out=out, total=len(sweep.runs), skipped=0)
+    todo = [run for run in sweep.runs if force or not store.complete(run)]
+    ray_connected = False
+    if backend == "ray" and todo:
+        from abm.batch.ray_backend import connect
+
+        # up before the folder is made: a cluster that cannot be reached leaves nothing
+        ray_connected = connect(address, workers)
     try:
-        todo = []
-        for run in sweep.runs:
-            if force or not store.complete(run):
-                todo.append(run)
+        store.create()
+    except BaseException:
+        _shutdown_ray(ray_connected)
+        raise
+    try:
         result.skipped = len(sweep.runs) - len(todo)
         if force:
             for run in todo:
@@ -107,7 +115,8 @@ def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "local", workers:
             elif backend == "ray":
                 from abm.batch.ray_backend import run_ray
 
-                run_ray(tasks, on_result, workers=workers, address=address)
+                run_ray(tasks, on_result, workers=workers, address=address,
+                        connected=ray_connected)
             elif backend == "serial" or n_workers == 1:
                 run_serial(tasks, on_result)
             else:
@@ -115,9 +124,20 @@ def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "local", workers:
         finally:
             bar.close()
     finally:
-        store.close()
+        try:
+            store.close()
+        finally:
+            _shutdown_ray(ray_connected)
     if report:
         from abm.batch.report import write_report
 
         result.report = write_report(out, charts=charts)
     return result
+
+
+def _shutdown_ray(connected: bool) -> None:
+    """Shut down the Ray session this sweep started or joined (one it found is left)."""
+    if connected:
+        import ray
+
+        ray.shutdown()

@@ -9,6 +9,7 @@ that was complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -99,37 +100,83 @@ class Store:
     # -- setup
 
     def open(self) -> None:
-        """Check the folder, take the lock, clear what killed runs left, read old rows."""
+        """Check the folder, read old rows, take the lock, clear what killed runs left."""
+        self.load()
+        self.create()
+
+    def load(self) -> None:
+        """Check the folder and read the rows an earlier call recorded, writing nothing.
+
+        A folder that is not this sweep's, or whose sweep.json or results.parquet cannot
+        be read, raises ScenarioError and is left exactly as it is.
+        """
         out = self.out
+        where = f"--out {out}"
         marker = out / SWEEP_JSON
         old: dict[str, Any] = {}
         if out.exists() and not out.is_dir():
-            raise ScenarioError(f"--out {out}: exists and is not a folder")
-        if out.is_dir() and any(out.iterdir()):
+            raise ScenarioError(f"{where}: exists and is not a folder; choose another folder")
+        try:
+            holds_something = out.is_dir() and any(out.iterdir())
+        except OSError as exc:
+            raise ScenarioError(f"{where}: cannot read the folder ({_reason(exc)}); choose a "
+                                "folder you can read and write") from None
+        if holds_something:
             if not marker.is_file():
-                raise ScenarioError(f"--out {out}: exists, is not empty and holds no sweep "
+                raise ScenarioError(f"{where}: exists, is not empty and holds no sweep "
                                     f"({SWEEP_JSON} is missing); choose another folder")
-            old = json.loads(marker.read_text(encoding="utf-8"))
-            if old.get("name") != self.sweep.name:
-                raise ScenarioError(f"--out {out}: holds the sweep {old.get('name')!r}, not "
+            old = read_sweep_json(marker, where)
+            if old["name"] != self.sweep.name:
+                raise ScenarioError(f"{where}: holds the sweep {old['name']!r}, not "
                                     f"{self.sweep.name!r}; choose another folder")
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self._lock()
-        for partial in self.runs_dir.glob(".*.partial-*"):
-            shutil.rmtree(partial, ignore_errors=True)  # a run killed half way
-        _write_atomic(marker, json.dumps({**self.sweep.to_json(), "abm_batch": 1},
-                                         indent=2).encode() + b"\n")
-        _write_atomic(out / "sweep.toml", self.sweep.text.encode())
         results = out / RESULTS
+        if results.exists() and not results.is_file():
+            raise ScenarioError(f"{where}: {results} is not a file; move it away and run the "
+                                "same command again (the results are rebuilt from the run "
+                                "folders)")
         if results.is_file():
             skip = set(BOOKKEEPING) | set(old.get("keys", [])) | set(self.sweep.keys)
-            for row in pd.read_parquet(results).to_dict("records"):
+            for row in read_results(results, where).to_dict("records"):
                 run = self.by_id.get(row.get("run_id"))
                 if run is None or row.get("status") != "ok" or not self.complete(run):
                     continue  # not in this sweep, failed (run again), or its folder is gone
                 metrics = {k: _py(v) for k, v in row.items() if k not in skip and not _missing(v)}
                 self.add(run, {"status": "ok", "error": None,
                                "run_seconds": _py(row.get("run_seconds")), **metrics})
+
+    def create(self) -> None:
+        """Make the folder, take the lock, clear what killed runs left, write sweep.json.
+
+        A folder that cannot be written (read-only, under a file, a full disk) raises
+        ScenarioError; what this call made before it failed is removed again.
+        """
+        out = self.out
+        made = _first_missing(self.runs_dir)  # the topmost folder this call makes, if any
+        fresh = made is not None and (made == out or made in out.parents)
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            for partial in self.runs_dir.glob(".*.partial-*"):
+                shutil.rmtree(partial, ignore_errors=True)  # a run killed half way
+            _write_atomic(out / SWEEP_JSON, json.dumps({**self.sweep.to_json(), "abm_batch": 1},
+                                                       indent=2).encode() + b"\n")
+            _write_atomic(out / "sweep.toml", self.sweep.text.encode())
+        except OSError as exc:
+            self._unlock()
+            if fresh:  # the folder is this call's: take back what it wrote
+                for name in (".lock", SWEEP_JSON, "sweep.toml"):
+                    with contextlib.suppress(OSError):
+                        (out / name).unlink(missing_ok=True)
+            if made is not None:
+                for folder in (self.runs_dir, *self.runs_dir.parents):
+                    try:
+                        folder.rmdir()  # empty folders only: never anything else
+                    except OSError:
+                        break
+                    if folder == made:
+                        break
+            raise ScenarioError(f"--out {out}: cannot write there ({_reason(exc)}); choose a "
+                                "folder you can write to, e.g. --out outputs/NAME") from None
 
     def _lock(self) -> None:
         try:
@@ -147,6 +194,9 @@ class Store:
 
     def close(self) -> None:
         self.flush(force=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -257,4 +307,74 @@ def _missing(value: Any) -> bool:
 def _write_atomic(path: Path, data: bytes) -> None:
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)
+
+
+def _reason(exc: BaseException) -> str:
+    """An OSError as its message alone ("Permission denied"), anything else in one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder of ``path`` (``path`` included) that does not exist yet."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+# ------------------------------------------------------------------ reading a sweep folder
+
+_SHAPE = ("a JSON object with 'name' (a string) and 'keys', 'metrics' and 'axes' (lists of "
+          "names), as python -m abm.batch writes it")
+
+
+def read_sweep_json(path: Path, where: str) -> dict[str, Any]:
+    """The sweep.json of a sweep folder, checked; ScenarioError when it cannot be read,
+    is not JSON or is not a sweep's description (the file is left as it is)."""
+    advice = ("it is left as it is: restore it (it is written when the sweep starts), or "
+              "choose another folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScenarioError(f"{where}: cannot read {path} ({_reason(exc)}); {advice}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ScenarioError(f"{where}: {path} is not valid JSON ({_reason(exc)}); "
+                            f"{advice}") from None
+
+    def names(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    ok = (isinstance(data, dict) and isinstance(data.get("name"), str)
+          and names(data.get("keys", [])) and names(data.get("metrics", []))
+          and isinstance(data.get("axes", []), list)
+          and all(names(axis) for axis in data.get("axes", [])))
+    if not ok:
+        shown = json.dumps(data)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ScenarioError(f"{where}: {path} is not a sweep description (expected {_SHAPE}; "
+                            f"got {shown}); {advice}")
+    return data
+
+
+def read_results(path: Path, where: str) -> pd.DataFrame:
+    """The results.parquet of a sweep folder; ScenarioError when it cannot be read or lacks
+    the columns every results table has. The file is never removed or replaced here."""
+    advice = (f"it is left as it is; to rebuild it from the run folders, move it aside (e.g. "
+              f"rename it to {RESULTS}.bad) and run the sweep command again with the same "
+              "--out: complete runs are not run again")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow's errors, OSError, ValueError: any unreadable file
+        raise ScenarioError(f"{where}: {path} cannot be read as a results table "
+                            f"({_reason(exc)}); {advice}") from None
+    missing = [c for c in ("run_id", "point", "status") if c not in frame.columns]
+    if missing:
+        raise ScenarioError(f"{where}: {path} is not a sweep's results table (no column "
+                            f"{', '.join(repr(c) for c in missing)}); {advice}")
+    return frame
 

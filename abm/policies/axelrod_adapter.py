@@ -12,7 +12,7 @@ import difflib
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from abm.game import EMPTY, PayoffMatrix
 from abm.policies.base import Outcome, View, register
@@ -25,14 +25,57 @@ class AxelrodParams(BaseModel):
     model_config = ConfigDict(extra="allow")
     strategy: str
 
+    @model_validator(mode="after")
+    def _strategy_takes_them(self) -> AxelrodParams:
+        # when the scenario loads, so that the error names the player's field
+        check_strategy(self.strategy, dict(self.model_extra or {}))
+        return self
+
 
 def _library() -> Any:
     try:
         import axelrod
     except ImportError:
-        raise ValueError("the axelrod policy needs the Axelrod library: pip install "
-                         "\"abm[bench]\" (or pip install axelrod)") from None
+        raise ValueError("the axelrod policy needs the Axelrod library: pip install axelrod "
+                         "(or, from the clone, pip install -e \".[bench]\")") from None
     return axelrod
+
+
+def _is_probability(name: str) -> bool:
+    """Parameter names that hold probabilities in Axelrod (p, q, ep, c_prob,
+    forget_probability, p_memory_delete, four_vector ...)."""
+    return name in ("p", "q", "ep", "four_vector") or "prob" in name or name.startswith("p_")
+
+
+def check_strategy(strategy: str, options: dict[str, Any]) -> type:
+    """The strategy's class, once it is known to take ``options``; ValueError saying
+    what is wrong otherwise (unknown name, opponent-reading strategy, a probability
+    outside [0, 1], a parameter its constructor refuses)."""
+    cls = find_strategy(strategy)
+    classifier = getattr(cls, "classifier", {})
+    if any(classifier.get(k) for k in ("inspects_source", "manipulates_source",
+                                       "manipulates_state")):
+        raise ValueError(f"Axelrod strategy {strategy!r} reads or changes its opponent's "
+                         "code or state, which an abm opponent does not have")
+    for key, value in options.items():
+        if not _is_probability(key):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if key == "four_vector" and len(values) != 4:
+            raise ValueError(f"Axelrod strategy {strategy!r}: four_vector holds four "
+                             "probabilities (of C after CC, CD, DC, DD); got "
+                             f"{len(values)} values")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"Axelrod strategy {strategy!r}: parameter {key!r} is a "
+                                 f"probability, a number from 0 to 1; got {value!r}")
+    try:
+        cls(**options)
+    except (TypeError, ValueError) as exc:
+        shown = ", ".join(f"{k} = {v!r}" for k, v in options.items()) or "none"
+        raise ValueError(f"Axelrod strategy {strategy!r} does not take these parameters "
+                         f"({shown}): {exc}") from None
+    return cls
 
 
 def find_strategy(name: str) -> type:
@@ -58,17 +101,8 @@ class AxelrodPolicy:
 
     def __init__(self, game: PayoffMatrix, strategy: str, **options: Any) -> None:
         axl = _library()
-        self.cls = find_strategy(strategy)
+        self.cls = check_strategy(strategy, options)
         classifier = getattr(self.cls, "classifier", {})
-        if any(classifier.get(k) for k in ("inspects_source", "manipulates_source",
-                                           "manipulates_state")):
-            raise ValueError(f"Axelrod strategy {strategy!r} reads or changes its opponent's "
-                             "code or state, which an abm opponent does not have")
-        try:
-            self.cls(**options)
-        except TypeError as exc:
-            raise ValueError(f"Axelrod strategy {strategy!r} does not take these parameters: "
-                             f"{exc}") from None
         self.options = options
         self.game = axl.Game(r=game.R, s=game.S, t=game.T, p=game.P)
         self.actions = (axl.Action.C, axl.Action.D)

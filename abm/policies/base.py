@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -148,15 +150,37 @@ def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Check a policy's parameters against its schema; return them with defaults filled."""
     info = lookup(name)
     try:
-        return info.params.model_validate(params).model_dump()
+        # strict, as TOML types come in: true is no number, "yes" no boolean (an
+        # integer still fills a float); a TOML array may fill a tuple
+        return info.params.model_validate(_arrays_as_tuples(info.params, params),
+                                          strict=True).model_dump()
     except ValidationError as exc:
         allowed = ", ".join(info.params.model_fields) or "none"
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in exc.errors()
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ")
+            + (f" (got {e['input']!r})" if e["loc"] and not isinstance(e["input"], dict) else "")
+            for e in exc.errors()
         )
-        raise ValueError(
-            f"bad parameters for policy {info.name!r}: {problems} (parameters allowed: {allowed})"
-        ) from None
+        # a check of the parameters together (no loc) says itself what is allowed
+        hint = f" (parameters allowed: {allowed})" if any(e["loc"] for e in exc.errors()) else ""
+        raise ValueError(f"bad parameters for policy {info.name!r}: {problems}{hint}") from None
+
+
+def _arrays_as_tuples(model: type[BaseModel], params: dict[str, Any]) -> dict[str, Any]:
+    """TOML has arrays, not tuples: a list given for a tuple field becomes a tuple, as
+    strict validation takes only tuples there."""
+    out = dict(params)
+    for key, value in params.items():
+        field = model.model_fields.get(key)
+        if field is None or not isinstance(value, list):
+            continue
+        annotation = field.annotation
+        kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (
+            typing.Union, types.UnionType) else (annotation,)
+        if any(k is tuple or typing.get_origin(k) is tuple for k in kinds):
+            out[key] = tuple(value)
+    return out
 
 
 def make(name: str, params: dict[str, Any], game: PayoffMatrix) -> Policy:
