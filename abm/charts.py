@@ -13,7 +13,8 @@ _MAX_ANNOTATED = 25
 
 
 def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
-            unread: pd.DataFrame | None = None, subtitle: list[str] | None = None) -> alt.Chart:
+            unread: pd.DataFrame | None = None, subtitle: list[str] | None = None,
+            half: pd.DataFrame | None = None) -> alt.Chart:
     """Row player vs column opponent, colour and printed value per cell.
 
     ``subtitle``: lines under the title (what was measured: match length, noise,
@@ -23,6 +24,9 @@ def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
     answer decided) marks cells: an orange frame and a "*" where it is above 0,
     and a grey "no data" cell where every match was stopped by an unreadable
     answer, so a measurement never passes for what the model chose.
+
+    ``half`` (half-widths of 95 % intervals, same layout) prints cells as
+    "mean ± half", for means over replicates.
     """
     labels = list(matrix.index)
     data = matrix.reset_index().melt(id_vars="player", var_name="opponent", value_name=value)
@@ -39,6 +43,12 @@ def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
     data["marked"] = data["unread"] > 0
     data["text"] = ["no data" if pd.isna(v) else _number(v, fmt) + ("*" if m else "")
                     for v, m in zip(data[value], data["marked"])]
+    if half is not None:
+        widths = half.reset_index().melt(id_vars="player", var_name="opponent",
+                                         value_name="half")
+        data = data.merge(widths, on=["player", "opponent"], how="left")
+        data["text"] = [t if pd.isna(h) or pd.isna(v) else f"{t}\u00b1{_number(h, fmt)}"
+                        for t, h, v in zip(data["text"], data["half"], data[value])]
     known = data[value].dropna()
     lo, hi = (float(known.min()), float(known.max())) if len(known) else (0.0, 1.0)
     size = max(24, min(60, 600 // max(1, len(labels))))
@@ -74,7 +84,8 @@ def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
          "the model (invalid answers or the fallback rule); grey: no complete match"])
     chart = alt.layer(*layers).properties(
         title=alt.TitleParams(title, subtitle=subtitle) if subtitle else title)
-    return chart.properties(width=size * len(labels), height=size * len(labels))
+    return chart.properties(width=int(size * len(labels) * (2 if half is not None else 1)),
+                            height=size * len(labels))
 
 
 def _number(v: float, fmt: str) -> str:

@@ -120,8 +120,13 @@ def _from_file(config: FileGraph, fail) -> nx.Graph:
     fmt = config.format
     if fmt == "auto":
         fmt = "graphml" if path.suffix.lower() in (".graphml", ".xml") else "edgelist"
-    if not path.is_file():
+    if not path.exists():
         raise fail("path", f"no such file: {path}")
+    if path.is_dir():
+        raise fail("path", f"{path} is a folder; give a graph file (edge list or GraphML)")
+    if not path.is_file():  # a device or a pipe, such as /dev/zero, may never end
+        raise fail("path", f"{path} is not a regular file; give a graph file (edge list or "
+                           "GraphML)")
     try:
         if fmt == "graphml":
             raw = nx.read_graphml(path)

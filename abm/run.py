@@ -250,10 +250,20 @@ def _main(argv: list[str] | None) -> int:
                         metavar="KEY.PATH=VALUE",
                         help="override a scenario value, e.g. --set game.noise=0.05 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    parser.add_argument("--replicates", type=int, default=1, metavar="N",
+                        help="run N times with seeds seed, seed+1, ... into OUT/replicate-<i>/ "
+                             "and summarise them with 95%% intervals")
     args = parser.parse_args(argv)
+    if args.replicates < 1:
+        parser.error("--replicates must be 1 or more")
     try:
-        final = run_scenario(args.scenario, out=args.out, seed=args.seed,
-                             overrides=args.overrides, quiet=args.quiet)
+        if args.replicates > 1:
+            from abm.replicates import run_replicates
+            final = run_replicates(args.scenario, args.replicates, out=args.out,
+                                   seed=args.seed, overrides=args.overrides, quiet=args.quiet)
+        else:
+            final = run_scenario(args.scenario, out=args.out, seed=args.seed,
+                                 overrides=args.overrides, quiet=args.quiet)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -325,3 +325,29 @@ def test_strict_types_keep_floats_taking_integers():
                                                     "S = 0\nT = 5\nP = 1\nnoise = 0")))
     assert scenario.game.R == 3.0 and isinstance(scenario.game.R, float)
     assert np.isclose(scenario.game.noise, 0.0)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("folder", "is a folder; give a graph file"),
+    ("/dev/zero", "is not a regular file"),
+])
+def test_a_graph_path_that_is_no_file_says_what_it_is(scenario_file, tmp_path, capsys,
+                                                      target, message):
+    from abm.run import main
+    (tmp_path / "folder").mkdir()
+    path = scenario_file(f'[graph]\nkind = "file"\npath = "{target}"\n'
+                         '[population]\nplayers = ["all_c", "all_d"]\n')
+    assert main([str(path), "--quiet", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "field 'graph.path'" in err and message in err and "no such file" not in err
+
+
+@pytest.mark.parametrize("name", ["..", ".hidden", "a/b", "../up"])
+def test_sweep_names_follow_the_scenario_name_rule(tmp_path, capsys, name):
+    from abm.batch.__main__ import main
+    (tmp_path / "base.toml").write_text(GOOD)
+    (tmp_path / "sweep.toml").write_text(f'name = "{name}"\nscenario = "base.toml"\n'
+                                         '[sweep]\ngame.noise = [0.0, 0.1]\n')
+    assert main([str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "field 'name'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,144 @@
+"""``python -m abm.run SCENARIO --replicates N``: one scenario N times, with intervals.
+
+Replicate i runs with seed ``seed + i`` (the scenario's or ``--seed``'s) into
+``OUT/replicate-<i>/``, a complete run folder each; a replicate already there
+with the right seed is kept, so an interrupted command resumes. Then the
+replicates are summarised: heatmap cells, cooperation rates and the LLM
+players' cooperation against each opponent as mean with a Student-t 95 %
+interval over replicates, and fingerprints pooled over all their decisions
+with Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from abm.atomic import atomic_file
+from abm.batch.stats import mean_ci
+from abm.errors import ScenarioError
+
+
+# what summarise() writes beside the replicate folders
+OWN = {"replicates.json", "payoff_matrix_replicates.csv", "defections_replicates.csv",
+       "llm_cooperation_replicates.csv", "llm_fingerprints_replicates.csv",
+       *(f"{stem}.{ext}" for stem in ("payoff_heatmap", "defections_heatmap")
+         for ext in ("html", "png"))}
+
+
+def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
+                   seed: int | None = None, overrides: list[str] | None = None,
+                   quiet: bool = False) -> Path:
+    """Run the scenario ``n`` times with consecutive seeds and write the summary."""
+    from abm.outputs import default_folder
+    from abm.run import run_scenario
+    from abm.scenario import load_scenario
+    from abm.seeding import fresh_seed
+
+    scenario = load_scenario(path, overrides, seed)
+    base = scenario.seed if scenario.seed is not None else fresh_seed()
+    folder = Path(out) if out else default_folder(f"{scenario.name}-x{n}")
+    if folder.exists() and not folder.is_dir():
+        raise ScenarioError(f"--out {folder}: exists and is not a folder")
+    if folder.is_dir():
+        strangers = [p.name for p in folder.iterdir()
+                     if not p.name.lstrip(".").startswith("replicate") and p.name not in OWN]
+        if strangers:
+            raise ScenarioError(f"--out {folder}: holds other files ({strangers[0]}, ...); "
+                                "give an empty folder or the folder of these replicates")
+    folders = []
+    for i in range(n):
+        target = folder / f"replicate-{i + 1}"
+        done = target / "summary.json"
+        if done.is_file():
+            summary = json.loads(done.read_text(encoding="utf-8"))
+            if summary.get("seed") != base + i or summary.get("scenario") != scenario.name:
+                raise ScenarioError(f"--out {folder}: {target.name} holds another run "
+                                    f"(seed {summary.get('seed')}); give another folder")
+        else:
+            if not quiet:
+                print(f"replicate {i + 1} of {n} (seed {base + i})")
+            run_scenario(path, out=target, seed=base + i, overrides=overrides, quiet=quiet)
+        folders.append(target)
+    summarise(folders, folder)
+    return folder
+
+
+def _cells(folders: list[Path], name: str) -> pd.DataFrame:
+    """Mean and 95 % interval of each heatmap cell over the replicates, long format."""
+    tables = [pd.read_csv(f / name, index_col="player") for f in folders]
+    rows = []
+    for player in tables[0].index:
+        for opponent in tables[0].columns:
+            values = [t.loc[player, opponent] for t in tables]
+            stats = mean_ci(values)
+            rows.append({"player": player, "opponent": opponent, **stats})
+    return pd.DataFrame(rows)
+
+
+def _llm_cooperation(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per LLM player and opponent: each replicate's share of C, then mean and interval."""
+    rows: dict[tuple[str, str], list[float]] = {}
+    for frame in frames:
+        valid = frame[frame["intended"].isin(["C", "D"])]
+        for (player, opponent), part in valid.groupby(["player", "opponent_player"]):
+            rows.setdefault((player, str(opponent)), []).append(
+                float((part["intended"] == "C").mean()))
+    return pd.DataFrame([{"player": p, "opponent": o, **mean_ci(v)}
+                         for (p, o), v in rows.items()])
+
+
+def summarise(folders: list[Path], out: Path) -> dict[str, Any]:
+    """Write replicates.json, the cell and cooperation tables and the two heatmaps."""
+    from abm import behaviour, charts
+
+    summaries = [json.loads((f / "summary.json").read_text(encoding="utf-8")) for f in folders]
+    payoff, defections = _cells(folders, "payoff_matrix.csv"), _cells(folders, "defections.csv")
+    llm_players = sorted({p for s in summaries for e in s.get("llm", []) for p in e["players"]})
+    frames, prints = [], []
+    if llm_players:
+        for f in folders:
+            rounds = pd.read_parquet(f / "rounds.parquet")
+            transcripts = f / "transcripts.jsonl"
+            records = pd.read_json(transcripts, lines=True) if transcripts.is_file() else None
+            frame = behaviour.decisions(rounds, records)
+            frames.append(frame[frame["player"].isin(llm_players)])
+        pooled = pd.concat(frames, ignore_index=True)
+        for player in llm_players:
+            fp = behaviour.fingerprint(pooled[pooled["player"] == player])
+            prints.append(fp.table.reset_index().assign(player=player))
+    cooperation = _llm_cooperation(frames) if frames else pd.DataFrame()
+    result = {
+        "replicates": len(folders), "seeds": [s["seed"] for s in summaries],
+        "scenario": summaries[0]["scenario"],
+        "cooperation_rate": mean_ci([s["cooperation_rate"] for s in summaries]),
+        "interval": "Student-t 95 % over replicates; fingerprints: Wilson 95 % over pooled "
+                    "decisions",
+    }
+    tables = {"payoff_matrix_replicates.csv": payoff,
+              "defections_replicates.csv": defections}
+    if llm_players:
+        tables["llm_cooperation_replicates.csv"] = cooperation
+        tables["llm_fingerprints_replicates.csv"] = pd.concat(prints, ignore_index=True)
+    for name, table in tables.items():
+        with atomic_file(out / name) as partial:
+            table.to_csv(partial, index=False)
+    with atomic_file(out / "replicates.json") as partial:
+        partial.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    for stem, table, title in (("payoff_heatmap", payoff, "Mean total payoff per match"),
+                               ("defections_heatmap", defections,
+                                "Intended defections per match (mean)")):
+        mean = table.pivot(index="player", columns="opponent", values="mean")
+        half = (table["ci_high"] - table["mean"]).to_frame("half").assign(
+            player=table["player"], opponent=table["opponent"]).pivot(
+            index="player", columns="opponent", values="half")
+        order = list(dict.fromkeys(table["player"]))
+        mean, half = mean.loc[order, order], half.loc[order, order]
+        mean.index.name = half.index.name = "player"
+        chart = charts.heatmap(mean, title, stem.split("_")[0], fmt=".1~f", half=half, subtitle=[
+            f"mean \u00b1 half-width of the 95 % t-interval over {len(folders)} replicates"])
+        charts.save(chart, out, stem)
+    return result

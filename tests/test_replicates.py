@@ -1,0 +1,89 @@
+"""python -m abm.run SCENARIO --replicates N: N seeds, cells and rates with intervals."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pandas as pd
+import pytest
+
+from abm.run import main
+from conftest import SCENARIOS
+from test_round_robin import PAYOFF, PLAYERS
+
+T_975_2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom
+
+
+def test_identical_replicates_reproduce_the_hand_table(tmp_path):
+    assert main([str(SCENARIOS / "round_robin_rules.toml"), "--replicates", "2", "--quiet",
+                 "--out", str(tmp_path / "r")]) == 0
+    cells = pd.read_csv(tmp_path / "r" / "payoff_matrix_replicates.csv")
+    cells = cells.set_index(["player", "opponent"])
+    for i, row in enumerate(PLAYERS):
+        for j, col in enumerate(PLAYERS):
+            cell = cells.loc[(row, col)]
+            # no noise: both seeds play the same matches, so no spread
+            assert cell["n"] == 2 and cell["mean"] == PAYOFF[i][j] and cell["std"] == 0
+            assert cell["ci_low"] == cell["ci_high"] == PAYOFF[i][j]
+    meta = json.loads((tmp_path / "r" / "replicates.json").read_text())
+    assert meta["replicates"] == 2 and meta["seeds"][1] == meta["seeds"][0] + 1
+    assert (tmp_path / "r" / "payoff_heatmap.png").stat().st_size > 0
+
+
+def test_intervals_are_student_t_over_replicates(tmp_path):
+    out = tmp_path / "r"
+    assert main([str(SCENARIOS / "round_robin_rules.toml"), "--replicates", "3", "--quiet",
+                 "--set", "game.noise=0.1", "--seed", "5", "--out", str(out)]) == 0
+    cells = pd.read_csv(out / "payoff_matrix_replicates.csv").set_index(["player", "opponent"])
+    tables = [pd.read_csv(out / f"replicate-{i}" / "payoff_matrix.csv", index_col="player")
+              for i in (1, 2, 3)]
+    for row, col in [("All-D", "All-C"), ("Tit-for-tat", "Defect Once")]:
+        values = [t.loc[row, col] for t in tables]
+        mean, sd = statistics.mean(values), statistics.stdev(values)
+        half = T_975_2 * sd / 3 ** 0.5
+        assert cells.loc[(row, col), "mean"] == pytest.approx(mean)
+        assert cells.loc[(row, col), "ci_low"] == pytest.approx(mean - half)
+        assert cells.loc[(row, col), "ci_high"] == pytest.approx(mean + half)
+    seeds = [json.loads((out / f"replicate-{i}" / "summary.json").read_text())["seed"]
+             for i in (1, 2, 3)]
+    assert seeds == [5, 6, 7]
+
+
+def test_llm_cooperation_and_pooled_fingerprint(fake, tmp_path):
+    out = tmp_path / "r"
+    assert main([str(SCENARIOS / "round_robin.toml"), "--replicates", "2", "--quiet",
+                 "--set", "output.charts=false", "--out", str(out)]) == 0
+    coop = pd.read_csv(out / "llm_cooperation_replicates.csv").set_index("opponent")
+    # the fake plays Tit-for-tat: against All-D one C in five, in both replicates
+    assert coop.loc["All-D", "mean"] == pytest.approx(0.2) and coop.loc["All-D", "n"] == 2
+    prints = pd.read_csv(out / "llm_fingerprints_replicates.csv").set_index("situation")
+    assert prints["p"].tolist() == [1, 1, 0, 1, 0]
+    # first-round decisions of both replicates pooled: 7 matches' sides x 2
+    assert prints.loc["first", "n"] == 14
+
+
+def test_an_interrupted_command_resumes(tmp_path):
+    out = tmp_path / "r"
+    args = [str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--out", str(out)]
+    assert main(args + ["--replicates", "2"]) == 0
+    first = (out / "replicate-1" / "summary.json").stat().st_mtime_ns
+    assert main(args + ["--replicates", "3"]) == 0
+    assert (out / "replicate-1" / "summary.json").stat().st_mtime_ns == first  # kept
+    assert json.loads((out / "replicates.json").read_text())["replicates"] == 3
+
+
+def test_zero_replicates_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(SCENARIOS / "round_robin_rules.toml"), "--replicates", "0"])
+    assert exit_info.value.code == 2
+    assert "--replicates must be 1 or more" in capsys.readouterr().err
+
+
+def test_a_folder_holding_other_files_is_refused_and_left_alone(tmp_path, capsys):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert main([str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--replicates", "2",
+                 "--out", str(tmp_path / "busy")]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
