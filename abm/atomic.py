@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,10 @@ def atomic_file(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# inside a partial folder: the machine whose run is writing it
+HOST = ".host"
 
 
 def pid_alive(pid: int) -> bool:
@@ -55,6 +60,12 @@ def remove_stale_partials(parent: Path) -> list[Path]:
             if not match or not entry.is_dir(follow_symlinks=False):
                 continue
         except OSError:
+            continue
+        try:  # a folder of a run on another machine (a shared file system) is left alone
+            host = (Path(entry.path) / HOST).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            host = None
+        if host is not None and host != socket.gethostname():
             continue
         if not pid_alive(int(match.group(1))):
             shutil.rmtree(entry.path, ignore_errors=True)

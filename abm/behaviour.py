@@ -2,7 +2,9 @@
 
 Everything here reads a run's tables (rounds.parquet, optionally the LLM's
 transcripts for probabilities), so it works on any run folder and for rule
-players too. Decisions are the *intended* actions (what the player chose);
+players too. A decision is the player's own *intended* action (``choice``: C or D),
+or "invalid" / "fallback" when an LLM's answer could not be read (a fallback
+rule's move is not the model's and never counts as its choice);
 the situation a decision answers is the previous round of the same match as
 it was played (after noise), which is what the player saw.
 """
@@ -26,7 +28,9 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at k = 0 and k = n the bound is exactly 0 or 1 (rounding would leave 1e-18)
+    return (0.0 if k == 0 else max(0.0, centre - half),
+            1.0 if k == n else min(1.0, centre + half))
 
 
 def classic_strategies(g: float = 1 / 3) -> dict[str, tuple[float, ...]]:
@@ -68,6 +72,8 @@ def decisions(rounds: pd.DataFrame, transcripts: pd.DataFrame | None = None) -> 
     previous = (track["actual"].shift(1).fillna("")
                 + track["their_actual"].shift(1).fillna(""))
     frame["situation"] = np.where(frame["round"] == 1, "first", previous)
+    ruled = frame["fallback"].fillna(False).astype(bool) if "fallback" in frame else False
+    frame["choice"] = np.where(ruled, "fallback", frame["intended"])
     if transcripts is not None and "p_cooperate" in transcripts:
         probs = transcripts[["step", "match", "round", "side", "p_cooperate"]]
         frame = frame.merge(probs, on=["step", "match", "round", "side"], how="left")
@@ -114,48 +120,51 @@ def _num(value: float) -> float | None:
 
 def fingerprint(frame: pd.DataFrame) -> Fingerprint:
     """The memory-one fingerprint of the decisions in ``frame`` (rows of decisions())."""
-    valid = frame[frame["intended"].isin(["C", "D"])]
+    valid = frame[frame["choice"].isin(["C", "D"])]
     rows = []
     for condition in CONDITIONS:
         part = valid[valid["situation"] == condition]
-        n, k = len(part), int((part["intended"] == "C").sum())
+        n, k = len(part), int((part["choice"] == "C").sum())
         low, high = wilson(k, n)
         p_model = (float(part["p_cooperate"].mean())
                    if "p_cooperate" in part and part["p_cooperate"].notna().any() else math.nan)
         rows.append({"n": n, "cooperate": k, "p": k / n if n else math.nan, "low": low,
                      "high": high, "p_model": p_model})
     table = pd.DataFrame(rows, index=pd.Index(CONDITIONS, name="situation"))
-    return Fingerprint(table, int((frame["intended"] == "invalid").sum()))
+    return Fingerprint(table, int(frame["choice"].isin(["invalid", "fallback"]).sum()))
 
 
 def round_by_round(frame: pd.DataFrame, player: str) -> pd.DataFrame:
     """Per opponent and round: decisions, cooperations, invalid answers, the share of C
     among readable decisions, mean model P(C) (score mode) and, when the player met
     that opponent in one match (two for self-play), its moves as text ("CDDC", X for
-    an unreadable answer)."""
+    an unreadable answer, F for one the fallback rule played)."""
     mine = frame[frame["player"] == player]
     out = []
     for (opponent, rnd), part in mine.groupby(["opponent_player", "round"], sort=False):
-        valid = part[part["intended"].isin(["C", "D"])]
+        valid = part[part["choice"].isin(["C", "D"])]
         out.append({
             "player": player, "opponent": opponent, "round": int(rnd),
-            "decisions": len(part), "cooperate": int((valid["intended"] == "C").sum()),
-            "invalid": int((part["intended"] == "invalid").sum()),
-            "p_cooperate": (valid["intended"] == "C").mean() if len(valid) else math.nan,
+            "decisions": len(part), "cooperate": int((valid["choice"] == "C").sum()),
+            "invalid": int(part["choice"].isin(["invalid", "fallback"]).sum()),
+            "p_cooperate": (valid["choice"] == "C").mean() if len(valid) else math.nan,
             "p_model": (part["p_cooperate"].mean() if "p_cooperate" in part else math.nan),
         })
-    table = pd.DataFrame(out)
+    columns = ["player", "opponent", "round", "decisions", "cooperate", "invalid",
+               "p_cooperate", "p_model"]
+    table = pd.DataFrame(out, columns=columns)
     return table.sort_values(["opponent", "round"], kind="stable").reset_index(drop=True)
 
 
 def sequences(frame: pd.DataFrame, player: str) -> dict[str, str]:
     """The player's moves against each opponent it met in exactly one match ("CDDCC";
-    "X" for an unreadable answer); self-play shows both copies ("CCCCC / CCCCC")."""
+    "X" for an unreadable answer, "F" for one the fallback rule played); self-play
+    shows both copies ("CCCCC / CCCCC")."""
     mine = frame[frame["player"] == player].sort_values(["step", "match", "side", "round"])
-    letters = {"C": "C", "D": "D", "invalid": "X"}
+    letters = {"C": "C", "D": "D", "invalid": "X", "fallback": "F"}
     out = {}
     for opponent, part in mine.groupby("opponent_player", sort=False):
-        tracks = [("".join(letters.get(a, "?") for a in t["intended"]))
+        tracks = [("".join(letters.get(a, "?") for a in t["choice"]))
                   for _, t in part.groupby(["step", "match", "side"], sort=False)]
         own = part["opponent"].iloc[0] == part["agent"].iloc[0]
         if len(tracks) == 1 or (own and len(tracks) == 2):

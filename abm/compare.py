@@ -16,6 +16,7 @@ import html
 import itertools
 import json
 import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ def _sweep_conditions(folder: Path) -> list[Condition]:
     for point, rows in done.groupby("point", sort=True):
         values = ", ".join(f"{k}={rows[k].iloc[0]}" for k in keys) or f"point {point}"
         number = rows[keys[0]].iloc[0] if len(keys) == 1 else None
-        number = float(number) if isinstance(number, (int, float)) and not isinstance(
+        number = float(number) if isinstance(number, numbers.Real) and not isinstance(
             number, bool) else None
         folders = [folder / "runs" / str(r) for r in rows["run_id"]]
         conditions = [_run_condition(f) for f in folders if (f / "summary.json").is_file()]
@@ -133,13 +134,13 @@ def cooperation_table(frame: pd.DataFrame) -> pd.DataFrame:
     for (cond, player), part in frame.groupby(["condition", "player"], sort=False):
         groups = [("all", part), *part.groupby("opponent_player", sort=False)]
         for opponent, g in groups:
-            valid = g[g["intended"].isin(["C", "D"])]
-            n, k = len(valid), int((valid["intended"] == "C").sum())
+            valid = g[g["choice"].isin(["C", "D"])]
+            n, k = len(valid), int((valid["choice"] == "C").sum())
             low, high = wilson(k, n)
             rows.append({"condition": cond, "player": player, "opponent": str(opponent),
                          "decisions": n, "cooperate": k, "share": k / n if n else math.nan,
                          "low": low, "high": high,
-                         "invalid": int((g["intended"] == "invalid").sum())})
+                         "invalid": int(g["choice"].isin(["invalid", "fallback"]).sum())})
     return pd.DataFrame(rows)
 
 
@@ -161,11 +162,12 @@ def differences(table: pd.DataFrame) -> pd.DataFrame:
     names = list(dict.fromkeys(table["condition"]))
     for a, b in itertools.combinations(names, 2):
         left, right = table[table["condition"] == a], table[table["condition"] == b]
-        merged = left.merge(right, on="opponent", suffixes=("_a", "_b"))
+        merged = left.merge(right, on=["player", "opponent"], suffixes=("_a", "_b"))
         for r in merged.itertuples():
             z, p = two_proportion_test(r.cooperate_a, r.decisions_a, r.cooperate_b,
                                        r.decisions_b)
-            rows.append({"a": a, "b": b, "opponent": r.opponent, "share_a": r.share_a,
+            rows.append({"a": a, "b": b, "player": r.player, "opponent": r.opponent,
+                         "share_a": r.share_a,
                          "n_a": r.decisions_a, "share_b": r.share_b, "n_b": r.decisions_b,
                          "difference": r.share_a - r.share_b, "z": z, "p_value": p})
     return pd.DataFrame(rows)

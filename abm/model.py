@@ -41,21 +41,26 @@ LENGTH_QUANTILE_TAIL = 1e-6
 FALLBACK_MEMORY = 8 * 2**30  # when neither psutil nor /proc/meminfo says what is free
 
 
-def memory_limit() -> tuple[int, str]:
-    """(bytes a run may use, where the number comes from): the memory available now
-    (psutil, else /proc/meminfo, else 8 GiB), lowered by ABM_MEMORY_LIMIT_GB if set."""
-    available, why = None, "the memory available now"
+def available_memory() -> int | None:
+    """Bytes of memory free now (psutil, else /proc/meminfo), or None when unknown."""
     try:
         import psutil
 
-        available = int(psutil.virtual_memory().available)
+        return int(psutil.virtual_memory().available)
     except Exception:  # not installed, or no answer on this platform
         try:
             for line in Path("/proc/meminfo").read_text().splitlines():
                 if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
             pass
+    return None
+
+
+def memory_limit() -> tuple[int, str]:
+    """(bytes a run may use, where the number comes from): the memory available now
+    (psutil, else /proc/meminfo, else 8 GiB), lowered by ABM_MEMORY_LIMIT_GB if set."""
+    available, why = available_memory(), "the memory available now"
     if available is None:
         available, why = FALLBACK_MEMORY, "a default, since the free memory is unknown"
     text = os.environ.get("ABM_MEMORY_LIMIT_GB", "").strip()

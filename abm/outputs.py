@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pandas as pd
 import tomli_w
 
 from abm import __version__, charts
-from abm.atomic import pid_alive, remove_stale_partials
+from abm.atomic import HOST, pid_alive, remove_stale_partials
 from abm.errors import ScenarioError
 from abm.game import EMPTY
 from abm.model import DilemmaModel
@@ -90,6 +91,8 @@ class RunFolder:
             if self.path.exists():
                 shutil.rmtree(self.path)
             self.path.mkdir()
+            # whose it is: a run on another machine sharing this folder is not ours to judge
+            (self.path / HOST).write_text(socket.gethostname(), encoding="utf-8")
         except ScenarioError:
             self.discard()
             raise
@@ -118,6 +121,9 @@ class RunFolder:
             raise ScenarioError(f"{where}: {_shown(final.parent)} is a file, not a folder; "
                                 "choose a folder path")
         missing = []  # the parent folders this run makes: removed again on discard
+        if final.is_symlink():  # the rename at the end would replace the link, not its folder
+            raise ScenarioError(f"{where}: is a symbolic link; give the folder it points to "
+                                f"({_shown(final.resolve())}) or another folder")
         for folder in final.parents:
             if folder.exists():
                 break
@@ -148,7 +154,7 @@ class RunFolder:
                 self.marker.unlink(missing_ok=True)  # a claim of a run that died: take it
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.claimed = True
             return
         raise ScenarioError(f"{where}: other runs are claiming this folder at the same "
@@ -156,6 +162,7 @@ class RunFolder:
 
     def commit(self) -> Path:
         """Put the finished folder in place of the claim, in one rename."""
+        (self.path / HOST).unlink(missing_ok=True)  # bookkeeping, not an output
         try:
             self.marker.unlink(missing_ok=True)
             self.claimed = False
@@ -167,8 +174,15 @@ class RunFolder:
                 self.final.rmdir()
                 os.replace(self.path, self.final)
         except OSError as exc:
+            # the outputs are complete: keep them in sight rather than discard them
+            kept = self.final.with_name(f"{self.final.name}.finished-{os.getpid()}")
+            try:
+                os.replace(self.path, kept)
+            except OSError:
+                kept = None
+            where = (f"; the finished outputs are in {_shown(kept)}" if kept else "")
             raise ScenarioError(f"{self.what} {_shown(self.final)}: cannot move the finished "
-                                f"outputs into place: {_reason(exc)}") from None
+                                f"outputs into place: {_reason(exc)}{where}") from None
         self.created = False
         self.made_parents = []
         return self.final
@@ -199,9 +213,12 @@ def _live_claim(marker: Path, grace: float = 30.0) -> str | None:
         age = time.time() - marker.stat().st_mtime
     except (OSError, UnicodeDecodeError):
         return None
-    if not text.isdigit():
+    pid, _, host = text.partition(" ")
+    if not pid.isdigit():
         return "PID not yet written" if age < grace else None
-    return f"PID {text}" if pid_alive(int(text)) else None
+    if host and host != socket.gethostname():  # its PID means nothing here
+        return f"PID {pid} on {host}"
+    return f"PID {pid}" if pid_alive(int(pid)) else None
 
 
 def _clean(value: Any) -> Any:
@@ -317,6 +334,9 @@ def _llm_behaviour(model: DilemmaModel, folder: Path,
         entry["behaviour"] = {}
         for player in entry["players"]:
             mine = frame[frame["player"] == player]
+            if mine.empty:  # a mutant that never appeared, say: nothing to describe
+                entry["behaviour"][player] = "no decisions"
+                continue
             tables.append(bh.round_by_round(frame, player))
             pooled = bh.fingerprint(mine)
             prints.append(pooled.table.reset_index().assign(player=player, opponent="all"))
@@ -328,6 +348,8 @@ def _llm_behaviour(model: DilemmaModel, folder: Path,
             entry["behaviour"][player] = {"fingerprint": pooled.to_dict(strategies),
                                           "fingerprint_by_opponent": by_opponent,
                                           "sequences": bh.sequences(frame, player)}
+    if not tables:
+        return None
     rounds_table = pd.concat(tables, ignore_index=True)
     prints_table = pd.concat(prints, ignore_index=True)
     rounds_table.to_csv(folder / "llm_rounds.csv", index=False)

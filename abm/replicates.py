@@ -1,8 +1,11 @@
 """``python -m abm.run SCENARIO --replicates N``: one scenario N times, with intervals.
 
-Replicate i runs with seed ``seed + i`` (the scenario's or ``--seed``'s) into
-``OUT/replicate-<i>/``, a complete run folder each; a replicate already there
-with the right seed is kept, so an interrupted command resumes. Then the
+Replicate i runs with seed ``seed + i`` (the scenario's or ``--seed``'s, else one
+drawn and recorded) into ``OUT/replicate-<i>/``, a complete run folder each. The
+request (scenario file, ``--set`` values, ``--seed``) is recorded in
+``OUT/replicates.json`` first; the same request into the same ``--out`` keeps
+the replicates already there, so an interrupted command resumes, and another
+request is refused rather than mixed in. Then the
 replicates are summarised: heatmap cells, cooperation rates and the LLM
 players' cooperation against each opponent as mean with a Student-t 95 %
 interval over replicates, and fingerprints pooled over all their decisions
@@ -39,8 +42,16 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
     from abm.seeding import fresh_seed
 
     scenario = load_scenario(path, overrides, seed)
-    base = scenario.seed if scenario.seed is not None else fresh_seed()
     folder = Path(out) if out else default_folder(f"{scenario.name}-x{n}")
+    request = {"scenario": str(Path(path).resolve()), "overrides": list(overrides or []),
+               "seed": seed}
+    meta = folder / "replicates.json"
+    old = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
+    if old is not None and old.get("request") != request:
+        raise ScenarioError(f"--out {folder}: holds replicates of another request "
+                            f"({old.get('request')}); give another folder")
+    base = (old["base_seed"] if old is not None else
+            scenario.seed if scenario.seed is not None else fresh_seed())
     if folder.exists() and not folder.is_dir():
         raise ScenarioError(f"--out {folder}: exists and is not a folder")
     if folder.is_dir():
@@ -49,6 +60,10 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
         if strangers:
             raise ScenarioError(f"--out {folder}: holds other files ({strangers[0]}, ...); "
                                 "give an empty folder or the folder of these replicates")
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(meta) as partial:  # what a resumed command must match
+        partial.write_text(json.dumps({"request": request, "base_seed": base}, indent=2),
+                           encoding="utf-8")
     folders = []
     for i in range(n):
         target = folder / f"replicate-{i + 1}"
@@ -63,7 +78,7 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
                 print(f"replicate {i + 1} of {n} (seed {base + i})")
             run_scenario(path, out=target, seed=base + i, overrides=overrides, quiet=quiet)
         folders.append(target)
-    summarise(folders, folder)
+    summarise(folders, folder, {"request": request, "base_seed": base})
     return folder
 
 
@@ -83,15 +98,16 @@ def _llm_cooperation(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Per LLM player and opponent: each replicate's share of C, then mean and interval."""
     rows: dict[tuple[str, str], list[float]] = {}
     for frame in frames:
-        valid = frame[frame["intended"].isin(["C", "D"])]
+        valid = frame[frame["choice"].isin(["C", "D"])]
         for (player, opponent), part in valid.groupby(["player", "opponent_player"]):
             rows.setdefault((player, str(opponent)), []).append(
-                float((part["intended"] == "C").mean()))
+                float((part["choice"] == "C").mean()))
     return pd.DataFrame([{"player": p, "opponent": o, **mean_ci(v)}
                          for (p, o), v in rows.items()])
 
 
-def summarise(folders: list[Path], out: Path) -> dict[str, Any]:
+def summarise(folders: list[Path], out: Path, about: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     """Write replicates.json, the cell and cooperation tables and the two heatmaps."""
     from abm import behaviour, charts
 
@@ -99,6 +115,8 @@ def summarise(folders: list[Path], out: Path) -> dict[str, Any]:
     payoff, defections = _cells(folders, "payoff_matrix.csv"), _cells(folders, "defections.csv")
     llm_players = sorted({p for s in summaries for e in s.get("llm", []) for p in e["players"]})
     frames, prints = [], []
+    if llm_players and not all((f / "rounds.parquet").is_file() for f in folders):
+        llm_players = []  # output.rounds = false: the decisions were not kept
     if llm_players:
         for f in folders:
             rounds = pd.read_parquet(f / "rounds.parquet")
@@ -112,7 +130,7 @@ def summarise(folders: list[Path], out: Path) -> dict[str, Any]:
             prints.append(fp.table.reset_index().assign(player=player))
     cooperation = _llm_cooperation(frames) if frames else pd.DataFrame()
     result = {
-        "replicates": len(folders), "seeds": [s["seed"] for s in summaries],
+        **(about or {}), "replicates": len(folders), "seeds": [s["seed"] for s in summaries],
         "scenario": summaries[0]["scenario"],
         "cooperation_rate": mean_ci([s["cooperation_rate"] for s in summaries]),
         "interval": "Student-t 95 % over replicates; fingerprints: Wilson 95 % over pooled "

@@ -163,10 +163,7 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
                 policy.progress = calls  # updated after each batch of decisions / reflections
         for _ in range(model.total_steps):
             model.step()
-            exchanges = getattr(model, "last_exchanges", None)
-            if exchanges is None:  # a model that leaves the records with the policies
-                exchanges = [r for policy in model.llm_policies for r in policy.drain()]
-            writer.add(model.last_result, model.last_totals, exchanges)
+            writer.add(model.last_result, model.last_totals, model.last_exchanges)
             steps.update(1)
         writer.close()
         summary = write_results(model, folder.path, time.perf_counter() - started,

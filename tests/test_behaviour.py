@@ -49,8 +49,10 @@ def test_tit_for_tat_fingerprints_itself(tmp_path):
     assert tft.vector == (1, 1, 0, 1, 0)
     assert (tft.table["n"] > 0).all()
     assert tft.nearest(classic_strategies())[0] == {"strategy": "Tit-for-tat", "distance": 0.0}
-    alld = fingerprint(frame[frame["player"] == "All-D"])
-    assert alld.vector == (0, 0, 0, 0, 0) or math.isnan(alld.vector[1])
+    alld = fingerprint(frame[frame["player"] == "All-D"]).table
+    # All-D never sees mutual C (CC, CD need its own C): only first, DC, DD occur
+    assert alld.loc[["first", "DC", "DD"], "p"].tolist() == [0, 0, 0]
+    assert alld.loc[["CC", "CD"], "n"].tolist() == [0, 0]
 
 
 TRUTH = {"first": 0.9, "CC": 0.8, "CD": 0.3, "DC": 0.6, "DD": 0.1}
@@ -158,3 +160,32 @@ def test_every_llm_run_writes_its_behaviour(fake, tmp_path):
     assert set(prints["opponent"]) >= {"all", "All-D"}
     for chart in ("llm_rounds", "llm_fingerprint"):
         assert (out / f"{chart}.png").stat().st_size > 0 and (out / f"{chart}.html").is_file()
+
+
+def test_moves_of_a_fallback_rule_are_not_the_models_choices(fake, tmp_path):
+    import tomllib
+
+    import tomli_w
+    fake.script = lambda text: "blah"  # never readable; the rule plays C for it
+    data = tomllib.loads((SCENARIOS / "round_robin.toml").read_text())
+    data["population"]["players"][-1].update(mode="generate", fallback="cooperate",
+                                             reflection=False)
+    (tmp_path / "s.toml").write_text(tomli_w.dumps(data))
+    out = run_scenario(tmp_path / "s.toml", out=tmp_path / "o", quiet=True,
+                       overrides=["output.charts=false"])
+    entry = json.loads((out / "summary.json").read_text())["llm"][0]["behaviour"]["LLM"]
+    situations = entry["fingerprint"]["situations"]
+    assert all(situations[s]["n"] == 0 for s in situations)  # nothing was the model's
+    assert entry["fingerprint"]["invalid"] == 35 and entry["fingerprint"]["nearest"] == []
+    assert entry["sequences"]["All-D"] == "FFFFF"
+
+
+def test_an_llm_mutant_that_never_played_is_described_as_such(fake, scenario_file, tmp_path):
+    path = scenario_file(
+        'seed = 2\n[match]\nrounds = 2\n[graph]\nkind = "ring"\nn = 10\n[population]\n'
+        'mix = [{ policy = "all_d", share = 0.5 }, { policy = "tit_for_tat", share = 0.5 }]\n'
+        '[pairing]\nsteps = 2\n[evolution]\nrule = "imitate_best"\nmutation = 0.0\n'
+        'mutants = [{ name = "llm", label = "LLM" }]\n')
+    out = run_scenario(path, out=tmp_path / "o", quiet=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["llm"][0]["behaviour"]["LLM"] == "no decisions"

@@ -48,6 +48,7 @@ def test_identical_models_differ_in_nothing_and_different_ones_do(fake, tmp_path
     lo, hi = police.loc["all", ["low", "high"]]
     assert lo < 30 / 35 < hi
     diffs = pd.read_csv(tmp_path / "cmp" / "differences.csv")
+    assert set(diffs["player"]) == {"LLM"}  # pairs are matched by player and opponent
     same = diffs[(diffs["a"] == "police") & (diffs["b"] == "neutral")]
     assert (same["difference"] == 0).all() and (same["p_value"] == 1).all()
     apart = diffs[(diffs["a"] == "police") & (diffs["b"] == "defector") &

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -307,7 +308,8 @@ def test_sigterm_cleans_up_like_ctrl_c_and_a_second_run_is_refused_meanwhile(
             time.sleep(0.05)
         # while it runs: the final folder is a claim holding only .running
         assert os.listdir(out) == [".running"]
-        assert (out / ".running").read_text().strip() == str(proc.pid)
+        # the claim names the run's PID and machine
+        assert (out / ".running").read_text().split() == [str(proc.pid), socket.gethostname()]
         # a second run into the same folder is refused at once, without touching it
         started = time.monotonic()
         assert cli([scenario, "--out", out, "--quiet"]) == 2
@@ -365,7 +367,7 @@ def test_during_the_run_the_out_folder_is_only_a_claim(rules_scenario, tmp_path,
 
     monkeypatch.setattr("abm.run.write_results", spy)
     assert cli([rules_scenario, "--out", tmp_path / "run", "--quiet"]) == 0
-    assert seen == {"final": [".running"], "marker": str(os.getpid())}
+    assert seen == {"final": [".running"], "marker": f"{os.getpid()} {socket.gethostname()}"}
     assert not (tmp_path / "run" / ".running").exists()
 
 
@@ -444,20 +446,13 @@ def test_llm_progress_bar_counts_decisions_and_reflections_with_a_total(
         assert decisions == 35
 
 
-def test_records_handed_out_by_the_model_are_written(fake, tmp_path, monkeypatch):
-    """A model that hands out each step's LLM records as ``last_exchanges`` (rather
-    than leaving them with the policies) loses none of them."""
-    from abm.model import DilemmaModel
-    real = DilemmaModel.step
-
-    def step(self):
-        real(self)
-        if getattr(self, "last_exchanges", None) is None:
-            self.last_exchanges = [r for p in self.llm_policies for r in p.drain()]
-
-    monkeypatch.setattr(DilemmaModel, "step", step)
+def test_records_handed_out_by_the_model_are_written_once(fake, tmp_path):
+    """The run writes the records the model hands out each step (last_exchanges):
+    every decision once, none lost, none twice."""
     out = run_scenario(llm_scenario(tmp_path, False), out=tmp_path / "o", quiet=True)
-    assert len((out / "transcripts.jsonl").read_text().splitlines()) == 35
+    lines = [json.loads(ln) for ln in (out / "transcripts.jsonl").read_text().splitlines()]
+    keys = {(r["step"], r["match"], r["side"], r["round"]) for r in lines}
+    assert len(lines) == len(keys) == 35
 
 
 def test_llm_progress_total_is_unknown_for_geometric_lengths(fake, tmp_path):
@@ -529,3 +524,58 @@ def test_no_install_hint_names_the_unrelated_pypi_package():
     for name in ("run.py", "outputs.py", "atomic.py", "records.py", "charts.py", "errors.py"):
         text = (ROOT / "abm" / name).read_text()
         assert 'install "abm[' not in text and "install 'abm[" not in text
+
+
+# ------------------------------------------------------------------ shared folders, links
+
+
+def test_partial_folders_and_claims_of_other_machines_are_left_alone(tmp_path):
+    from abm.atomic import HOST, remove_stale_partials
+    from abm.outputs import _live_claim
+    theirs = tmp_path / f".their-run.partial-{dead_pid()}"
+    theirs.mkdir()
+    (theirs / HOST).write_text("another-machine")
+    ours = tmp_path / f".our-run.partial-{dead_pid()}"
+    ours.mkdir()
+    (ours / HOST).write_text(__import__("socket").gethostname())
+    assert remove_stale_partials(tmp_path) == [ours]
+    assert theirs.is_dir()
+    marker = tmp_path / ".running"
+    pid = dead_pid()
+    marker.write_text(f"{pid} another-machine\n")
+    assert _live_claim(marker) == f"PID {pid} on another-machine"  # cannot judge it here
+
+
+def test_a_run_folder_holds_no_bookkeeping_files(tmp_path):
+    assert cli([str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--set",
+                "output.charts=false", "--out", str(tmp_path / "o")]) == 0
+    assert not any(p.name.startswith(".") for p in (tmp_path / "o").iterdir())
+
+
+def test_a_symbolic_link_as_out_is_refused_up_front(tmp_path, capsys):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert cli([str(SCENARIOS / "round_robin_rules.toml"), "--quiet",
+                "--out", str(tmp_path / "link")]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert list((tmp_path / "real").iterdir()) == []
+
+
+def test_finished_outputs_survive_a_failed_final_rename(tmp_path, monkeypatch, capsys):
+    import abm.outputs as outputs
+    real = os.replace
+    calls = {"n": 0}
+
+    def flaky(src, dst):
+        calls["n"] += 1
+        if calls["n"] <= 2 and Path(dst).name == "o":  # both tries to put it in place fail
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        return real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", flaky)
+    assert cli([str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--set",
+                "output.charts=false", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("o.finished-")]
+    assert len(kept) == 1 and (kept[0] / "summary.json").is_file()
+    assert f"the finished outputs are in {kept[0]}" in err

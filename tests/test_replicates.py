@@ -87,3 +87,38 @@ def test_a_folder_holding_other_files_is_refused_and_left_alone(tmp_path, capsys
                  "--out", str(tmp_path / "busy")]) == 2
     assert "holds other files" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+
+
+def test_another_request_into_the_same_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = [str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--out", str(out),
+            "--replicates", "2"]
+    assert main(args) == 0
+    assert main(args + ["--set", "game.noise=0.3"]) == 2
+    assert "holds replicates of another request" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("replicate-")) == [
+        "replicate-1", "replicate-2"]
+
+
+def test_a_scenario_without_a_seed_resumes_with_its_recorded_seed(tmp_path, scenario_file):
+    path = scenario_file('[match]\nrounds = 3\n[graph]\nkind = "complete"\n'
+                         '[population]\nplayers = ["all_d", "random"]\n')
+    import shutil
+    out = tmp_path / "r"
+    args = [str(path), "--quiet", "--out", str(out), "--replicates", "2"]
+    assert main(args) == 0
+    first = json.loads((out / "replicates.json").read_text())
+    shutil.rmtree(out / "replicate-2")  # as if the command had been interrupted
+    assert main(args) == 0  # no seed in the file: the recorded one is used again
+    meta = json.loads((out / "replicates.json").read_text())
+    assert meta["base_seed"] == first["base_seed"]
+    assert meta["seeds"] == [first["base_seed"], first["base_seed"] + 1]
+
+
+def test_llm_replicates_without_rounds_tables_skip_the_llm_summary(fake, tmp_path):
+    out = tmp_path / "r"
+    assert main([str(SCENARIOS / "round_robin.toml"), "--replicates", "2", "--quiet",
+                 "--set", "output.rounds=false", "--set", "output.charts=false",
+                 "--out", str(out)]) == 0
+    assert (out / "payoff_matrix_replicates.csv").is_file()
+    assert not (out / "llm_cooperation_replicates.csv").exists()

@@ -85,7 +85,8 @@ def run_serial(tasks: list[Task], on_result: OnResult) -> None:
 
 def start_method() -> str:
     """Fresh interpreters for workers: forking a process that may hold torch threads is
-    unsafe, so spawn (forkserver would do too, where it exists)."""
+    unsafe, so spawn (not forkserver: workers watch their parent, and a forkserver
+    worker's parent is the server, not the sweep)."""
     return "spawn"
 
 

@@ -160,8 +160,9 @@ def overrides_for(base_raw: dict[str, Any], settings: dict[str, Any], where: str
     """``--set`` strings that turn the base scenario into the one with ``settings``.
 
     A key that picks a list element (``population.players[5].framing``) is given to
-    ``--set`` as the whole list with that element changed, since ``--set`` has no
-    list indices; tables are set before the keys inside them.
+    ``--set`` as the whole list with that element changed (one override per list,
+    whichever of its elements the sweep sets); tables are set before the keys
+    inside them.
     """
     final = copy.deepcopy(base_raw)
     order: dict[Path_, int] = {}

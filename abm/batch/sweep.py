@@ -22,7 +22,7 @@ import numpy as np
 from abm.batch.keys import (Path_, canonical, canonical_text, flatten, format_key, label,
                             overrides_for, parse_key, toml_value)
 from abm.errors import ScenarioError
-from abm.scenario import Scenario, load_scenario, name_problem, parse_override
+from abm.scenario import Scenario, load_scenario, name_problem, parse_override, safe_name
 
 TOP_KEYS = ("scenario", "name", "description", "seed", "set", "sweep", "report")
 SWEEP_KEYS = ("replicates", "zip")
@@ -203,7 +203,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for key in ("set", "sweep", "report"):
         if key in data and not isinstance(data[key], dict):
             raise ScenarioError(f"{src}: field '{key}': must be a table ([{key}])")
-    name = data.get("name", path.stem)
+    name = data.get("name", safe_name(path.stem))  # a file stem need not be a name
     problem = name_problem(name)  # the rule of scenario names: a file name, no "..", no ".x"
     if problem:
         raise ScenarioError(f"{src}: field 'name': {problem}; got {name!r}")
