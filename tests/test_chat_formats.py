@@ -178,3 +178,9 @@ def test_a_tokenizer_without_bos_or_eos_renders_them_empty():
             "USER: U1 ASSISTANT: A1USER: U2 ASSISTANT:")
     assert render(NAMED["vicuna"], messages, bos_token=None, eos_token=None) == want
     assert render(NAMED["plain"], messages[:1], bos_token=None) == "U1\n\n"
+
+
+def test_a_misspelt_name_gets_a_suggestion(tmp_path):
+    # the scenario loader turns an unknown name into a path next to the scenario
+    with pytest.raises(ValueError, match='did you mean "vicuna"'):
+        chat_template(str(tmp_path / "vicunaa"))

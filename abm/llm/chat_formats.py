@@ -28,6 +28,8 @@ without adding special tokens.
 
 from __future__ import annotations
 
+import difflib
+
 import json
 from datetime import datetime
 from functools import lru_cache
@@ -168,6 +170,9 @@ def chat_template(value: str, base: Path | None = None) -> str:
     if base is not None and not path.is_absolute():
         path = Path(base) / path
     if not path.is_file():
+        close = difflib.get_close_matches(Path(value).name, list(NAMED), n=1)
+        if close:  # the scenario loader made a path of a misspelt name
+            names += f"; did you mean \"{close[0]}\"?"
         raise ValueError(f"chat_template {value!r} is neither a named format ({names}) "
                          f"nor a Jinja file (there is no file {path})")
     try:
