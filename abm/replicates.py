@@ -14,6 +14,7 @@ with Wilson intervals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
                    quiet: bool = False) -> Path:
     """Run the scenario ``n`` times with consecutive seeds and write the summary."""
     from abm.outputs import default_folder
-    from abm.run import run_scenario
     from abm.scenario import load_scenario
     from abm.seeding import fresh_seed
 
@@ -46,7 +46,14 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
     request = {"scenario": str(Path(path).resolve()), "overrides": list(overrides or []),
                "seed": seed}
     meta = folder / "replicates.json"
-    old = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
+    try:
+        old = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ScenarioError(f"--out {folder}: its replicates.json cannot be read ({exc}); "
+                            "give another folder") from None
+    if old is not None and not isinstance(old, dict):
+        raise ScenarioError(f"--out {folder}: its replicates.json is not a replicates record; "
+                            "give another folder")
     if old is not None and old.get("request") != request:
         raise ScenarioError(f"--out {folder}: holds replicates of another request "
                             f"({old.get('request')}); give another folder")
@@ -60,17 +67,35 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
         if strangers:
             raise ScenarioError(f"--out {folder}: holds other files ({strangers[0]}, ...); "
                                 "give an empty folder or the folder of these replicates")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_file(meta) as partial:  # what a resumed command must match
         partial.write_text(json.dumps({"request": request, "base_seed": base}, indent=2),
                            encoding="utf-8")
+    try:
+        folders = _run_all(path, n, folder, base, scenario.name, overrides, quiet)
+    except BaseException:
+        if created and not any(folder.glob("replicate-*")):  # nothing done: leave nothing
+            meta.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    summarise(folders, folder, {"request": request, "base_seed": base})
+    return folder
+
+
+def _run_all(path: str | Path, n: int, folder: Path, base: int, name: str,
+             overrides: list[str] | None, quiet: bool) -> list[Path]:
+    """The replicate folders, running those not there yet."""
+    from abm.run import run_scenario
+
     folders = []
     for i in range(n):
         target = folder / f"replicate-{i + 1}"
         done = target / "summary.json"
         if done.is_file():
             summary = json.loads(done.read_text(encoding="utf-8"))
-            if summary.get("seed") != base + i or summary.get("scenario") != scenario.name:
+            if summary.get("seed") != base + i or summary.get("scenario") != name:
                 raise ScenarioError(f"--out {folder}: {target.name} holds another run "
                                     f"(seed {summary.get('seed')}); give another folder")
         else:
@@ -78,8 +103,7 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
                 print(f"replicate {i + 1} of {n} (seed {base + i})")
             run_scenario(path, out=target, seed=base + i, overrides=overrides, quiet=quiet)
         folders.append(target)
-    summarise(folders, folder, {"request": request, "base_seed": base})
-    return folder
+    return folders
 
 
 def _cells(folders: list[Path], name: str) -> pd.DataFrame:

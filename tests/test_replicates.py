@@ -122,3 +122,22 @@ def test_llm_replicates_without_rounds_tables_skip_the_llm_summary(fake, tmp_pat
                  "--out", str(out)]) == 0
     assert (out / "payoff_matrix_replicates.csv").is_file()
     assert not (out / "llm_cooperation_replicates.csv").exists()
+
+
+def test_a_failing_first_replicate_leaves_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ABM_MEMORY_LIMIT_GB", "0.000001")  # every run is refused as too big
+    out = tmp_path / "r"
+    assert main([str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--replicates", "2",
+                 "--out", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_unreadable_record_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "replicates.json").write_text("[1, 2")
+    assert main([str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--replicates", "2",
+                 "--out", str(out)]) == 2
+    assert "replicates.json cannot be read" in capsys.readouterr().err
+    assert (out / "replicates.json").read_text() == "[1, 2"
