@@ -56,3 +56,21 @@ def fingerprint_chart(table: pd.DataFrame) -> alt.Chart:
         column=alt.Column("player:N", title=None)).properties(
         title=alt.TitleParams("Memory-one fingerprint", subtitle=[
             "bars: share of C with 95 % Wilson intervals; diamonds: the model's mean P(C)"]))
+
+
+def cooperation_chart(table: pd.DataFrame, group: str = "condition", share: str = "share",
+                      low: str = "low", high: str = "high",
+                      interval: str = "95 % Wilson") -> alt.Chart:
+    """The LLM's share of C against each opponent, a point and its interval per
+    ``group`` (conditions compared, or players); intervals are drawn within [0, 1]."""
+    data = table.assign(**{low: table[low].clip(0, 1), high: table[high].clip(0, 1)})
+    base = alt.Chart(data).encode(
+        y=alt.Y("opponent:N", title="opponent"),
+        color=alt.Color(f"{group}:N", legend=alt.Legend(labelLimit=400, orient="bottom",
+                                                        columns=1)),
+        yOffset=f"{group}:N")
+    points = base.mark_point(filled=True, size=60).encode(
+        x=alt.X(f"{share}:Q", scale=alt.Scale(domain=[0, 1]), title=f"share of C ({interval})"),
+        tooltip=[group, "opponent", alt.Tooltip(f"{share}:Q", format=".2f")])
+    return (base.mark_rule().encode(x=f"{low}:Q", x2=f"{high}:Q") + points).properties(
+        width=360, title="Cooperation of the LLM against each opponent")

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from abm.atomic import atomic_file
 from abm.behaviour import decisions, fingerprint, round_by_round, wilson
-from abm.behaviour_charts import fingerprint_chart, round_chart
+from abm.behaviour_charts import cooperation_chart, fingerprint_chart, round_chart
 from abm.errors import ScenarioError
 
 
@@ -173,20 +173,6 @@ def differences(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cooperation_chart(table: pd.DataFrame) -> alt.Chart:
-    base = alt.Chart(table).encode(
-        y=alt.Y("opponent:N", title="opponent"),
-        color=alt.Color("condition:N", legend=alt.Legend(labelLimit=400, orient="bottom",
-                                                         columns=1)),
-        yOffset="condition:N")
-    points = base.mark_point(filled=True, size=60).encode(
-        x=alt.X("share:Q", scale=alt.Scale(domain=[0, 1]), title="share of C (95 % Wilson)"),
-        tooltip=["condition", "opponent", "decisions", "cooperate",
-                 alt.Tooltip("share:Q", format=".2f")])
-    return (base.mark_rule().encode(x="low:Q", x2="high:Q") + points).properties(
-        width=360, title="Cooperation of the LLM against each opponent")
-
-
 def _curve_chart(table: pd.DataFrame, key: str) -> alt.Chart:
     """Cooperation against the swept value, with 95 % Wilson intervals."""
     base = alt.Chart(table).encode(x=alt.X("value:Q", title=key))
@@ -228,7 +214,7 @@ def report(conditions: list[Condition], out: Path) -> dict[str, Path]:
     labelled = rbr_table.assign(player=rbr_table["condition"] + ": " + rbr_table["player"])
     fp_chart = prints_table.assign(
         player=prints_table["condition"] + ": " + prints_table["player"]).set_index("situation")
-    charts = [_cooperation_chart(coop), round_chart(labelled), fingerprint_chart(fp_chart)]
+    charts = [cooperation_chart(coop), round_chart(labelled), fingerprint_chart(fp_chart)]
     if all(c.value is not None for c in conditions):  # one numeric key swept
         key = conditions[0].name.rsplit("=", 1)[0]  # a sweep point is named "key=value"
         value_of = {c.name: c.value for c in conditions}

@@ -29,7 +29,8 @@ from abm.errors import ScenarioError
 # what summarise() writes beside the replicate folders
 OWN = {"replicates.json", "payoff_matrix_replicates.csv", "defections_replicates.csv",
        "llm_cooperation_replicates.csv", "llm_fingerprints_replicates.csv",
-       *(f"{stem}.{ext}" for stem in ("payoff_heatmap", "defections_heatmap")
+       *(f"{stem}.{ext}" for stem in ("payoff_heatmap", "defections_heatmap",
+                                       "llm_cooperation", "llm_fingerprint")
          for ext in ("html", "png"))}
 
 
@@ -80,7 +81,8 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    summarise(folders, folder, {"request": request, "base_seed": base})
+    summarise(folders, folder, {"request": request, "base_seed": base},
+              with_charts=scenario.output.charts)
     return folder
 
 
@@ -130,8 +132,8 @@ def _llm_cooperation(frames: list[pd.DataFrame]) -> pd.DataFrame:
                          for (p, o), v in rows.items()])
 
 
-def summarise(folders: list[Path], out: Path, about: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+def summarise(folders: list[Path], out: Path, about: dict[str, Any] | None = None,
+              with_charts: bool = True) -> dict[str, Any]:
     """Write replicates.json, the cell and cooperation tables and the two heatmaps."""
     from abm import behaviour, charts
 
@@ -170,6 +172,16 @@ def summarise(folders: list[Path], out: Path, about: dict[str, Any] | None = Non
             table.to_csv(partial, index=False)
     with atomic_file(out / "replicates.json") as partial:
         partial.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if not with_charts:
+        return result
+    if llm_players:
+        from abm.behaviour_charts import cooperation_chart, fingerprint_chart
+        charts.save(cooperation_chart(cooperation, group="player", share="mean",
+                                      low="ci_low", high="ci_high",
+                                      interval=f"mean, 95 % t over {len(folders)} replicates"),
+                    out, "llm_cooperation")
+        charts.save(fingerprint_chart(tables["llm_fingerprints_replicates.csv"]
+                                      .set_index("situation")), out, "llm_fingerprint")
     for stem, table, title in (("payoff_heatmap", payoff, "Mean total payoff per match"),
                                ("defections_heatmap", defections,
                                 "Intended defections per match (mean)")):

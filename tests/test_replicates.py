@@ -53,7 +53,7 @@ def test_intervals_are_student_t_over_replicates(tmp_path):
 def test_llm_cooperation_and_pooled_fingerprint(fake, tmp_path):
     out = tmp_path / "r"
     assert main([str(SCENARIOS / "round_robin.toml"), "--replicates", "2", "--quiet",
-                 "--set", "output.charts=false", "--out", str(out)]) == 0
+                 "--set", "population.players[5].reflection=false", "--out", str(out)]) == 0
     coop = pd.read_csv(out / "llm_cooperation_replicates.csv").set_index("opponent")
     # the fake plays Tit-for-tat: against All-D one C in five, in both replicates
     assert coop.loc["All-D", "mean"] == pytest.approx(0.2) and coop.loc["All-D", "n"] == 2
@@ -61,6 +61,8 @@ def test_llm_cooperation_and_pooled_fingerprint(fake, tmp_path):
     assert prints["p"].tolist() == [1, 1, 0, 1, 0]
     # first-round decisions of both replicates pooled: 7 matches' sides x 2
     assert prints.loc["first", "n"] == 14
+    for chart in ("llm_cooperation", "llm_fingerprint"):
+        assert (out / f"{chart}.html").is_file()
 
 
 def test_an_interrupted_command_resumes(tmp_path):
