@@ -11,8 +11,10 @@ it was played (after noise), which is what the player saw.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,6 +80,27 @@ def decisions(rounds: pd.DataFrame, transcripts: pd.DataFrame | None = None) -> 
         probs = transcripts[["step", "match", "round", "side", "p_cooperate"]]
         frame = frame.merge(probs, on=["step", "match", "round", "side"], how="left")
     return frame.reset_index(drop=True)
+
+
+_PROBABILITY_KEYS = ("step", "match", "round", "side", "p_cooperate")
+
+
+def run_decisions(folder: Path) -> pd.DataFrame:
+    """decisions() of a run folder: its rounds.parquet, with the model probabilities of
+    its transcripts.jsonl (read line by line, keeping only what is joined: a long run's
+    transcripts are large). FileNotFoundError without rounds.parquet."""
+    rounds = pd.read_parquet(folder / "rounds.parquet")
+    path = folder / "transcripts.jsonl"
+    if not path.is_file():
+        return decisions(rounds)
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("p_cooperate") is not None:
+                rows.append([record.get(k) for k in _PROBABILITY_KEYS])
+    probabilities = pd.DataFrame(rows, columns=list(_PROBABILITY_KEYS)) if rows else None
+    return decisions(rounds, probabilities)
 
 
 @dataclass(frozen=True)

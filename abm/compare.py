@@ -24,10 +24,9 @@ from pathlib import Path
 
 import altair as alt
 import pandas as pd
-import pyarrow.parquet as pq
 
 from abm.atomic import atomic_file
-from abm.behaviour import decisions, fingerprint, round_by_round, wilson
+from abm.behaviour import fingerprint, round_by_round, run_decisions, wilson
 from abm.behaviour_charts import cooperation_chart, fingerprint_chart, round_chart
 from abm.errors import ScenarioError
 
@@ -115,12 +114,7 @@ def _decisions(condition: Condition) -> pd.DataFrame:
         if not path.is_file():
             raise ScenarioError(f"{folder}: has no rounds.parquet (run it with "
                                 "output.rounds = true)")
-        rounds = pq.read_table(path).to_pandas()
-        transcripts = folder / "transcripts.jsonl"
-        records = (pd.DataFrame([json.loads(line) for line in
-                                 transcripts.read_text(encoding="utf-8").splitlines()])
-                   if transcripts.is_file() else None)
-        frame = decisions(rounds, records)
+        frame = run_decisions(folder)
         frame["replicate"] = i
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True)

@@ -324,10 +324,7 @@ def _llm_behaviour(model: DilemmaModel, folder: Path,
         for entry in summary["llm"]:
             entry["behaviour"] = "not computed: output.rounds = false"
         return None
-    transcripts = folder / "transcripts.jsonl"
-    records = (pd.read_json(transcripts, lines=True) if transcripts.is_file()
-               and transcripts.stat().st_size else None)
-    frame = bh.decisions(pd.read_parquet(path), records)
+    frame = bh.run_decisions(folder)
     strategies = bh.classic_strategies(_gtft_generosity(model))
     tables, prints = [], []
     for entry in summary["llm"]:

@@ -145,10 +145,7 @@ def summarise(folders: list[Path], out: Path, about: dict[str, Any] | None = Non
         llm_players = []  # output.rounds = false: the decisions were not kept
     if llm_players:
         for f in folders:
-            rounds = pd.read_parquet(f / "rounds.parquet")
-            transcripts = f / "transcripts.jsonl"
-            records = pd.read_json(transcripts, lines=True) if transcripts.is_file() else None
-            frame = behaviour.decisions(rounds, records)
+            frame = behaviour.run_decisions(f)
             frames.append(frame[frame["player"].isin(llm_players)])
         pooled = pd.concat(frames, ignore_index=True)
         for player in llm_players:

@@ -11,10 +11,9 @@ import math
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
-from abm.behaviour import (classic_strategies, decisions, fingerprint, round_by_round,
+from abm.behaviour import (classic_strategies, fingerprint, round_by_round, run_decisions,
                            sequences, wilson)
 from abm.run import run_scenario
 from conftest import SCENARIOS
@@ -33,11 +32,7 @@ def test_wilson_interval_by_hand():
 
 
 def run_table(out):
-    rounds = pq.read_table(out / "rounds.parquet").to_pandas()
-    path = out / "transcripts.jsonl"
-    transcripts = (pd.DataFrame([json.loads(line) for line in path.read_text().splitlines()])
-                   if path.exists() else None)
-    return decisions(rounds, transcripts)
+    return run_decisions(out)
 
 
 def test_tit_for_tat_fingerprints_itself(tmp_path):
