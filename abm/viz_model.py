@@ -107,30 +107,21 @@ def size_problem(text: str | int | None) -> str | None:
     return None
 
 
-def graph_size(table: dict[str, Any]) -> tuple[int, float]:
-    """About how many agents and links a [graph] table of a family makes."""
-    kind, copies = table.get("kind"), int(table.get("copies", 1))
-    if kind == "grid":
-        n = int(table["rows"]) * int(table["cols"])
-        links = n * (4 if table.get("neighbourhood") == "moore" else 2)
-    else:
-        n = int(table.get("n") or 0)
-        links = {"complete": n * (n - 1) / 2, "ring": n * int(table.get("k", 1)),
-                 "watts_strogatz": n * int(table.get("k", 2)) / 2,
-                 "barabasi_albert": n * int(table.get("m", 1)),
-                 "erdos_renyi": float(table.get("p", 0.0)) * n * (n - 1) / 2,
-                 "random_regular": n * int(table.get("d", 0)) / 2}.get(kind, 0.0)
-    return n * copies, links * copies
-
-
-def _check_page_size(path: str, table: dict[str, Any]) -> None:
+def _check_page_size(path: str, scenario: Scenario) -> None:
     """ScenarioError when a graph the page's controls ask for is too big for the page."""
-    nodes, links = graph_size(table)
+    from abm.graphs import graph_size
+
+    size = graph_size(scenario.graph)
+    if size is None:  # a graph file keeps the size it has
+        return
+    nodes, links, _ = size
+    if scenario.graph.self_loops:  # the page counts links between agents
+        links -= nodes
     if nodes > MAX_PAGE_AGENTS or links > MAX_PAGE_LINKS:
         raise ScenarioError(
             f"{path}: field 'graph.n': the page takes at most {MAX_PAGE_AGENTS:,} agents and "
-            f"about {MAX_PAGE_LINKS:,} links; a {table.get('kind')} graph of {nodes:,} agents "
-            f"has about {int(links):,} links (run bigger graphs with python -m abm.run)")
+            f"about {MAX_PAGE_LINKS:,} links; a {scenario.graph.kind} graph of {nodes:,} "
+            f"agents has about {links:,} links (run bigger graphs with python -m abm.run)")
 
 
 def _as_mix(players: list[Any]) -> list[dict[str, Any]]:
@@ -175,16 +166,19 @@ def apply_controls(path: str, *, noise: float | None = None, rounds: int | None 
         size = int(n)
     kind = graph_kind or base.graph.kind
     nodes = scenario_nodes(base)  # None for a graph file
-    if kind != base.graph.kind or (size is not None and size != nodes):
-        if kind == "file":
-            raise ScenarioError(f"{path}: field 'graph': a graph file has its own size; pick "
-                                f"a graph family to change it ({', '.join(GRAPH_FAMILIES)})")
+    resized = kind != base.graph.kind or (size is not None and size != nodes)
+    if resized and kind == "file":
+        raise ScenarioError(f"{path}: field 'graph': a graph file has its own size; pick "
+                            f"a graph family to change it ({', '.join(GRAPH_FAMILIES)})")
+    if resized:
         data["graph"] = graph_table(kind, size or nodes or 100, data["graph"])
-        _check_page_size(path, data["graph"])
         players = data["population"].get("players")
         if players is not None:
             data["population"] = {"mix": _as_mix(players)}
-    return validate_scenario(data, source=str(path))
+    scenario = validate_scenario(data, source=str(path))
+    if resized:  # the file's own graph is the file's business
+        _check_page_size(path, scenario)
+    return scenario
 
 
 class VizModel(DilemmaModel):
