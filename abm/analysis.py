@@ -69,11 +69,8 @@ class Tally:
         return totals
 
     def _matrix(self, sums: np.ndarray) -> pd.DataFrame:
-        k = len(self.labels)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = (sums / self.pair_matches).reshape(k, k)
-        frame = pd.DataFrame(mean, index=pd.Index(self.labels, name="player"), columns=self.labels)
-        return frame
+            return self._frame(sums / self.pair_matches)
 
     def payoff_matrix(self) -> pd.DataFrame:
         """Mean total payoff of the row player in a match against the column player

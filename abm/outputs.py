@@ -318,6 +318,7 @@ def _llm_behaviour(model: DilemmaModel, folder: Path,
     run's own rounds.parquet and transcripts: llm_rounds.csv, llm_fingerprints.csv and
     a ``behaviour`` block per LLM entry of the summary. None without rounds.parquet."""
     from abm import behaviour as bh
+    from abm.policies.rules import default_generosity
 
     path = folder / "rounds.parquet"
     if not path.is_file():
@@ -325,7 +326,9 @@ def _llm_behaviour(model: DilemmaModel, folder: Path,
             entry["behaviour"] = "not computed: output.rounds = false"
         return None
     frame = bh.run_decisions(folder)
-    strategies = bh.classic_strategies(_gtft_generosity(model))
+    g = default_generosity(model.scenario.game.payoffs)
+    # not a dilemma: Nowak & Sigmund's usual 1/3
+    strategies = bh.classic_strategies(1 / 3 if g is None else g)
     tables, prints = [], []
     for entry in summary["llm"]:
         entry["behaviour"] = {}
@@ -352,16 +355,6 @@ def _llm_behaviour(model: DilemmaModel, folder: Path,
     rounds_table.to_csv(folder / "llm_rounds.csv", index=False)
     prints_table.to_csv(folder / "llm_fingerprints.csv", index=False)
     return rounds_table, prints_table
-
-
-def _gtft_generosity(model: DilemmaModel) -> float:
-    """Generous tit-for-tat's forgiveness for this game, as the gtft policy defines it."""
-    g = model.scenario.game.payoffs
-    try:
-        return float(np.clip(min(1 - (g.T - g.R) / (g.R - g.S), (g.R - g.P) / (g.T - g.P)),
-                             0.0, 1.0))
-    except ZeroDivisionError:  # not a dilemma: Nowak & Sigmund's usual 1/3
-        return 1 / 3
 
 
 def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,

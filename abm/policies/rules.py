@@ -79,6 +79,15 @@ class GenerosityParams(BaseModel):
     )
 
 
+def default_generosity(game: PayoffMatrix) -> float | None:
+    """Generous tit-for-tat's forgiveness for these payoffs, min(1 - (T-R)/(R-S),
+    (R-P)/(T-P)) (Nowak & Sigmund 1992), in [0, 1]; None when R = S or T = P."""
+    if game.R == game.S or game.T == game.P:
+        return None
+    g = min(1 - (game.T - game.R) / (game.R - game.S), (game.R - game.P) / (game.T - game.P))
+    return float(np.clip(g, 0.0, 1.0))
+
+
 @register("generous_tit_for_tat", memory_depth=1, stochastic=True, params=GenerosityParams,
           description=("Tit-for-tat that forgives a defection with probability g (default "
                        "min(1 - (T-R)/(R-S), (R-P)/(T-P)), Nowak & Sigmund 1992)."))
@@ -86,10 +95,10 @@ class GenerousTitForTat(_Rule):
     def __init__(self, game: PayoffMatrix, g: float | None = None) -> None:
         super().__init__(game)
         if g is None:
-            if game.R == game.S or game.T == game.P:
+            g = default_generosity(game)
+            if g is None:
                 raise ValueError("generous_tit_for_tat cannot derive g from payoffs with R = S "
                                  "or T = P; give g (0 to 1) explicitly")
-            g = min(1 - (game.T - game.R) / (game.R - game.S), (game.R - game.P) / (game.T - game.P))
         self.g = float(np.clip(g, 0.0, 1.0))
 
     def decide(self, view: View, rng: np.random.Generator) -> np.ndarray:
