@@ -178,10 +178,10 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
         folder.discard()
         reason = _disk_full(exc)
         if reason:
-            shown = str(folder.final) if str(folder.final).isprintable() else repr(str(folder.final))
-            raise ScenarioError(f"{reason} while writing {shown}; the partial outputs "
-                                "were removed; free some space or choose another --out on "
-                                "another disk") from None
+            from abm.outputs import _shown  # imported with the run already
+            raise ScenarioError(f"{reason} while writing {_shown(folder.final)}; the partial "
+                                "outputs were removed; free some space or choose another --out "
+                                "on another disk") from None
         raise
     finally:
         for bar in bars:
