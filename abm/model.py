@@ -13,7 +13,7 @@ import numpy as np
 from mesa.discrete_space import Network
 
 from abm.agents import Player
-from abm.analysis import Tally
+from abm.tally import Tally
 from abm.engine import Engine, StepResult
 from abm.errors import ScenarioError
 from abm.evolution import Evolution

@@ -38,7 +38,7 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
                    seed: int | None = None, overrides: list[str] | None = None,
                    quiet: bool = False) -> Path:
     """Run the scenario ``n`` times with consecutive seeds and write the summary."""
-    from abm.outputs import default_folder
+    from abm.run_folder import default_folder
     from abm.scenario import load_scenario
     from abm.seeding import fresh_seed
 

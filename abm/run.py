@@ -25,17 +25,18 @@ if TYPE_CHECKING:  # imported for real by _import_heavy(), when a run starts
     from tqdm import tqdm
 
     from abm.model import DilemmaModel
-    from abm.outputs import RunFolder, default_folder, write_results
-    from abm.records import TableWriter
+    from abm.results import write_results
+    from abm.run_folder import RunFolder, default_folder
+    from abm.table_writer import TableWriter
     from abm.scenario import load_scenario
 
 _HEAVY = {
     "tqdm": ("tqdm", "tqdm"),
     "DilemmaModel": ("abm.model", "DilemmaModel"),
-    "RunFolder": ("abm.outputs", "RunFolder"),
-    "default_folder": ("abm.outputs", "default_folder"),
-    "write_results": ("abm.outputs", "write_results"),
-    "TableWriter": ("abm.records", "TableWriter"),
+    "RunFolder": ("abm.run_folder", "RunFolder"),
+    "default_folder": ("abm.run_folder", "default_folder"),
+    "write_results": ("abm.results", "write_results"),
+    "TableWriter": ("abm.table_writer", "TableWriter"),
     "load_scenario": ("abm.scenario", "load_scenario"),
 }
 
@@ -178,7 +179,7 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
         folder.discard()
         reason = _disk_full(exc)
         if reason:
-            from abm.outputs import _shown  # imported with the run already
+            from abm.run_folder import _shown  # imported with the run already
             raise ScenarioError(f"{reason} while writing {_shown(folder.final)}; the partial "
                                 "outputs were removed; free some space or choose another --out "
                                 "on another disk") from None

@@ -17,12 +17,12 @@ import pytest
 import solara
 from conftest import SCENARIOS
 
-from abm.app import Page
+from abm.viz.app import Page
 from abm.export import main as export_main
-from abm.viz import main as viz_main
-from abm.viz_components import selected
-from abm.viz_draw import network_png
-from abm.viz_model import VizModel
+from abm.viz.server import main as viz_main
+from abm.viz.components import selected
+from abm.viz.draw import network_png
+from abm.viz.model import VizModel
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*ComponentsView")
 
@@ -220,7 +220,7 @@ def render(scenario):
 
 
 def test_graph_size_box_has_an_upper_bound():
-    from abm.viz_model import MAX_PAGE_AGENTS, size_problem  # new: fails fast before
+    from abm.viz.model import MAX_PAGE_AGENTS, size_problem  # new: fails fast before
 
     assert MAX_PAGE_AGENTS >= 2000  # at least the drawing cap: bigger graphs get sampled
     assert size_problem("100") is None and size_problem("") is None
@@ -311,7 +311,7 @@ def texts(fig):
 
 
 def orange_frames(fig):
-    from abm.viz_draw import UNREAD_COLOUR
+    from abm.viz.draw import UNREAD_COLOUR
     from matplotlib.colors import to_rgba
 
     return [(p.get_x(), p.get_y()) for p in fig.axes[0].patches
@@ -319,7 +319,7 @@ def orange_frames(fig):
 
 
 def test_heatmaps_mark_cells_with_unread_answers(fake, scenario_file):
-    from abm.viz_draw import heatmaps_figure
+    from abm.viz.draw import heatmaps_figure
 
     fake.script = lambda text: "Maybe."  # never readable
     # nothing played: every LLM match stopped in round 1, so its cells have no data
@@ -367,7 +367,7 @@ def test_llm_panel_says_invalid_or_fallback(fake, scenario_file, fallback, says)
 
 
 def test_host_check_accepts_this_machine():
-    from abm.viz import host_problem
+    from abm.viz.server import host_problem
 
     assert host_problem("127.0.0.1") is None
     assert "not an address" in host_problem("no.such.host.invalid")

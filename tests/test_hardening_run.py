@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 import tomli_w
 
-from abm.records import TableWriter
+from abm.table_writer import TableWriter
 from abm.run import expected_llm_calls, main, run_scenario
 from conftest import ROOT, SCENARIOS
 
-HEAVY = ("pandas", "pyarrow", "mesa", "altair", "tqdm", "abm.model", "abm.outputs",
-         "abm.records", "abm.scenario")
+HEAVY = ("pandas", "pyarrow", "mesa", "altair", "tqdm", "abm.model", "abm.results",
+         "abm.run_folder", "abm.table_writer", "abm.scenario")
 
 
 def tree(root: Path) -> list[str]:
@@ -356,9 +356,9 @@ def test_stale_claim_of_a_dead_run_is_taken_over(rules_scenario, tmp_path):
 
 
 def test_during_the_run_the_out_folder_is_only_a_claim(rules_scenario, tmp_path, monkeypatch):
-    import abm.outputs
+    import abm.results
     seen = {}
-    real = abm.outputs.write_results
+    real = abm.results.write_results
 
     def spy(model, folder, *args, **kwargs):
         seen["final"] = sorted(os.listdir(tmp_path / "run"))
@@ -521,7 +521,8 @@ def test_heatmap_subtitle_names_geometric_lengths_and_llm_models(fake, tmp_path)
 
 
 def test_no_install_hint_names_the_unrelated_pypi_package():
-    for name in ("run.py", "outputs.py", "atomic.py", "records.py", "charts.py", "errors.py"):
+    for name in ("run.py", "run_folder.py", "results.py", "atomic.py", "table_writer.py", "charts.py",
+                 "errors.py"):
         text = (ROOT / "abm" / name).read_text()
         assert 'install "abm[' not in text and "install 'abm[" not in text
 
@@ -531,7 +532,7 @@ def test_no_install_hint_names_the_unrelated_pypi_package():
 
 def test_partial_folders_and_claims_of_other_machines_are_left_alone(tmp_path):
     from abm.atomic import HOST, remove_stale_partials
-    from abm.outputs import _live_claim
+    from abm.run_folder import _live_claim
     theirs = tmp_path / f".their-run.partial-{dead_pid()}"
     theirs.mkdir()
     (theirs / HOST).write_text("another-machine")
@@ -562,7 +563,7 @@ def test_a_symbolic_link_as_out_is_refused_up_front(tmp_path, capsys):
 
 
 def test_finished_outputs_survive_a_failed_final_rename(tmp_path, monkeypatch, capsys):
-    import abm.outputs as outputs
+    import abm.run_folder as outputs
     real = os.replace
     calls = {"n": 0}
 

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from abm.analysis import Tally
+from abm.tally import Tally
 from abm.engine import Engine
 from abm.game import C, D, EMPTY, INVALID, PayoffMatrix, apply_noise
 from abm.policies import make
 from abm.policies.base import Decisions
-from abm.records import TableWriter
+from abm.table_writer import TableWriter
 from abm.seeding import stream
 
 GAME = PayoffMatrix()  # R=9, S=0, T=10, P=5

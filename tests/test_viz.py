@@ -12,12 +12,12 @@ import pytest
 import solara
 from conftest import SCENARIOS
 
-from abm import viz_layout
-from abm.app import Page
-from abm.viz import main as viz_main
-from abm.viz_components import selected
-from abm.viz_draw import heatmaps_png, network_png, timeseries_png
-from abm.viz_model import VizModel, apply_controls
+from abm.viz import layout as viz_layout
+from abm.viz.app import Page
+from abm.viz.server import main as viz_main
+from abm.viz.components import selected
+from abm.viz.draw import heatmaps_png, network_png, timeseries_png
+from abm.viz.model import VizModel, apply_controls
 
 # Mesa's ComponentsView warns about its early return when the page brings its own components
 pytestmark = pytest.mark.filterwarnings("ignore:.*ComponentsView")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SCENARIOS
 
-from abm.viz_draw import network_png
-from abm.viz_model import VizModel
+from abm.viz.draw import network_png
+from abm.viz.model import VizModel
 
 CHROMIUM = Path("/usr/bin/chromium")
 # flags that keep Chromium quiet and self-contained on CI machines (no sandbox as root,

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, Patch, Rectangle
 
-from abm.viz_layout import MAX_DRAWN_EDGES, Drawing, drawing_for
+from abm.viz.layout import MAX_DRAWN_EDGES, Drawing, drawing_for
 
 DPI = 100
 NETWORK_SIZE = (740, 590)  # pixels; the page shows the image at this size, so clicks map 1:1

@@ -20,7 +20,7 @@ import numpy as np
 from abm.errors import ScenarioError
 from abm.model import DilemmaModel
 from abm.scenario import Scenario, load_scenario, validate_scenario
-from abm.viz_layout import drawing_for
+from abm.viz.layout import drawing_for
 
 DEFAULT_SCENARIO = "scenarios/round_robin_rules.toml"
 SCENARIO_ENV = "ABM_VIZ_SCENARIO"

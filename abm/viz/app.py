@@ -2,7 +2,7 @@
 the network, agent panel, time series and heatmaps beside it.
 
     python -m abm.viz [SCENARIO]          # serves it on http://127.0.0.1:8765
-    solara run abm/app.py                 # the same page, Mesa's way; the scenario comes
+    solara run abm/viz/app.py                 # the same page, Mesa's way; the scenario comes
                                           # from $ABM_VIZ_SCENARIO (default: the round robin)
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import solara
 
 # SolaraViz is Mesa's (mesa.visualization.SolaraViz), imported there after a warning filter
-from abm.viz_components import Dashboard, SolaraViz, model_params
-from abm.viz_model import VizModel, default_scenario
+from abm.viz.components import Dashboard, SolaraViz, model_params
+from abm.viz.model import VizModel, default_scenario
 
 
 @solara.component

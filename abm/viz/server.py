@@ -1,5 +1,5 @@
 """``python -m abm.viz [SCENARIO] [--host H] [--port P]``: watch a scenario play in the
-browser (Mesa's SolaraViz served by Solara; the page itself is ``abm/app.py``)."""
+browser (Mesa's SolaraViz served by Solara; the page itself is ``abm/viz/app.py``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from abm.errors import ScenarioError
 from abm.scenario import load_scenario
-from abm.viz_model import SCENARIO_ENV, default_scenario
+from abm.viz.model import SCENARIO_ENV, default_scenario
 
 APP = Path(__file__).with_name("app.py")
 

@@ -21,9 +21,9 @@ from mesa.visualization import solara_viz as _mesa_solara_viz  # noqa: E402
 from mesa.visualization.utils import update_counter  # noqa: E402
 
 from abm.scenario import load_scenario  # noqa: E402
-from abm.viz_draw import NETWORK_SIZE, heatmaps_png, network_png, timeseries_png  # noqa: E402
-from abm.viz_layout import drawing_for  # noqa: E402
-from abm.viz_model import (  # noqa: E402
+from abm.viz.draw import NETWORK_SIZE, heatmaps_png, network_png, timeseries_png  # noqa: E402
+from abm.viz.layout import drawing_for  # noqa: E402
+from abm.viz.model import (  # noqa: E402
     GRAPH_FAMILIES,
     MAX_PAGE_AGENTS,
     MAX_PAGE_LINKS,
