@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 class Player(CellAgent):
     """The agent on one node. Its numbers live in the model's NumPy arrays, which the
-    engine updates for all agents at once; the agent reads them on demand."""
+    engine updates for all agents at once, and in its Population; the agent reads them
+    on demand."""
 
     def __init__(self, model: DilemmaModel, node: int) -> None:
         super().__init__(model)
@@ -21,12 +22,14 @@ class Player(CellAgent):
     @property
     def label(self) -> str:
         """The player's name in tables and charts (changes when evolution copies a policy)."""
-        return self.model.labels[self.model.label_of_node[self.node]]
+        population = self.model.population
+        return population.labels[population.label_of_node[self.node]]
 
     @property
-    def policy(self) -> str:
+    def policy_name(self) -> str:
         """The policy's name and parameters."""
-        return self.model.name_of_label[self.model.label_of_node[self.node]]
+        population = self.model.population
+        return population.policy_name_of_label[population.label_of_node[self.node]]
 
     @property
     def score(self) -> float:

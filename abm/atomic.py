@@ -13,8 +13,17 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` to write to; on success it replaces
-    ``path`` in one rename, on an error it is removed and ``path`` is left as it was."""
+    """Yield a temporary path beside ``path`` to write to, then put it in place.
+
+    On success the temporary file replaces ``path`` in one rename; on an error it is
+    removed and ``path`` is left as it was.
+
+    Args:
+        path: The file to write.
+
+    Yields:
+        The temporary path, in the same folder (so the rename stays on one file system).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -28,8 +37,11 @@ HOST = ".host"
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (on this machine). This process counts as
-    alive; a process of another user counts as alive; a bad number counts as dead."""
+    """Whether process ``pid`` still runs on this machine.
+
+    This process counts as alive, and so does a process of another user; a number
+    that names no single process (zero, negative, too large) counts as dead.
+    """
     if pid == os.getpid():
         return True
     if pid <= 0:  # os.kill(0 or -n, ...) would address a whole process group
@@ -46,9 +58,19 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_partials(parent: Path) -> list[Path]:
-    """Remove the hidden ``.NAME.partial-PID`` folders in ``parent`` that a run killed
-    without a chance to clean up (SIGKILL, a power cut) left behind: those whose PID
-    no longer runs. Folders of live runs are left alone. Returns what was removed."""
+    """Remove the partial folders that killed runs left behind in ``parent``.
+
+    A run killed without a chance to clean up (SIGKILL, a power cut) leaves its hidden
+    ``.NAME.partial-PID`` folder; one is removed when its PID no longer runs. Folders
+    of live runs are left alone, and so are those whose ``.host`` file names another
+    machine (a shared file system), as their PID means nothing here.
+
+    Args:
+        parent: The folder to clean; a missing or unreadable one is left as it is.
+
+    Returns:
+        The folders removed.
+    """
     removed = []
     try:
         entries = list(os.scandir(parent))

@@ -36,9 +36,19 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def classic_strategies(g: float = 1 / 3) -> dict[str, tuple[float, ...]]:
-    """Memory-one strategies as (P(C) first, P(C | CC), P(C | CD), P(C | DC), P(C | DD));
-    the condition is (my last move, the opponent's last move). ``g`` is generous
-    tit-for-tat's forgiveness."""
+    """The classic strategies as memory-one vectors, to compare fingerprints with.
+
+    Each vector is (P(C) first, P(C | CC), P(C | CD), P(C | DC), P(C | DD)), the
+    condition being (my last move, the opponent's last move).
+
+    Args:
+        g: Generous tit-for-tat's probability of forgiving a D; runs pass
+            ``abm.policies.rules.default_generosity`` of their payoffs (1/3 is its
+            value for Axelrod's 3/0/5/1).
+
+    Returns:
+        Vectors by display name.
+    """
     return {
         "All-C": (1, 1, 1, 1, 1),
         "All-D": (0, 0, 0, 0, 0),
@@ -52,9 +62,17 @@ def classic_strategies(g: float = 1 / 3) -> dict[str, tuple[float, ...]]:
 
 
 def with_sides(rounds: pd.DataFrame) -> pd.DataFrame:
-    """rounds.parquet rows with the engine's ``side`` (0/1) and the partner's actual
-    action in the same round. The table lists each round's two sides in order, so
-    the side is the row's position within its (step, match, round)."""
+    """Add the engine's ``side`` (0/1) and the partner's actual action to rounds.parquet rows.
+
+    The table lists each round's two sides in order, so the side is the row's
+    position within its (step, match, round).
+
+    Args:
+        rounds: The rows of rounds.parquet.
+
+    Returns:
+        A copy with the columns ``side`` and ``their_actual`` added.
+    """
     frame = rounds.reset_index(drop=True).copy()
     for column in ("intended", "actual"):
         frame[column] = frame[column].astype(object)
@@ -66,9 +84,19 @@ def with_sides(rounds: pd.DataFrame) -> pd.DataFrame:
 
 
 def decisions(rounds: pd.DataFrame, transcripts: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per decision with its situation ("first" in round 1, else the previous
-    round's actual moves, mine then theirs), and ``p_cooperate`` where the model's
-    probability is known (score mode)."""
+    """One row per decision, with the situation it answers and what was chosen.
+
+    Args:
+        rounds: The rows of rounds.parquet (rounds numbered from 1).
+        transcripts: Rows with step, match, round, side and ``p_cooperate``, the
+            model's probability of C (score mode); None when there are none.
+
+    Returns:
+        The rows of ``with_sides`` with ``situation`` ("first" in round 1, else the
+        previous round's actual moves, mine then theirs, as in "CD"), ``choice``
+        (the intended action, "invalid", or "fallback" where the fallback rule
+        played) and, given transcripts, ``p_cooperate``.
+    """
     frame = with_sides(rounds).sort_values(["step", "match", "side", "round"])
     track = frame.groupby(["step", "match", "side"], sort=False)
     previous = (track["actual"].shift(1).fillna("")
@@ -86,9 +114,20 @@ _PROBABILITY_KEYS = ("step", "match", "round", "side", "p_cooperate")
 
 
 def run_decisions(folder: Path) -> pd.DataFrame:
-    """decisions() of a run folder: its rounds.parquet, with the model probabilities of
-    its transcripts.jsonl (read line by line, keeping only what is joined: a long run's
-    transcripts are large). FileNotFoundError without rounds.parquet."""
+    """``decisions()`` of a run folder, with the model's probabilities where it has them.
+
+    transcripts.jsonl, when present, is read line by line keeping only the fields
+    joined, since a long run's transcripts are large.
+
+    Args:
+        folder: A finished run's folder.
+
+    Returns:
+        The decisions of the run.
+
+    Raises:
+        FileNotFoundError: The folder has no rounds.parquet.
+    """
     rounds = pd.read_parquet(folder / "rounds.parquet")
     path = folder / "transcripts.jsonl"
     if not path.is_file():
@@ -105,19 +144,34 @@ def run_decisions(folder: Path) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """An estimated memory-one strategy: per condition, decisions, cooperations, the
-    share with its Wilson 95 % interval, and the mean model probability (score mode)."""
+    """An estimated memory-one strategy.
+
+    Attributes:
+        table: One row per condition of ``CONDITIONS``: decisions ``n``, cooperations
+            ``cooperate``, their share ``p`` with its Wilson 95 % interval ``low`` and
+            ``high``, and the mean model probability ``p_model`` (score mode).
+        invalid: Decisions not read from the model (invalid answers and fallback moves),
+            left out of the table.
+    """
 
     table: pd.DataFrame  # index CONDITIONS; n, cooperate, p, low, high, p_model
     invalid: int
 
     @property
     def vector(self) -> tuple[float, ...]:
+        """The share of C per condition, in the order of ``CONDITIONS`` (NaN where unseen)."""
         return tuple(float(v) for v in self.table["p"])
 
     def nearest(self, strategies: dict[str, tuple[float, ...]]) -> list[dict]:
-        """Classic strategies by root-mean-square difference over the conditions
-        observed at least once, closest first."""
+        """Rank strategies by root-mean-square difference over the conditions observed.
+
+        Args:
+            strategies: Memory-one vectors by name, as ``classic_strategies`` gives.
+
+        Returns:
+            ``{"strategy", "distance"}`` records, closest first; empty when no
+            condition was observed.
+        """
         seen = self.table["n"].to_numpy() > 0
         if not seen.any():
             return []
@@ -127,6 +181,10 @@ class Fingerprint:
         return sorted(out, key=lambda r: r["distance"])
 
     def to_dict(self, strategies: dict[str, tuple[float, ...]]) -> dict:
+        """The fingerprint as JSON-ready data, with the three nearest ``strategies``.
+
+        NaN shares and probabilities become None.
+        """
         rows = {}
         for situation, row in self.table.iterrows():
             rows[situation] = {"n": int(row["n"]), "cooperate": int(row["cooperate"]),
@@ -142,7 +200,7 @@ def _num(value: float) -> float | None:
 
 
 def fingerprint(frame: pd.DataFrame) -> Fingerprint:
-    """The memory-one fingerprint of the decisions in ``frame`` (rows of decisions())."""
+    """The memory-one fingerprint of the decisions in ``frame`` (rows of ``decisions()``)."""
     valid = frame[frame["choice"].isin(["C", "D"])]
     rows = []
     for condition in CONDITIONS:
@@ -158,10 +216,18 @@ def fingerprint(frame: pd.DataFrame) -> Fingerprint:
 
 
 def round_by_round(frame: pd.DataFrame, player: str) -> pd.DataFrame:
-    """Per opponent and round: decisions, cooperations, invalid answers, the share of C
-    among readable decisions, mean model P(C) (score mode) and, when the player met
-    that opponent in one match (two for self-play), its moves as text ("CDDC", X for
-    an unreadable answer, F for one the fallback rule played)."""
+    """A player's decisions per opponent and round.
+
+    Args:
+        frame: Rows of ``decisions()`` with ``player`` and ``opponent_player`` columns.
+        player: The player's name.
+
+    Returns:
+        One row per opponent and round, sorted by both: ``decisions``, ``cooperate``,
+        ``invalid`` (invalid answers and fallback moves), ``p_cooperate`` (the
+        share of C among the readable decisions) and ``p_model`` (the mean model
+        P(C), score mode). ``sequences`` gives the moves as text.
+    """
     mine = frame[frame["player"] == player]
     out = []
     for (opponent, rnd), part in mine.groupby(["opponent_player", "round"], sort=False):
@@ -180,9 +246,17 @@ def round_by_round(frame: pd.DataFrame, player: str) -> pd.DataFrame:
 
 
 def sequences(frame: pd.DataFrame, player: str) -> dict[str, str]:
-    """The player's moves against each opponent it met in exactly one match ("CDDCC";
-    "X" for an unreadable answer, "F" for one the fallback rule played); self-play
-    shows both copies ("CCCCC / CCCCC")."""
+    """The player's moves against each opponent it met in exactly one match.
+
+    Args:
+        frame: Rows of ``decisions()``.
+        player: The player's name.
+
+    Returns:
+        The moves by opponent name, as "CDDCC" ("X" for an unreadable answer, "F"
+        for one the fallback rule played); self-play shows both copies
+        ("CCCCC / CCCCC"). Opponents met in several matches are left out.
+    """
     mine = frame[frame["player"] == player].sort_values(["step", "match", "side", "round"])
     letters = {"C": "C", "D": "D", "invalid": "X", "fallback": "F"}
     out = {}

@@ -9,8 +9,18 @@ from abm.behaviour import CONDITIONS
 
 
 def round_chart(table: pd.DataFrame) -> alt.Chart:
-    """Rows: opponents, columns: rounds, colour: share of C among readable decisions;
-    a cell of one match shows the move itself (X: an unreadable answer)."""
+    """Cooperation by opponent and round, one panel per player.
+
+    Rows are opponents, columns rounds, the colour the share of C among readable
+    decisions; a cell holding a single decision shows the move itself (X: an answer
+    that could not be read or that the fallback rule played), others the share.
+
+    Args:
+        table: Rows of ``abm.behaviour.round_by_round`` for one or more players.
+
+    Returns:
+        The faceted chart.
+    """
     data = table.copy()
     data["text"] = [
         ("X" if inv else ("C" if coop else "D")) if n == 1 else
@@ -40,8 +50,18 @@ def round_chart(table: pd.DataFrame) -> alt.Chart:
 
 
 def fingerprint_chart(table: pd.DataFrame) -> alt.Chart:
-    """P(C) first and after each last-round outcome, with 95 % Wilson intervals;
-    diamonds mark the model's own mean probability (score mode)."""
+    """P(C) in the first round and after each last-round outcome, one panel per player.
+
+    Bars carry 95 % Wilson intervals; diamonds mark the model's own mean probability
+    (score mode).
+
+    Args:
+        table: Fingerprint tables (``abm.behaviour.Fingerprint.table``) stacked with a
+            ``player`` column, indexed by situation.
+
+    Returns:
+        The faceted chart.
+    """
     data = table.reset_index()
     base = alt.Chart(data).encode(
         x=alt.X("situation:N", sort=list(CONDITIONS),
@@ -61,8 +81,22 @@ def fingerprint_chart(table: pd.DataFrame) -> alt.Chart:
 def cooperation_chart(table: pd.DataFrame, group: str = "condition", share: str = "share",
                       low: str = "low", high: str = "high",
                       interval: str = "95 % Wilson") -> alt.Chart:
-    """The LLM's share of C against each opponent, a point and its interval per
-    ``group`` (conditions compared, or players); intervals are drawn within [0, 1]."""
+    """The LLM's share of C against each opponent, a point and its interval per group.
+
+    Intervals are drawn clipped to [0, 1].
+
+    Args:
+        table: One row per opponent and group, with an ``opponent`` column.
+        group: The column that tells the compared series apart (conditions, or
+            players).
+        share: The column of shares of C.
+        low: The column of interval lower bounds.
+        high: The column of interval upper bounds.
+        interval: What the interval is, for the axis title.
+
+    Returns:
+        The layered chart.
+    """
     data = table.assign(**{low: table[low].clip(0, 1), high: table[high].clip(0, 1)})
     base = alt.Chart(data).encode(
         y=alt.Y("opponent:N", title="opponent"),

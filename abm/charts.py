@@ -15,18 +15,29 @@ _MAX_ANNOTATED = 25
 def heatmap(matrix: pd.DataFrame, title: str, value: str, fmt: str = ".2~f",
             unread: pd.DataFrame | None = None, subtitle: list[str] | None = None,
             half: pd.DataFrame | None = None) -> alt.Chart:
-    """Row player vs column opponent, colour and printed value per cell.
+    """A heatmap of row player vs column opponent, a colour and a printed value per cell.
 
-    ``subtitle``: lines under the title (what was measured: match length, noise,
-    matches per cell, models).
+    Values are printed in the cells only up to 25 players; beyond that the colours
+    alone tell.
 
-    ``unread`` (share of the row player's decisions in each cell that no model
-    answer decided) marks cells: an orange frame and a "*" where it is above 0,
-    and a grey "no data" cell where every match was stopped by an unreadable
-    answer, so a measurement never passes for what the model chose.
+    Args:
+        matrix: The values, indexed by player (index name ``player``), one column per
+            opponent; NaN cells are left out unless ``unread`` has a value there.
+        title: The chart's title.
+        value: The name of the measured quantity, used as the colour field.
+        fmt: A d3 number format for cells and tooltips (``~`` trims trailing zeros).
+        unread: Share of the row player's decisions in each cell that no model answer
+            decided, same layout. It marks cells: an orange frame and a "*" where it
+            is above 0, and a grey "no data" cell where every match was stopped by
+            an unreadable answer, so a measurement never passes for what the model
+            chose.
+        subtitle: Lines under the title (what was measured: match length, noise,
+            matches per cell, models).
+        half: Half-widths of 95 % intervals, same layout; cells then read
+            "mean ± half", for means over replicates.
 
-    ``half`` (half-widths of 95 % intervals, same layout) prints cells as
-    "mean ± half", for means over replicates.
+    Returns:
+        The layered chart.
     """
     labels = list(matrix.index)
     data = matrix.reset_index().melt(id_vars="player", var_name="opponent", value_name=value)
@@ -97,8 +108,17 @@ def _number(v: float, fmt: str) -> str:
 
 
 def cooperation_chart(steps: pd.DataFrame, by_round: pd.DataFrame | None = None) -> alt.Chart:
-    """Share of C actions per step; for a run of one step, per round of that step
-    (``by_round``: round, cooperation_rate), since one step would be a single dot."""
+    """Share of C actions per step, or per round when the run has one step.
+
+    Args:
+        steps: One row per step, with columns ``step`` and ``cooperation_rate``.
+        by_round: Columns ``round`` and ``cooperation_rate`` for a run of one step;
+            when given and not empty it is drawn instead, since one step would be a
+            single dot.
+
+    Returns:
+        The line chart.
+    """
     if by_round is not None and len(by_round):
         return alt.Chart(by_round, title=alt.TitleParams(
             "Cooperation rate per round (one step)",
@@ -143,7 +163,11 @@ def lattice_chart(grid: np.ndarray, labels: list[str], step: int) -> alt.Chart:
 
 
 def save(chart: alt.Chart, folder: Path, stem: str) -> list[str]:
-    """Write ``stem.html`` (self-contained, works offline) and ``stem.png``."""
+    """Write ``stem.html`` (self-contained, works offline) and ``stem.png`` into ``folder``.
+
+    Returns:
+        The two file names written.
+    """
     chart.save(str(folder / f"{stem}.html"), inline=True)
     chart.save(str(folder / f"{stem}.png"), scale_factor=2)
     return [f"{stem}.html", f"{stem}.png"]

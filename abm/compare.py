@@ -4,9 +4,10 @@ Each argument is a run folder (from ``abm.run``) or a sweep folder (from
 ``abm.batch``: each point of the sweep is one condition, its replicates
 pooled). For the LLM players of every condition the report shows cooperation
 against each opponent with 95 % Wilson intervals, cooperation round by round,
-memory-one fingerprints, the payoff heatmap, and for every pair of conditions
-a two-proportion z-test of the difference in cooperation (overall and per
-opponent). Writes ``report.html`` (self-contained) and the CSVs behind it.
+memory-one fingerprints, for every pair of conditions a two-proportion z-test
+of the difference in cooperation (overall and per opponent), and, when the
+conditions are the points of a sweep of one number, cooperation against that
+number. Writes ``report.html`` (self-contained) and the CSVs behind it.
 """
 
 from __future__ import annotations
@@ -93,7 +94,21 @@ def _json(path: Path) -> dict:
 
 
 def conditions_of(paths: list[Path]) -> list[Condition]:
-    """The conditions the arguments stand for, in order."""
+    """The conditions the command-line arguments stand for, in order.
+
+    A run folder is one condition; a sweep folder gives one per point with finished
+    runs. Conditions of the same name get their parent folder's name in front.
+
+    Args:
+        paths: Run folders and sweep folders.
+
+    Returns:
+        The conditions.
+
+    Raises:
+        ScenarioError: A path is not a folder, is neither a run nor a sweep folder, or
+            has files that cannot be read, or a sweep has no finished runs.
+    """
     out: list[Condition] = []
     for path in paths:
         if not path.is_dir():
@@ -122,8 +137,17 @@ def _decisions(condition: Condition) -> pd.DataFrame:
 
 
 def cooperation_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per condition, player and opponent (and "all"): readable decisions, C, the share
-    with its Wilson 95 % interval, invalid answers."""
+    """Cooperation per condition, player and opponent (and "all" opponents together).
+
+    Args:
+        frame: Decisions (rows of ``abm.behaviour.decisions``) with a ``condition``
+            column.
+
+    Returns:
+        One row per condition, player and opponent: readable ``decisions``,
+        ``cooperate`` (how many were C), ``share`` with its Wilson 95 % interval
+        ``low`` and ``high``, and ``invalid`` (invalid answers and fallback moves).
+    """
     rows = []
     for (cond, player), part in frame.groupby(["condition", "player"], sort=False):
         groups = [("all", part), *part.groupby("opponent_player", sort=False)]
@@ -139,7 +163,18 @@ def cooperation_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def two_proportion_test(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
-    """z and two-sided p of H0: equal proportions (pooled standard error)."""
+    """Two-proportion z-test of H0: equal proportions, with the pooled standard error.
+
+    Args:
+        k1: Successes in the first sample.
+        n1: Size of the first sample.
+        k2: Successes in the second sample.
+        n2: Size of the second sample.
+
+    Returns:
+        z and the two-sided p-value; (nan, nan) when a sample is empty, (0, 1) when
+        both samples are all successes or all failures.
+    """
     if min(n1, n2) == 0:
         return math.nan, math.nan
     pooled = (k1 + k2) / (n1 + n2)
@@ -151,7 +186,15 @@ def two_proportion_test(k1: int, n1: int, k2: int, n2: int) -> tuple[float, floa
 
 
 def differences(table: pd.DataFrame) -> pd.DataFrame:
-    """Every pair of conditions, per opponent both met: shares, difference, z, p."""
+    """Compare every pair of conditions, per player and opponent present in both.
+
+    Args:
+        table: The ``cooperation_table``.
+
+    Returns:
+        One row per pair and (player, opponent): the two shares and sample sizes,
+        their difference (a minus b), and the test's ``z`` and ``p_value``.
+    """
     rows = []
     names = list(dict.fromkeys(table["condition"]))
     for a, b in itertools.combinations(names, 2):
@@ -180,7 +223,19 @@ def _curve_chart(table: pd.DataFrame, key: str) -> alt.Chart:
 
 
 def report(conditions: list[Condition], out: Path) -> dict[str, Path]:
-    """Write the CSVs and report.html into ``out`` (created); return what was written."""
+    """Write the CSVs and report.html into ``out`` (created if needed).
+
+    Args:
+        conditions: The conditions to compare, as ``conditions_of`` gives them.
+        out: The report folder.
+
+    Returns:
+        The paths written, by name ("conditions", "cooperation", "differences",
+        "fingerprints", "round_by_round", "report").
+
+    Raises:
+        ScenarioError: No condition has an LLM player, or a run lacks rounds.parquet.
+    """
     frame = pd.concat([_decisions(c) for c in conditions], ignore_index=True)
     if frame.empty:
         raise ScenarioError("none of these runs has an LLM player to compare")

@@ -9,12 +9,16 @@ edges, second ends], so the partner of side s is s +/- M.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from abm.game import EMPTY, INVALID, PayoffMatrix, apply_noise
 from abm.memory import Memory
 from abm.policies.base import Decisions, Outcome, Policy, View
+
+if TYPE_CHECKING:
+    from abm.population import Population
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class StepResult:
         fallbacks = (_count(self.fallback) if self.fallback is not None
                      else np.zeros(n, np.int64))
         return {  # rounds a match did not reach hold payoff 0 and action EMPTY
-            "payoff": self.payoff.sum(axis=0),
+            "payoff": _sum_rounds(self.payoff),
             "cooperations": _count(self.actual == 0),
             "defections": _count(self.actual == 1),
             # played rounds only: the round that stopped a match was not played
@@ -67,36 +71,101 @@ class StepResult:
         }
 
 
+def _sum_rounds(values: np.ndarray) -> np.ndarray:
+    """Per-column sum of a (rounds, sides) array, adding round after round: the order
+    NumPy's ``sum(axis=0)`` adds in, so the floats are the same, but several times
+    faster on millions of sides."""
+    out = np.zeros(values.shape[1], np.int64 if values.dtype.kind in "biu" else values.dtype)
+    for row in values:
+        out += row
+    return out
+
+
 def _count(mask: np.ndarray) -> np.ndarray:
-    """Per-column True count; summing the bytes is several times faster than count_nonzero."""
-    return mask.view(np.int8).sum(axis=0, dtype=np.int64)
+    """Per-column True count."""
+    return _sum_rounds(mask.view(np.int8))
+
+
+@dataclass
+class _Step:
+    """One step laid out for play: the sides in an order where each policy's sides are
+    contiguous (``s_*`` arrays), the round arrays being filled (in the canonical side
+    order, as the StepResult holds them), and what changes between rounds (match
+    lengths once a match stops early, the running scores)."""
+
+    step: int
+    edge_ids: np.ndarray
+    agent: np.ndarray
+    opponent: np.ndarray
+    twin: np.ndarray
+    lengths: np.ndarray
+    order: np.ndarray
+    pos: np.ndarray
+    groups: list[tuple[int, int, int]]
+    s_agent: np.ndarray
+    s_opponent: np.ndarray
+    s_match: np.ndarray
+    s_side: np.ndarray
+    s_total: np.ndarray
+    s_score: np.ndarray
+    s_partner: np.ndarray
+    s_len: np.ndarray
+    memory: Memory
+    s_slots: np.ndarray | None
+    intended: np.ndarray
+    actual: np.ndarray
+    payoff: np.ndarray
+    fallback: np.ndarray
+    void: np.ndarray
+    # fixed-length matches take the slice fast path until one stops early
+    dynamic: bool
+
+    @property
+    def n_rounds(self) -> int:
+        return self.intended.shape[0]
+
+    def result(self) -> StepResult:
+        """What the step's rounds filled in."""
+        return StepResult(step=self.step, edge=self.edge_ids, agent=self.agent,
+                          opponent=self.opponent, twin=self.twin, length=self.lengths,
+                          intended=self.intended, actual=self.actual, payoff=self.payoff,
+                          fallback=self.fallback, void=self.void)
 
 
 class Engine:
-    """Plays the matches of one step for a fixed population of policies."""
+    """Plays the matches of one step for the policies of a ``Population``.
 
-    def __init__(self, *, game: PayoffMatrix, noise: float, policies: list[Policy],
-                 policy_of_node: np.ndarray, edges: np.ndarray, n_nodes: int,
-                 window: int | None, scope: str, rounds: int | None,
+    The engine reads the population's policies and node -> policy array at every
+    step, so it plays whatever the last ``Population.relabel`` set.
+    """
+
+    def __init__(self, *, game: PayoffMatrix, noise: float, population: Population,
+                 edges: np.ndarray, window: int | None, scope: str, rounds: int | None,
                  continuation_probability: float | None,
                  rngs: dict[str, np.random.Generator]) -> None:
         self.game = game
         self.table = game.table
+        self.flat_table = game.table.ravel()
         self.noise = noise
-        self.policies = policies
-        self.policy_of_node = policy_of_node
+        self.population = population
         self.edges = edges
-        self.n_nodes = n_nodes
+        self.n_nodes = population.n_nodes
         self.window = window
         self.scope = scope
         self.rounds = rounds
         self.continuation = continuation_probability
         self.rngs = rngs
+        self._cached_sides: dict[str, Any] | None = None
         self.memory: Memory | None = None
         if scope == "opponent":
             self.memory = Memory(2 * len(edges), window or 0)
         elif scope == "all":
-            self.memory = Memory(2 * n_nodes, window or 0)
+            self.memory = Memory(2 * self.n_nodes, window or 0)
+
+    @property
+    def policies(self) -> list[Policy]:
+        """The population's policy objects."""
+        return self.population.policies
 
     def _lengths(self, m: int) -> np.ndarray:
         if self.rounds is not None:
@@ -104,7 +173,32 @@ class Engine:
         return self.rngs["match_length"].geometric(1.0 - self.continuation, size=m)
 
     def play(self, step: int, edge_ids: np.ndarray) -> StepResult:
-        """Play one match on each of ``edge_ids`` and return what happened."""
+        """Play one match on each of ``edge_ids`` and return what happened.
+
+        Args:
+            step: the 0-based step, passed on to the policies.
+            edge_ids: rows of ``edges``, one match each (repeats allowed).
+
+        Returns:
+            The step's round arrays, in the canonical side order.
+        """
+        s = self._layout(step, edge_ids)
+        for r in range(s.n_rounds):
+            self._round(s, r)
+        return s.result()
+
+    def _sides(self, edge_ids: np.ndarray) -> dict[str, Any]:
+        """Who plays on which side of the matches of ``edge_ids``, grouped by policy.
+
+        The same matches under the same population give the same sides, so the last
+        answer is kept and reused (with all_edges, every step); its arrays are
+        read-only, as they go out in the StepResult and the policies' views.
+        """
+        version = (self.population.version, len(self.policies))
+        cached = self._cached_sides
+        if (cached is not None and cached["version"] == version
+                and np.array_equal(cached["edge_ids"], edge_ids)):
+            return cached
         m = len(edge_ids)
         n = 2 * m
         ends = self.edges[edge_ids]
@@ -112,98 +206,182 @@ class Engine:
         opponent = np.concatenate([ends[:, 1], ends[:, 0]])
         twin = np.concatenate([np.zeros(m, bool), ends[:, 0] == ends[:, 1]])
         partner = np.concatenate([np.arange(m, n), np.arange(m)])
+        # Work in an order where each policy's sides are contiguous, so that a
+        # policy's batch is a slice (a view, no copy) of every per-side array.
+        order, groups = _group(self.population.policy_of_node[agent], len(self.policies))
+        pos = np.empty(n, np.int64)
+        pos[order] = np.arange(n)
+        s_slots = None
+        if self.scope == "opponent":
+            s_slots = np.concatenate([2 * edge_ids, 2 * edge_ids + 1])[order]
+        elif self.scope == "all":
+            s_slots = np.where(twin, self.n_nodes + agent, agent)[order]
+        sides = {
+            "edge_ids": np.array(edge_ids), "agent": agent, "opponent": opponent,
+            "twin": twin, "order": order, "pos": pos,
+            "s_agent": agent[order], "s_opponent": opponent[order],
+            "s_match": np.concatenate([np.arange(m), np.arange(m)])[order],
+            "s_side": (order >= m).astype(np.int8),
+            "s_total": np.full(n, self.rounds if self.rounds is not None else -1, np.int32),
+            "s_partner": pos[partner[order]], "s_slots": s_slots}
+        for value in sides.values():
+            if value is not None:
+                value.flags.writeable = False
+        self._cached_sides = {**sides, "groups": groups, "version": version}
+        return self._cached_sides
+
+    def _layout(self, step: int, edge_ids: np.ndarray) -> _Step:
+        """The sides of the step, grouped by policy, their memory slots and the empty
+        round arrays; draws the match lengths."""
+        sides = self._sides(edge_ids)
+        m = len(edge_ids)
+        n = 2 * m
         lengths = self._lengths(m)
         n_rounds = int(lengths.max()) if m else 0
         fixed = self.rounds is not None
+        memory = (Memory(n, self.window or n_rounds) if self.scope == "match"
+                  else self.memory)
+        order = sides["order"]
+        return _Step(
+            step=step, edge_ids=edge_ids, agent=sides["agent"], opponent=sides["opponent"],
+            twin=sides["twin"], lengths=lengths, order=order, pos=sides["pos"],
+            groups=sides["groups"], s_agent=sides["s_agent"], s_opponent=sides["s_opponent"],
+            s_match=sides["s_match"], s_side=sides["s_side"], s_total=sides["s_total"],
+            s_score=np.zeros(n), s_partner=sides["s_partner"],
+            s_len=np.concatenate([lengths, lengths])[order],
+            memory=memory, s_slots=sides["s_slots"],
+            intended=np.full((n_rounds, n), EMPTY, np.int8),
+            actual=np.full((n_rounds, n), EMPTY, np.int8),
+            payoff=np.zeros((n_rounds, n), np.float64),
+            fallback=np.zeros((n_rounds, n), bool),
+            void=np.zeros(m, bool), dynamic=not fixed)
 
-        # Work in an order where each policy's sides are contiguous, so that a
-        # policy's batch is a slice (a view, no copy) of every per-side array.
-        order, groups = _group(self.policy_of_node[agent], len(self.policies))
-        pos = np.empty(n, np.int64)
-        pos[order] = np.arange(n)
-        s_agent, s_opponent = agent[order], opponent[order]
-        s_match = np.concatenate([np.arange(m), np.arange(m)])[order]
-        s_side = (order >= m).astype(np.int8)
-        s_total = np.full(n, self.rounds if fixed else -1, np.int32)
-        s_score = np.zeros(n)
-        s_partner = pos[partner[order]]
-        s_len = np.concatenate([lengths, lengths])[order]
-        if self.scope == "match":
-            memory, s_slots = Memory(n, self.window or n_rounds), None
-        elif self.scope == "opponent":
-            memory = self.memory
-            s_slots = np.concatenate([2 * edge_ids, 2 * edge_ids + 1])[order]
+    def _round(self, s: _Step, r: int) -> None:
+        """Round ``r`` of every live match: decide, stop the matches with an unreadable
+        decision, apply noise, pay, remember, and tell the policies that keep notes.
+
+        The policies decide in the grouped order (``s_*``); what the round keeps is
+        moved to the canonical order once per round, and the noise is drawn there.
+        """
+        n = len(s.order)
+        live = slice(None) if not s.dynamic else np.flatnonzero(s.s_len > r)
+        intended = np.full(n, EMPTY, np.int8)  # this round, grouped order
+        fallback = np.zeros(n, bool)
+        decided = self._decide(s, r, live, intended, fallback)
+        s.intended[r] = intended[s.pos]
+        if fallback.any():
+            s.fallback[r] = fallback[s.pos]
+        stopped = None
+        unread = s.intended[r] == INVALID
+        if unread.any():
+            # No move can be invented for an unreadable answer, and every later
+            # round would depend on one: the match ends here, nothing is played.
+            m = len(s.lengths)
+            s.void |= unread[:m] | unread[m:]
+            s.lengths = np.where(s.void, np.minimum(s.lengths, r), s.lengths)
+            s.s_len = np.concatenate([s.lengths, s.lengths])[s.order]
+            stopped = np.concatenate([s.void, s.void]) & (np.concatenate([s.lengths] * 2) == r)
+            s.dynamic = True
+            live = np.flatnonzero(s.s_len > r)
+        # noise is drawn in the canonical side order, whatever the policy grouping
+        actual = self._noisy(s.intended[r])
+        if stopped is not None:
+            actual[stopped] = EMPTY
+        s.actual[r] = actual
+        self._pay(s, r, live)
+        grouped = actual[s.order]
+        mine_now, theirs_now = grouped[live], grouped[s.s_partner[live]]
+        if isinstance(live, slice):
+            payoff = self.flat_table[2 * mine_now + theirs_now]
         else:
-            memory = self.memory
-            s_slots = np.where(twin, self.n_nodes + agent, agent)[order]
+            payoff = np.zeros(n)
+            payoff[live] = self.flat_table[2 * mine_now + theirs_now]
+        s.s_score += payoff
+        if s.s_slots is None and not s.dynamic:
+            s.memory.push(None, mine_now, theirs_now)
+        else:
+            s.memory.push(live if s.s_slots is None else s.s_slots[live], mine_now,
+                          theirs_now, unique=self.scope != "all")
+        self._observe(s, r, decided, intended, grouped, payoff)
 
-        intended = np.full((n_rounds, n), EMPTY, np.int8)
-        actual = np.full((n_rounds, n), EMPTY, np.int8)
-        payoff = np.zeros((n_rounds, n), np.float64)
-        fallback = np.zeros((n_rounds, n), bool)
-        void = np.zeros(m, bool)
-        flat_table = self.table.ravel()
-        # fixed-length matches take the slice fast path until one stops early
-        dynamic = not fixed
-        for r in range(n_rounds):
-            live = slice(None) if not dynamic else np.flatnonzero(s_len > r)
-            decided = []
-            for p, a, b in groups:
-                rows = slice(a, b) if not dynamic else live[(live >= a) & (live < b)]
-                if dynamic and len(rows) == 0:
-                    continue
-                mine, theirs, length = memory.read(rows if s_slots is None else s_slots[rows])
-                view = View(mine=mine, theirs=theirs, length=length,
-                            round=np.broadcast_to(np.int32(r), length.shape),
-                            agent=s_agent[rows], opponent=s_opponent[rows],
-                            match=s_match[rows], step=step, side=s_side[rows],
-                            score=s_score[rows], rounds_total=s_total[rows])
-                out = self.policies[p].decide(view, self.rngs["policy"])
-                if isinstance(out, Decisions):
-                    intended[r, rows] = out.actions
-                    fallback[r, rows] = out.fallback
-                else:
-                    intended[r, rows] = out
-                decided.append((p, rows))
-            stopped = None
-            unread = intended[r] == INVALID
-            if unread.any():
-                # No move can be invented for an unreadable answer, and every later
-                # round would depend on one: the match ends here, nothing is played.
-                void[s_match[unread]] = True
-                lengths = np.where(void, np.minimum(lengths, r), lengths)
-                s_len = np.concatenate([lengths, lengths])[order]
-                stopped = void[s_match] & (s_len == r)
-                dynamic = True
-                live = np.flatnonzero(s_len > r)
-            # noise is drawn in the canonical side order, whatever the policy grouping
-            actual[r] = apply_noise(intended[r, pos], self.noise, self.rngs["noise"])[order]
-            if stopped is not None:
-                actual[r, stopped] = EMPTY
-            mine_now, theirs_now = actual[r, live], actual[r, s_partner[live]]
-            payoff[r, live] = flat_table[2 * mine_now + theirs_now]
-            s_score += payoff[r]
-            if s_slots is None and not dynamic:
-                memory.push(None, mine_now, theirs_now)
+    def _noisy(self, intended: np.ndarray) -> np.ndarray:
+        """The actual actions: ``apply_noise``, or without noise the intended actions
+        with the noise stream moved on by the one draw per side it would have made
+        (PCG64 draws one 64-bit number per uniform), so later draws stay the same."""
+        rng = self.rngs["noise"]
+        if self.noise == 0 and type(rng.bit_generator) is np.random.PCG64:
+            rng.bit_generator.advance(len(intended))
+            return intended.copy()
+        return apply_noise(intended, self.noise, rng)
+
+    def _pay(self, s: _Step, r: int, live_grouped: np.ndarray | slice) -> None:
+        """Round ``r``'s payoffs in the canonical order, for the sides still playing."""
+        actual = s.actual[r]
+        m = len(s.lengths)
+        if isinstance(live_grouped, slice):  # side s plays side s +/- m
+            first, second = actual[:m], actual[m:]
+            s.payoff[r, :m] = self.flat_table[2 * first + second]
+            s.payoff[r, m:] = self.flat_table[2 * second + first]
+        else:
+            partner = np.concatenate([actual[m:], actual[:m]])
+            live = np.concatenate([s.lengths, s.lengths]) > r
+            s.payoff[r, live] = self.flat_table[2 * actual[live] + partner[live]]
+
+    def _decide(self, s: _Step, r: int, live: np.ndarray | slice, intended: np.ndarray,
+                fallback: np.ndarray) -> list[tuple[int, Any]]:
+        """Ask each policy for its live sides' round-``r`` decisions (in policy order,
+        which fixes the order of the policy stream's draws) into ``intended`` and
+        ``fallback`` (grouped order); return who decided."""
+        decided = []
+        policies = self.policies
+        for p, a, b in s.groups:
+            rows = slice(a, b) if not s.dynamic else live[(live >= a) & (live < b)]
+            if s.dynamic and len(rows) == 0:
+                continue
+            mine, theirs, length = s.memory.read(rows if s.s_slots is None else s.s_slots[rows])
+            view = View(mine=mine, theirs=theirs, length=length,
+                        round=np.broadcast_to(np.int32(r), length.shape),
+                        agent=s.s_agent[rows], opponent=s.s_opponent[rows],
+                        match=s.s_match[rows], step=s.step, side=s.s_side[rows],
+                        score=s.s_score[rows], rounds_total=s.s_total[rows])
+            out = policies[p].decide(view, self.rngs["policy"])
+            if isinstance(out, Decisions):
+                intended[rows] = out.actions
+                fallback[rows] = out.fallback
             else:
-                memory.push(live if s_slots is None else s_slots[live], mine_now, theirs_now,
-                            unique=self.scope != "all")
-            for p, rows in decided:
-                if not hasattr(self.policies[p], "observe"):
-                    continue
-                self.policies[p].observe(Outcome(
-                    step=step, round=r, match=s_match[rows], side=s_side[rows],
-                    agent=s_agent[rows], opponent=s_opponent[rows], intended=intended[r, rows],
-                    mine=actual[r, rows], theirs=actual[r, s_partner[rows]],
-                    payoff=payoff[r, rows]))
-        return StepResult(step=step, edge=edge_ids, agent=agent, opponent=opponent, twin=twin,
-                          length=lengths, intended=intended[:, pos], actual=actual[:, pos],
-                          payoff=payoff[:, pos], fallback=fallback[:, pos], void=void)
+                intended[rows] = out
+            decided.append((p, rows))
+        return decided
+
+    def _observe(self, s: _Step, r: int, decided: list[tuple[int, Any]],
+                 intended: np.ndarray, actual: np.ndarray, payoff: np.ndarray) -> None:
+        """Tell the policies that keep notes what happened to their sides in round ``r``
+        (``intended``, ``actual`` and ``payoff`` of the round, in the grouped order)."""
+        policies = self.policies
+        for p, rows in decided:
+            if not hasattr(policies[p], "observe"):
+                continue
+            policies[p].observe(Outcome(
+                step=s.step, round=r, match=s.s_match[rows], side=s.s_side[rows],
+                agent=s.s_agent[rows], opponent=s.s_opponent[rows],
+                intended=intended[rows], mine=actual[rows],
+                theirs=actual[s.s_partner[rows]], payoff=payoff[rows]))
+
+
+# up to this many policies, one pass per policy beats a sort of millions of sides
+GROUP_BY_PASSES = 16
 
 
 def _group(side_policy: np.ndarray, n_policies: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """A stable order of the sides by policy, and each present policy's [start, end)."""
-    order = np.argsort(side_policy, kind="stable")
-    bounds = np.searchsorted(side_policy[order], np.arange(n_policies + 1))
+    if n_policies <= GROUP_BY_PASSES:
+        parts = [np.flatnonzero(side_policy == p) for p in range(n_policies)]
+        order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        bounds = np.cumsum([0] + [len(part) for part in parts])
+    else:
+        # a stable sort of small integers is a radix sort
+        small = side_policy.astype(np.int16 if n_policies < 2**15 else np.int64)
+        order = np.argsort(small, kind="stable")
+        bounds = np.searchsorted(side_policy[order], np.arange(n_policies + 1))
     return order, [(p, int(bounds[p]), int(bounds[p + 1])) for p in range(n_policies)
                    if bounds[p + 1] > bounds[p]]

@@ -1,9 +1,11 @@
 """``python -m abm.export RUN_DIR --format sft``: LLM transcripts as fine-tuning data.
 
 Answers that could not be read (``valid`` false) are left out unless
-``--include-invalid``; ``--valid-only`` is accepted and changes nothing. Bad input (no
-run folder, a transcript line that is not an exchange, an ``--out`` that cannot be
-written) ends with one ``error:`` paragraph and exit status 2, and no output file."""
+``--include-invalid``; ``--valid-only`` is accepted and changes nothing (given with
+``--include-invalid`` it is refused as a contradiction). Bad input (no run folder, a
+transcript line that is not an exchange, an ``--out`` that cannot be written) ends
+with one ``error:`` paragraph and exit status 2, and no output file.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +46,11 @@ def _problem(record: Any) -> str | None:
 
 
 def check_run_dir(run_dir: Path) -> Path:
-    """The run's transcripts.jsonl; ScenarioError if ``run_dir`` is not a run with one."""
+    """The path of a run's transcripts.jsonl.
+
+    Raises:
+        ScenarioError: ``run_dir`` is missing, is a file, or has no transcripts.jsonl.
+    """
     if not run_dir.exists():
         raise ScenarioError(f"{run_dir}: no such folder; give the output folder of a run "
                             "(python -m abm.run SCENARIO --out FOLDER)")
@@ -59,8 +65,21 @@ def check_run_dir(run_dir: Path) -> Path:
 
 
 def read_transcripts(run_dir: Path) -> Iterator[dict[str, Any]]:
-    """The exchanges of a run, one dict per LLM decision; a line that is not UTF-8, not
-    JSON or not an exchange raises ScenarioError naming the file and the line."""
+    """The exchanges of a run, one dict per LLM decision, read lazily.
+
+    Blank lines are skipped.
+
+    Args:
+        run_dir: The run folder.
+
+    Yields:
+        Each transcript line as a dict with at least ``prompt`` (chat messages) and
+        ``response``.
+
+    Raises:
+        ScenarioError: The folder has no readable transcripts.jsonl, or a line is not
+            UTF-8, not JSON or not an exchange (the message names the file and line).
+    """
     path = check_run_dir(run_dir)
     shape = ("each line must be one LLM exchange as python -m abm.run writes it: a JSON "
              "object with at least 'prompt' (the chat messages) and 'response' (the "
@@ -100,14 +119,26 @@ def sft_examples(records: Iterator[dict[str, Any]], *, include_invalid: bool = F
                  valid_only: bool = False, model: str | None = None,
                  player: str | None = None,
                  reflections: bool = False) -> Iterator[dict[str, Any]]:
-    """Chat-format examples: the prompt messages and the model's answer (and, with
-    ``reflections``, the reflection turn that followed it).
+    """Turn exchanges into chat-format fine-tuning examples.
 
     Answers that could not be read (``valid`` false: left unplayed, or played by the
     fallback rule) are not the model's decision and are left out unless
-    ``include_invalid``; ``valid_only`` is the old name of that default and changes
-    nothing. The metadata carries the exact model input and, in score mode, the
-    probabilities of C and D."""
+    ``include_invalid``.
+
+    Args:
+        records: Exchanges, as ``read_transcripts`` yields them.
+        include_invalid: Keep the answers that could not be read.
+        valid_only: The old name of the default; it changes nothing.
+        model: Keep only the exchanges with this model.
+        player: Keep only the exchanges of this player name.
+        reflections: Append the reflection turn that followed each answer, where
+            there was one.
+
+    Yields:
+        ``{"messages": [...], "metadata": {...}}``: the prompt messages and the
+        model's answer; the metadata carries the fields of ``METADATA`` (among them
+        the exact model input) and, in score mode, the probabilities of C and D.
+    """
     del valid_only  # the default now; kept so old callers still work
     for r in records:
         if not include_invalid and r.get("valid") is False:
@@ -126,8 +157,12 @@ def sft_examples(records: Iterator[dict[str, Any]], *, include_invalid: bool = F
 
 
 def check_out(out: Path, transcripts: Path) -> None:
-    """ScenarioError unless ``out`` names a file that can be written in an existing,
-    writable folder (and is not the transcripts themselves)."""
+    """Check that ``out`` can take the export before anything is written.
+
+    Raises:
+        ScenarioError: ``out`` is a folder, its folder is missing, is a file or is not
+            writable, or it is the run's ``transcripts`` file itself.
+    """
     if out.is_dir():
         raise ScenarioError(f"--out {out} is a folder; give a file name, such as "
                             f"{out / 'sft.jsonl'}")
@@ -147,10 +182,20 @@ def check_out(out: Path, transcripts: Path) -> None:
 
 
 def export_sft(run_dir: Path, out: Path, **filters: Any) -> int:
-    """Write the examples to ``out`` atomically; return how many were written.
+    """Write a run's fine-tuning examples to ``out`` atomically.
 
-    Raises ScenarioError for a bad run folder, transcript line or output path; ``out``
-    then stays as it was (no partial file is left)."""
+    Args:
+        run_dir: The run folder.
+        out: The JSONL file to write.
+        **filters: Keyword arguments of ``sft_examples``.
+
+    Returns:
+        How many examples were written.
+
+    Raises:
+        ScenarioError: A bad run folder, transcript line or output path; ``out`` then
+            stays as it was (no partial file is left).
+    """
     check_out(out, check_run_dir(run_dir))
     count = 0
     try:

@@ -25,6 +25,8 @@ class PayoffMatrix:
 
     ``kind="prisoners_dilemma"`` insists on T > R > P > S; ``kind="custom"``
     accepts any order (stag hunt, snowdrift, donation game with S = P = 0 ...).
+    The defaults (9, 0, 10, 5) are also the game of a scenario that gives no payoffs
+    (``abm.scenario.GameConfig`` takes them from here).
     """
 
     R: float = 9.0
@@ -34,6 +36,11 @@ class PayoffMatrix:
     kind: str = "prisoners_dilemma"
 
     def __post_init__(self) -> None:
+        """Refuse numbers that are not a game of ``kind``.
+
+        Raises:
+            ValueError: Saying why, as ``problem`` words it.
+        """
         problem = self.problem()
         if problem:
             raise ValueError(problem)

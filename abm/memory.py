@@ -7,6 +7,11 @@ import numpy as np
 from abm.game import EMPTY
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False  # a fresh view or copy: the tables stay writable
+    return array
+
+
 class Memory:
     """``n_slots`` windows of ``window`` rounds (own action, opponent's action).
 
@@ -32,8 +37,19 @@ class Memory:
         return self._theirs.T
 
     def read(self, slots: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mine, theirs, length) of these slots; a slice gives views, not copies."""
-        return self._mine[:, slots].T, self._theirs[:, slots].T, self.length[slots]
+        """(mine, theirs, length) of these slots, read-only.
+
+        A slice gives views of the tables, not copies; they cannot be written
+        through, so a reader cannot change what the slots remember.
+
+        Args:
+            slots: the slots to read, as a slice or an index array.
+
+        Returns:
+            ``mine`` and ``theirs`` as (slots, window) arrays and ``length``.
+        """
+        return (_read_only(self._mine[:, slots].T), _read_only(self._theirs[:, slots].T),
+                _read_only(self.length[slots]))
 
     def push(self, slots: np.ndarray | None, mine: np.ndarray, theirs: np.ndarray,
              unique: bool = True) -> None:

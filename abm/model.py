@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from pathlib import Path
 
 import mesa
@@ -19,8 +17,8 @@ from abm.errors import ScenarioError
 from abm.evolution import Evolution
 from abm.graphs import build_graph, edge_array, graph_size
 from abm.pairing import make_pairing
-from abm.policies import lookup, make
-from abm.population import assign_policies
+from abm.policies import Policy, lookup
+from abm.population import Population, assign_policies, sourced_specs
 from abm.scenario import PolicySpec, Scenario, load_scenario
 from abm.seeding import fresh_seed, stream
 
@@ -160,6 +158,12 @@ class DilemmaModel(mesa.Model):
     off; by default they are collected while agents x steps stays within
     ``AGENT_ROWS_LIMIT``, because the DataCollector walks every agent in Python
     each step.
+
+    Who plays what lives in ``population`` (a ``Population``): the engine, the tally
+    and the tables read it, and evolution changes it through ``Population.relabel``
+    alone. ``labels``, ``label_of_node`` and the like are read-only shortcuts to it.
+    Mesa's Network (``space``) and the Players (``players``, ``agents``) are built on
+    first use: the simulation itself never reads them.
     """
 
     def __init__(self, scenario: Scenario | str | Path, *, seed: int | None = None,
@@ -198,23 +202,21 @@ class DilemmaModel(mesa.Model):
             raise ScenarioError(f"{self.source}: field 'graph': the graph has no edges, so "
                                 "nobody would play; use a denser graph or self_loops = true")
 
-        self._build_types(specs)
+        self.population = Population.from_specs(scenario, specs, self.source)
         game = scenario.game.payoffs
         self.scores = np.zeros(self.n_nodes)
         self.decisions = np.zeros(self.n_nodes, np.int64)
         self.cooperations = np.zeros(self.n_nodes, np.int64)
-        self.tally = Tally(self.labels, self.label_of_node,
-                           track_shares=scenario.evolution is not None)
+        self.tally = Tally(self.population, track_shares=scenario.evolution is not None)
         self.last_result: StepResult | None = None
         # the LLM records of the last step (prompts, answers ...), replaced every step, so
         # that a long run through the Python API or mesa.batch_run holds one step's worth
         self.last_exchanges: list[dict] = []
         self.played_steps = 0  # Mesa's own counter moved between 3.x releases
-
-        self.space = Network(graph, random=self.random)
-        self.players = [Player(self, node) for node in range(self.n_nodes)]
-        for player in self.players:
-            player.cell = self.space[player.node]
+        # Mesa's Network and one Player per node: nothing in the simulation reads them,
+        # so they are built on first use (see ``players``)
+        self._space: Network | None = None
+        self._players: list[Player] | None = None
 
         self.pairing = make_pairing(scenario.pairing.scheme, self.edges, self.n_nodes)
         self.total_steps = scenario.pairing.steps or self.pairing.default_steps
@@ -223,20 +225,18 @@ class DilemmaModel(mesa.Model):
             "pairing": scenario.pairing.model_copy(update={"steps": self.total_steps})})
         self._pairing_rng = stream(seed, "pairing")
         self.engine = Engine(
-            game=game, noise=scenario.game.noise, policies=self.policies,
-            policy_of_node=self.policy_of_node, edges=self.edges, n_nodes=self.n_nodes,
+            game=game, noise=scenario.game.noise, population=self.population, edges=self.edges,
             window=scenario.memory.window, scope=scenario.memory.scope,
             rounds=scenario.match.rounds,
             continuation_probability=scenario.match.continuation_probability,
             rngs={p: stream(seed, p) for p in ("noise", "policy", "match_length")})
         self.evolution = None
         if scenario.evolution is not None:
-            label_index = {label: i for i, label in enumerate(self.labels)}
             span = float(game.table.max() - game.table.min()) * self._mean_rounds()  # a match
             self.evolution = Evolution(
                 scenario.evolution, self.edges, self.n_nodes,
                 # each policy once, however many nodes start with it
-                list(dict.fromkeys(label_index[s.display] for s in (
+                list(dict.fromkeys(self.population.label_index(s.display) for s in (
                     scenario.mutants() or scenario.policies() or specs))),
                 span, stream(seed, "evolution"))
         self.snapshots: list[tuple[int, np.ndarray]] = []
@@ -254,61 +254,93 @@ class DilemmaModel(mesa.Model):
                              "player": "label"} if collect_agents else None,
         )
 
-    def _build_types(self, specs: list[PolicySpec]) -> None:
-        """Player labels ("types") and the policy object behind each.
+    # ------------------------------------------------------------ Mesa's agents
 
-        Evolution copies labels between nodes, so a label must name exactly one
-        policy; the policies that mutation may bring in get labels up front.
+    def _build_agents(self) -> None:
+        """Mesa's Network over the graph and one Player per node, in node order.
+
+        Building them draws nothing from the model's random streams, so building
+        them late changes no result; the agents still get AgentIDs 1..n, since
+        nothing else in the model is a Mesa agent.
         """
-        scenario, game = self.scenario, self.scenario.game.payoffs
-        named = scenario.policies() + scenario.mutants() + specs
-        present = {s.display for s in specs} | {s.display for s in scenario.mutants()}
-        if scenario.evolution is not None:  # a policy on no node now may spread by mutation
-            present |= {s.display for s in scenario.policies()}
-        key_of_label: dict[str, tuple] = {}
-        spec_of_label: dict[str, PolicySpec] = {}
-        field_of_key: dict[tuple, str] = {}
-        for s, field in self._sourced(specs):
-            field_of_key.setdefault((s.name, json.dumps(s.params, sort_keys=True)), field)
-        for s in named:
-            # JSON, not a tuple of items: parameters may be lists or tables
-            key = (s.name, json.dumps(s.params, sort_keys=True))
-            if key_of_label.setdefault(s.display, key) != key:
-                field = ("evolution.mutants" if any(m.display == s.display
-                                                    for m in scenario.mutants())
-                         else "population")
-                raise ScenarioError(
-                    f"{self.source}: field '{field}': the label {s.display!r} is given to "
-                    "two different policies; give each policy its own label")
-            spec_of_label.setdefault(s.display, s)
-        # labels in the order the scenario names them, not the random order of the nodes
-        self.labels = [label for label in key_of_label if label in present]
-        keys = list(dict.fromkeys(key_of_label[label] for label in self.labels))
-        self.policies = []
-        for key in keys:
-            try:
-                self.policies.append(make(key[0], json.loads(key[1]), game))
-            except (ValueError, ScenarioError) as exc:
-                raise ScenarioError(self._field_error(field_of_key.get(key, "population"),
-                                                      str(exc))) from None
-        self.llm_policies = [p for p in self.policies if hasattr(p, "drain")]
-        self.policy_of_label = np.array([keys.index(key_of_label[label])
-                                         for label in self.labels], np.int64)
-        self.name_of_label = [spec_of_label[label].model_copy(update={"label": None}).display
-                              for label in self.labels]
-        label_index = {label: i for i, label in enumerate(self.labels)}
-        # both arrays change in place under evolution: the engine and tally hold them
-        self.label_of_node = np.array([label_index[s.display] for s in specs], np.int64)
-        self.policy_of_node = self.policy_of_label[self.label_of_node]
-        # who played the last step: the records read it after the step's update,
-        # so under evolution it is a copy taken before the update
-        self.played_label_of_node = (self.label_of_node.copy() if scenario.evolution
-                                     else self.label_of_node)
+        if self._players is not None:
+            return
+        self._space = Network(self.graph, random=self.random)
+        self._players = [Player(self, node) for node in range(self.n_nodes)]
+        for player in self._players:
+            player.cell = self._space[player.node]
+
+    @property
+    def space(self) -> Network:
+        """Mesa's Network over the graph (built on first use)."""
+        self._build_agents()
+        return self._space
+
+    @property
+    def players(self) -> list[Player]:
+        """The Mesa agent of each node, in node order (built on first use)."""
+        self._build_agents()
+        return self._players
+
+    @property
+    def agents(self) -> mesa.agent.AgentSet:
+        """Mesa's set of all agents; the Players are built on first use, so that
+        the DataCollector's agent rows and ``mesa.batch_run`` find them."""
+        self._build_agents()
+        return super().agents
+
+    @property
+    def agents_by_type(self) -> dict[type, mesa.agent.AgentSet]:
+        """Mesa's agents by class (the Players, built on first use)."""
+        self._build_agents()
+        return super().agents_by_type
+
+    # ------------------------------------------------------------ who plays what
+
+    @property
+    def labels(self) -> list[str]:
+        """The player labels, in the scenario's order (the population's list)."""
+        return self.population.labels
+
+    @property
+    def policies(self) -> list[Policy]:
+        """The policy objects; several labels may share one."""
+        return self.population.policies
+
+    @property
+    def llm_policies(self) -> list[Policy]:
+        """The policies that ask a language model."""
+        return self.population.llm_policies
+
+    @property
+    def policy_of_label(self) -> np.ndarray:
+        """Each label's index into ``policies`` (read-only)."""
+        return self.population.policy_of_label
+
+    @property
+    def label_of_node(self) -> np.ndarray:
+        """Each node's label index now (read-only; changed by ``Population.relabel``)."""
+        return self.population.label_of_node
+
+    @property
+    def policy_of_node(self) -> np.ndarray:
+        """Each node's index into ``policies`` now (read-only)."""
+        return self.population.policy_of_node
+
+    @property
+    def played_label_of_node(self) -> np.ndarray:
+        """Each node's label in the last step played, before any update (read-only)."""
+        return self.population.played_label_of_node
+
+    @property
+    def policy_name_of_label(self) -> list[str]:
+        """Each label's policy as name and parameters."""
+        return self.population.policy_name_of_label
 
     @property
     def policy_names(self) -> list[str]:
         """Each node's policy as name and parameters (its label left out)."""
-        return [self.name_of_label[i] for i in self.label_of_node]
+        return self.population.policy_name_of_node()
 
     @property
     def grid_shape(self) -> tuple[int, int] | None:
@@ -318,49 +350,17 @@ class DilemmaModel(mesa.Model):
 
     def policy_counts(self) -> np.ndarray:
         """Agents under each label now, in ``labels`` order."""
-        return np.bincount(self.label_of_node, minlength=len(self.labels))
+        return self.population.counts()
 
     def shares(self) -> np.ndarray:
         """Share of the agents under each label now, in ``labels`` order."""
-        return self.policy_counts() / self.n_nodes
+        return self.population.shares()
 
     def _mean_rounds(self) -> float:
         match = self.scenario.match
         if match.rounds is not None:
             return float(match.rounds)
         return 1.0 / (1.0 - match.continuation_probability)
-
-    def _sourced(self, specs: list[PolicySpec]) -> list[tuple[PolicySpec, str]]:
-        """Every policy that can play, with the field it was given in: players, mix
-        entries (those that round to no node too), mutants, and the policies read from
-        a graph file's node attribute."""
-        scenario = self.scenario
-        pop = scenario.population
-        out: list[tuple[PolicySpec, str]] = []
-        if pop.players is not None:
-            out += [(s, f"population.players[{i}]") for i, s in enumerate(pop.players)]
-        if pop.mix is not None:
-            out += [(s.policy, f"population.mix[{i}].policy") for i, s in enumerate(pop.mix)]
-        out += [(s, f"evolution.mutants[{i}]") for i, s in enumerate(scenario.mutants())]
-        if pop.attribute is not None:
-            out += [(s, "population.attribute") for s in specs]
-        return out
-
-    def _field_error(self, field: str, message: str) -> str:
-        """One paragraph naming the file once and the full field path once, also for a
-        message that came with a field of its own (``<scenario>: field 'model': ...`` from
-        abm.llm.models.resolve becomes ``FILE: field 'population.players[5].model': ...``)."""
-        for prefix in (f"{self.source}: ", "<scenario>: "):
-            message = message.removeprefix(prefix)
-        inner = re.match(r"field '([^']*)'(.*)$", message, re.S)
-        if inner:
-            sub, rest = inner.groups()
-            if not (sub == field or sub.startswith((f"{field}.", f"{field}["))
-                    or sub.split(".")[0] in ("population", "evolution", "graph", "game",
-                                             "match", "memory", "pairing", "output")):
-                sub = f"{field}.{sub}"  # a key of the policy's own table
-            return f"{self.source}: field '{sub}'{rest}"
-        return f"{self.source}: field '{field}': {message}"
 
     def _check_memory(self, specs: list[PolicySpec]) -> None:
         """Every policy that can play (mutants and mix entries on no node included) must
@@ -369,7 +369,7 @@ class DilemmaModel(mesa.Model):
         if window is None:
             return
         seen = set()
-        for spec, field in self._sourced(specs):
+        for spec, field in sourced_specs(self.scenario, specs):
             if spec.name in seen:
                 continue
             seen.add(spec.name)
@@ -398,7 +398,9 @@ class DilemmaModel(mesa.Model):
         self.last_exchanges = exchanges
         totals = self.tally.add(result)
         self.last_totals = totals
-        own = ~result.twin
+        own_mask = ~result.twin
+        # without self-play every side is an agent's own: a slice spares the copies
+        own = slice(None) if own_mask.all() else own_mask
         agents = result.agent[own]
         payoff = np.bincount(agents, totals["payoff"][own], minlength=self.n_nodes)
         self.scores += payoff
@@ -411,7 +413,8 @@ class DilemmaModel(mesa.Model):
         self.played_steps += 1
         if self.evolution is not None:
             # a match stopped by an unreadable answer is no sample of either side's fitness
-            whole = own if result.void is None else own & ~np.concatenate([result.void] * 2)
+            whole = (own_mask if result.void is None
+                     else own_mask & ~np.concatenate([result.void] * 2))
             matches = np.bincount(result.agent[whole], minlength=self.n_nodes)
             earned = np.bincount(result.agent[whole], totals["payoff"][whole],
                                  minlength=self.n_nodes)
@@ -420,10 +423,7 @@ class DilemmaModel(mesa.Model):
             self.running = False
 
     def _evolve(self, fitness: np.ndarray, matches: np.ndarray) -> None:
-        self.played_label_of_node[:] = self.label_of_node
-        new = self.evolution.update(self.label_of_node, fitness, matches)
-        self.label_of_node[:] = new
-        self.policy_of_node[:] = self.policy_of_label[new]
+        self.population.relabel(self.evolution.update(self.label_of_node, fitness, matches))
         every = self.scenario.evolution.snapshot_every
         if self.grid_shape is not None and (
                 self.played_steps == self.total_steps

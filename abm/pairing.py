@@ -9,10 +9,12 @@ class AllEdges:
     """Every edge (self-loops included) plays one match every step."""
 
     def __init__(self, edges: np.ndarray, n_nodes: int) -> None:
+        """Schedule these edges (an (m, 2) array of node ids) among ``n_nodes`` nodes."""
         self.n_edges = len(edges)
         self.default_steps = 1
 
     def matches(self, step: int, rng: np.random.Generator) -> np.ndarray:
+        """Return the ids (rows of the edge array) of every edge, in order."""
         return np.arange(self.n_edges)
 
 
@@ -22,16 +24,18 @@ class RandomMatching:
     Edges get random priorities; an edge joins the matching when it has the
     lowest priority among the live edges at both its ends, its ends are then
     removed, and this repeats. That picks exactly the edges that a greedy pass
-    over the edges in priority order would pick, in O(log n) vectorised rounds.
-    A self-loop occupies its node alone.
+    over the edges in priority order would pick, in an expected O(log n) number of
+    vectorised rounds. A self-loop occupies its node alone.
     """
 
     def __init__(self, edges: np.ndarray, n_nodes: int) -> None:
+        """Schedule these edges (an (m, 2) array of node ids) among ``n_nodes`` nodes."""
         self.edges = edges
         self.n_nodes = n_nodes
         self.default_steps = 1
 
     def matches(self, step: int, rng: np.random.Generator) -> np.ndarray:
+        """Return the sorted ids of this step's matching, drawn afresh with ``rng``."""
         u, v = self.edges[:, 0], self.edges[:, 1]
         priority = rng.permutation(len(self.edges))
         live = np.ones(len(self.edges), bool)
@@ -60,6 +64,10 @@ class RoundRobin:
     """
 
     def __init__(self, edges: np.ndarray, n_nodes: int) -> None:
+        """Colour these edges (an (m, 2) array of node ids) into one matching per step.
+
+        ``default_steps`` is the number of colours: the steps of one cycle.
+        """
         self.colour = _complete_colouring(edges, n_nodes)
         if self.colour is None:
             self.colour = _greedy_colouring(edges, n_nodes)
@@ -69,6 +77,7 @@ class RoundRobin:
                                                           np.arange(1, self.default_steps)))
 
     def matches(self, step: int, rng: np.random.Generator) -> np.ndarray:
+        """Return the sorted ids of the edges of colour ``step`` modulo the cycle length."""
         return np.sort(self._by_colour[step % self.default_steps])
 
 
@@ -108,5 +117,14 @@ SCHEMES = {"all_edges": AllEdges, "random_matching": RandomMatching, "round_robi
 
 
 def make_pairing(scheme: str, edges: np.ndarray, n_nodes: int) -> AllEdges | RandomMatching | RoundRobin:
-    """The pairing scheme called ``scheme`` over these edges."""
+    """Build the pairing scheme called ``scheme`` over these edges.
+
+    Args:
+        scheme: A key of ``SCHEMES``.
+        edges: The graph's edges as an (m, 2) array of node ids, self-loops included.
+        n_nodes: The number of nodes.
+
+    Returns:
+        The scheme; its ``matches(step, rng)`` gives the edge ids that play at a step.
+    """
     return SCHEMES[scheme](edges, n_nodes)

@@ -1,7 +1,8 @@
 """``python -m abm.run SCENARIO --replicates N``: one scenario N times, with intervals.
 
-Replicate i runs with seed ``seed + i`` (the scenario's or ``--seed``'s, else one
-drawn and recorded) into ``OUT/replicate-<i>/``, a complete run folder each. The
+Replicate i (1 to N) runs with seed ``seed + i - 1`` (the scenario's or ``--seed``'s
+seed, else one drawn and recorded) into ``OUT/replicate-<i>/``, a complete run
+folder each. The
 request (scenario file, ``--set`` values, ``--seed``) is recorded in
 ``OUT/replicates.json`` first; the same request into the same ``--out`` keeps
 the replicates already there, so an interrupted command resumes, and another
@@ -37,7 +38,26 @@ OWN = {"replicates.json", "payoff_matrix_replicates.csv", "defections_replicates
 def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
                    seed: int | None = None, overrides: list[str] | None = None,
                    quiet: bool = False) -> Path:
-    """Run the scenario ``n`` times with consecutive seeds and write the summary."""
+    """Run the scenario ``n`` times with consecutive seeds and write the summary.
+
+    Replicates already in ``out`` from the same request are kept, so an interrupted
+    command resumes.
+
+    Args:
+        path: The scenario file.
+        n: How many replicates.
+        out: The folder of the replicates; default a new folder under outputs/.
+        seed: The first replicate's seed; default the scenario's, else a fresh one.
+        overrides: ``--set`` values (``key=value``) applied to the scenario.
+        quiet: Print nothing while running.
+
+    Returns:
+        The folder of the replicates.
+
+    Raises:
+        ScenarioError: The scenario is invalid, or ``out`` holds something else
+            (other files, another request's replicates, an unreadable record).
+    """
     from abm.run_folder import default_folder
     from abm.scenario import load_scenario
     from abm.seeding import fresh_seed
@@ -134,7 +154,22 @@ def _llm_cooperation(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 def summarise(folders: list[Path], out: Path, about: dict[str, Any] | None = None,
               with_charts: bool = True) -> dict[str, Any]:
-    """Write replicates.json, the cell and cooperation tables and the two heatmaps."""
+    """Summarise finished replicate folders into ``out``.
+
+    Writes replicates.json, the heatmap cell tables (mean and Student-t 95 % interval
+    per cell) and, for LLM players whose decisions were kept, their cooperation per
+    opponent and pooled fingerprints; with charts, also the two heatmaps and the LLM
+    charts.
+
+    Args:
+        folders: The replicate run folders.
+        out: The folder to write into.
+        about: Entries put first in replicates.json (the request and base seed).
+        with_charts: Also write the charts (HTML and PNG).
+
+    Returns:
+        What replicates.json holds.
+    """
     from abm import behaviour, charts
 
     summaries = [json.loads((f / "summary.json").read_text(encoding="utf-8")) for f in folders]

@@ -31,11 +31,13 @@ def _evolution_summary(model: DilemmaModel, steps: pd.DataFrame) -> dict[str, An
     """Final shares (after the last update) and shares averaged over the last N steps."""
     last = model.scenario.evolution.average_last
     window = steps.tail(last)
+    population = model.population
     return {
         "rule": model.scenario.evolution.rule,
         "average_last": last,
-        "final_shares": dict(zip(model.labels, map(float, model.shares()))),
-        "mean_shares": {label: float(window[f"share:{label}"].mean()) for label in model.labels},
+        "final_shares": dict(zip(population.labels, map(float, population.shares()))),
+        "mean_shares": {label: float(window[f"share:{label}"].mean())
+                        for label in population.labels},
     }
 
 
@@ -44,13 +46,15 @@ def _write_snapshots(model: DilemmaModel, folder: Path) -> None:
     steps = np.array([s for s, _ in model.snapshots], np.int64)
     grid = np.stack([g.reshape(model.grid_shape) for _, g in model.snapshots]).astype(np.int32)
     np.savez_compressed(folder / "snapshots.npz", steps=steps, grid=grid,
-                        labels=np.array(model.labels))
+                        labels=np.array(model.population.labels))
 
 
 def _llm_summary(model: DilemmaModel, policy: Any, counts: pd.DataFrame) -> dict[str, Any]:
     """A policy's own statistics plus its invalid rate against each opponent."""
-    index = model.policies.index(policy)
-    labels = [label for label, p in zip(model.labels, model.policy_of_label) if p == index]
+    population = model.population
+    index = population.policies.index(policy)
+    labels = [label for label, p in zip(population.labels, population.policy_of_label)
+              if p == index]
     rows = counts[counts["player"].isin(labels)]
     by_opponent = {
         opponent: {"decisions": int(g["decisions"].sum()), "invalid": int(g["invalid"].sum()),
@@ -65,8 +69,10 @@ def _degrees(edges: np.ndarray, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per node: the number of distinct other neighbours, and whether it has a
     self-loop (self-play), which is not counted in the degree."""
     loop = edges[:, 0] == edges[:, 1]
-    pairs = np.unique(np.sort(edges[~loop], axis=1), axis=0) if (~loop).any() else edges[:0]
-    degree = np.bincount(pairs.ravel(), minlength=n_nodes)
+    pairs = np.sort(edges[~loop], axis=1)
+    # one integer per node pair: a 1-D unique is much faster than unique rows
+    key = np.unique(pairs[:, 0] * n_nodes + pairs[:, 1])
+    degree = np.bincount(np.concatenate([key // n_nodes, key % n_nodes]), minlength=n_nodes)
     self_loop = np.zeros(n_nodes, bool)
     self_loop[edges[loop, 0]] = True
     return degree, self_loop
@@ -78,7 +84,7 @@ def _heatmap_subtitle(model: DilemmaModel) -> str:
     match = scenario.match
     length = (f"{match.rounds} rounds per match" if match.rounds is not None else
               f"geometric match length, continuation p = {match.continuation_probability:g}")
-    k = len(model.labels)
+    k = len(model.population.labels)
     # complete matches behind each cell; on the diagonal both sides of a match fall
     # in the same cell, so they are counted once
     n = model.tally.pair_matches.reshape(k, k).astype(float)
@@ -89,7 +95,7 @@ def _heatmap_subtitle(model: DilemmaModel) -> str:
              if lo == hi else f"{lo}-{hi} matches per cell")
     parts = [length, f"noise {scenario.game.noise:g}", cells]
     models = list(dict.fromkeys(str(getattr(getattr(p, "params", None), "model", "?"))
-                                for p in model.llm_policies))
+                                for p in model.population.llm_policies))
     if models:
         parts.append("LLM: " + ", ".join(models))
     return "; ".join(parts)
@@ -165,10 +171,11 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
     steps["step"] += 1
     steps.to_csv(folder / "steps.csv", index=False)
     degree, self_loop = _degrees(model.edges, model.n_nodes)
+    population = model.population
     agents = pd.DataFrame({
         "agent": np.arange(model.n_nodes),
-        "player": [model.labels[i] for i in model.label_of_node],
-        "policy": model.policy_names,
+        "player": np.array(population.labels, object)[population.label_of_node],
+        "policy": population.policy_name_of_node(),
         "degree": degree,
         "self_loop": self_loop,
         "score": model.scores,
@@ -191,7 +198,8 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
         "cooperation_rate": tally.cooperation_rate(),
         "cooperation_by_step": steps["cooperation_rate"].tolist(),
         # by label (player name), like the ranking and the evolution block
-        "final_shares": {label: float(v) for label, v in zip(model.labels, model.shares())},
+        "final_shares": {label: float(v)
+                         for label, v in zip(population.labels, population.shares())},
         "ranking": tally.ranking(),
         "wall_seconds": round(wall_seconds, 3),
     }
@@ -200,11 +208,12 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
         if model.snapshots:
             _write_snapshots(model, folder)
     unread = None
-    if model.llm_policies:
+    llm_policies = population.llm_policies
+    if llm_policies:
         unread = tally.unread_matrix()
         counts = tally.unread_counts()
         counts.to_csv(folder / "invalid_answers.csv", index=False)
-        summary["llm"] = [_llm_summary(model, policy, counts) for policy in model.llm_policies]
+        summary["llm"] = [_llm_summary(model, policy, counts) for policy in llm_policies]
         summary["warnings"] = [w for entry in summary["llm"] for w in entry["warnings"]]
         behaviour = _llm_behaviour(model, folder, summary)
     (folder / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n",
@@ -219,7 +228,7 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
             unread=unread, subtitle=["rounds in which the row player chose D, counted before "
                                      "noise flips an action", *about]),
             folder, "defections_heatmap")
-        if model.llm_policies and behaviour is not None:
+        if llm_policies and behaviour is not None:
             from abm.behaviour_charts import fingerprint_chart, round_chart
             rounds_table, prints = behaviour
             charts.save(round_chart(rounds_table), folder, "llm_rounds")
@@ -228,9 +237,9 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
         by_round = _cooperation_by_round(model.last_result) if len(steps) == 1 else None
         charts.save(charts.cooperation_chart(steps, by_round), folder, "cooperation")
         if model.evolution is not None:
-            charts.save(charts.shares_chart(steps, model.labels), folder, "shares")
+            charts.save(charts.shares_chart(steps, population.labels), folder, "shares")
             if model.snapshots:
                 step, grid = model.snapshots[-1]
-                charts.save(charts.lattice_chart(grid.reshape(model.grid_shape), model.labels,
-                                                 step), folder, "lattice")
+                charts.save(charts.lattice_chart(grid.reshape(model.grid_shape),
+                                                 population.labels, step), folder, "lattice")
     return summary

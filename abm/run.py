@@ -107,14 +107,15 @@ def expected_llm_calls(model: DilemmaModel) -> int | None:
     stopped early by an unreadable answer make the true count smaller."""
     scenario = model.scenario
     rounds = scenario.match.rounds
-    if (not model.llm_policies or rounds is None or model.evolution is not None
+    population = model.population
+    if (not population.llm_policies or rounds is None or model.evolution is not None
             or scenario.pairing.scheme not in ("all_edges", "round_robin")):
         return None
     steps, pairing = model.total_steps, model.pairing
     total = 0
-    for policy in model.llm_policies:
-        index = model.policies.index(policy)
-        sides = (model.policy_of_node[model.edges] == index).sum(axis=1)  # LLM sides per edge
+    for policy in population.llm_policies:
+        index = population.policies.index(policy)
+        sides = (population.policy_of_node[model.edges] == index).sum(axis=1)  # LLM sides per edge
         if scenario.pairing.scheme == "all_edges":
             per_run = int(sides.sum()) * steps
         else:  # one cycle of colours, repeated
@@ -145,22 +146,22 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
     bars: list[Any] = []
     try:
         model = DilemmaModel(scenario, source=str(path))
-        writer = TableWriter(folder.path, model.labels, model.played_label_of_node,
-                             model.name_of_label,
-                             rounds=scenario.output.rounds, matches=scenario.output.matches)
+        writer = TableWriter(folder.path, model.population, rounds=scenario.output.rounds,
+                             matches=scenario.output.matches)
         # one step (a round robin) is the whole run: its bar would read 0/1 throughout
         show_steps = not quiet and model.total_steps > 1
         steps = tqdm(total=model.total_steps, desc=scenario.name, unit="step",
                      disable=not show_steps, leave=False, position=0)
         bars.append(steps)
-        if model.llm_policies:
+        llm_policies = model.population.llm_policies
+        if llm_policies:
             reflects = any(getattr(getattr(p, "params", None), "reflection", False)
-                           for p in model.llm_policies)
+                           for p in llm_policies)
             calls = tqdm(total=expected_llm_calls(model), unit="call", disable=quiet,
                          desc="LLM decisions + reflections" if reflects else "LLM decisions",
                          leave=False, position=1 if show_steps else 0)
             bars.append(calls)
-            for policy in model.llm_policies:
+            for policy in llm_policies:
                 policy.progress = calls  # updated after each batch of decisions / reflections
         for _ in range(model.total_steps):
             model.step()

@@ -1,5 +1,8 @@
-"""A run's output folder (``RunFolder``): claimed at once, written under a hidden
-temporary name, renamed into place when complete."""
+"""A run's output folder (``RunFolder``).
+
+The folder is claimed at once, written under a hidden temporary name and renamed
+into place when complete.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,10 @@ from abm.errors import ScenarioError
 
 
 def default_folder(name: str, root: Path = Path("outputs")) -> Path:
-    """``outputs/<name>-<timestamp>``, with a suffix if that exists already."""
+    """A new folder path ``<root>/<name>-<timestamp>``, with a suffix if that exists already.
+
+    Nothing is created; the suffix counts up from ``-2``.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = root / f"{name}-{stamp}"
     n = 2
@@ -52,19 +58,35 @@ def _reason(exc: OSError) -> str:
 
 
 class RunFolder:
-    """The folder appears under its final name only once everything is in it, so a
-    crash or an error never leaves a folder that looks complete.
+    """A run's output folder, which appears under its final name only once complete.
 
-    The final folder is claimed at once: it is created empty (or an existing empty
-    folder is taken) and holds only a ``.running`` file with the PID of the run, so
-    a second run into the same folder is refused before it starts; a claim whose
-    PID no longer runs (a killed run) is taken over. The tables are written to a
+    A crash or an error thus never leaves a folder that looks complete. The final
+    folder is claimed at once: it is created empty (or an existing empty folder is
+    taken) and holds only a ``.running`` file with the PID of the run, so a second
+    run into the same folder is refused before it starts; a claim whose PID no
+    longer runs (a killed run) is taken over. The tables are written to a
     hidden ``.NAME.partial-PID`` folder beside it, which replaces the claimed
     folder in one rename when complete. Hidden partial folders of dead runs in the
-    same parent are removed when a run starts.
+    same parent are removed when a run starts (those of other machines are left).
+
+    Attributes:
+        final: The folder the outputs end up in.
+        path: The hidden working folder to write the outputs into.
     """
 
     def __init__(self, final: Path, what: str = "--out") -> None:
+        """Claim ``final`` and create the hidden working folder beside it.
+
+        Args:
+            final: The output folder; missing parent folders are created.
+            what: How error messages name the folder's origin (the option it came from).
+
+        Raises:
+            ScenarioError: The folder cannot be claimed or created: a NUL byte or too
+                long a name, a file or symbolic link in the way, a folder that is not
+                empty or that another live run holds, or a file system error (the
+                message names the folder and what is allowed).
+        """
         self.final = final
         self.what = what
         self.path = final.parent / f".{final.name}.partial-{os.getpid()}"
@@ -153,7 +175,16 @@ class RunFolder:
                             "time; choose another folder")
 
     def commit(self) -> Path:
-        """Put the finished folder in place of the claim, in one rename."""
+        """Put the finished folder in place of the claim, in one rename.
+
+        Returns:
+            The final folder.
+
+        Raises:
+            ScenarioError: The rename failed; the outputs are then kept in a
+                ``NAME.finished-PID`` folder beside it where possible, and the message
+                says where.
+        """
         (self.path / HOST).unlink(missing_ok=True)  # bookkeeping, not an output
         try:
             self.marker.unlink(missing_ok=True)
@@ -197,9 +228,12 @@ class RunFolder:
 
 
 def _live_claim(marker: Path, grace: float = 30.0) -> str | None:
-    """Who holds a ``.running`` claim ("PID 123") while that process runs; None when
-    the claim is stale. A claim without a readable PID is being written, or was by
-    a run that died at once: it counts as live for ``grace`` seconds."""
+    """Who holds a ``.running`` claim ("PID 123"), or None when the claim is stale.
+
+    A claim without a readable PID is being written, or was by a run that died at
+    once: it counts as live for ``grace`` seconds. A claim from another machine
+    counts as live, since its PID cannot be checked here.
+    """
     try:
         text = marker.read_text(encoding="utf-8").strip()
         age = time.time() - marker.stat().st_mtime

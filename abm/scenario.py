@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from abm.errors import ScenarioError
+from abm.evolution import UPDATE_RULES
 from abm.game import PayoffMatrix
+from abm.graph_kinds import (GRAPH_KINDS, BarabasiAlbertGraph, CompleteGraph,  # noqa: F401
+                             ErdosRenyiGraph, FileGraph, GridGraph, RandomRegularGraph,
+                             RingGraph, WattsStrogatzGraph)
 from abm.policies import lookup
 from abm.policies.base import validate_params
+from abm.validation import explain, read_toml
 
 
 # A run name is a file name: it names the output folder (outputs/<name>-<time>), so it
@@ -42,8 +44,10 @@ def safe_name(text: str) -> str:
 
 class _Strict(BaseModel):
     # strict: TOML says what type a value is, so true is no integer and "yes" no boolean
-    # (floats still take integers); no NaN or infinity anywhere
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    # (floats still take integers); no NaN or infinity anywhere. The docstring under each
+    # field is its description, which the generated scenario reference prints.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
 
 class PolicySpec(BaseModel):
@@ -53,10 +57,15 @@ class PolicySpec(BaseModel):
     (``{ name = "random", p = 0.3, label = "Coin" }``).
     """
 
-    model_config = ConfigDict(frozen=True, strict=True)
+    model_config = ConfigDict(frozen=True, strict=True, use_attribute_docstrings=True)
     name: str
+    """A registered policy name or alias (see the policies below)."""
     label: str | None = None
+    """The player's name in tables and charts; players with the same name share a row and
+    a column of the matrices. Default: the policy's name with its parameters, as in
+    `random(p=0.3)`."""
     params: dict[str, Any] = Field(default_factory=dict)
+    """The policy's own parameters: in TOML, the table's other keys."""
 
     @model_validator(mode="before")
     @classmethod
@@ -86,6 +95,7 @@ class PolicySpec(BaseModel):
         return f"{self.name}({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in shown.items())})"
 
     def to_toml(self) -> str | dict[str, Any]:
+        """The policy as a scenario file writes it: a bare name, or a table with parameters."""
         table = {k: v for k, v in self.params.items() if v is not None}
         if self.label:
             table["label"] = self.label
@@ -93,15 +103,33 @@ class PolicySpec(BaseModel):
 
 
 class GameConfig(_Strict):
+    """The 2x2 game every match repeats, and the noise on its actions.
+
+    Noise is applied by the engine with its own random stream after the policy has
+    chosen; memories, payoffs and the opponent see the actual (possibly flipped) action.
+    """
+
     kind: Literal["prisoners_dilemma", "custom", "donation"] = "prisoners_dilemma"
-    R: float = 9.0
-    S: float = 0.0
-    T: float = 10.0
-    P: float = 5.0
+    """`"prisoners_dilemma"` requires T > R > P > S; `"custom"` takes any order (stag hunt,
+    snowdrift, the weak dilemma R = 1, T = b, S = P = 0); `"donation"` sets R, S, T, P from
+    `b` and `c`."""
+    R: float = PayoffMatrix.R  # the standard game's payoffs are the matrix's defaults
+    """Payoff when both cooperate (reward)."""
+    S: float = PayoffMatrix.S
+    """Payoff for cooperating against a defector (sucker's payoff)."""
+    T: float = PayoffMatrix.T
+    """Payoff for defecting against a cooperator (temptation)."""
+    P: float = PayoffMatrix.P
+    """Payoff when both defect (punishment)."""
     # donation game: giving costs the giver c and brings the other b
     b: float | None = None
+    """`kind = "donation"` only, b > c > 0: the benefit a cooperator gives the other player
+    (R = b − c, S = −c, T = b, P = 0)."""
     c: float | None = None
+    """`kind = "donation"` only: the cost a cooperator pays."""
     noise: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability that an intended action is flipped; both the intended and the actual
+    action are recorded."""
 
     @model_validator(mode="after")
     def _is_a_game(self) -> GameConfig:
@@ -124,13 +152,21 @@ class GameConfig(_Strict):
 
     @property
     def payoffs(self) -> PayoffMatrix:
+        """The payoff matrix; a donation game is checked as a Prisoner's Dilemma."""
         kind = "prisoners_dilemma" if self.kind == "donation" else self.kind
         return PayoffMatrix(self.R, self.S, self.T, self.P, kind)
 
 
 class MatchConfig(_Strict):
+    """How long a match lasts: a fixed number of rounds or a geometric length.
+
+    Give one of the two, not both.
+    """
+
     rounds: int | None = Field(None, ge=1, le=1_000_000)
+    """Fixed match length; 5 when `continuation_probability` is not given either."""
     continuation_probability: float | None = Field(None, ge=0.0, lt=1.0)
+    """δ of a geometric length instead: P(L = l) = δ^(l−1)(1 − δ), mean 1/(1 − δ)."""
 
     @model_validator(mode="after")
     def _one_length(self) -> MatchConfig:
@@ -143,8 +179,14 @@ class MatchConfig(_Strict):
 
 
 class MemoryConfig(_Strict):
+    """What the players (and the LLM prompts) remember: policies see only this window."""
+
     window: int | None = Field(None, ge=1, le=100_000)
+    """Rounds remembered; none means the whole match. A window shorter than a policy's
+    memory depth (2 for `tit_for_two_tats`) is an error."""
     scope: Literal["match", "opponent", "all"] = "match"
+    """`"match"`: the current match only; `"opponent"`: the last rounds with this opponent,
+    across matches; `"all"`: the last rounds with anyone (both need a finite `window`)."""
 
     @model_validator(mode="after")
     def _bounded_across_matches(self) -> MemoryConfig:
@@ -155,80 +197,32 @@ class MemoryConfig(_Strict):
         return self
 
 
-class _Graph(_Strict):
-    self_loops: bool = False
-    # independent copies of the graph side by side: an ensemble of replicates in one run
-    copies: int = Field(1, ge=1, le=1_000_000)
-
-
-class CompleteGraph(_Graph):
-    kind: Literal["complete"]
-    n: int | None = Field(None, ge=1)
-
-
-class RingGraph(_Graph):
-    kind: Literal["ring"]
-    n: int = Field(ge=3)
-    k: int = Field(1, ge=1)
-
-
-class GridGraph(_Graph):
-    kind: Literal["grid"]
-    rows: int = Field(ge=1)
-    cols: int = Field(ge=1)
-    torus: bool = False
-    neighbourhood: Literal["von_neumann", "moore"] = "von_neumann"
-
-
-class WattsStrogatzGraph(_Graph):
-    kind: Literal["watts_strogatz"]
-    n: int = Field(ge=3)
-    k: int = Field(ge=2)
-    p: float = Field(ge=0.0, le=1.0)
-
-
-class BarabasiAlbertGraph(_Graph):
-    kind: Literal["barabasi_albert"]
-    n: int = Field(ge=2)
-    m: int = Field(ge=1)
-
-
-class ErdosRenyiGraph(_Graph):
-    kind: Literal["erdos_renyi"]
-    n: int = Field(ge=1)
-    p: float = Field(ge=0.0, le=1.0)
-
-
-class RandomRegularGraph(_Graph):
-    kind: Literal["random_regular"]
-    n: int = Field(ge=1)
-    d: int = Field(ge=0)
-
-
-class FileGraph(_Graph):
-    kind: Literal["file"]
-    path: str
-    format: Literal["auto", "edgelist", "graphml"] = "auto"
-
-
-GraphConfig = Annotated[
-    Union[CompleteGraph, RingGraph, GridGraph, WattsStrogatzGraph, BarabasiAlbertGraph,
-          ErdosRenyiGraph, RandomRegularGraph, FileGraph],
-    Field(discriminator="kind"),
-]
-GRAPH_KINDS = tuple(typing.get_args(m.model_fields["kind"].annotation)[0]
-                    for m in typing.get_args(typing.get_args(GraphConfig)[0]))
+# the graph kinds live in abm.graph_kinds: each builds its own graph; the union is
+# built from their registry, so a kind added there is a kind a scenario may name
+GraphConfig = Annotated[Union[tuple(GRAPH_KINDS.values())], Field(discriminator="kind")]
 
 
 class Share(_Strict):
+    """One entry of a population mix: a policy and the share of nodes that get it."""
+
     policy: PolicySpec
+    """The policy, as in `players`."""
     share: float = Field(gt=0.0, le=1.0)
+    """Its share of the nodes; the shares of a mix add up to 1."""
 
 
 class PopulationConfig(_Strict):
+    """Which policy plays at each node: give exactly one of `players`, `mix`, `attribute`."""
+
     players: list[PolicySpec] | None = Field(None, min_length=1)
+    """One policy per node, in node order: `["all_d", { name = "random", p = 0.3,
+    label = "Coin" }]`."""
     mix: list[Share] | None = Field(None, min_length=1)
+    """Shares assigned at random with the seed: `[{ policy = "tit_for_tat", share = 0.6 },
+    { policy = "all_d", share = 0.4 }]`; counts are exact (largest remainder)."""
     attribute: str | None = None
+    """The name of a node attribute of a GraphML graph file that holds a policy name per
+    node."""
 
     @model_validator(mode="after")
     def _one_source(self) -> PopulationConfig:
@@ -245,31 +239,73 @@ class PopulationConfig(_Strict):
 
 
 class PairingConfig(_Strict):
+    """Who meets whom in each step, and for how many steps."""
+
     scheme: Literal["all_edges", "random_matching", "round_robin"] = "all_edges"
+    """`"all_edges"`: every edge (self-loops included) plays one match every step;
+    `"random_matching"`: a uniformly random greedy maximal matching each step (a self-loop
+    occupies its node); `"round_robin"`: each step a matching, every edge played exactly
+    once per cycle."""
     steps: int | None = Field(None, ge=1, le=10_000_000)
+    """Steps to run; default one cycle for `round_robin`, else 1."""
     repetitions: int = Field(1, ge=1, le=10_000_000)
+    """Each match of a step is played this many times, independently and at once
+    (tournament repetitions in one lockstep batch); needs memory `scope = "match"`."""
 
 
 class OutputConfig(_Strict):
+    """Which of the optional output files a run writes."""
+
     rounds: bool = True
+    """Write `rounds.parquet`: one row per decision, the largest file."""
     matches: bool = True
+    """Write `matches.csv`: one row per match side (long evolutionary runs turn it off)."""
     charts: bool = True
+    """Write the Altair charts (HTML and PNG)."""
+
+
+UpdateRuleName = Literal[tuple(UPDATE_RULES)]
+# the keys that belong to one rule or another: a rule that does not use one refuses it
+RULE_PARAMS = tuple(dict.fromkeys(k for rule in UPDATE_RULES.values() for k in rule.params))
 
 
 class EvolutionConfig(_Strict):
     """Strategy updates between steps: agents adopt a neighbour's policy."""
 
-    rule: Literal["imitate_best", "proportional", "fermi", "death_birth", "moran"]
+    rule: UpdateRuleName
+    """How agents adopt policies: one of abm.evolution.UPDATE_RULES."""
     update: Literal["synchronous", "asynchronous"] = "synchronous"
-    # asynchronous: the share of agents that update in a step; None = exactly one agent
+    """synchronous: every agent updates each step; asynchronous: a random share does."""
     update_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    """Asynchronous updates: the share of agents that update in a step (none: exactly one)."""
     mutation: float = Field(0.0, ge=0.0, le=1.0)
+    """The probability that an updating agent takes a random policy of the mutant set."""
     mutants: list[PolicySpec] | None = Field(None, min_length=1)
+    """The policies mutation draws from (none: the initial population's policies)."""
     payoff: Literal["accumulated", "average"] = "accumulated"
-    temperature: float = Field(0.1, gt=0.0)
-    intensity: float = Field(1.0, ge=0.0, le=1e6)
+    """Fitness: the step's payoff summed over an agent's matches, or averaged over them."""
+    temperature: float | None = Field(None, gt=0.0)
+    """rule = "fermi" only: the noise K of the Fermi function (default 0.1)."""
+    intensity: float | None = Field(None, ge=0.0, le=1e6)
+    """rule = "death_birth" or "moran" only: the selection intensity w in fitness
+    1 - w + w * payoff (default 1)."""
     average_last: int = Field(100, ge=1)
+    """summary.json averages the policy shares over this many last steps."""
     snapshot_every: int | None = Field(None, ge=1)
+    """On a lattice: record who holds what every this many steps (none: start and end)."""
+
+    @field_validator(*RULE_PARAMS)
+    @classmethod
+    def _belongs_to_the_rule(cls, value: Any, info: ValidationInfo) -> Any:
+        rule = info.data.get("rule")  # absent when the rule itself is invalid
+        if value is not None and rule is not None and info.field_name not in \
+                UPDATE_RULES[rule].params:
+            owners = " or ".join(f"rule = \"{name}\"" for name, r in UPDATE_RULES.items()
+                                 if info.field_name in r.params)
+            own = ", ".join(UPDATE_RULES[rule].params) or "no parameter of its own"
+            raise ValueError(f"{info.field_name} is a parameter of {owners} only; "
+                             f"rule = \"{rule}\" takes {own}")
+        return value
 
     @model_validator(mode="after")
     def _fraction_is_asynchronous(self) -> EvolutionConfig:
@@ -278,21 +314,42 @@ class EvolutionConfig(_Strict):
                              "synchronous updates move every agent each step")
         return self
 
+    @model_validator(mode="after")
+    def _rule_defaults(self) -> EvolutionConfig:
+        for name, default in UPDATE_RULES[self.rule].params.items():
+            if getattr(self, name) is None:  # the rule's default, where none is given
+                object.__setattr__(self, name, default)
+        return self
+
 
 class Scenario(_Strict):
     """A whole simulation, as read from a scenario TOML file."""
 
     name: str = "scenario"
+    """Names the output folder: letters, digits, `.`, `_` and `-`, not starting with `.`,
+    at most 100 characters. Read from a file, the default is the file name without `.toml`
+    (other characters replaced by `-`)."""
     description: str = ""
+    """Free text: what the scenario is for."""
     seed: int | None = Field(None, ge=0, lt=2**63)
+    """Master seed: the same seed gives the same tables. Default: drawn from the operating
+    system and recorded in `config.toml`."""
     game: GameConfig = GameConfig()
+    """The game and its noise."""
     match: MatchConfig = MatchConfig()
+    """The match length."""
     memory: MemoryConfig = MemoryConfig()
+    """What the players remember."""
     graph: GraphConfig
+    """Who can meet whom: the graph, by `kind`."""
     population: PopulationConfig
+    """Which policy plays at each node."""
     pairing: PairingConfig = PairingConfig()
+    """Which edges play in each step."""
     output: OutputConfig = OutputConfig()
+    """Which optional files a run writes."""
     evolution: EvolutionConfig | None = None
+    """Strategy updates between steps; off unless the table is there."""
 
     @field_validator("name")
     @classmethod
@@ -347,11 +404,24 @@ class Scenario(_Strict):
 
 
 def parse_override(text: str, source: str | None = None) -> tuple[list[str], Any]:
-    """``"game.noise=0.05"`` -> (["game", "noise"], 0.05); values are read as TOML.
+    """Split one ``--set`` override into its key segments and its value.
 
-    Keys are the key paths of sweep files: ``population.players[5].model`` picks a
-    list element (the segments keep their ``[i]``; ``abm.batch.keys.parse_key`` of the
-    joined segments gives the path with indices)."""
+    ``"game.noise=0.05"`` becomes ``(["game", "noise"], 0.05)``; values are read as TOML,
+    and a value that is no TOML (a bare word such as ``ring``) as a string. Keys are the
+    key paths of sweep files: ``population.players[5].model`` picks a list element (the
+    segments keep their ``[i]``; ``abm.batch.keys.parse_key`` of the joined segments gives
+    the path with indices).
+
+    Args:
+        text: The override, ``KEY.PATH=VALUE``.
+        source: The scenario file, named in errors.
+
+    Returns:
+        The key's dot-separated segments and the value.
+
+    Raises:
+        ScenarioError: When ``text`` has no ``=`` or its key is no key path.
+    """
     from abm.batch.keys import parse_key
 
     where = f"{source}: --set {text!r}" if source else f"--set {text!r}"
@@ -370,9 +440,22 @@ def parse_override(text: str, source: str | None = None) -> tuple[list[str], Any
 
 def apply_overrides(data: dict[str, Any], overrides: list[str],
                     source: str | None = None) -> dict[str, Any]:
-    """Set key paths (``game.noise``, ``population.players[5].model``) in the raw
-    scenario dict before validation; ScenarioError for an index out of range or a key
-    into something that is not a table."""
+    """Set key paths (``game.noise``, ``population.players[5].model``) in a raw scenario.
+
+    The overrides apply before validation, so the schema checks their values.
+
+    Args:
+        data: The scenario as read from TOML; changed in place.
+        overrides: ``KEY.PATH=VALUE`` strings, applied in order.
+        source: The scenario file, named in errors.
+
+    Returns:
+        ``data``.
+
+    Raises:
+        ScenarioError: For a malformed override, an index out of range or a key into
+            something that is not a table.
+    """
     from abm.batch.keys import _set_path, parse_key
 
     for text in overrides:
@@ -384,16 +467,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str],
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None,
                   seed: int | None = None) -> Scenario:
-    """Read, override and validate a scenario file; raise ScenarioError on any problem."""
+    """Read, override and validate a scenario file.
+
+    Graph files, LLM template files and local model paths are resolved relative to the
+    scenario file.
+
+    Args:
+        path: The scenario TOML file.
+        overrides: ``KEY.PATH=VALUE`` strings, as given to ``--set``.
+        seed: Replaces the file's seed when given.
+
+    Returns:
+        The validated scenario.
+
+    Raises:
+        ScenarioError: One paragraph naming the file, the field and what is allowed.
+    """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such scenario file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(f"{path}: cannot read the scenario file ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    data, _ = read_toml(path, "scenario file")
     data.setdefault("name", safe_name(path.stem))  # a name given is checked by the schema
     apply_overrides(data, list(overrides or []), str(path))
     if seed is not None:
@@ -433,17 +524,22 @@ def _relative_to(folder: Path, value: str) -> str:
 
 
 def _local_model(folder: Path, value: str) -> bool:
-    """Whether an LLM ``model`` value names a file or folder (not a built-in name or a
-    Hugging Face id): it starts with "." or "~", ends with .gguf, or is a folder next to
-    the scenario."""
+    """Whether an LLM ``model`` value names a file or folder next to the scenario.
+
+    Not a built-in name or a Hugging Face id: it does when it starts with "." or "~", ends with .gguf, or is a folder next to the
+    scenario.
+    """
     if value.startswith((".", "~")) or value.endswith(".gguf"):
         return True
     return not Path(value).is_absolute() and (folder / value).is_dir()
 
 
 def _resolve_templates(data: dict[str, Any], folder: Path) -> None:
-    """LLM template files, Jinja chat templates and local model paths are relative to the
-    scenario file, like graph files, wherever a policy is given (players, mix, mutants)."""
+    """Resolve LLM template files, Jinja chat templates and local model paths in place.
+
+    They are relative to the scenario file, like graph files, wherever a policy is given
+    (players, mix, mutants).
+    """
     from abm.llm.chat_formats import NAMED as CHAT_FORMATS
 
     for spec in _policy_tables(data):
@@ -459,103 +555,20 @@ def _resolve_templates(data: dict[str, Any], folder: Path) -> None:
 
 def validate_scenario(data: dict[str, Any], source: str = "<scenario>",
                       set_keys: list[str] | None = None) -> Scenario:
-    """Validate a raw scenario dict, turning pydantic's report into one paragraph."""
+    """Validate a raw scenario dict, turning pydantic's report into one paragraph.
+
+    Args:
+        data: The scenario as read from TOML, overrides applied.
+        source: The scenario file, named in errors.
+        set_keys: The keys set with ``--set``, so that errors say so.
+
+    Returns:
+        The validated scenario.
+
+    Raises:
+        ScenarioError: One paragraph naming the file, the field and what is allowed.
+    """
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        raise ScenarioError(_explain(exc, source, set_keys or [])) from None
-
-
-def _explain(exc: ValidationError, source: str, set_keys: list[str]) -> str:
-    problems = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(err["loc"])
-        field = _dotted(loc)
-        where = " (set with --set)" if any(_within(field, k) or (field and _within(k, field))
-                                           for k in set_keys) else ""
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"unknown key '{field}'{where}{hint}; allowed keys here: "
-                            f"{', '.join(allowed)}")
-            continue
-        if err["type"] == "missing":
-            problems.append(f"field '{field}' is required{where}")
-            continue
-        if err["type"] == "union_tag_invalid":
-            problems.append(f"field '{field}.kind'{where}: unknown graph kind "
-                            f"{err['input'].get('kind')!r}; allowed: {', '.join(GRAPH_KINDS)}")
-            continue
-        if err["type"] == "union_tag_not_found":
-            problems.append(f"field '{field}.kind' is required{where}; allowed: "
-                            f"{', '.join(GRAPH_KINDS)}")
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        got = err.get("input")
-        text = ("true" if got else "false") if isinstance(got, bool) else repr(got)  # as in TOML
-        if len(text) > 80:  # a 300-character name need not be shown whole
-            text = f"{text[:60]}... ({len(got) if isinstance(got, str) else len(text)} characters)"
-        shown = "" if isinstance(got, dict) or got is None else f" (got {text})"
-        name = f"field '{field}'" if field else "the scenario"
-        problems.append(f"{name}{where}: {msg}{shown}")
-    return f"{source}: " + "; ".join(problems)
-
-
-def _within(field: str, key: str) -> bool:
-    """Whether ``field`` is ``key`` or lies inside it (``a.b[2].c`` inside ``a.b``)."""
-    return field == key or field.startswith((key + ".", key + "["))
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for i, part in enumerate(loc):
-        if i and loc[i - 1] == "graph" and part in GRAPH_KINDS:
-            continue  # pydantic puts the union tag in the path; users never write it
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = Scenario
-    for part in loc:
-        model = _step_into(model, part)
-        if model is None:
-            return []
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
-
-
-def _step_into(model: Any, part: Any) -> Any:
-    model = _unwrap(model)
-    if isinstance(model, list):
-        candidates = model
-        for member in candidates:
-            if "kind" in member.model_fields and part in typing.get_args(
-                    member.model_fields["kind"].annotation):
-                return member
-        return None
-    if isinstance(part, int):
-        return model
-    if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
-        return _unwrap(model.model_fields[part].annotation)
-    return None
-
-
-def _unwrap(tp: Any) -> Any:
-    """Strip Annotated/Optional/list down to a model class, or a list of union members."""
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is Annotated:
-            tp = typing.get_args(tp)[0]
-        elif origin in (Union, types.UnionType):
-            members = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(members) == 1:
-                tp = members[0]
-            else:
-                return members
-        elif origin is list:
-            tp = typing.get_args(tp)[0]
-        else:
-            return tp
+        raise ScenarioError(explain(exc, source, Scenario, set_keys or [])) from None

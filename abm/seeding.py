@@ -10,8 +10,19 @@ PURPOSES = ("graph", "population", "pairing", "noise", "policy", "match_length",
 
 
 def stream(seed: int, purpose: str) -> np.random.Generator:
-    """The generator for ``purpose``: the same seed and purpose always give the same stream,
-    and adding a new purpose never shifts the existing ones."""
+    """The random generator for one purpose of a run.
+
+    The same seed and purpose always give the same stream, and adding a new purpose
+    never shifts the existing ones (each stream is seeded from the seed and a checksum
+    of the purpose's name, not from a position in a sequence).
+
+    Args:
+        seed: The run's master seed.
+        purpose: What the stream is for; ``PURPOSES`` lists the engine's.
+
+    Returns:
+        A fresh generator at the start of the stream.
+    """
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(purpose.encode())]))
 
 

@@ -6,18 +6,26 @@ import numpy as np
 import pandas as pd
 
 from abm.engine import StepResult
+from abm.population import Population
 
 
 class Tally:
     """Sums per (player label, opponent label) and per step, updated after every step,
-    so a run of any length needs memory only for the label tables."""
+    so a run of any length needs memory only for the label tables.
 
-    def __init__(self, labels: list[str], label_of_node: np.ndarray,
-                 track_shares: bool = False) -> None:
-        self.labels = labels
+    Each step is counted under the labels the population holds when ``add`` is
+    called (before any update the step leads to).
+
+    Args:
+        population: who plays what; read at every ``add``.
+        track_shares: add each label's share of the nodes to every step's row.
+    """
+
+    def __init__(self, population: Population, track_shares: bool = False) -> None:
+        self.population = population
+        self.labels = population.labels
         self.track_shares = track_shares
-        self.label_of_node = label_of_node
-        k = len(labels)
+        k = len(self.labels)
         self.pair_matches = np.zeros(k * k, np.int64)
         self.pair_payoff = np.zeros(k * k)
         self.pair_defections = np.zeros(k * k)
@@ -35,28 +43,37 @@ class Tally:
         """Fold one step in; return the per-side totals for whoever wants them."""
         totals = result.totals()
         k = len(self.labels)
-        row = self.label_of_node[result.agent]
-        pair = row * k + self.label_of_node[result.opponent]
+        label_of_node = self.population.label_of_node
+        row = label_of_node[result.agent]
+        pair = row * k + label_of_node[result.opponent]
         void = (np.concatenate([result.void, result.void]) if result.void is not None
                 else np.zeros(len(pair), bool))
-        whole = ~void
+        # without stopped matches (or self-play) the masks keep every side: a slice
+        # then spares copying millions of entries, and the sums come out the same
+        any_void = bool(void.any())
+        whole = ~void if any_void else slice(None)
         self.pair_matches += np.bincount(pair[whole], minlength=k * k)
         self.pair_payoff += np.bincount(pair[whole], totals["payoff"][whole], minlength=k * k)
         self.pair_defections += np.bincount(pair[whole], totals["intended_defections"][whole],
                                             minlength=k * k)
-        self.pair_void += np.bincount(pair[void], minlength=k * k)
+        if any_void:
+            self.pair_void += np.bincount(pair[void], minlength=k * k)
         self.pair_decisions += np.bincount(pair, totals["decided"],
                                            minlength=k * k).astype(np.int64)
         self.pair_invalid += np.bincount(pair, totals["invalid"], minlength=k * k).astype(np.int64)
         self.pair_fallbacks += np.bincount(pair, totals["fallbacks"],
                                            minlength=k * k).astype(np.int64)
-        other = (result.agent != result.opponent) & whole
+        other = result.agent != result.opponent
+        if any_void:
+            other &= whole
+        if other.all():
+            other = slice(None)
         self.rank_matches += np.bincount(row[other], minlength=k)
         self.rank_payoff += np.bincount(row[other], totals["payoff"][other], minlength=k)
         decisions = int(result.side_length.sum())
         shares = {}
         if self.track_shares:  # who played this step, before any strategy update
-            counts = np.bincount(self.label_of_node, minlength=k) / len(self.label_of_node)
+            counts = self.population.shares()
             shares = {f"share:{label}": float(c) for label, c in zip(self.labels, counts)}
         self.steps.append({
             "step": result.step,

@@ -1,3 +1,4 @@
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -5,6 +6,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "scenarios"
+
+# find_spec looks for the packages without importing them (torch takes seconds to import)
+LLM_EXTRA = all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+NO_LLM_EXTRA = ("needs torch and transformers, the llm extra: pip install torch==2.13.0 && "
+                "pip install -e \".[llm]\"")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``llm_extra`` on a core install, saying what to install."""
+    if LLM_EXTRA:
+        return
+    skip = pytest.mark.skip(reason=NO_LLM_EXTRA)
+    for item in items:
+        if item.get_closest_marker("llm_extra") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from abm.llm.backend import BackendStats
+from abm.llm.stats import BackendStats
 
 _PAYOFF_LINE = re.compile(r"- you both choose (.+?): you get")
 

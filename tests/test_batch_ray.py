@@ -47,6 +47,7 @@ def rows(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "results.parquet").drop(columns=["run_seconds"])
 
 
+@pytest.mark.slow
 def test_ray_rows_equal_serial_rows(local_ray, tmp_path):
     (tmp_path / "base.toml").write_text(RULES)
     (tmp_path / "sweep.toml").write_text(
@@ -63,6 +64,8 @@ def test_ray_rows_equal_serial_rows(local_ray, tmp_path):
     assert again.skipped == 12 and again.ran == []
 
 
+@pytest.mark.slow
+@pytest.mark.llm_extra
 def test_llm_runs_go_to_one_actor_that_keeps_its_model(local_ray, tmp_path):
     model = build_tiny_model(tmp_path / "tiny_model")
     (tmp_path / "base.toml").write_text(LLM.replace("MODEL", str(model)))
@@ -87,6 +90,7 @@ def test_llm_runs_go_to_one_actor_that_keeps_its_model(local_ray, tmp_path):
     assert (frame["llm_decisions"] > 0).all()
 
 
+@pytest.mark.slow
 def test_a_cuda_model_on_a_cluster_without_gpus_fails_its_runs(local_ray, tmp_path):
     (tmp_path / "base.toml").write_text(LLM.replace("MODEL", "/nowhere").replace(
         'device = "cpu"', 'device = "cuda"'))

@@ -73,6 +73,7 @@ def tiny(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_numbers_are_the_hand_computed_ones(tiny):
     results = pd.read_parquet(tiny / "results.parquet")
     table = pd.read_csv(tiny / "aggregate.csv")
@@ -99,6 +100,7 @@ def test_report_numbers_are_the_hand_computed_ones(tiny):
     assert (coop["ci95_high"] > coop["ci95_low"]).all()
 
 
+@pytest.mark.slow
 def test_charts_one_per_metric_and_key_and_a_heatmap(tiny):
     charts = tiny / "charts"
     for metric in ("cooperation_rate", "payoff_tit_for_tat"):
@@ -109,6 +111,7 @@ def test_charts_one_per_metric_and_key_and_a_heatmap(tiny):
     assert len(list(charts.glob("*.png"))) == 6
 
 
+@pytest.mark.slow
 def test_report_command_rewrites_the_aggregate(tiny, capsys):
     before = (tiny / "aggregate.csv").read_text()
     (tiny / "aggregate.csv").unlink()

@@ -79,6 +79,7 @@ def test_every_run_is_recorded_with_its_parameters_and_seed(serial):
     assert (noisy["cooperation[all_d]"] > 0).any()
 
 
+@pytest.mark.slow
 def test_local_processes_give_the_same_rows(serial, tmp_path):
     sweep, _, out = serial
     result = run_sweep(sweep, tmp_path / "out", backend="local", workers=2, report=False)
@@ -187,6 +188,7 @@ def _complete(out: Path) -> dict[str, int]:
             if not p.name.startswith(".") and (p / "summary.json").is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
 def test_resume_after_a_worker_is_killed_runs_exactly_the_unfinished(tmp_path):
     base = (ROOT / "scenarios" / "small_world_rules.toml").read_text()

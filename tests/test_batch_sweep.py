@@ -125,6 +125,7 @@ game.noise = [0.3, 0.1, 0.0]
     assert not {r.seed for r in other.runs} & {r.seed for r in first.runs}
 
 
+@pytest.mark.slow
 def test_seed_is_the_same_in_another_process(sweep_file):
     path = sweep_file("[sweep]\nreplicates = 2\ngame.noise = [0.0, 0.1]\n")
     code = ("import sys; from abm.batch import load_sweep; "
@@ -150,7 +151,7 @@ def test_master_seed_defaults_to_the_base_scenarios(sweep_file):
                                             "less than or equal to 1", "set by the sweep"]),
     ("[sweep]\nmatch.rounds = [3, \"five\"]\n", ["match.rounds", "integer"]),
     ("[sweep]\ngame.noise = [0.1, 0.1]\n", ["game.noise", "listed twice"]),
-    ("[sweep]\nreplicates = 0\n", ["replicates", "integer from 1"]),
+    ("[sweep]\nreplicates = 0\n", ["sweep.replicates", "greater than or equal to 1"]),
     ("[sweep]\nreplicates = 2.5\n", ["replicates", "integer"]),
     ("[sweep]\nseed = [1, 2]\n", ["'seed' cannot be swept", "replicates"]),
     ("[[sweep.zip]]\ngame.noise = [0.0, 0.1]\nmatch.rounds = [2]\n",
@@ -162,7 +163,7 @@ def test_master_seed_defaults_to_the_base_scenarios(sweep_file):
     ("[sweep]\ngraph.k = [1, 9]\ngraph.kind = [\"ring\"]\ngraph.n = [3]\n",
      ["graph.k = 9", "graph.k"]),
     ("[sweeep]\n", ["unknown key 'sweeep'", "did you mean 'sweep'"]),
-    ("[report]\nmetric = [\"x\"]\n", ["unknown key 'metric'", "metrics"]),
+    ("[report]\nmetric = [\"x\"]\n", ["unknown key 'report.metric'", "metrics"]),
 ])
 def test_bad_sweeps_are_explained(sweep_file, tmp_path, capsys, body, must_mention):
     path = sweep_file(body)

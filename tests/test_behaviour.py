@@ -62,6 +62,7 @@ def condition_of(text: str) -> str:
                                                        else "D")
 
 
+@pytest.mark.slow
 def test_a_known_memory_one_strategy_is_recovered(fake, scenario_file, tmp_path):
     fake.phrase_probs = lambda text: {"remain silent": TRUTH[condition_of(text)],
                                       "testify": 1 - TRUTH[condition_of(text)]}
@@ -132,6 +133,7 @@ def test_nearest_strategy_uses_observed_conditions_only():
     assert gtft["distance"] == pytest.approx(math.sqrt((1 / 3) ** 2 / 3))
 
 
+@pytest.mark.slow
 def test_every_llm_run_writes_its_behaviour(fake, tmp_path):
     import tomllib
 

@@ -89,8 +89,8 @@ def test_role_error_names_the_message():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch", reason="needs the llm extra (torch)")
+    transformers = pytest.importorskip("transformers", reason="needs the llm extra (transformers)")
     from tiny_llm import build_tiny_model
 
     folder = build_tiny_model(tmp_path_factory.mktemp("tiny_llm"))
@@ -182,5 +182,5 @@ def test_a_tokenizer_without_bos_or_eos_renders_them_empty():
 
 def test_a_misspelt_name_gets_a_suggestion(tmp_path):
     # the scenario loader turns an unknown name into a path next to the scenario
-    with pytest.raises(ValueError, match='did you mean "vicuna"'):
+    with pytest.raises(ValueError, match="did you mean 'vicuna'"):
         chat_template(str(tmp_path / "vicunaa"))

@@ -25,6 +25,7 @@ def small_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_every_output_is_written(small_run):
     out, stdout = small_run
     names = {p.name for p in out.iterdir()}
@@ -38,6 +39,7 @@ def test_every_output_is_written(small_run):
     assert "<script" in (out / "payoff_heatmap.html").read_text()
 
 
+@pytest.mark.slow
 def test_config_records_seed_and_overrides(small_run):
     out, _ = small_run
     config = tomllib.loads((out / "config.toml").read_text())
@@ -47,6 +49,7 @@ def test_config_records_seed_and_overrides(small_run):
     assert config["memory"] == {"window": 3, "scope": "opponent"}
 
 
+@pytest.mark.slow
 def test_tables_agree_with_each_other(small_run):
     out, _ = small_run
     rounds = pq.read_table(out / "rounds.parquet").to_pandas()
@@ -77,6 +80,7 @@ def test_tables_agree_with_each_other(small_run):
         pd.read_csv(out / "steps.csv")["cooperation_rate"].tolist())
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_rounds_and_other_seed_differs(tmp_path):
     args = [str(SMALL), "--quiet", "--set", "pairing.steps=3"]
     assert main([*args, "--out", str(tmp_path / "a"), "--seed", "5"]) == 0

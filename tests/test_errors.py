@@ -114,6 +114,7 @@ def test_existing_nonempty_out_is_refused(scenario_file, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_subprocess_exit_status_and_no_traceback(scenario_file, tmp_path):
     path = scenario_file(GOOD.replace("rounds = 3", "rounds = 0"))
     proc = subprocess.run([sys.executable, "-m", "abm.run", str(path), "--out",

@@ -236,6 +236,7 @@ def _alive(pids: list[int]) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
 def test_pool_workers_end_when_the_sweep_process_is_killed(tmp_path):
     (tmp_path / "base.toml").write_text((ROOT / "scenarios" / "small_world_rules.toml")
@@ -364,6 +365,7 @@ def test_ray_addresses_that_answer_pass_the_check():
     check_reachable("auto", "--address")  # Ray's own: left to Ray
 
 
+@pytest.mark.slow
 def test_an_unreachable_ray_address_fails_in_seconds_and_leaves_nothing(tmp_path):
     pytest.importorskip("ray")
     (tmp_path / "base.toml").write_text(tiny_base())
@@ -407,6 +409,7 @@ def _listening(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc/net")
 def test_a_local_ray_instance_listens_on_loopback_only():
     ray = pytest.importorskip("ray")

@@ -219,6 +219,7 @@ def render(scenario):
     return rc
 
 
+@pytest.mark.slow
 def test_graph_size_box_has_an_upper_bound():
     from abm.viz.model import MAX_PAGE_AGENTS, size_problem  # new: fails fast before
 
@@ -245,6 +246,7 @@ def test_graph_size_box_has_an_upper_bound():
                for w in rc.find(v.Html).widgets)
 
 
+@pytest.mark.slow
 def test_sliders_show_their_values():
     def shown():
         return [w.children[0] for w in rc.find(v.Html, class_="abm-slider-value").widgets]
@@ -346,6 +348,7 @@ def test_heatmaps_mark_cells_with_unread_answers(fake, scenario_file):
     assert not orange_frames(fig) and not any("*" in t for t in texts(fig))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fallback, says", [
     ("invalid", "invalid: the answer could not be read, so nothing was played and the "
                 "match stopped"),

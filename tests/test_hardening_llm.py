@@ -61,9 +61,11 @@ def test_a_bad_device_fails_before_any_model_loads(scenario_file, tmp_path, caps
 
 def test_missing_llm_extra_gives_the_install_command(scenario_file, tmp_path, capsys,
                                                      monkeypatch):
+    pytest.importorskip("torch", reason="without torch the message names torch instead")
     monkeypatch.setitem(sys.modules, "transformers", None)  # "not installed"
     monkeypatch.setattr(llm_module, "_BACKENDS", {})
-    assert main([llm_file(scenario_file), "--quiet", "--out", str(tmp_path / "o")]) == 2
+    path = llm_file(scenario_file, model=str(tmp_path))  # a model folder that exists
+    assert main([path, "--quiet", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "need transformers, which is not installed" in err
     assert 'pip install -e ".[llm]"' in err and "Traceback" not in err
@@ -85,8 +87,6 @@ def test_progress_counts_reflections_too(fake):
 
 # ------------------------------------------------------------------ with a real (tiny) model
 
-torch = pytest.importorskip("torch")
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -105,6 +105,7 @@ def tiny_run(folder, tiny_dir, name, others):
     return json.loads((out / "summary.json").read_text())["llm"][0]
 
 
+@pytest.mark.llm_extra
 def test_a_runs_counters_do_not_depend_on_earlier_runs(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(llm_module, "_BACKENDS", {})  # this process has loaded nothing yet
     keys = ("tokens", "forward_passes", "prefix_cache_hits", "computed", "memo_hits")
@@ -115,6 +116,7 @@ def test_a_runs_counters_do_not_depend_on_earlier_runs(tiny_dir, tmp_path, monke
     assert first["tokens"] > 0
 
 
+@pytest.mark.llm_extra
 def test_an_uncached_hub_model_fails_fast_when_the_hub_is_unreachable(monkeypatch):
     import socket
 

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import tomli_w
 
+from abm.population import Population
 from abm.table_writer import TableWriter
 from abm.run import expected_llm_calls, main, run_scenario
 from conftest import ROOT, SCENARIOS
@@ -172,6 +173,7 @@ def test_runs_folder_is_ignored_by_git():
     assert "runs/" in lines
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_imports_exits_130_with_one_line(rules_scenario, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "abm.run", str(rules_scenario), "--out",
                              str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE,
@@ -280,7 +282,7 @@ def test_table_writer_closes_every_file_when_one_close_fails(tmp_path):
         def close(self):
             Fine.closed = True
 
-    writer = TableWriter(tmp_path, ["a"], np.zeros(1, np.int64), ["a"])
+    writer = TableWriter(tmp_path, Population(["a"], np.zeros(1, np.int64)))
     writer.rounds_writer, writer.matches_writer = Broken(), Fine()
     with pytest.raises(OSError):
         writer.close()
@@ -291,6 +293,7 @@ def test_table_writer_closes_every_file_when_one_close_fails(tmp_path):
 # ---------------------------------------------------------------- SIGTERM, SIGKILL, two runs
 
 
+@pytest.mark.slow
 def test_sigterm_cleans_up_like_ctrl_c_and_a_second_run_is_refused_meanwhile(
         tmp_path, capsys):
     scenario = tmp_path / "long.toml"

@@ -15,6 +15,7 @@ from abm.engine import Engine
 from abm.game import C, D, EMPTY, INVALID, PayoffMatrix, apply_noise
 from abm.policies import make
 from abm.policies.base import Decisions
+from abm.population import Population
 from abm.table_writer import TableWriter
 from abm.seeding import stream
 
@@ -40,9 +41,9 @@ def engine(scripted, opponent="tit_for_tat", rounds=5, scope="match", window=Non
     """Node 0 (scripted) against node 1, and node 2 (the same script) against node 3
     (All-C); edge 0 and edge 1."""
     policies = [scripted, make(opponent, {}, GAME), make("all_c", {}, GAME)]
-    return Engine(game=GAME, noise=0.0, policies=policies,
-                  policy_of_node=np.array([0, 1, 0, 2]), edges=np.array([[0, 1], [2, 3]]),
-                  n_nodes=4, window=window, scope=scope, rounds=rounds,
+    return Engine(game=GAME, noise=0.0,
+                  population=Population.of_policies(policies, np.array([0, 1, 0, 2])),
+                  edges=np.array([[0, 1], [2, 3]]), window=window, scope=scope, rounds=rounds,
                   continuation_probability=None,
                   rngs={p: stream(1, p) for p in ("noise", "policy", "match_length")})
 
@@ -88,7 +89,7 @@ def test_matches_without_unreadable_answers_play_on():
 def test_tables_leave_stopped_matches_out_and_count_them(tmp_path):
     labels = ["LLM", "TFT", "All-C"]
     label_of_node = np.array([0, 1, 0, 2])
-    tally = Tally(labels, label_of_node)
+    tally = Tally(Population(labels, label_of_node))
     # step 1: the script stops both matches in round 2; step 2: a clean CCCCC script
     tally.add(play(Scripted("CX")))
     clean = play(Scripted("CCCCC"))
@@ -109,7 +110,7 @@ def test_tables_leave_stopped_matches_out_and_count_them(tmp_path):
 
 
 def test_only_void_matches_leave_a_cell_empty():
-    tally = Tally(["LLM", "TFT", "All-C"], np.array([0, 1, 0, 2]))
+    tally = Tally(Population(["LLM", "TFT", "All-C"], np.array([0, 1, 0, 2])))
     tally.add(play(Scripted("X")))
     assert np.isnan(tally.payoff_matrix().loc["LLM", "TFT"])
     assert tally.unread_matrix().loc["LLM", "TFT"] == 1.0
@@ -123,7 +124,7 @@ def test_fallback_actions_are_played_and_flagged():
     assert r.totals()["fallbacks"].tolist() == [1, 1, 0, 0]
     # a fallback action stands for an answer that could not be read
     assert r.totals()["invalid"].tolist() == [1, 1, 0, 0]
-    tally = Tally(["LLM", "TFT", "All-C"], np.array([0, 1, 0, 2]))
+    tally = Tally(Population(["LLM", "TFT", "All-C"], np.array([0, 1, 0, 2])))
     tally.add(r)
     # 1 of the script's 5 decisions against TFT was the rule's
     assert tally.unread_matrix().loc["LLM", "TFT"] == 1 / 5
@@ -133,8 +134,10 @@ def test_fallback_actions_are_played_and_flagged():
 def test_records_mark_invalid_and_fallback_decisions(tmp_path):
     labels = ["LLM", "TFT", "All-C"]
     label_of_node = np.array([0, 1, 0, 2])
-    writer = TableWriter(tmp_path, labels, label_of_node, ["llm", "tit_for_tat", "all_c"])
-    tally = Tally(labels, label_of_node)
+    population = Population(labels, label_of_node,
+                            policy_names=["llm", "tit_for_tat", "all_c"])
+    writer = TableWriter(tmp_path, population)
+    tally = Tally(population)
     for step, script in enumerate([Scripted("CDX"), Scripted("DCC", fallback="f")]):
         r = engine(script, rounds=3).play(step, np.array([0, 1]))
         writer.add(r, tally.add(r))

@@ -22,8 +22,8 @@ from types import SimpleNamespace  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="needs the llm extra (torch)")
+pytest.importorskip("transformers", reason="needs the llm extra (transformers)")
 
 from abm.errors import ScenarioError  # noqa: E402
 from abm.llm import models  # noqa: E402

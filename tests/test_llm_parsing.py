@@ -208,6 +208,7 @@ FRAGMENTS = ["I", "I'll", "will", "not", "never", "want to", "choose", "testify"
              "te\u017ftify", "\u0130"]
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(), st.lists(st.sampled_from(FRAGMENTS), max_size=25).map(" ".join)))
 def test_any_text_reads_without_error(text):

@@ -163,6 +163,7 @@ def test_sft_export(fake, tmp_path, capsys):
     assert "no transcripts.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_rule_only_runs_do_not_import_torch(tmp_path):
     import subprocess
     import sys

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from abm.memory import Memory
 from abm.model import DilemmaModel
@@ -113,3 +114,17 @@ def test_self_play_twin_has_its_own_memory():
     model.step()
     # each side remembers its own last move (D), so both open the next match with C
     assert model.last_result.actual.T.tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
+
+
+def test_read_gives_read_only_arrays_and_leaves_the_tables_writable():
+    mem = Memory(3, 2)
+    mem.push(None, np.array([0, 1, 0], np.int8), np.array([1, 1, 0], np.int8))
+    for slots in (slice(0, 2), np.array([2, 0])):
+        mine, theirs, length = mem.read(slots)
+        for array in (mine, theirs, length):
+            with pytest.raises(ValueError, match="read-only"):
+                array[...] = 0
+    # the reader could not change what slot 0 remembers, and pushing still works
+    mem.push(None, np.array([1, 1, 1], np.int8), np.array([0, 0, 0], np.int8))
+    assert mem.mine[0].tolist() == [0, 1] and mem.theirs[0].tolist() == [1, 0]
+    assert mem.length.tolist() == [2, 2, 2]

@@ -34,6 +34,25 @@ def test_agents_sit_on_the_mesa_network():
         assert neighbours == set(model.graph.neighbors(player.node))
 
 
+def test_mesa_agents_are_built_on_first_use_only():
+    model = DilemmaModel(small_world().scenario, collect_agents=False)
+    run(model)
+    assert model._players is None and len(model._all_agents) == 0  # never needed
+    # the first look builds one Player per node, AgentIDs 1..n in node order
+    assert [p.node for p in model.players] == list(range(30))
+    assert [a.unique_id for a in model.agents] == list(range(1, 31))
+    assert model.players[4].label == model.labels[model.label_of_node[4]]
+    assert model.players[4].score == model.scores[4]
+
+
+def test_agent_rows_name_each_node_by_agent_id():
+    model = run(small_world())
+    rows = model.datacollector.get_agent_vars_dataframe().xs(6, level="Step")
+    assert rows.index.tolist() == list(range(1, 31))
+    assert rows["player"].tolist() == [model.labels[i] for i in model.label_of_node]
+    assert np.allclose(rows["score"].to_numpy(), model.scores)
+
+
 def test_mix_gives_exact_counts():
     model = small_world()
     counts = {name: model.policy_names.count(name) for name in set(model.policy_names)}
@@ -81,6 +100,7 @@ def test_missing_seed_is_drawn_and_recorded():
     assert isinstance(model.master_seed, int) and model.scenario.seed == model.master_seed
 
 
+@pytest.mark.slow
 def test_geometric_match_lengths():
     delta = 0.8
     data = {"seed": 5, "match": {"continuation_probability": delta},

@@ -16,6 +16,7 @@ import pytest
 from abm.engine import Engine
 from abm.game import C, D, PayoffMatrix, apply_noise
 from abm.policies import make
+from abm.population import Population
 from abm.seeding import stream
 
 GAME = PayoffMatrix()
@@ -29,8 +30,9 @@ def population(a: str, b: str, *, noise: float, seed: int = 1, m: int = M,
     """m disjoint matches, node i (policy a) against node m + i (policy b)."""
     pols = [make(a, {}, GAME), make(b, {}, GAME)]
     edges = np.stack([np.arange(m), np.arange(m, 2 * m)], axis=1)
-    eng = Engine(game=GAME, noise=noise, policies=pols, policy_of_node=np.repeat([0, 1], m),
-                 edges=edges, n_nodes=2 * m, window=None, scope="match", rounds=rounds,
+    eng = Engine(game=GAME, noise=noise,
+                 population=Population.of_policies(pols, np.repeat([0, 1], m)),
+                 edges=edges, window=None, scope="match", rounds=rounds,
                  continuation_probability=None,
                  rngs={p: stream(seed, p) for p in PURPOSES})
     return eng.play(0, np.arange(m))

@@ -15,6 +15,7 @@ from test_round_robin import PAYOFF, PLAYERS
 T_975_2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom
 
 
+@pytest.mark.slow
 def test_identical_replicates_reproduce_the_hand_table(tmp_path):
     assert main([str(SCENARIOS / "round_robin_rules.toml"), "--replicates", "2", "--quiet",
                  "--out", str(tmp_path / "r")]) == 0
@@ -31,6 +32,7 @@ def test_identical_replicates_reproduce_the_hand_table(tmp_path):
     assert (tmp_path / "r" / "payoff_heatmap.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_intervals_are_student_t_over_replicates(tmp_path):
     out = tmp_path / "r"
     assert main([str(SCENARIOS / "round_robin_rules.toml"), "--replicates", "3", "--quiet",
@@ -50,6 +52,7 @@ def test_intervals_are_student_t_over_replicates(tmp_path):
     assert seeds == [5, 6, 7]
 
 
+@pytest.mark.slow
 def test_llm_cooperation_and_pooled_fingerprint(fake, tmp_path):
     out = tmp_path / "r"
     assert main([str(SCENARIOS / "round_robin.toml"), "--replicates", "2", "--quiet",
@@ -65,6 +68,7 @@ def test_llm_cooperation_and_pooled_fingerprint(fake, tmp_path):
         assert (out / f"{chart}.html").is_file()
 
 
+@pytest.mark.slow
 def test_an_interrupted_command_resumes(tmp_path):
     out = tmp_path / "r"
     args = [str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--out", str(out)]
@@ -91,6 +95,7 @@ def test_a_folder_holding_other_files_is_refused_and_left_alone(tmp_path, capsys
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_another_request_into_the_same_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "r"
     args = [str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--out", str(out),
@@ -102,6 +107,7 @@ def test_another_request_into_the_same_folder_is_refused(tmp_path, capsys):
         "replicate-1", "replicate-2"]
 
 
+@pytest.mark.slow
 def test_a_scenario_without_a_seed_resumes_with_its_recorded_seed(tmp_path, scenario_file):
     path = scenario_file('[match]\nrounds = 3\n[graph]\nkind = "complete"\n'
                          '[population]\nplayers = ["all_d", "random"]\n')

@@ -17,6 +17,7 @@ from abm.engine import Engine
 from abm.game import C, D, PayoffMatrix
 from abm.policies import REGISTRY, View, lookup, make
 from abm.policies.rules import GenerousTitForTat, Trigger, WinStayLoseShift
+from abm.population import Population
 from abm.seeding import stream
 
 # the rule strategies; the LLM policy and the Axelrod adapter have tests of their own
@@ -29,9 +30,10 @@ PURPOSES = ("noise", "policy", "match_length")
 
 def _engine(policies, policy_of_node, edges, n_nodes, rounds, *, noise=0.0, window=None,
             seed=1, game=GAME):
-    return Engine(game=game, noise=noise, policies=policies,
-                  policy_of_node=np.asarray(policy_of_node), edges=np.asarray(edges),
-                  n_nodes=n_nodes, window=window, scope="match", rounds=rounds,
+    assert len(policy_of_node) == n_nodes
+    return Engine(game=game, noise=noise,
+                  population=Population.of_policies(policies, np.asarray(policy_of_node)),
+                  edges=np.asarray(edges), window=window, scope="match", rounds=rounds,
                   continuation_probability=None, rngs={p: stream(seed, p) for p in PURPOSES})
 
 

@@ -177,6 +177,7 @@ def test_cli_reports_a_broken_scenario(scenario_file, capsys):
 # ---------------------------------------------------------------- the page, headless
 
 
+@pytest.mark.slow
 def test_page_builds_and_a_step_updates_the_plots():
     rc = render(SMALL_WORLD)
     assert text_of(rc, "abm-step") == "Step 0 of 50"
@@ -198,6 +199,7 @@ def test_page_builds_and_a_step_updates_the_plots():
     assert rc.find(v.Html, class_="abm-network").widget.attributes["src"] != network
 
 
+@pytest.mark.slow
 def test_reset_rebuilds_the_model_from_the_controls():
     rc = render(SMALL_WORLD)
     rc.find(v.Select, label="Graph family").widget.v_model = "ring"
@@ -212,6 +214,7 @@ def test_reset_rebuilds_the_model_from_the_controls():
     assert any("(30 agents, 60 links" in str(w.children) for w in status)  # ring, k = 2
 
 
+@pytest.mark.slow
 def test_llm_agent_panel_shows_prompt_answer_and_reflection(fake):
     rc = render(str(SCENARIOS / "round_robin.toml"))
     rc.find(v.Html, children=["No decisions yet: press Step."]).assert_single()

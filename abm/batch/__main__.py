@@ -60,8 +60,16 @@ def _report_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status: 0 every run succeeded, 1 some run
-    failed (recorded in results.parquet), 2 a bad sweep file or folder, 130 interrupted."""
+    """Run the ``python -m abm.batch`` command line.
+
+    Args:
+        argv: The arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        The exit status: 0 when every run succeeded, 1 when some run failed (recorded in
+        results.parquet) or a worker was lost, 2 for a bad sweep file or folder, 130 when
+        interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         return _report_main(argv[1:])

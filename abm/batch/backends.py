@@ -47,8 +47,19 @@ class WorkerLost(RuntimeError):
 
 
 def execute(task: Task) -> dict[str, Any]:
-    """Run one task; never raises for a failed run, which comes back as a row with
-    ``status = "failed"`` and the error."""
+    """Run one task in this process and return its row of results.
+
+    A run folder that is already complete is not run again (unless ``task.force``).
+
+    Args:
+        task: The run to do.
+
+    Returns:
+        The row: ``status`` ("ok" or "failed"), ``error`` (one line, or None), the run's
+        metrics when it succeeded, the traceback when it failed, ``run_id``,
+        ``run_seconds`` and ``worker`` ("host:pid"). A failed run is a row, not an
+        exception; only interrupts such as KeyboardInterrupt propagate.
+    """
     started = time.perf_counter()
     final = Path(task.out)
     try:
@@ -76,6 +87,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run_serial(tasks: list[Task], on_result: OnResult) -> None:
+    """Run the tasks one after another in this process, handing each row to ``on_result``."""
     for task in tasks:
         on_result(task, execute(task))
 
@@ -84,14 +96,24 @@ def run_serial(tasks: list[Task], on_result: OnResult) -> None:
 
 
 def start_method() -> str:
-    """Fresh interpreters for workers: forking a process that may hold torch threads is
-    unsafe, so spawn (not forkserver: workers watch their parent, and a forkserver
-    worker's parent is the server, not the sweep)."""
+    """The multiprocessing start method of local workers: "spawn", fresh interpreters.
+
+    Forking a process that may hold torch threads is unsafe, hence no "fork"; and not
+    "forkserver" either, since workers watch their parent, and a forkserver worker's
+    parent is the server, not the sweep.
+    """
     return "spawn"
 
 
 def run_local(tasks: list[Task], on_result: OnResult, workers: int) -> None:
-    """A process pool of ``workers`` processes; results arrive as runs finish."""
+    """Run the tasks on a pool of ``workers`` local processes.
+
+    Each row goes to ``on_result`` (in this process) as its run finishes; each worker
+    gets an equal share of the cores for its thread pools.
+
+    Raises:
+        WorkerLost: A worker process died (killed, or out of memory).
+    """
     context = multiprocessing.get_context(start_method())
     threads = max(1, default_workers() // workers)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
@@ -146,9 +168,12 @@ def exit_with_parent(parent: int, interval: float = PARENT_POLL_SECONDS) -> None
 
 
 def _kill_on_parent_death() -> None:
-    """prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux; nothing elsewhere or if it fails. (It
-    fires when the parent's thread that started this process ends; the pool starts its
-    workers from the thread that runs the sweep, which outlives the pool.)"""
+    """Ask Linux to SIGKILL this process when its parent dies; nothing elsewhere or on failure.
+
+    This is prctl(PR_SET_PDEATHSIG, SIGKILL). It fires when the parent's thread that
+    started this process ends; the pool starts its workers from the thread that runs
+    the sweep, which outlives the pool.
+    """
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -161,13 +186,17 @@ def _kill_on_parent_death() -> None:
 
 
 def _limit_threads(threads: int) -> None:
-    """Share the cores between the workers (as Ray does for its tasks): torch, if a run
-    loads it, reads these before it starts its thread pools."""
+    """Share the cores between the workers, as Ray does for its tasks.
+
+    Sets the OpenMP, MKL and OpenBLAS thread counts unless already set; torch, if a
+    run loads it, reads them before it starts its thread pools.
+    """
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(name, str(threads))
 
 
 def default_workers() -> int:
+    """The number of cores this process may run on (all cores where that is unknown)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -1,5 +1,8 @@
-"""Dotted key paths of a sweep file (``game.noise``, ``population.players[5].framing``)
-and the ``--set`` overrides that apply a parameter point to the base scenario."""
+"""Dotted key paths of a sweep file and the ``--set`` overrides built from them.
+
+A key path is written ``game.noise`` or ``population.players[5].framing``; the
+overrides apply one parameter point to the base scenario.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Any
 import tomli_w
 
 from abm.errors import ScenarioError
+from abm.validation import dotted
 
 Path_ = tuple[str | int, ...]  # a key path: table keys and list indices
 
@@ -21,36 +25,69 @@ _SEGMENT = re.compile(r"^([A-Za-z0-9_-]+)((?:\[\d+\])*)$")
 # ------------------------------------------------------------------ key paths
 
 
-def parse_key(text: str, where: str) -> Path_:
-    """``"population.players[5].framing"`` -> ("population", "players", 5, "framing")."""
+NOT_A_KEY_PATH = ("not a key path; write dotted keys such as game.noise, with [i] to pick "
+                  "a list element, as in \"population.players[5].framing\"")
+
+
+def key_path(text: str) -> Path_ | None:
+    """Split a dotted key into its table keys and list indices.
+
+    ``"population.players[5].framing"`` becomes ``("population", "players", 5, "framing")``.
+
+    Args:
+        text: The key as written in a sweep file or a ``--set`` option.
+
+    Returns:
+        The key path, or None when ``text`` is no key path.
+    """
     parts: list[str | int] = []
     for segment in text.split("."):
         match = _SEGMENT.match(segment.strip())
         if not match:
-            raise ScenarioError(f"{where}: key {text!r} is not a key path; write dotted keys "
-                                "such as game.noise, with [i] to pick a list element, as in "
-                                "\"population.players[5].framing\"")
+            return None
         parts.append(match.group(1))
         parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", match.group(2)))
     return tuple(parts)
 
 
-def format_key(path: Path_) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
+def parse_key(text: str, where: str) -> Path_:
+    """Split a dotted key like ``key_path``, refusing text that is no key path.
+
+    Args:
+        text: The key as written.
+        where: The file or option the key comes from; it starts the error message.
+
+    Returns:
+        The key path.
+
+    Raises:
+        ScenarioError: When ``text`` is no key path.
+    """
+    path = key_path(text)
+    if path is None:
+        raise ScenarioError(f"{where}: key {text!r} is {NOT_A_KEY_PATH}")
+    return path
 
 
-def flatten(table: dict[str, Any], where: str, prefix: Path_ = ()) -> list[tuple[Path_, Any]]:
-    """Nested tables (from dotted TOML keys) -> (path, leaf value) pairs, in file order."""
-    out: list[tuple[Path_, Any]] = []
+def joined(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables (from dotted TOML keys) -> {dotted key: leaf value}, in file order.
+
+    Keys are spelt as ``dotted`` spells their path, so ``game.noise`` and
+    ``"game.noise"`` are one key; a key that is no key path is kept as written.
+
+    Raises:
+        ValueError: when one key is written twice (in two spellings).
+    """
+    out: dict[str, Any] = {}
     for key, value in table.items():
-        path = prefix + parse_key(key, where)
-        if isinstance(value, dict):
-            out += flatten(value, where, path)
-        else:
-            out.append((path, value))
+        full = f"{prefix}.{key}" if prefix else str(key)
+        leaves = joined(value, full) if isinstance(value, dict) else {full: value}
+        for leaf, leaf_value in leaves.items():
+            path = key_path(leaf)
+            name = leaf if path is None else dotted(path)
+            if name in out:
+                raise ValueError(f"key '{name}' is written twice; give each key once")
+            out[name] = leaf_value
     return out
 
 
@@ -75,6 +112,7 @@ def canonical(value: Any) -> Any:
 
 
 def canonical_text(value: Any) -> str:
+    """The compact, key-sorted JSON text of ``canonical(value)``, equal for equal values."""
     return json.dumps(canonical(value), sort_keys=True, separators=(",", ":"))
 
 
@@ -93,8 +131,11 @@ def _toml_key(key: str) -> str:
 
 
 def label(value: Any) -> Any:
-    """How a swept value is shown in tables and charts: scalars as they are, tables
-    as ``kind(key=value, ...)``, lists as text."""
+    """How a swept value is shown in tables and charts.
+
+    Scalars stay as they are; tables become ``kind(key=value, ...)`` (or
+    ``{key=value, ...}`` without a ``kind``); lists become text.
+    """
     if isinstance(value, dict):
         rest = {k: v for k, v in value.items() if k != "kind"}
         inner = ", ".join(f"{k}={label(v)}" for k, v in rest.items())
@@ -110,27 +151,27 @@ def _set_path(data: dict[str, Any], path: Path_, value: Any, where: str) -> None
     node: Any = data
     for i, part in enumerate(path[:-1]):
         nxt = path[i + 1]
-        here = format_key(path[: i + 1])
+        here = dotted(path[: i + 1])
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
                 size = len(node) if isinstance(node, list) else 0
-                raise ScenarioError(f"{where}: field '{format_key(path)}': {format_key(path[:i])} "
+                raise ScenarioError(f"{where}: field '{dotted(path)}': {dotted(path[:i])} "
                                     f"has {size} elements, so there is no [{part}]")
             if node[part] is None or (not isinstance(node[part], (dict, list))):
                 if isinstance(nxt, str) and isinstance(node[part], str):
                     node[part] = {"name": node[part]}  # a bare policy name becomes a table
                 else:
-                    raise ScenarioError(f"{where}: field '{format_key(path)}': {here} is a "
+                    raise ScenarioError(f"{where}: field '{dotted(path)}': {here} is a "
                                         "value, not a table")
             node = node[part]
             continue
         if not isinstance(node, dict):
-            raise ScenarioError(f"{where}: field '{format_key(path)}': "
-                                f"{format_key(path[:i]) or 'the scenario'} is "
+            raise ScenarioError(f"{where}: field '{dotted(path)}': "
+                                f"{dotted(path[:i]) or 'the scenario'} is "
                                 f"{'a list; pick an element with [i]' if isinstance(node, list) else 'a value, not a table'}")
         if isinstance(nxt, int):
             if not isinstance(node.get(part), list):
-                raise ScenarioError(f"{where}: field '{format_key(path)}': {here} is not a list "
+                raise ScenarioError(f"{where}: field '{dotted(path)}': {here} is not a list "
                                     "in the base scenario, so it has no elements to pick")
         else:
             if part not in node:
@@ -141,12 +182,12 @@ def _set_path(data: dict[str, Any], path: Path_, value: Any, where: str) -> None
     last = path[-1]
     if isinstance(last, int):
         if not isinstance(node, list) or last >= len(node):
-            raise ScenarioError(f"{where}: field '{format_key(path)}': no element [{last}]")
+            raise ScenarioError(f"{where}: field '{dotted(path)}': no element [{last}]")
         node[last] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ScenarioError(f"{where}: field '{format_key(path)}': {format_key(path[:-1])} is a "
+        raise ScenarioError(f"{where}: field '{dotted(path)}': {dotted(path[:-1])} is a "
                             f"{'list; pick an element with [i]' if isinstance(node, list) else 'value, not a table'}")
 
 
@@ -175,5 +216,5 @@ def overrides_for(base_raw: dict[str, Any], settings: dict[str, Any], where: str
         order.setdefault(collapsed, len(order))
     result = []
     for collapsed in sorted(order, key=lambda c: (len(c), order[c])):
-        result.append(f"{format_key(collapsed)}={toml_value(_get_path(final, collapsed))}")
+        result.append(f"{dotted(collapsed)}={toml_value(_get_path(final, collapsed))}")
     return result

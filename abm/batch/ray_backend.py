@@ -23,9 +23,15 @@ from typing import Any
 
 from abm.batch.backends import OnResult, Task, _one_line, default_workers, execute
 from abm.errors import ScenarioError
+from abm.llm.models import DEFAULT_MODEL
 
 
 def import_ray() -> Any:
+    """The ``ray`` module.
+
+    Raises:
+        ScenarioError: Ray is not installed (the message gives the install command).
+    """
     try:
         import ray
     except ImportError:
@@ -39,20 +45,26 @@ class LLMWorker:
     """A Ray actor: one process that keeps its loaded models and runs task after task."""
 
     def pid(self) -> int:
+        """The actor's process id."""
         return os.getpid()
 
     def run(self, task: Task) -> dict[str, Any]:
+        """Run one task in the actor's process, as ``abm.batch.backends.execute`` does."""
         return execute(task)
 
 
 def model_key(task: Task) -> tuple:
     """Runs that can share an actor: the same models on the same devices."""
-    return tuple(sorted((p.get("model", "smollm2-135m-instruct"), p.get("device", "auto"),
+    return tuple(sorted((p.get("model", DEFAULT_MODEL), p.get("device", "auto"),
                          p.get("dtype", "auto")) for p in task.llm))
 
 
 def gpus_for(task: Task, cluster_gpus: float) -> int:
-    """1 when the run's LLM asks for CUDA, or says "auto" on a cluster with GPUs."""
+    """The GPUs a run's actor asks for: 1 or 0.
+
+    1 when an LLM player of the run asks for CUDA, or says "auto" on a cluster with
+    GPUs.
+    """
     devices = [str(p.get("device", "auto")) for p in task.llm]
     if any(d.startswith("cuda") for d in devices):
         return 1
@@ -105,8 +117,18 @@ def connect(address: str | None, workers: int | None) -> bool:
 
 
 def check_reachable(address: str, flag: str, timeout: float = CONNECT_TIMEOUT) -> None:
-    """ScenarioError unless something accepts a TCP connection at ``address`` (HOST:PORT
-    or ray://HOST:PORT; "auto" and "local" are Ray's own and are left to it)."""
+    """Check that something accepts a TCP connection at a Ray cluster's address.
+
+    Args:
+        address: HOST:PORT or ray://HOST:PORT; "auto" and "local" are Ray's own and
+            are left to it.
+        flag: How the user gave the address (``--address ...`` or ``RAY_ADDRESS=...``),
+            for the message.
+        timeout: Seconds to wait for the connection.
+
+    Raises:
+        ScenarioError: The address is malformed, or nothing answers there in time.
+    """
     if address in ("auto", "local"):
         return
     target = address.removeprefix("ray://")
@@ -130,10 +152,13 @@ def check_reachable(address: str, flag: str, timeout: float = CONNECT_TIMEOUT) -
 
 @contextlib.contextmanager
 def _loopback_only() -> Iterator[None]:
-    """While a local instance starts, Ray's single-machine mode, so that the 127.0.0.1 given
-    as its node address is kept: the GCS, the raylet and the workers then listen on
-    127.0.0.1 only, not on every interface. Set in the environment for the processes Ray
-    starts and in Ray's constant for this one; both are restored afterwards."""
+    """Switch on Ray's single-machine mode while a local instance starts.
+
+    In that mode the 127.0.0.1 given as the node address is kept: the GCS, the raylet
+    and the workers then listen on 127.0.0.1 only, not on every interface. It is set
+    in the environment for the processes Ray starts and in Ray's constant for this
+    one; both are restored afterwards.
+    """
     try:
         from ray._private import ray_constants
     except ImportError:  # another layout: the address alone is the best there is
@@ -156,11 +181,21 @@ def _loopback_only() -> Iterator[None]:
 
 def run_ray(tasks: list[Task], on_result: OnResult, workers: int | None = None,
             address: str | None = None, connected: bool | None = None) -> None:
-    """Run every task on Ray. ``workers``: the CPUs of a local instance started here; on a
-    running cluster, the most runs at once (default: as many as it has CPUs).
+    """Run every task on Ray, handing each row to ``on_result`` as its run finishes.
 
-    ``connected``: None to connect here (and shut Ray down after); True or False when the
-    caller has called ``connect`` itself (what it returned) and shuts Ray down itself.
+    Args:
+        tasks: The runs to do.
+        on_result: Called in this process with each task and its row.
+        workers: The CPUs of a local instance started here; on a running cluster, the
+            most runs at once (default: as many as it has CPUs). It also bounds the
+            LLM actors alive at once.
+        address: The cluster to join, as for ``connect``.
+        connected: None to connect here (and shut Ray down after); True or False when
+            the caller has called ``connect`` itself (what it returned) and shuts Ray
+            down itself.
+
+    Raises:
+        ScenarioError: Ray is missing, or cannot be started or joined.
     """
     ray = import_ray()
     owner = connected is None

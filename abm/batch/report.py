@@ -36,8 +36,18 @@ def metric_columns(results: pd.DataFrame, keys: list[str]) -> list[str]:
 
 def aggregate(results: pd.DataFrame, keys: list[str],
               metrics: list[str] | None = None) -> pd.DataFrame:
-    """One row per parameter point and metric over the successful runs: n (runs with a
-    value), mean, std (sample, n - 1), sem, and the 95 % t-interval of the mean."""
+    """Summarise the successful runs per parameter point and metric.
+
+    Args:
+        results: The results table (results.parquet).
+        keys: The swept parameter columns.
+        metrics: The metric columns to summarise; default every ``metric_columns``.
+
+    Returns:
+        One row per point and metric: the point, its parameter values, ``metric``,
+        ``n`` (runs with a value), ``mean``, ``std`` (sample, n - 1), ``sem`` and the
+        95 % t-interval of the mean (``ci95_low``, ``ci95_high``).
+    """
     ok = results[results["status"] == "ok"]
     metrics = metrics or metric_columns(results, keys)
     rows: list[dict[str, Any]] = []
@@ -53,7 +63,22 @@ def aggregate(results: pd.DataFrame, keys: list[str],
 
 
 def write_report(out: str | Path, charts: bool = True) -> list[Path]:
-    """Write ``aggregate.csv`` and the charts of the sweep in ``out``; return the files."""
+    """Write ``aggregate.csv`` and the charts of the sweep in ``out``.
+
+    Each metric that sweep.json names gets a chart against each swept key, and a
+    heatmap when two keys are crossed in a grid.
+
+    Args:
+        out: The sweep folder.
+        charts: Also write the charts (into ``charts/``).
+
+    Returns:
+        The files written.
+
+    Raises:
+        ScenarioError: ``out`` is not a sweep folder, its sweep.json or results.parquet
+            cannot be read, or the report cannot be written there.
+    """
     out = Path(out)
     meta_file, results_file = out / SWEEP_JSON, out / RESULTS
     if not meta_file.is_file() or not results_file.is_file():
@@ -111,18 +136,23 @@ def _is_number(series: pd.Series) -> bool:
 
 
 def is_share(metric: str) -> bool:
-    """A rate or share, between 0 and 1 by construction (cooperation_rate,
-    final_cooperation_rate, llm_invalid_rate, cooperation[...], final_share[...],
-    mean_share[...]): its charts clip the 95 % interval to [0, 1]."""
+    """Whether a metric is a rate or share, between 0 and 1 by construction.
+
+    Such metrics (cooperation_rate, final_cooperation_rate, llm_invalid_rate,
+    cooperation[...], final_share[...], mean_share[...]) get their 95 % interval
+    clipped to [0, 1] in the charts.
+    """
     return metric.endswith("_rate") or metric.startswith(("cooperation[", "final_share[",
                                                           "mean_share["))
 
 
 def _line_chart(data: pd.DataFrame, metric: str, key: str, others: list[str]) -> alt.Chart:
-    """Mean and 95 % CI of ``metric`` against ``key``, one colour per value of the other
-    keys: a line over a numeric key; points with error bars, side by side, over a
-    categorical one (its values have no order a line could join). The t-interval of a
-    rate or share is clipped to [0, 1] here (aggregate.csv keeps it as computed)."""
+    """Mean and 95 % CI of ``metric`` against ``key``, one colour per value of the other keys.
+
+    Over a numeric key it draws a line; over a categorical one, points with error bars
+    side by side (its values have no order a line could join). The t-interval of a
+    rate or share is clipped to [0, 1] here (aggregate.csv keeps it as computed).
+    """
     share = is_share(metric)
     low, high = data["ci95_low"], data["ci95_high"]
     if share:  # a t-interval of few replicates can reach past what a share can be

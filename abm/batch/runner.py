@@ -33,20 +33,41 @@ class SweepResult:
 
     @property
     def ok(self) -> bool:
+        """Whether no run failed in this call."""
         return not self.failed
 
 
 def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "local", workers: int | None = None,
               force: bool = False, address: str | None = None, quiet: bool = True,
               report: bool = True, charts: bool = True) -> SweepResult:
-    """Run every run of ``sweep`` that is not complete in ``out`` (all of them with
-    ``force``), record results.parquet, then write the report.
+    """Run every run of ``sweep`` that is not complete in ``out``, recording results as they come.
 
-    ``backend``: "local" (a process pool of ``workers`` processes, default one per
-    core; one worker runs in this process), "serial" (this process) or "ray".
-    Raises ScenarioError for a folder that cannot be used, WorkerLost when a local
-    worker process dies, KeyboardInterrupt on Ctrl-C; everything finished before
-    is kept in every case.
+    Each finished run is added to results.parquet at once, so an interrupted sweep
+    resumes where it stopped; rows lost from the table are rebuilt from complete run
+    folders. Everything finished is kept whatever goes wrong.
+
+    Args:
+        sweep: The loaded sweep.
+        out: The sweep folder (created if needed).
+        backend: "local" (a process pool of ``workers`` processes; with one worker,
+            or one run to do, the runs go in this process), "serial" (this process)
+            or "ray".
+        workers: Worker processes (local) or parallel runs (Ray); default one per
+            core available.
+        force: Run every run again, complete or not.
+        address: The Ray cluster to join (default: $RAY_ADDRESS, else a new local one).
+        quiet: Print no plan and no progress bar.
+        report: Write the report (``abm.batch.report.write_report``) at the end.
+        charts: Include the report's charts.
+
+    Returns:
+        What this call did.
+
+    Raises:
+        ScenarioError: An unknown backend, fewer than one worker, Ray missing or
+            unreachable, or a folder that cannot be used.
+        WorkerLost: A local worker process died.
+        KeyboardInterrupt: Ctrl-C.
     """
     if backend not in BACKENDS:
         raise ScenarioError(f"--backend {backend!r}: allowed: {', '.join(BACKENDS)}")

@@ -67,7 +67,16 @@ def t_quantile(p: float, df: int) -> float:
 def mean_ci(values: list[float], level: float = 0.95) -> dict[str, float]:
     """n, mean, sample standard deviation, standard error and the t-interval of the mean.
 
-    With one value the spread is unknown: std, sem and the interval are NaN.
+    None and NaN values are left out. With one value the spread is unknown: std, sem
+    and the interval are NaN; with none, the mean is NaN too.
+
+    Args:
+        values: The sample.
+        level: The interval's confidence level.
+
+    Returns:
+        The keys ``n``, ``mean``, ``std`` (n - 1 in the denominator), ``sem``,
+        ``ci_low`` and ``ci_high``.
     """
     xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     n = len(xs)

@@ -85,9 +85,15 @@ def read_metrics(folder: Path) -> dict[str, Any]:
 
 
 class Store:
-    """The sweep's output folder: who runs what, and results.parquet."""
+    """The sweep's output folder: the run folders, results.parquet and the lock.
+
+    Attributes:
+        out: The sweep folder.
+        rows: The results rows by run id, as results.parquet will hold them.
+    """
 
     def __init__(self, out: Path, sweep: Sweep) -> None:
+        """Describe the folder ``out`` of ``sweep``; nothing is read or written yet."""
         self.out = out
         self.sweep = sweep
         self.runs_dir = out / RUNS
@@ -107,8 +113,12 @@ class Store:
     def load(self) -> None:
         """Check the folder and read the rows an earlier call recorded, writing nothing.
 
-        A folder that is not this sweep's, or whose sweep.json or results.parquet cannot
-        be read, raises ScenarioError and is left exactly as it is.
+        Only rows of this sweep's runs that succeeded and whose folder is complete are
+        kept; the others are run again.
+
+        Raises:
+            ScenarioError: The folder is not this sweep's, or its sweep.json or
+                results.parquet cannot be read; it is then left exactly as it is.
         """
         out = self.out
         where = f"--out {out}"
@@ -147,8 +157,12 @@ class Store:
     def create(self) -> None:
         """Make the folder, take the lock, clear what killed runs left, write sweep.json.
 
-        A folder that cannot be written (read-only, under a file, a full disk) raises
-        ScenarioError; what this call made before it failed is removed again.
+        sweep.toml, the sweep file's text, is written beside it.
+
+        Raises:
+            ScenarioError: The folder cannot be written (read-only, under a file, a full
+                disk; what this call made before it failed is removed again), or another
+                sweep holds its lock.
         """
         out = self.out
         made = _first_missing(self.runs_dir)  # the topmost folder this call makes, if any
@@ -193,6 +207,7 @@ class Store:
         self._lock_file = handle
 
     def close(self) -> None:
+        """Write results.parquet if anything changed, and release the lock."""
         self.flush(force=True)
         self._unlock()
 
@@ -204,9 +219,11 @@ class Store:
     # -- runs
 
     def folder(self, run: Run) -> Path:
+        """The run's folder, ``runs/<run_id>``."""
         return self.runs_dir / run.run_id
 
     def complete(self, run: Run) -> bool:
+        """Whether the run's folder is complete (``abm.run`` renames it into place)."""
         return (self.folder(run) / "summary.json").is_file()
 
     def orphans(self) -> list[str]:
@@ -215,7 +232,14 @@ class Store:
                       if p.is_dir() and not p.name.startswith(".") and p.name not in self.by_id)
 
     def recover(self, skip: set[str] = frozenset()) -> int:
-        """Rows for complete runs that results.parquet does not have yet."""
+        """Add rows, read from their folders, for complete runs that have none yet.
+
+        Args:
+            skip: Run ids to leave out (those about to run again).
+
+        Returns:
+            How many rows were added.
+        """
         n = 0
         for run in self.sweep.runs:
             if run.run_id not in self.rows and run.run_id not in skip and self.complete(run):
@@ -225,6 +249,17 @@ class Store:
         return n
 
     def add(self, run: Run, result: dict[str, Any]) -> dict[str, Any]:
+        """Record a run's result as its row; a failed run's traceback goes to errors.log.
+
+        Args:
+            run: The run.
+            result: A row from ``abm.batch.backends.execute`` (status, error, metrics
+                ...).
+
+        Returns:
+            The row: the run's id, point, replicate, seed and parameters, then status,
+            error, ``out`` (its folder, when it succeeded), run_seconds and metrics.
+        """
         row: dict[str, Any] = {"run_id": run.run_id, "point": run.point,
                                "replicate": run.replicate, "seed": run.seed}
         row.update(run.params)
@@ -246,10 +281,16 @@ class Store:
     # -- results.parquet
 
     def frame(self) -> pd.DataFrame:
+        """The rows recorded so far as the results table (``results_frame``)."""
         return results_frame(self.sweep, list(self.rows.values()))
 
     def flush(self, force: bool = False, every: float = 1.0) -> None:
-        """Write results.parquet (temp file + rename) at most every ``every`` seconds."""
+        """Write results.parquet (temp file + rename) if rows changed, at most every ``every`` s.
+
+        Args:
+            force: Write now, however recent the last write.
+            every: The least number of seconds between two writes.
+        """
         if not self._dirty or (not force and time.monotonic() - self._last_flush < every):
             return
         frame = self.frame()
@@ -260,7 +301,19 @@ class Store:
 
 
 def results_frame(sweep: Sweep, rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Rows in sweep order (point, then replicate), parameter columns typed one way."""
+    """The results table: rows in sweep order (point, then replicate).
+
+    The bookkeeping and parameter columns come first; each parameter column is typed
+    one way (numbers, booleans, or labels for tables, lists and mixtures), and metric
+    columns are numeric.
+
+    Args:
+        sweep: The sweep, for its parameter keys.
+        rows: Rows as ``Store.add`` makes them.
+
+    Returns:
+        The table results.parquet holds.
+    """
     keys = sweep.keys
     first = ["run_id", "point", "replicate", "seed", *keys, "status", "error", "out",
              "run_seconds"]
@@ -334,8 +387,19 @@ _SHAPE = ("a JSON object with 'name' (a string) and 'keys', 'metrics' and 'axes'
 
 
 def read_sweep_json(path: Path, where: str) -> dict[str, Any]:
-    """The sweep.json of a sweep folder, checked; ScenarioError when it cannot be read,
-    is not JSON or is not a sweep's description (the file is left as it is)."""
+    """The sweep.json of a sweep folder, checked.
+
+    Args:
+        path: The sweep.json file.
+        where: How messages name the folder (``--out DIR``).
+
+    Returns:
+        Its contents.
+
+    Raises:
+        ScenarioError: It cannot be read, is not JSON or is not a sweep's description
+            (the file is left as it is).
+    """
     advice = ("it is left as it is: restore it (it is written when the sweep starts), or "
               "choose another folder")
     try:
@@ -362,8 +426,19 @@ def read_sweep_json(path: Path, where: str) -> dict[str, Any]:
 
 
 def read_results(path: Path, where: str) -> pd.DataFrame:
-    """The results.parquet of a sweep folder; ScenarioError when it cannot be read or lacks
-    the columns every results table has. The file is never removed or replaced here."""
+    """The results.parquet of a sweep folder; the file is never removed or replaced here.
+
+    Args:
+        path: The results.parquet file.
+        where: How messages name the folder (``--out DIR``).
+
+    Returns:
+        The table.
+
+    Raises:
+        ScenarioError: It cannot be read, or lacks the columns every results table has
+            (run_id, point, status).
+    """
     advice = (f"it is left as it is; to rebuild it from the run folders, move it aside (e.g. "
               f"rename it to {RESULTS}.bad) and run the sweep command again with the same "
               "--out: complete runs are not run again")

@@ -3,32 +3,33 @@
 A sweep file names a base scenario (relative to the sweep file) and a ``[sweep]``
 table whose leaves are lists of values. Every run is the base scenario with some
 ``--set`` overrides and a seed, so each run is exactly ``python -m abm.run BASE
---seed SEED --set ...`` and is validated the same way before anything starts.
+--seed SEED --set ...`` and is validated the same way before anything starts. The
+file itself is checked by the pydantic model ``SweepFile``, and its errors read like a
+scenario's (``FILE: field 'sweep.game.noise': ...``).
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      TypeAdapter, ValidationError, field_validator, model_validator)
 
-from abm.batch.keys import (Path_, canonical, canonical_text, flatten, format_key, label,
-                            overrides_for, parse_key, toml_value)
+from abm.batch.keys import (NOT_A_KEY_PATH, canonical, canonical_text, joined, key_path, label,
+                            overrides_for, toml_value)
 from abm.errors import ScenarioError
 from abm.scenario import Scenario, load_scenario, name_problem, parse_override, safe_name
+from abm.validation import INLINE, did_you_mean, dotted, explain, field_error, read_toml
 
-TOP_KEYS = ("scenario", "name", "description", "seed", "set", "sweep", "report")
-SWEEP_KEYS = ("replicates", "zip")
-REPORT_KEYS = ("metrics",)
 DEFAULT_METRICS = ("cooperation_rate", "mean_payoff")
 MAX_REPLICATES = 1_000_000
+SEED_RULE = Field(ge=0, lt=2**63)  # as a scenario's seed
 
 
 def _slug(params: dict[str, Any], limit: int = 60) -> str:
@@ -59,6 +60,142 @@ def derive_seed(master: int, point: dict[str, Any], replicate: int) -> int:
     return int(seq.generate_state(1, np.uint32)[0])
 
 
+# ------------------------------------------------------------------ the file
+
+
+def swept_key(text: str) -> str:
+    """A key of ``[sweep]``, ``[set]`` or ``--set``, spelt canonically.
+
+    Raises:
+        ValueError: when ``text`` is no key path, names no scenario field, or is the
+            seed (derived for each run, never set).
+    """
+    path = key_path(text)
+    if path is None:
+        raise ValueError(NOT_A_KEY_PATH)
+    fields = list(Scenario.model_fields)
+    if path[0] not in fields:
+        raise ValueError(f"unknown key path '{dotted(path)}'{did_you_mean(path[0], fields)}; "
+                         f"a key path starts with one of: {', '.join(fields)}")
+    if path == ("seed",):
+        raise ValueError("'seed' cannot be swept or set: each run's seed is derived from the "
+                         "sweep's seed and the replicate; set the top-level seed and [sweep] "
+                         "replicates instead")
+    return dotted(path)
+
+
+def _swept_values(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of values to sweep, such as [0, 0.01, 0.05] (a "
+                         "single value goes in [set])")
+    if not value:
+        raise ValueError("empty list; give at least one value")
+    seen: set[str] = set()
+    for v in value:
+        text = canonical_text(v)
+        if text in seen:
+            raise ValueError(f"the value {toml_value(v)} is listed twice; each value must "
+                             "appear once")
+        seen.add(text)
+    return value
+
+
+def _joined(value: Any) -> Any:
+    return joined(value) if isinstance(value, dict) else value  # else: "must be a table"
+
+
+def _same_lengths(group: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    if not group:
+        raise ValueError("empty table; give two or more lists of the same length")
+    if len({len(values) for values in group.values()}) > 1:
+        shown = ", ".join(f"{key}: {len(values)}" for key, values in group.items())
+        raise ValueError(f"zipped lists must have the same length; got {shown}")
+    return group
+
+
+Key = Annotated[str, AfterValidator(swept_key)]
+Values = Annotated[Any, AfterValidator(_swept_values)]
+Grid = Annotated[dict[Key, Values], BeforeValidator(_joined)]
+
+
+class _Table(BaseModel):
+    # as a scenario's tables: TOML's types as they are (true is no integer), no unknown keys
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SweepTable(_Table):
+    """``[sweep]``: the grid, the zipped groups and the replicates of every point.
+
+    The grid's ``key = [values]`` entries are written directly in the table.
+    """
+
+    replicates: int = Field(1, ge=1, le=MAX_REPLICATES)
+    zip: list[Annotated[Grid, AfterValidator(_same_lengths)]] = Field(default_factory=list)
+    grid: Grid = Field(default_factory=dict, json_schema_extra=INLINE)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_keys(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        table = {k: v for k, v in value.items() if k in ("replicates", "zip")}
+        table["grid"] = {k: v for k, v in value.items() if k not in ("replicates", "zip")}
+        return table
+
+    @field_validator("zip", mode="before")
+    @classmethod
+    def _zip_tables(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # [sweep.zip] rather than [[sweep.zip]]: one group
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(group, dict) for group in value):
+            raise ValueError("must be tables of lists of the same length ([[sweep.zip]]), "
+                             "each varied together as one dimension")
+        return value
+
+
+class ReportTable(_Table):
+    """``[report]``: what the aggregate table and the charts show."""
+
+    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
+
+    @field_validator("metrics")
+    @classmethod
+    def _some(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one metric name (a column of results.parquet), "
+                             "e.g. [\"cooperation_rate\"]")
+        return value
+
+
+class SweepFile(_Table):
+    """A sweep file as written, before the base scenario is read."""
+
+    scenario: str
+    name: str | None = None
+    description: str = ""
+    seed: Annotated[int, SEED_RULE] | None = None
+    set: Annotated[dict[Key, Any], BeforeValidator(_joined)] = Field(default_factory=dict)
+    sweep: SweepTable = Field(default_factory=SweepTable)
+    report: ReportTable = Field(default_factory=ReportTable)
+
+    @field_validator("name")
+    @classmethod
+    def _is_a_name(cls, value: str | None) -> str | None:
+        problem = None if value is None else name_problem(value)
+        if problem:  # the rule of scenario names: a file name, no "..", no ".x"
+            raise ValueError(problem)
+        return value
+
+
+REQUIRED = {
+    "scenario": "the base scenario file, relative to the sweep file, e.g. scenario = "
+                "\"round_robin_rules.toml\"",
+    "seed": "the master seed every run's seed is derived from, when the base scenario has "
+            "no seed; e.g. seed = 1",
+}
+_SEED = TypeAdapter(Annotated[int, SEED_RULE], config=ConfigDict(strict=True))
+
+
 # ------------------------------------------------------------------ the sweep
 
 
@@ -85,6 +222,8 @@ class Run:
 
 @dataclass
 class Sweep:
+    """A validated sweep: its grid, its fixed overrides and every run it expands to."""
+
     path: Path
     name: str
     description: str
@@ -100,6 +239,7 @@ class Sweep:
     runs: list[Run] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready summary of the sweep: its settings and how many points and runs."""
         return {
             "name": self.name,
             "description": self.description,
@@ -116,177 +256,94 @@ class Sweep:
         }
 
 
-def _read(path: Path) -> tuple[dict[str, Any], str]:
+def _validated(path: Path) -> tuple[SweepFile, str]:
+    data, text = read_toml(path, "sweep file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such sweep file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(f"{path}: cannot read the sweep file ({exc})") from None
+        return SweepFile.model_validate(data), text
+    except ValidationError as exc:
+        raise ScenarioError(explain(exc, str(path), SweepFile, required=REQUIRED,
+                                    whole="the sweep file")) from None
+
+
+def _command_line(src: str, overrides: list[str]) -> dict[str, tuple[Any, str]]:
+    """``--set`` overrides: key -> (value, the override as typed)."""
+    out: dict[str, tuple[Any, str]] = {}
+    for text in overrides:
+        where = f"{src}: --set {text!r}"
+        parts, value = parse_override(text, src)
+        try:
+            out[swept_key(".".join(parts))] = (value, text)
+        except ValueError as exc:
+            raise ScenarioError(f"{where}: {exc}") from None
+    return out
+
+
+def _base_seed(src: str, base: Path, base_raw: dict[str, Any]) -> int:
+    seed = base_raw.get("seed")
+    if seed is None:
+        raise ScenarioError(f"{src}: field 'seed' is required: {REQUIRED['seed']}")
     try:
-        return tomllib.loads(text), text
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
-
-
-def _unknown(where: str, key: str, allowed: tuple[str, ...] | list[str]) -> ScenarioError:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ScenarioError(f"{where}: unknown key {key!r}{hint}; allowed keys here: "
-                         f"{', '.join(allowed)}")
-
-
-def _check_path(path: Path_, where: str) -> None:
-    top = path[0]
-    fields = list(Scenario.model_fields)
-    if top not in fields:
-        close = difflib.get_close_matches(str(top), fields, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ScenarioError(f"{where}: unknown key path '{format_key(path)}'{hint}; a key path "
-                            f"starts with one of: {', '.join(fields)}")
-    if path == ("seed",):
-        raise ScenarioError(f"{where}: 'seed' cannot be swept or set: each run's seed is "
-                            "derived from the sweep's seed and the replicate; set the "
-                            "top-level seed and [sweep] replicates instead")
-
-
-def _values(path: Path_, value: Any, where: str) -> list[Any]:
-    key = format_key(path)
-    if not isinstance(value, list):
-        raise ScenarioError(f"{where}: field '{key}': expected a list of values to sweep, "
-                            f"such as [0, 0.01, 0.05]; got {value!r} (a single value goes in "
-                            "[set])")
-    if not value:
-        raise ScenarioError(f"{where}: field '{key}': empty list; give at least one value")
-    seen: set[str] = set()
-    for v in value:
-        text = canonical_text(v)
-        if text in seen:
-            raise ScenarioError(f"{where}: field '{key}': the value {toml_value(v)} is listed "
-                                "twice; each value must appear once")
-        seen.add(text)
-    return value
-
-
-def _int_field(data: dict[str, Any], key: str, where: str, lo: int, hi: int,
-               default: int | None) -> int | None:
-    value = data.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value < hi:
-        raise ScenarioError(f"{where}: field '{key}': must be an integer from {lo} to "
-                            f"{hi - 1}; got {value!r}")
-    return value
+        return _SEED.validate_python(seed)
+    except ValidationError as exc:
+        raise ScenarioError(explain(exc, f"{src}: base scenario {base.name}", SweepFile,
+                                    whole="field 'seed'")) from None
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read and validate a sweep file and build (and validate) every run's scenario.
 
-    ``overrides`` are ``KEY.PATH=VALUE`` strings applied to every run, like ``[set]``.
-    Raises ScenarioError naming the sweep file, the field and what is allowed.
+    Args:
+        path: the sweep file.
+        overrides: ``KEY.PATH=VALUE`` strings applied to every run, like ``[set]``.
+
+    Returns:
+        The sweep with every run.
+
+    Raises:
+        ScenarioError: one paragraph naming the sweep file, the field and what is allowed
+            (worded as scenario errors are).
     """
     path = Path(path)
     src = str(path)
-    data, text = _read(path)
-    for key in data:
-        if key not in TOP_KEYS:
-            raise _unknown(src, key, TOP_KEYS)
-    if not isinstance(data.get("scenario"), str):
-        raise ScenarioError(f"{src}: field 'scenario' is required: the base scenario file, "
-                            "relative to the sweep file, e.g. scenario = \"round_robin_rules.toml\"")
-    base = (path.parent / data["scenario"]).resolve()
+    spec, text = _validated(path)
+    base = (path.parent / spec.scenario).resolve()
     if not base.is_file():
-        raise ScenarioError(f"{src}: field 'scenario': no such scenario file: {base}")
-    for key in ("name", "description"):
-        if key in data and not isinstance(data[key], str):
-            raise ScenarioError(f"{src}: field '{key}': must be a string; got {data[key]!r}")
-    for key in ("set", "sweep", "report"):
-        if key in data and not isinstance(data[key], dict):
-            raise ScenarioError(f"{src}: field '{key}': must be a table ([{key}])")
-    name = data.get("name", safe_name(path.stem))  # a file stem need not be a name
-    problem = name_problem(name)  # the rule of scenario names: a file name, no "..", no ".x"
-    if problem:
-        raise ScenarioError(f"{src}: field 'name': {problem}; got {name!r}")
+        raise field_error(src, ("scenario",), f"no such scenario file: {base}")
 
-    # fixed overrides: [set] and --set
-    fixed: dict[str, Any] = {}
-    for p, value in flatten(data.get("set", {}), f"{src}: [set]"):
-        _check_path(p, f"{src}: [set]")
-        fixed[format_key(p)] = value
-    for text_override in overrides or []:
-        p, value = parse_override(text_override)
-        p = parse_key(".".join(p), f"--set {text_override!r}")
-        _check_path(p, f"--set {text_override!r}")
-        fixed[format_key(p)] = value
+    # fixed overrides: [set], then --set
+    fixed: dict[str, Any] = dict(spec.set)
+    typed = _command_line(src, list(overrides or []))
+    fixed.update((key, value) for key, (value, _) in typed.items())
 
-    # the grid
-    table = dict(data.get("sweep", {}))
-    replicates = _int_field(table, "replicates", f"{src}: [sweep]", 1, MAX_REPLICATES + 1, 1)
-    table.pop("replicates", None)
-    zips = table.pop("zip", [])
-    if isinstance(zips, dict):
-        zips = [zips]
-    if not isinstance(zips, list) or not all(isinstance(z, dict) for z in zips):
-        raise ScenarioError(f"{src}: field 'sweep.zip': must be tables of lists of the same "
-                            "length ([[sweep.zip]]), each varied together as one dimension")
-    axes: list[Axis] = []
-    seen_keys: dict[str, str] = {}
-
-    def claim(p: Path_, where: str) -> str:
-        key = format_key(p)
-        _check_path(p, where)
-        if key in seen_keys:
-            raise ScenarioError(f"{where}: field '{key}' is swept twice ({seen_keys[key]} and "
-                                "here); sweep each key once")
-        seen_keys[key] = where.rsplit(": ", 1)[-1]
-        return key
-
-    for p, value in flatten(table, f"{src}: [sweep]"):
-        key = claim(p, f"{src}: [sweep]")
-        vals = _values(p, value, f"{src}: [sweep]")
-        axes.append(Axis((key,), tuple((v,) for v in vals)))
-    for i, group in enumerate(zips):
-        where = f"{src}: [[sweep.zip]] #{i + 1}"
-        leaves = flatten(group, where)
-        if not leaves:
-            raise ScenarioError(f"{where}: empty table; give two or more lists of the same "
-                                "length")
-        keys, columns = [], []
-        for p, value in leaves:
-            keys.append(claim(p, where))
-            columns.append(_values(p, value, where))
-        lengths = {k: len(c) for k, c in zip(keys, columns)}
-        if len(set(lengths.values())) > 1:
-            shown = ", ".join(f"{k}: {n}" for k, n in lengths.items())
-            raise ScenarioError(f"{where}: zipped lists must have the same length; got {shown}")
-        axes.append(Axis(tuple(keys), tuple(zip(*columns))))
-    for key in seen_keys:
-        if key in fixed:
-            raise ScenarioError(f"{src}: field '{key}' is both in [set] and swept; keep one")
-
-    # report
-    report = data.get("report", {})
-    for key in report:
-        if key not in REPORT_KEYS:
-            raise _unknown(f"{src}: [report]", key, REPORT_KEYS)
-    metrics = report.get("metrics", list(DEFAULT_METRICS))
-    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
-        raise ScenarioError(f"{src}: field 'report.metrics': a non-empty list of metric names "
-                            "(columns of results.parquet), e.g. [\"cooperation_rate\"]")
+    # the grid: each key swept once, in [sweep] or in one zipped group
+    axes = [Axis((key,), tuple((v,) for v in values)) for key, values in spec.sweep.grid.items()]
+    axes += [Axis(tuple(group), tuple(zip(*group.values()))) for group in spec.sweep.zip]
+    where: dict[str, tuple[str | int, ...]] = {}
+    places = [("sweep", key) for key in spec.sweep.grid]
+    places += [("sweep", "zip", i, key) for i, group in enumerate(spec.sweep.zip)
+               for key in group]
+    for place in places:
+        key = str(place[-1])
+        if key in where:
+            raise field_error(src, place, f"swept twice (also at '{dotted(where[key])}'); "
+                              "sweep each key once")
+        where[key] = place
+        if key in typed:
+            raise ScenarioError(f"{src}: --set {typed[key][1]!r}: '{key}' is also swept (at "
+                                f"'{dotted(place)}'); keep one")
+        if key in spec.set:
+            raise field_error(src, ("set", key), f"also swept (at '{dotted(place)}'); keep one")
 
     try:
-        base_raw = tomllib.loads(base.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ScenarioError(f"{src}: field 'scenario': cannot read {base}: {exc}") from None
-    seed = data.get("seed", base_raw.get("seed"))
-    if "seed" not in data and seed is None:
-        raise ScenarioError(f"{src}: field 'seed' is required (the master seed every run's seed "
-                            "is derived from) when the base scenario has no seed; e.g. seed = 1")
-    seed = _int_field({"seed": seed}, "seed", src, 0, 2**63, None)
+        base_raw, _ = read_toml(base, "scenario file")
+    except ScenarioError as exc:
+        raise field_error(src, ("scenario",), f"cannot read the base scenario: {exc}") from None
+    seed = spec.seed if spec.seed is not None else _base_seed(src, base, base_raw)
 
-    sweep = Sweep(path=path, name=name, description=data.get("description", ""), base=base,
-                  seed=seed, replicates=replicates, keys=list(seen_keys), axes=axes, fixed=fixed,
-                  metrics=list(metrics), text=text)
+    sweep = Sweep(path=path, name=spec.name or safe_name(path.stem),  # a stem need not be a name
+                  description=spec.description, base=base, seed=seed,
+                  replicates=spec.sweep.replicates, keys=list(where), axes=axes, fixed=fixed,
+                  metrics=list(spec.report.metrics), text=text)
     _expand(sweep, base_raw)
     return sweep
 
@@ -339,8 +396,11 @@ def _expand(sweep: Sweep, base_raw: dict[str, Any]) -> None:
 
 
 def _preflight(scenario: Scenario, base: Path) -> None:
-    """Build the model once for rule-only points, so graph and population errors show
-    before the sweep starts (an LLM model would be loaded, so those are checked when run)."""
+    """Build the model once for a rule-only point, so its errors show before the sweep starts.
+
+    Graph and population errors are caught this way; a point with an LLM player is
+    checked only when it runs, since building it would load the model.
+    """
     specs = _named_policies(scenario)
     if not scenario.policies() or any(spec.name == "llm" for spec in specs):
         return

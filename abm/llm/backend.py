@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,10 @@ from transformers.utils import logging as hf_logging
 
 from abm.errors import ScenarioError
 from abm.llm.models import ModelSource
+# kept importable from here; it lives in a torch-free module
+from abm.llm.stats import BackendStats as BackendStats
 
 Messages = list[dict[str, str]]
-
-
-@dataclass
-class BackendStats:
-    """Work done by one backend, for summary.json."""
-
-    forward_passes: int = 0
-    generate_calls: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    prefix_hits: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _pick_device(device: str) -> str:

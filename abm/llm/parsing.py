@@ -2,12 +2,15 @@
 
 abm asks a model to end its reply with a line ``Answer: <option>`` (or to reply
 with JSON ``{"action": "<option>"}``). Models do not always comply, so
-:func:`parse_answer` tries, in order, and the first rule that applies decides:
+:func:`parse_answer` tries, in order, and the first rule that applies decides (the
+numbers are those of docs/answer-parsing.md):
 
-1. the last decision line (``Answer: testify``, ``Final answer: J``) or JSON object;
-2. an answer that is nothing but one option (``Testimony.``, ``1. Remain silent``, ``J``);
-3. first-person decision clauses (``I will testify``, ``I choose J``);
-4. a first line that is nothing but one option, followed by an explanation.
+1. and 2. the last decision line (``Answer: testify``, ``Final answer: J``) or JSON
+   object, whichever comes last;
+3. an answer that is nothing but one option (``Testimony.``, ``1. Remain silent``, ``J``);
+4. first-person decision clauses (``I will testify``, ``I choose J``);
+5. when no such clause is found, a first line that is nothing but one option,
+   followed by an explanation.
 
 abm is a measuring instrument: the parser reads the model's decision, never its
 narrative ("Suspect2 testified", "You chose J"), and never guesses. An answer it
@@ -141,8 +144,11 @@ class _Rules:
     cooperate: re.Pattern
 
     def action(self, phrase: str) -> int:
-        """0 or 1 for a matched phrasing; matching again, since case folding can change
-        the text ("teſtify" matches "testify")."""
+        """The action (0 = C, 1 = D) a matched phrasing stands for.
+
+        The phrasing is matched again rather than looked up, since case folding can
+        change the text ("teſtify" matches "testify").
+        """
         return 0 if self.cooperate.fullmatch(phrase) else 1
 
 
@@ -263,7 +269,17 @@ def parse_answer(text: str, words: AnswerWords) -> Reading:
 
     The rules, in order (docs/answer-parsing.md has them in full, with examples): the
     last decision line or JSON object; the whole answer being one option; agreeing,
-    unconditional, unnegated first-person decision clauses. Anything else is invalid.
+    unconditional, unnegated first-person decision clauses; when there is no such
+    clause, a first line that is one option followed by more lines (a clause naming
+    the other option makes it a conflict). Anything else is invalid.
+
+    Args:
+        text: The model's answer.
+        words: How the framing's two options may be named.
+
+    Returns:
+        The reading: the action (0 = C, 1 = D, None when invalid), the rule that read
+        it or why it is invalid, and the text it rests on.
     """
     if not text or not text.strip():
         return Reading(None, "empty", "")

@@ -12,10 +12,20 @@ _ENDS_WHOLE = re.compile(r"[.!?][\"')\]]*$")
 
 
 def clean_reflection(text: str, speakers: tuple[str, ...] = ()) -> str:
-    """The reflection without a leading speaker tag of its own, cut where the model
-    starts another turn (a role marker, or a speaker's tag such as ``Police:``), and
-    without a last sentence the token limit cut off. The raw text is kept beside it
-    in the transcript."""
+    """A reflection as the model meant it, from its raw text.
+
+    A leading speaker tag of its own is dropped; the text is cut where the model
+    starts another turn (a role marker, or a speaker's tag such as ``Police:``, after
+    the start), and a last sentence that the token limit cut off is dropped unless
+    it is the only one. The raw text is kept beside it in the transcript.
+
+    Args:
+        text: The model's raw reflection.
+        speakers: The framing's speaker names (``Suspect1``, ``Police``).
+
+    Returns:
+        The cleaned reflection.
+    """
     tags = [f"{s}:" for s in speakers if s]
     text = text.strip()
     for tag in tags:

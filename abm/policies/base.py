@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import types
 import typing
@@ -14,6 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from abm.game import PayoffMatrix
+from abm.validation import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class View:
     side: np.ndarray | None = None
     score: np.ndarray | None = None
     rounds_total: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        _freeze(self)
 
     def __len__(self) -> int:
         return int(self.length.shape[0])
@@ -85,6 +88,20 @@ class Outcome:
     mine: np.ndarray
     theirs: np.ndarray
     payoff: np.ndarray
+
+    def __post_init__(self) -> None:
+        _freeze(self)
+
+
+def _freeze(record: View | Outcome) -> None:
+    """Hold each array field as a read-only view (no copy): the arrays are often views
+    of the engine's own, which a policy writing into them would corrupt, and a write
+    now raises ValueError instead."""
+    for name, value in vars(record).items():
+        if isinstance(value, np.ndarray) and value.flags.writeable:
+            view = value.view()
+            view.flags.writeable = False
+            object.__setattr__(record, name, view)
 
 
 class NoParams(BaseModel):
@@ -141,9 +158,8 @@ def lookup(name: str) -> PolicyInfo:
     if canonical in REGISTRY:
         return REGISTRY[canonical]
     known = sorted([*REGISTRY, *_ALIASES])
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"unknown policy {name!r}{hint}; known policies: {', '.join(known)}")
+    raise ValueError(f"unknown policy {name!r}{did_you_mean(name, known)}; known policies: "
+                     f"{', '.join(known)}")
 
 
 def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:

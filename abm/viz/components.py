@@ -24,11 +24,11 @@ from abm.scenario import load_scenario  # noqa: E402
 from abm.viz.draw import NETWORK_SIZE, heatmaps_png, network_png, timeseries_png  # noqa: E402
 from abm.viz.layout import drawing_for  # noqa: E402
 from abm.viz.model import (  # noqa: E402
-    GRAPH_FAMILIES,
     MAX_PAGE_AGENTS,
     MAX_PAGE_LINKS,
     MIN_PAGE_AGENTS,
     VizModel,
+    graph_families,
     scenario_nodes,
     size_problem,
 )
@@ -60,7 +60,9 @@ def model_params(model: VizModel) -> dict[str, Any]:
     """Mesa SolaraViz controls for the scenario's main parameters (applied on Reset)."""
     base = load_scenario(model.scenario_path)
     nodes = scenario_nodes(base)
-    kinds = list(GRAPH_FAMILIES) + (["file"] if base.graph.kind == "file" else [])
+    kinds = graph_families()
+    if base.graph.kind not in kinds:  # a graph file: offered only where the scenario has one
+        kinds.append(base.graph.kind)
     params: dict[str, Any] = {
         "scenario": model.scenario_path,
         "noise": {"type": "SliderFloat", "label": "Noise (flip probability)",
@@ -290,7 +292,7 @@ def _matches_of(model: VizModel, node: int) -> list[str]:
         mine = "".join("CD"[a] for a in r.actual[:n, side])
         theirs = "".join("CD"[a] for a in r.actual[:n, other])
         who = int(r.opponent[side])
-        label = model.labels[int(model.label_of_node[who])]
+        label = model.population.labels[int(model.population.label_of_node[who])]
         name = "itself (self-play)" if who == node else f"{who} ({label})"
         line = f"vs {name}: {mine} against {theirs}, payoff {r.payoff[:n, side].sum():g}"
         if r.fallback is not None and r.fallback[:n, side].any():
@@ -322,9 +324,9 @@ def AgentPanel(model: VizModel):
         if chosen is None:
             solara.Text("Click an agent in the network, or type its id.")
             return
-        label = model.labels[int(model.label_of_node[chosen])]
-        names = getattr(model, "name_of_label", None)
-        policy = names[int(model.label_of_node[chosen])] if names else label
+        population = model.population
+        label = population.labels[int(population.label_of_node[chosen])]
+        policy = population.policy_name_of_label[int(population.label_of_node[chosen])]
         if len(policy) > 40:  # an LLM's full parameter list; the panel shows its exchange
             policy = policy.split("(")[0]
         degree = sum(1 for nb in model.graph.neighbors(chosen) if nb != chosen)

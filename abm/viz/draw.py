@@ -74,7 +74,8 @@ def self_loops(model) -> np.ndarray:
 def _legend(fig: Figure, model, counts: np.ndarray, grid: bool, loops: int = 0) -> None:
     handles = [Patch(facecolor=colour(i), edgecolor="black", linewidth=0.5,
                      label=f"{label} ({counts[i]})")
-               for i, label in enumerate(model.labels) if i < len(counts) and counts[i]]
+               for i, label in enumerate(model.population.labels)
+               if i < len(counts) and counts[i]]
     if len(handles) > LEGEND_LIMIT:
         rest = len(handles) - LEGEND_LIMIT + 1
         handles = handles[:LEGEND_LIMIT - 1] + [Patch(alpha=0, label=f"... {rest} more")]
@@ -115,8 +116,8 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     ax = fig.add_axes((0.01, 0.01, 0.70, 0.91))
     ax.set_axis_off()
-    labels_now = np.asarray(model.label_of_node)
-    counts = model.policy_counts()
+    labels_now = model.population.label_of_node
+    counts = model.population.counts()
     last = model.last_actions()
     fig.text(0.01, 0.975, f"{model.scenario.name}: step {model.played_steps} of "
              f"{model.total_steps}, {model.n_nodes:,} agents", fontsize=11, va="top",
@@ -244,7 +245,7 @@ def timeseries_png(model) -> bytes:
     low, high = min(game.S, game.P, game.R, game.T), max(game.S, game.P, game.R, game.T)
     ax2.set_ylim(low - 0.03 * (high - low), high + 0.03 * (high - low))
     history = model.share_history
-    k = len(model.labels)
+    k = len(model.population.labels)
     shares = np.zeros((len(history), k))
     for i, counts in enumerate(history):
         shares[i, :len(counts)] = counts[:k] / max(counts.sum(), 1)

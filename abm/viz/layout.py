@@ -1,7 +1,8 @@
 """Where each agent is drawn: a layout computed once per graph, and the cap on drawing.
 
-Lattices keep their grid; complete graphs and rings sit on a circle in node order; other
-graphs get a force-directed layout. Past ``MAX_DRAWN_NODES`` agents
+Each graph kind says how it is drawn (``drawing`` in abm.graph_kinds): lattices keep
+their grid; complete graphs and rings sit on a circle in node order; other graphs get a
+force-directed layout. Past ``MAX_DRAWN_NODES`` agents
 only a connected sample is drawn (a breadth-first ball around a seeded start node), and a
 lattice that large is drawn as an image, one pixel per agent.
 """
@@ -33,8 +34,20 @@ class Drawing:
 
 
 def force_layout(n: int, edges: np.ndarray, seed: int, iterations: int = 50) -> np.ndarray:
-    """Fruchterman-Reingold in NumPy (float32, repulsion in row blocks): about 1 s for
-    1,000 nodes on one core, the same picture for the same seed."""
+    """Lay a graph out with Fruchterman-Reingold in NumPy.
+
+    Float32, repulsion in row blocks: about 1 s for 1,000 nodes on one core, the same
+    picture for the same seed.
+
+    Args:
+        n: The number of nodes.
+        edges: An (E, 2) array of node indices in 0..n-1.
+        seed: Seeds the starting positions.
+        iterations: Steps of the cooling schedule.
+
+    Returns:
+        An (n, 2) float32 array of positions.
+    """
     rng = np.random.default_rng(seed)
     pos = rng.random((n, 2)).astype(np.float32)
     if n <= 1:
@@ -66,8 +79,10 @@ def _circle(n: int) -> np.ndarray:
 
 
 def _sample(graph: nx.Graph, cap: int, seed: int) -> np.ndarray:
-    """A breadth-first ball of ``cap`` nodes around a seeded start (topped up at random
-    when the start's component is smaller)."""
+    """A breadth-first ball of ``cap`` nodes around a seeded start, as sorted node ids.
+
+    It is topped up with nodes drawn at random when the start's component is smaller.
+    """
     rng = np.random.default_rng(seed)
     n = graph.number_of_nodes()
     start = int(rng.integers(n))
@@ -84,8 +99,10 @@ def _sample(graph: nx.Graph, cap: int, seed: int) -> np.ndarray:
 
 
 def drawing_for(model) -> Drawing:
-    """The drawing of ``model``'s graph, computed once per graph and kept (a reset with
-    the same graph and seed reuses it)."""
+    """The drawing of ``model``'s graph, computed once per graph and kept.
+
+    A reset with the same graph and seed reuses it.
+    """
     cached = getattr(model, "_viz_drawing", None)
     if cached is not None:
         return cached
@@ -103,11 +120,13 @@ def drawing_for(model) -> Drawing:
 
 def _compute(graph: nx.Graph, edges: np.ndarray, config, seed: int) -> Drawing:
     n = graph.number_of_nodes()
-    kind = config.kind
-    if kind == "grid" and n > MAX_DRAWN_NODES:
+    style = config.drawing  # each graph kind says how it is drawn (abm.graph_kinds)
+    shape = config.lattice_shape()
+    if style == "lattice" and shape is not None and n > MAX_DRAWN_NODES:
+        rows, cols = shape
         return Drawing(nodes=np.arange(n), pos=np.zeros((0, 2)), edges=np.zeros(0, np.int64),
-                       index=np.arange(n), grid=(config.rows, config.cols),
-                       note=f"{n:,} agents on a {config.rows} x {config.cols} lattice, drawn "
+                       index=np.arange(n), grid=shape,
+                       note=f"{n:,} agents on a {rows} x {cols} lattice, drawn "
                             "as an image (one pixel per agent, darker where it last defected)")
     note = None
     nodes = np.arange(n)
@@ -123,10 +142,10 @@ def _compute(graph: nx.Graph, edges: np.ndarray, config, seed: int) -> Drawing:
         extra = f"{MAX_DRAWN_EDGES:,} of the {len(keep):,} links drawn"
         keep = np.sort(np.random.default_rng(seed).choice(keep, MAX_DRAWN_EDGES, replace=False))
         note = f"{note}; {extra}" if note else extra
-    if kind == "grid":
+    if style == "lattice":
         rc = np.array([graph.nodes[int(i)]["pos"] for i in nodes], float)
         pos = np.column_stack([rc[:, 0], -rc[:, 1]])
-    elif kind in ("complete", "ring"):
+    elif style == "circle":
         pos = _circle(n)[nodes] if n <= MAX_DRAWN_NODES else _circle(len(nodes))
     else:
         local = np.column_stack([index[u[keep]], index[v[keep]]])

@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 
 from abm.errors import ScenarioError
+from abm.graphs import GRAPH_KINDS
 from abm.model import DilemmaModel
 from abm.scenario import Scenario, load_scenario, validate_scenario
 from abm.viz.layout import drawing_for
 
 DEFAULT_SCENARIO = "scenarios/round_robin_rules.toml"
 SCENARIO_ENV = "ABM_VIZ_SCENARIO"
-GRAPH_FAMILIES = ("complete", "ring", "grid", "watts_strogatz", "barabasi_albert",
-                  "erdos_renyi", "random_regular")
 LLM_LOG_LIMIT = 500  # exchanges kept for the page; older ones are dropped
 # the graph-size box's bounds: past MAX_DRAWN_NODES (2,000) the page draws a sample, and
 # up to these sizes building a graph, a step and the drawing take a few seconds at most
@@ -50,47 +49,30 @@ def default_scenario() -> str:
     return str(Path(__file__).resolve().parents[1] / DEFAULT_SCENARIO)
 
 
+def graph_families() -> list[str]:
+    """The graph kinds the page's "Graph family" selector offers: every kind of
+    ``abm.graphs.GRAPH_KINDS`` with page defaults (a graph file only where the scenario
+    has one)."""
+    return [name for name, kind in GRAPH_KINDS.items() if kind.page is not None]
+
+
 def scenario_nodes(scenario: Scenario) -> int | None:
     """The number of agents the scenario's graph has (None for a graph file)."""
-    g = scenario.graph
-    if g.kind == "grid":
-        return g.rows * g.cols
-    if g.kind == "complete" and g.n is None:
-        players = scenario.population.players
-        return len(players) if players else None
-    return getattr(g, "n", None)
+    players = scenario.population.players
+    return scenario.graph.nodes(len(players) if players else None)
 
 
 def graph_table(kind: str, n: int, base: dict[str, Any]) -> dict[str, Any]:
     """A [graph] table of family ``kind`` with about ``n`` nodes; the same family keeps
-    the scenario's other keys, a new one gets common defaults."""
-    n = max(int(n), 2)
-    loops = {"self_loops": True} if base.get("self_loops") else {}
-    if kind == base.get("kind"):
-        table = dict(base)
-        if kind == "grid":
-            rows = max(1, int(np.sqrt(n)))
-            table.update(rows=rows, cols=-(-n // rows))
-        else:
-            table["n"] = n
-        return table
-    if kind == "complete":
-        return {"kind": kind, "n": n, **loops}
-    if kind == "ring":
-        return {"kind": kind, "n": max(n, 3), "k": 2 if n >= 5 else 1, **loops}
-    if kind == "grid":
-        rows = max(1, int(np.sqrt(n)))
-        return {"kind": kind, "rows": rows, "cols": -(-n // rows), "torus": True, **loops}
-    if kind == "watts_strogatz":
-        return {"kind": kind, "n": max(n, 5), "k": 4, "p": 0.1, **loops}
-    if kind == "barabasi_albert":
-        return {"kind": kind, "n": max(n, 3), "m": 2, **loops}
-    if kind == "erdos_renyi":
-        return {"kind": kind, "n": n, "p": min(1.0, 6.0 / n), **loops}
-    if kind == "random_regular":
-        return {"kind": kind, "n": max(n, 5), "d": 4, **loops}
-    raise ScenarioError(f"field 'graph.kind': unknown graph family {kind!r}; "
-                        f"allowed: {', '.join(GRAPH_FAMILIES)}")
+    the scenario's other keys, a new one gets the kind's page defaults.
+
+    Raises:
+        ScenarioError: for a kind the page does not offer.
+    """
+    if kind not in graph_families():
+        raise ScenarioError(f"field 'graph.kind': unknown graph family {kind!r}; "
+                            f"allowed: {', '.join(graph_families())}")
+    return GRAPH_KINDS[kind].page_table(n, base)
 
 
 def size_problem(text: str | int | None) -> str | None:
@@ -169,7 +151,7 @@ def apply_controls(path: str, *, noise: float | None = None, rounds: int | None 
     resized = kind != base.graph.kind or (size is not None and size != nodes)
     if resized and kind == "file":
         raise ScenarioError(f"{path}: field 'graph': a graph file has its own size; pick "
-                            f"a graph family to change it ({', '.join(GRAPH_FAMILIES)})")
+                            f"a graph family to change it ({', '.join(graph_families())})")
     if resized:
         data["graph"] = graph_table(kind, size or nodes or 100, data["graph"])
         players = data["population"].get("players")
@@ -219,11 +201,11 @@ class VizModel(DilemmaModel):
             self.datacollector._new_agent_reporter("node", "node")
         self.llm_last: dict[int, dict[str, Any]] = {}
         self.llm_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LLM_LOG_LIMIT)
-        self.share_history: list[np.ndarray] = [self.policy_counts()]
+        self.share_history: list[np.ndarray] = [self.population.counts()]
         self.step_seconds: list[float] = []
         self._llm_expected = 0
         self._llm_done = 0
-        for policy in self.llm_policies:
+        for policy in self.population.llm_policies:
             policy.progress = self  # the policy calls update(n) per batch of decisions
         self._report("laying out the graph", None)
         drawing_for(self)  # once per graph, while the progress bar says so
@@ -255,15 +237,15 @@ class VizModel(DilemmaModel):
         try:
             super().step()
             self._collect_llm()
-            self.share_history.append(self.policy_counts())
+            self.share_history.append(self.population.counts())
         finally:
             self._report(f"step {self.played_steps} played: drawing", None)  # the page clears it
-        if self.llm_policies:
+        if self.population.llm_policies:
             self._llm_expected = self._llm_done  # the next step is usually as long
         self.step_seconds.append(time.perf_counter() - started)
 
     def _collect_llm(self) -> None:
-        for policy in self.llm_policies:
+        for policy in self.population.llm_policies:
             for record in policy.drain():
                 self.llm_last[int(record["agent"])] = record
                 self.llm_log.append(record)
@@ -272,10 +254,11 @@ class VizModel(DilemmaModel):
 
     def llm_nodes(self) -> np.ndarray:
         """Nodes whose current policy is an LLM."""
-        if not self.llm_policies:
+        population = self.population
+        if not population.llm_policies:
             return np.zeros(0, np.int64)
-        is_llm = np.array([hasattr(p, "drain") for p in self.policies])
-        return np.flatnonzero(is_llm[np.asarray(self.policy_of_node)])
+        is_llm = np.array([hasattr(p, "drain") for p in population.policies])
+        return np.flatnonzero(is_llm[population.policy_of_node])
 
     def last_actions(self) -> np.ndarray:
         """Per node: its last actual action in this step's matches (0 = C, 1 = D), -1 if it

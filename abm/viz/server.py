@@ -1,5 +1,7 @@
-"""``python -m abm.viz [SCENARIO] [--host H] [--port P]``: watch a scenario play in the
-browser (Mesa's SolaraViz served by Solara; the page itself is ``abm/viz/app.py``)."""
+"""``python -m abm.viz [SCENARIO] [--host H] [--port P]``: watch a scenario play in the browser.
+
+Mesa's SolaraViz is served by Solara; the page itself is ``abm/viz/app.py``.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ def _family(host: str) -> int:
 
 
 def host_problem(host: str) -> str | None:
-    """Why the server could not listen on ``host`` at all, or None if it can: a name or
-    address that does not resolve, or an address that is not this machine's."""
+    """Why the server could not listen on ``host`` at all, or None if it can.
+
+    The reasons are a name or address that does not resolve, or an address that is not
+    this machine's.
+    """
     try:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
@@ -69,7 +74,14 @@ def free_port(host: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; serves until interrupted, returns the exit status."""
+    """Run the ``python -m abm.viz`` command line: serve the page until interrupted.
+
+    Args:
+        argv: The arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        The exit status: 0 after serving, 2 for a bad scenario file, port or host.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m abm.viz",
         description="Serve an interactive view of a scenario (network, plots, heatmaps, "
