@@ -11,11 +11,19 @@ if TYPE_CHECKING:
 
 
 class Player(CellAgent):
-    """The agent on one node. Its numbers live in the model's NumPy arrays, which the
-    engine updates for all agents at once, and in its Population; the agent reads them
-    on demand."""
+    """The agent on one node.
+
+    Its numbers live in the model's NumPy arrays, which the model updates for all
+    agents at once after every step, and in the model's Population; the agent reads
+    them on demand. The model builds its Players on first use.
+
+    Args:
+        model: The model the agent belongs to.
+        node: The graph node the agent sits on (its id in the tables).
+    """
 
     def __init__(self, model: DilemmaModel, node: int) -> None:
+        """Register the agent with the model."""
         super().__init__(model)
         self.node = node
 

@@ -25,10 +25,27 @@ if TYPE_CHECKING:
 class StepResult:
     """Everything that happened in one step; round arrays are (rounds, sides).
 
-    ``length`` is the number of rounds each match played; ``void`` marks the
-    matches stopped early because a decision could not be read (``intended``
-    holds INVALID there and that round has no actual action); ``fallback``
-    marks actions the scenario's fallback rule chose for an unreadable answer.
+    Sides are in the canonical order: the first ends of the matched edges, then the
+    second ends, so side s plays side s +/- ``n_matches``. Rounds a match did not
+    reach hold EMPTY actions and payoff 0.
+
+    Attributes:
+        step: The 0-based step.
+        edge: Per match, the row of the engine's edge array it was played on.
+        agent: Per side, the node that plays it.
+        opponent: Per side, the node on the other side.
+        twin: Per side, True for the second side of a self-play match (a node
+            against an independent copy of itself).
+        length: Per match, the number of rounds it played.
+        intended: The actions decided (0 = C, 1 = D, INVALID for an answer that
+            could not be read).
+        actual: The actions played, after noise; EMPTY in the round that stopped a
+            match, where nothing was played.
+        payoff: Each side's payoff per round.
+        fallback: True where the scenario's fallback rule chose the action for an
+            unreadable answer (None: not recorded).
+        void: Per match, True when it stopped early because a decision could not
+            be read (None: not recorded).
     """
 
     step: int
@@ -45,15 +62,25 @@ class StepResult:
 
     @property
     def n_matches(self) -> int:
+        """The number of matches played in the step."""
         return len(self.edge)
 
     @property
     def side_length(self) -> np.ndarray:
+        """Per side, the number of rounds its match played (``length`` for both ends)."""
         return np.concatenate([self.length, self.length])
 
     def totals(self) -> dict[str, np.ndarray]:
-        """Per side: total payoff, actual C and D counts, intended D count, and the
-        decisions not read from a model: invalid ones and fallback-chosen ones."""
+        """Per-side sums over the rounds of the step.
+
+        Returns:
+            One array per key, one entry per side: ``payoff`` (total payoff),
+            ``cooperations`` and ``defections`` (actions played), ``intended_defections``
+            (rounds played with D decided, before noise), ``invalid`` (decisions not
+            read from a model: unreadable answers, whether left unplayed or played by
+            the fallback rule), ``fallbacks`` (those the fallback rule played) and
+            ``decided`` (decisions made).
+        """
         n = self.actual.shape[1]
         fallbacks = (_count(self.fallback) if self.fallback is not None
                      else np.zeros(n, np.int64))
@@ -72,9 +99,11 @@ class StepResult:
 
 
 def _sum_rounds(values: np.ndarray) -> np.ndarray:
-    """Per-column sum of a (rounds, sides) array, adding round after round: the order
-    NumPy's ``sum(axis=0)`` adds in, so the floats are the same, but several times
-    faster on millions of sides."""
+    """Per-column sum of a (rounds, sides) array, adding round after round.
+
+    That is the order NumPy's ``sum(axis=0)`` adds in, so the floats are the same,
+    but this is several times faster on millions of sides.
+    """
     out = np.zeros(values.shape[1], np.int64 if values.dtype.kind in "biu" else values.dtype)
     for row in values:
         out += row
@@ -88,10 +117,14 @@ def _count(mask: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Step:
-    """One step laid out for play: the sides in an order where each policy's sides are
-    contiguous (``s_*`` arrays), the round arrays being filled (in the canonical side
-    order, as the StepResult holds them), and what changes between rounds (match
-    lengths once a match stops early, the running scores)."""
+    """One step laid out for play.
+
+    It holds the sides in an order where each policy's sides are contiguous (the
+    ``s_*`` arrays; ``order`` maps that grouped order to the canonical one and ``pos``
+    back), the round arrays being filled (in the canonical side order, as the
+    StepResult holds them), and what changes between rounds (match lengths once a
+    match stops early, the running scores).
+    """
 
     step: int
     edge_ids: np.ndarray
@@ -122,6 +155,7 @@ class _Step:
 
     @property
     def n_rounds(self) -> int:
+        """The rounds of the longest match: the round arrays' first dimension."""
         return self.intended.shape[0]
 
     def result(self) -> StepResult:
@@ -136,13 +170,32 @@ class Engine:
     """Plays the matches of one step for the policies of a ``Population``.
 
     The engine reads the population's policies and node -> policy array at every
-    step, so it plays whatever the last ``Population.relabel`` set.
+    step, so it plays whatever the last ``Population.relabel`` set. Memory windows
+    that outlive a match (scope "opponent" or "all") are kept in ``memory`` from
+    step to step; with scope "match" each step gets fresh ones.
+
+    Args:
+        game: The payoff matrix.
+        noise: The probability that an intended action is flipped.
+        population: Who plays what; read at every step.
+        edges: The graph's edges as an (E, 2) array of node ids; a match is played
+            on a row of it.
+        window: Rounds a memory slot remembers (None: the whole match; scopes
+            "opponent" and "all" need a window).
+        scope: What a memory window covers: "match" (the current match),
+            "opponent" (one edge side, across matches) or "all" (one node, against
+            anyone; a self-play copy has a window of its own).
+        rounds: The fixed match length, or None for geometric match lengths.
+        continuation_probability: The chance of one more round when ``rounds`` is
+            None.
+        rngs: The "noise", "policy" and "match_length" random streams.
     """
 
     def __init__(self, *, game: PayoffMatrix, noise: float, population: Population,
                  edges: np.ndarray, window: int | None, scope: str, rounds: int | None,
                  continuation_probability: float | None,
                  rngs: dict[str, np.random.Generator]) -> None:
+        """Set up the engine; see the class docstring for the arguments."""
         self.game = game
         self.table = game.table
         self.flat_table = game.table.ravel()
@@ -175,9 +228,13 @@ class Engine:
     def play(self, step: int, edge_ids: np.ndarray) -> StepResult:
         """Play one match on each of ``edge_ids`` and return what happened.
 
+        The match lengths are drawn first, then every live match advances one round
+        at a time: the policies decide, unreadable decisions stop their matches, noise
+        flips actions, payoffs are paid and the memory windows updated.
+
         Args:
-            step: the 0-based step, passed on to the policies.
-            edge_ids: rows of ``edges``, one match each (repeats allowed).
+            step: The 0-based step, passed on to the policies.
+            edge_ids: Rows of ``edges``, one match each (repeats allowed).
 
         Returns:
             The step's round arrays, in the canonical side order.
@@ -231,8 +288,11 @@ class Engine:
         return self._cached_sides
 
     def _layout(self, step: int, edge_ids: np.ndarray) -> _Step:
-        """The sides of the step, grouped by policy, their memory slots and the empty
-        round arrays; draws the match lengths."""
+        """The step laid out for play, with its match lengths drawn.
+
+        The sides come grouped by policy with their memory slots, and the round
+        arrays empty; scope "match" gets fresh memory windows.
+        """
         sides = self._sides(edge_ids)
         m = len(edge_ids)
         n = 2 * m
@@ -257,11 +317,12 @@ class Engine:
             void=np.zeros(m, bool), dynamic=not fixed)
 
     def _round(self, s: _Step, r: int) -> None:
-        """Round ``r`` of every live match: decide, stop the matches with an unreadable
-        decision, apply noise, pay, remember, and tell the policies that keep notes.
+        """Play round ``r`` of every live match.
 
-        The policies decide in the grouped order (``s_*``); what the round keeps is
-        moved to the canonical order once per round, and the noise is drawn there.
+        Decide, stop the matches with an unreadable decision, apply noise, pay,
+        remember, and tell the policies that keep notes. The policies decide in the
+        grouped order (``s_*``); what the round keeps is moved to the canonical order
+        once per round, and the noise is drawn there.
         """
         n = len(s.order)
         live = slice(None) if not s.dynamic else np.flatnonzero(s.s_len > r)
@@ -305,9 +366,12 @@ class Engine:
         self._observe(s, r, decided, intended, grouped, payoff)
 
     def _noisy(self, intended: np.ndarray) -> np.ndarray:
-        """The actual actions: ``apply_noise``, or without noise the intended actions
-        with the noise stream moved on by the one draw per side it would have made
-        (PCG64 draws one 64-bit number per uniform), so later draws stay the same."""
+        """The actual actions: ``apply_noise`` of the intended ones.
+
+        Without noise, on a PCG64 stream, the intended actions are copied and the
+        stream is moved on by the one draw per side ``apply_noise`` would have made
+        (PCG64 draws one 64-bit number per uniform), so later draws stay the same.
+        """
         rng = self.rngs["noise"]
         if self.noise == 0 and type(rng.bit_generator) is np.random.PCG64:
             rng.bit_generator.advance(len(intended))
@@ -329,9 +393,12 @@ class Engine:
 
     def _decide(self, s: _Step, r: int, live: np.ndarray | slice, intended: np.ndarray,
                 fallback: np.ndarray) -> list[tuple[int, Any]]:
-        """Ask each policy for its live sides' round-``r`` decisions (in policy order,
-        which fixes the order of the policy stream's draws) into ``intended`` and
-        ``fallback`` (grouped order); return who decided."""
+        """Ask each policy for its live sides' round-``r`` decisions.
+
+        The policies are asked in policy order, which fixes the order of the policy
+        stream's draws; the answers go into ``intended`` and ``fallback`` (grouped
+        order). Returns (policy index, rows) for each policy that decided.
+        """
         decided = []
         policies = self.policies
         for p, a, b in s.groups:
@@ -355,8 +422,10 @@ class Engine:
 
     def _observe(self, s: _Step, r: int, decided: list[tuple[int, Any]],
                  intended: np.ndarray, actual: np.ndarray, payoff: np.ndarray) -> None:
-        """Tell the policies that keep notes what happened to their sides in round ``r``
-        (``intended``, ``actual`` and ``payoff`` of the round, in the grouped order)."""
+        """Tell the policies that keep notes what happened to their sides in round ``r``.
+
+        ``intended``, ``actual`` and ``payoff`` are the round's, in the grouped order.
+        """
         policies = self.policies
         for p, rows in decided:
             if not hasattr(policies[p], "observe"):

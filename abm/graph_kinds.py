@@ -283,8 +283,8 @@ class GridGraph(GraphKind):
         return "rows" if self.rows >= self.cols else "cols"
 
     def lattice_shape(self) -> tuple[int, int] | None:
-        """(rows, cols)."""
-        return self.rows, self.cols
+        """(rows, cols) of one lattice; None for several copies, which are no one picture."""
+        return (self.rows, self.cols) if self.copies == 1 else None
 
     @classmethod
     def sized(cls, n: int) -> dict[str, Any]:

@@ -6,6 +6,8 @@ The graph kinds themselves (their tables, builders and sizes) live in
 
 from __future__ import annotations
 
+import itertools
+
 import networkx as nx
 import numpy as np
 
@@ -56,8 +58,14 @@ def graph_size(config: AnyGraph, n_default: int | None = None) -> tuple[int, int
 
 def edge_array(graph: nx.Graph) -> np.ndarray:
     """Edges as an (E, 2) int array with u <= v, sorted, so edge ids are stable."""
-    if graph.number_of_edges() == 0:
+    m = graph.number_of_edges()
+    if m == 0:
         return np.zeros((0, 2), np.int64)
-    edges = np.array(list(graph.edges()), dtype=np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(graph.edges()), np.int64, count=2 * m)
+    edges = flat.reshape(m, 2)
     edges.sort(axis=1)
-    return edges[np.lexsort((edges[:, 1], edges[:, 0]))]
+    # one integer key per edge sorts like (u, v) pairs and is several times faster than
+    # lexsort at a million nodes; a simple graph has no two equal keys
+    n = int(edges[:, 1].max()) + 1
+    keys = np.sort(edges[:, 0] * n + edges[:, 1])
+    return np.column_stack((keys // n, keys % n))

@@ -20,9 +20,14 @@ class Memory:
     agent) is the engine's business: this class only remembers. The tables are
     stored round-major, (window, n_slots), so that appending a round shifts
     contiguous blocks; ``mine`` and ``theirs`` are (n_slots, window) views.
+
+    Args:
+        n_slots: The number of windows.
+        window: The rounds each window holds (0: nothing is remembered).
     """
 
     def __init__(self, n_slots: int, window: int) -> None:
+        """Start with every window empty."""
         self.window = window
         self._mine = np.full((window, n_slots), EMPTY, np.int8)
         self._theirs = np.full((window, n_slots), EMPTY, np.int8)
@@ -30,10 +35,12 @@ class Memory:
 
     @property
     def mine(self) -> np.ndarray:
+        """Each slot's own actions, (n_slots, window), most recent in column -1."""
         return self._mine.T
 
     @property
     def theirs(self) -> np.ndarray:
+        """Each slot's opponent's actions, (n_slots, window), most recent in column -1."""
         return self._theirs.T
 
     def read(self, slots: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,8 +60,15 @@ class Memory:
 
     def push(self, slots: np.ndarray | None, mine: np.ndarray, theirs: np.ndarray,
              unique: bool = True) -> None:
-        """Append one round per entry; ``slots=None`` means every slot in order. With
-        ``unique=False`` a slot may appear several times; its rounds go in in order."""
+        """Append one round per entry.
+
+        Args:
+            slots: The slot of each entry; None means every slot, in order.
+            mine: The own action of each entry.
+            theirs: The opponent's action of each entry.
+            unique: False when a slot may appear several times; its rounds then go
+                in in the order given.
+        """
         if len(mine) == 0 or self.window == 0:
             return
         if unique or slots is None:

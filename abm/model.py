@@ -56,8 +56,17 @@ def available_memory() -> int | None:
 
 
 def memory_limit() -> tuple[int, str]:
-    """(bytes a run may use, where the number comes from): the memory available now
-    (psutil, else /proc/meminfo, else 8 GiB), lowered by ABM_MEMORY_LIMIT_GB if set."""
+    """How many bytes a run may use, and where the number comes from.
+
+    The memory available now (psutil, else /proc/meminfo, else 8 GiB), lowered by
+    ABM_MEMORY_LIMIT_GB if set.
+
+    Returns:
+        (bytes, a phrase naming the source, for error messages).
+
+    Raises:
+        ScenarioError: ABM_MEMORY_LIMIT_GB is not a positive number.
+    """
     available, why = available_memory(), "the memory available now"
     if available is None:
         available, why = FALLBACK_MEMORY, "a default, since the free memory is unknown"
@@ -76,10 +85,16 @@ def memory_limit() -> tuple[int, str]:
 
 
 def longest_match(match, matches: int) -> int:
-    """The rounds of the longest match of a step, as the engine sizes its arrays: the
-    fixed length, or for geometric lengths a high quantile of the longest of
+    """The rounds of the longest match of a step, as the engine sizes its arrays.
+
+    The fixed length, or for geometric lengths a high quantile of the longest of
     ``matches`` draws (the 1 - 1e-6 quantile of one match, or the median of the
-    longest when there are so many matches that this is larger)."""
+    longest when there are so many matches that this is larger).
+
+    Args:
+        match (abm.scenario.MatchConfig): The scenario's ``[match]`` table.
+        matches: The matches played in one step.
+    """
     if match.rounds is not None:
         return int(match.rounds)
     delta = match.continuation_probability
@@ -95,8 +110,22 @@ def _gib(n: float) -> str:
 
 def check_size(scenario: Scenario, nodes: int, edges: int, graph_field: str,
                source: str) -> None:
-    """Refuse, before anything is built, a scenario whose graph and step arrays cannot
-    fit in memory (see ``memory_limit``), naming the field that makes it big."""
+    """Refuse, before anything is built, a scenario too big for the memory.
+
+    The estimate covers the graph, one step's round arrays and the memory windows
+    kept across matches; the limit is ``memory_limit``'s.
+
+    Args:
+        scenario: The validated scenario.
+        nodes: The graph's node count.
+        edges: The graph's edge count.
+        graph_field: The scenario field that sets the graph's size, for the message.
+        source: The scenario file, for the message.
+
+    Raises:
+        ScenarioError: The estimate exceeds the limit; the message names the field
+            that makes the scenario big.
+    """
     pairing = scenario.pairing
     matches = edges if pairing.scheme == "all_edges" else min(edges, nodes)
     matches *= pairing.repetitions
@@ -152,22 +181,36 @@ def _share_reporter(label: str):
 class DilemmaModel(mesa.Model):
     """Players on a NetworkX graph playing repeated 2x2 games, one step at a time.
 
-    Build it from a validated ``Scenario`` or a path to a scenario file; ``seed``
-    overrides the scenario's seed (a fresh one is drawn and recorded when neither
-    gives one). ``collect_agents`` turns Mesa's per-agent DataCollector rows on or
-    off; by default they are collected while agents x steps stays within
-    ``AGENT_ROWS_LIMIT``, because the DataCollector walks every agent in Python
-    each step.
-
     Who plays what lives in ``population`` (a ``Population``): the engine, the tally
     and the tables read it, and evolution changes it through ``Population.relabel``
     alone. ``labels``, ``label_of_node`` and the like are read-only shortcuts to it.
     Mesa's Network (``space``) and the Players (``players``, ``agents``) are built on
     first use: the simulation itself never reads them.
+
+    Per-node totals (``scores``, ``decisions``, ``cooperations``) are NumPy arrays
+    summed after every step; ``tally`` keeps the tables by label, ``last_result``
+    and ``last_totals`` the last step's ``StepResult`` and per-side totals.
+
+    Args:
+        scenario: A validated ``Scenario``, or the path of a scenario file.
+        seed: Overrides the scenario's seed; a fresh one is drawn (and recorded in
+            ``scenario``) when neither gives one.
+        collect_agents: Mesa's per-agent DataCollector rows on or off; by default
+            they are collected while agents x steps stays within
+            ``AGENT_ROWS_LIMIT``, because the DataCollector walks every agent in
+            Python each step.
+        source: The scenario file named in error messages (default: the path given,
+            or the scenario's name).
+
+    Raises:
+        ScenarioError: The scenario cannot be read or is too big for the memory, the
+            graph has no edges, or a policy cannot be built or needs a longer memory
+            window; the message names the file and the field.
     """
 
     def __init__(self, scenario: Scenario | str | Path, *, seed: int | None = None,
                  collect_agents: bool | None = None, source: str | None = None) -> None:
+        """Build the graph, the population, the engine and the DataCollector."""
         if not isinstance(scenario, Scenario):
             source = source or str(scenario)
             scenario = load_scenario(scenario)
@@ -284,8 +327,11 @@ class DilemmaModel(mesa.Model):
 
     @property
     def agents(self) -> mesa.agent.AgentSet:
-        """Mesa's set of all agents; the Players are built on first use, so that
-        the DataCollector's agent rows and ``mesa.batch_run`` find them."""
+        """Mesa's set of all agents.
+
+        The Players are built on first use, so that the DataCollector's agent rows
+        and ``mesa.batch_run`` find them.
+        """
         self._build_agents()
         return super().agents
 
@@ -345,8 +391,7 @@ class DilemmaModel(mesa.Model):
     @property
     def grid_shape(self) -> tuple[int, int] | None:
         """(rows, cols) when the graph is a lattice, for snapshots of who is where."""
-        g = self.scenario.graph
-        return (g.rows, g.cols) if g.kind == "grid" and g.copies == 1 else None
+        return self.scenario.graph.lattice_shape()
 
     def policy_counts(self) -> np.ndarray:
         """Agents under each label now, in ``labels`` order."""
@@ -363,8 +408,10 @@ class DilemmaModel(mesa.Model):
         return 1.0 / (1.0 - match.continuation_probability)
 
     def _check_memory(self, specs: list[PolicySpec]) -> None:
-        """Every policy that can play (mutants and mix entries on no node included) must
-        fit in the memory window."""
+        """Refuse a policy that remembers more rounds than the memory window holds.
+
+        Every policy that can play counts, mutants and mix entries on no node included.
+        """
         window = self.scenario.memory.window
         if window is None:
             return
@@ -381,7 +428,13 @@ class DilemmaModel(mesa.Model):
                     f"a window >= {depth:g}, or leave it out to remember the whole match")
 
     def step(self) -> None:
-        """Pick this step's matches, play them all in lockstep, fold in the results."""
+        """Pick this step's matches, play them all in lockstep, fold in the results.
+
+        The step's LLM records become ``last_exchanges``; the tally, the per-node
+        totals and the DataCollector take the results; under evolution the population
+        is then updated (a match stopped by an unreadable answer counts for neither
+        side's fitness). ``running`` turns False after the last step.
+        """
         index = self.played_steps
         for policy in self.llm_policies:
             policy.drain()  # the last step's records, handed out as last_exchanges

@@ -1,5 +1,8 @@
-"""Who plays what: which policy sits on which node (``assign_policies``) and the
-``Population`` that owns the labels, policies and per-node arrays of a run."""
+"""Who plays what.
+
+Which policy sits on which node (``assign_policies``), and the ``Population`` that owns
+the labels, policies and per-node arrays of a run.
+"""
 
 from __future__ import annotations
 
@@ -97,8 +100,10 @@ def field_error(source: str, field: str, message: str) -> str:
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
-    """A view of ``array`` that cannot be written through; it still sees every change
-    the owner makes to ``array`` in place."""
+    """A view of ``array`` that cannot be written through.
+
+    It still sees every change the owner makes to ``array`` in place.
+    """
     view = array.view()
     view.flags.writeable = False
     return view
@@ -134,6 +139,7 @@ class Population:
                  policies: list[Policy] | None = None,
                  policy_of_label: np.ndarray | None = None,
                  policy_names: list[str] | None = None) -> None:
+        """Check the arrays and keep read-only views of them; see the class docstring."""
         self.labels = list(labels)
         self.policies = list(policies) if policies is not None else []
         self.llm_policies = [p for p in self.policies if hasattr(p, "drain")]

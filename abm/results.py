@@ -1,5 +1,9 @@
-"""What a finished run writes into its folder: charts, summary.json, the resolved config
-and the LLM behaviour files (``write_results``)."""
+"""What a finished run writes into its folder (``write_results``).
+
+The resolved config, the payoff and defection matrices, steps.csv, agents.csv,
+summary.json, the charts and, with LLM players, invalid_answers.csv and the LLM
+behaviour files.
+"""
 
 from __future__ import annotations
 
@@ -66,8 +70,10 @@ def _llm_summary(model: DilemmaModel, policy: Any, counts: pd.DataFrame) -> dict
 
 
 def _degrees(edges: np.ndarray, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per node: the number of distinct other neighbours, and whether it has a
-    self-loop (self-play), which is not counted in the degree."""
+    """Per node: the number of distinct other neighbours, and whether it has a self-loop.
+
+    A self-loop (self-play) is not counted in the degree.
+    """
     loop = edges[:, 0] == edges[:, 1]
     pairs = np.sort(edges[~loop], axis=1)
     # one integer per node pair: a 1-D unique is much faster than unique rows
@@ -115,9 +121,12 @@ def _cooperation_by_round(result: Any) -> pd.DataFrame | None:
 
 def _llm_behaviour(model: DilemmaModel, folder: Path,
                    summary: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """Round-by-round tables and memory-one fingerprints of the LLM players, from the
-    run's own rounds.parquet and transcripts: llm_rounds.csv, llm_fingerprints.csv and
-    a ``behaviour`` block per LLM entry of the summary. None without rounds.parquet."""
+    """Round-by-round tables and memory-one fingerprints of the LLM players.
+
+    They are read from the run's own rounds.parquet and transcripts, and written as
+    llm_rounds.csv, llm_fingerprints.csv and a ``behaviour`` block per LLM entry of
+    the summary. Returns the two tables; None without rounds.parquet or LLM decisions.
+    """
     from abm import behaviour as bh
     from abm.policies.rules import default_generosity
 
@@ -160,7 +169,17 @@ def _llm_behaviour(model: DilemmaModel, folder: Path,
 
 def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
                   with_charts: bool = True) -> dict[str, Any]:
-    """Everything but the streamed tables: config, matrices, summary, agents, charts."""
+    """Write everything but the streamed tables: config, matrices, summary, agents, charts.
+
+    Args:
+        model: The model, after its last step.
+        folder: The run's folder.
+        wall_seconds: The run's wall time so far, for the summary.
+        with_charts: Draw the charts (``output.charts``).
+
+    Returns:
+        The summary, as written to summary.json (NaN there becomes null).
+    """
     scenario = model.scenario
     (folder / "config.toml").write_text(tomli_w.dumps(scenario.to_toml_dict()), encoding="utf-8")
     tally = model.tally

@@ -42,15 +42,17 @@ _HEAVY = {
 
 
 def _import_heavy() -> None:
-    """Import what a run needs into this module (names already set, e.g. by a
-    test's monkeypatch, are kept).
+    """Import what a run needs into this module.
+
+    Names already set (by a test's monkeypatch, say) are kept.
 
     A Ctrl-C (or a SIGTERM, under main()) during these imports is noted and acted
     on once they are done, a second or so later, rather than raised inside them:
     some library code run at import catches every exception, a KeyboardInterrupt
     included, and a KeyboardInterrupt that passes through a C extension's import
     makes Python end the process by SIGINT at exit even after main() handled it.
-    A second Ctrl-C interrupts at once."""
+    A second Ctrl-C interrupts at once.
+    """
     seen: list[int] = []
 
     def note(signum: int, frame: Any) -> None:
@@ -85,8 +87,11 @@ def __getattr__(name: str) -> Any:
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived: raised by the handler main() installs, so that the run
-    cleans up exactly as for Ctrl-C."""
+    """SIGTERM arrived.
+
+    Raised by the handler main() installs, so that the run cleans up exactly as for
+    Ctrl-C.
+    """
 
 
 def _disk_full(exc: BaseException) -> str | None:
@@ -101,10 +106,12 @@ def _disk_full(exc: BaseException) -> str | None:
 
 
 def expected_llm_calls(model: DilemmaModel) -> int | None:
-    """How many LLM decisions (plus reflections, where a policy reflects) a run will
-    ask for, for a progress bar with a percentage and an ETA; None where it is not
-    known in advance: geometric match lengths, random matching, evolution. Matches
-    stopped early by an unreadable answer make the true count smaller."""
+    """How many LLM decisions (plus reflections, where a policy reflects) a run will ask for.
+
+    The count gives the progress bar a percentage and an ETA. It is None where it is
+    not known in advance: geometric match lengths, random matching, evolution.
+    Matches stopped early by an unreadable answer make the true count smaller.
+    """
     scenario = model.scenario
     rounds = scenario.match.rounds
     population = model.population
@@ -135,7 +142,21 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
 
     The output folder is claimed as soon as the scenario is valid (a second run
     into it is refused then); on any error or interrupt everything written is
-    removed. A full disk becomes a ScenarioError saying so.
+    removed.
+
+    Args:
+        path: The scenario file.
+        out: The output folder (default: ``outputs/<name>-<timestamp>``).
+        seed: Overrides the scenario's seed.
+        overrides: ``KEY.PATH=VALUE`` strings, as ``--set`` takes them.
+        quiet: No progress bars and no summary line on stdout.
+
+    Returns:
+        The output folder, once complete.
+
+    Raises:
+        ScenarioError: A bad scenario or override, an output folder that is taken,
+            or a full disk; the message says which.
     """
     _import_heavy()
     started = time.perf_counter()
@@ -214,9 +235,15 @@ def llm_line(entry: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status: 0, 2 for bad input (one
-    paragraph on stderr), 130 for Ctrl-C and 143 for SIGTERM (one line; whatever the
-    run had written is removed)."""
+    """Command-line entry point.
+
+    Args:
+        argv: The arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, 2 for bad input (one paragraph on stderr), 130 for
+        Ctrl-C and 143 for SIGTERM (one line; whatever the run had written is removed).
+    """
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)

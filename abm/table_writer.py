@@ -1,4 +1,4 @@
-"""Tables of a run, streamed to disk step by step: rounds.parquet and matches.csv."""
+"""Tables of a run, streamed to disk step by step: rounds.parquet, matches.csv, transcripts."""
 
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ def _dictionary(codes: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
 
 
 class TableWriter:
-    """Appends each step's rows to ``rounds.parquet`` (optional) and ``matches.csv``.
+    """Appends each step's rows to ``rounds.parquet`` and ``matches.csv`` (each optional).
+
+    The LLM records of a step go to ``transcripts.jsonl``, one JSON line each, with
+    run-wide match ids and player names.
 
     Players and policies are stored as dictionary-encoded strings, so a table of
     millions of rows costs a few bytes a row. Rows name the labels that played the
@@ -48,6 +51,7 @@ class TableWriter:
 
     def __init__(self, folder: Path, population: Population, rounds: bool = True,
                  matches: bool = True) -> None:
+        """Name the files; each is opened when its first rows come."""
         self.population = population
         self.labels = pa.array(population.labels)
         names = list(dict.fromkeys(population.policy_name_of_label))
@@ -67,8 +71,11 @@ class TableWriter:
 
     def _who(self, agent: np.ndarray, opponent: np.ndarray,
              strings: bool = False) -> dict[str, pa.Array]:
-        """Who played each row; names as dictionary arrays, or as plain strings (for
-        the CSV file, which writes the strings)."""
+        """Who played each row.
+
+        Names come as dictionary arrays, or as plain strings for the CSV file, which
+        writes the strings.
+        """
         played = self.population.played_label_of_node
         mine, theirs = played[agent], played[opponent]
 
@@ -99,6 +106,16 @@ class TableWriter:
 
     def add(self, result: StepResult, totals: dict[str, np.ndarray],
             exchanges: list[dict[str, Any]] = ()) -> None:
+        """Queue one step's rows for writing.
+
+        Args:
+            result: The step just played.
+            totals: Its per-side totals (``StepResult.totals``).
+            exchanges: Its LLM records, one line each in transcripts.jsonl.
+
+        Raises:
+            OSError: The last step's background write failed (a full disk).
+        """
         m = result.n_matches
         match = self.next_match + np.concatenate([np.arange(m), np.arange(m)])
         if exchanges:
@@ -177,9 +194,10 @@ class TableWriter:
             self.transcripts.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        """Close every file, even when closing one fails (a full disk fails at the
-        last flush); then raise the first error, if any (a failed background write
-        first)."""
+        """Close every file, even when closing one fails (a full disk fails at the last flush).
+
+        Then raise the first error, if any (a failed background write first).
+        """
         first: BaseException | None = None
         try:
             self._wait()

@@ -10,8 +10,11 @@ from abm.population import Population
 
 
 class Tally:
-    """Sums per (player label, opponent label) and per step, updated after every step,
-    so a run of any length needs memory only for the label tables.
+    """Sums per (player label, opponent label) and per step, updated after every step.
+
+    A run of any length needs memory only for the label tables and one row per step
+    (``steps``: step, matches, decisions, cooperation_rate, mean_payoff and, with
+    ``track_shares``, ``share:<label>``).
 
     Each step is counted under the labels the population holds when ``add`` is
     called (before any update the step leads to).
@@ -22,6 +25,7 @@ class Tally:
     """
 
     def __init__(self, population: Population, track_shares: bool = False) -> None:
+        """Start with empty tables for the population's labels."""
         self.population = population
         self.labels = population.labels
         self.track_shares = track_shares
@@ -40,7 +44,14 @@ class Tally:
         self.steps: list[dict[str, float]] = []
 
     def add(self, result: StepResult) -> dict[str, np.ndarray]:
-        """Fold one step in; return the per-side totals for whoever wants them."""
+        """Fold one step in.
+
+        Args:
+            result: The step just played.
+
+        Returns:
+            The step's per-side totals (``StepResult.totals``), for whoever wants them.
+        """
         totals = result.totals()
         k = len(self.labels)
         label_of_node = self.population.label_of_node
@@ -90,8 +101,10 @@ class Tally:
             return self._frame(sums / self.pair_matches)
 
     def payoff_matrix(self) -> pd.DataFrame:
-        """Mean total payoff of the row player in a match against the column player
-        (matches stopped by an unreadable answer left out; NaN where none is left)."""
+        """Mean total payoff of the row player in a match against the column player.
+
+        Matches stopped by an unreadable answer are left out; NaN where none is left.
+        """
         return self._matrix(self.pair_payoff)
 
     def defection_matrix(self) -> pd.DataFrame:
@@ -104,20 +117,30 @@ class Tally:
                             columns=self.labels)
 
     def unread_matrix(self) -> pd.DataFrame:
-        """Share of the row player's decisions against the column player that no model
-        answer decided: answers that could not be read, whether left unplayed or played
-        by the fallback rule (NaN: no decision)."""
+        """Share of the row player's decisions against the column player not read from a model.
+
+        Those are the answers that could not be read, whether left unplayed or played
+        by the fallback rule (NaN: no decision).
+        """
         with np.errstate(invalid="ignore", divide="ignore"):
             return self._frame(self.pair_invalid / self.pair_decisions)
 
     def void_matrix(self) -> pd.DataFrame:
-        """Matches of the row player against the column player stopped by an unreadable
-        answer (either side's), and so left out of the payoff and defection tables."""
+        """Matches of the row player against the column player stopped by an unreadable answer.
+
+        An unreadable answer of either side counts; these matches are left out of the
+        payoff and defection tables.
+        """
         return self._frame(self.pair_void)
 
     def unread_counts(self) -> pd.DataFrame:
-        """Per (player, opponent) cell with decisions: decisions, invalid, fallbacks,
-        invalid_rate, void matches, complete matches."""
+        """The counts behind ``unread_matrix`` and ``void_matrix``, one row per cell.
+
+        Returns:
+            One row per (player, opponent) pair with decisions: columns player,
+            opponent, decisions, invalid, fallbacks, void_matches, complete_matches
+            and invalid_rate.
+        """
         k = len(self.labels)
         i, j = np.divmod(np.arange(k * k), k)
         frame = pd.DataFrame({

@@ -112,3 +112,14 @@ def test_unreadable_file_names_the_field(tmp_path):
 def test_edge_array_is_canonical():
     g = nx.Graph([(3, 1), (0, 2), (2, 2)])
     assert edge_array(g).tolist() == [[0, 2], [1, 3], [2, 2]]
+
+
+def test_only_a_single_lattice_has_a_lattice_shape():
+    from abm.graph_kinds import GridGraph, RingGraph
+    one = GridGraph.model_validate({"kind": "grid", "rows": 3, "cols": 4})
+    two = GridGraph.model_validate({"kind": "grid", "rows": 3, "cols": 4, "copies": 2})
+    ring = RingGraph.model_validate({"kind": "ring", "n": 12})
+    # 24 nodes in two 3 x 4 copies are no single 3 x 4 picture (snapshots, the page's image)
+    assert one.lattice_shape() == (3, 4)
+    assert two.lattice_shape() is None
+    assert ring.lattice_shape() is None

@@ -20,8 +20,9 @@ keeps model rows by position (0 = after the first step) but agent rows by Mesa's
 counter (1 = after the first step), and Mesa 3.3's ``batch_run`` reads both at the same
 ``Step``. ``SweepModel`` files agent rows like model rows (in ``batch_run`` and in
 ``get_agent_vars_dataframe``), so the row with ``Step = k`` holds model and agent values
-after step k + 1, and the last row of a run is its final state. It adds the model reporter ``overall_cooperation_rate`` (the run's cooperation
-rate so far, ``cooperation_rate`` in summary.json and results.parquet).
+after step k + 1, and the last row of a run is its final state. It adds the model
+reporter ``overall_cooperation_rate`` (the run's cooperation rate so far,
+``cooperation_rate`` in summary.json and results.parquet).
 """
 
 from __future__ import annotations
@@ -35,10 +36,19 @@ from abm.batch.keys import toml_value
 
 
 class SweepModel(DilemmaModel):
-    """A DilemmaModel built from a scenario file plus dotted-key overrides."""
+    """A DilemmaModel built from a scenario file plus dotted-key overrides.
+
+    Args:
+        scenario: The scenario file.
+        seed: Overrides the scenario's seed.
+        collect_agents: As for ``DilemmaModel``.
+        **overrides: Scenario values by dotted key (``game.noise`` or
+            ``game__noise``), applied as ``--set`` applies them.
+    """
 
     def __init__(self, scenario: str | Path, seed: int | None = None, *,
                  collect_agents: bool | None = None, **overrides: Any) -> None:
+        """Load the scenario with the overrides and add the run-wide reporter."""
         sets = [f"{key.replace('__', '.')}={toml_value(value)}"
                 for key, value in overrides.items()]
         self.overrides = sets
@@ -53,6 +63,7 @@ class SweepModel(DilemmaModel):
                                                 agent_reporters=agents)
 
     def step(self) -> None:
+        """Play a step, then file its agent rows under the model rows' step index."""
         super().step()
         records = self.datacollector._agent_records
         index = self.played_steps - 1

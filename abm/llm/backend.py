@@ -1,4 +1,4 @@
-"""A transformers causal LM that scores the two action labels or writes free text, in batches.
+"""A transformers causal LM that scores answer phrasings or writes free text, in batches.
 
 Two savings matter on a CPU: the key/value cache of the prompt prefix shared
 by every prompt of a run (the rules) is computed once and reused, and
@@ -50,10 +50,30 @@ def _pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 class Backend:
-    """One loaded model and tokenizer."""
+    """One loaded model and tokenizer.
+
+    ``stats`` counts the work done (forward passes, tokens, seconds), ``load_seconds``
+    the time the load took, and ``revision`` names the weights (the source's revision,
+    else the hub commit, else the location).
+
+    Args:
+        source: Where the model comes from (a hub name, a local folder or a GGUF file,
+            which is converted once and the copy kept).
+        device: "auto" (CUDA when torch sees a GPU, else the CPU), "cpu" or "cuda[:i]".
+        dtype: "auto" (bfloat16 or float16 on a GPU, float32 on the CPU), "float32",
+            "float16" or "bfloat16".
+        trust_remote_code: Passed to transformers: run the model's own code from the hub.
+        prefix_cache: Keep the key/value cache of the prompt prefix every prompt
+            shares, and reuse it.
+
+    Raises:
+        ScenarioError: CUDA asked for but not available, a model too big for the CPU
+            on device "auto", or a model that cannot be loaded or downloaded.
+    """
 
     def __init__(self, source: ModelSource, *, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False, prefix_cache: bool = True) -> None:
+        """Load the model and tokenizer onto the device."""
         self.source = source
         self.device = _pick_device(device)
         self.dtype = _pick_dtype(dtype, self.device)
@@ -83,13 +103,23 @@ class Backend:
 
     @property
     def has_chat_template(self) -> bool:
+        """Whether the tokenizer brings a chat template of its own."""
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def render(self, messages: Messages, answer_prefix: str = "",
                chat_template: str | None = None) -> str:
-        """The exact text the model reads: the conversation in the chat format (the
-        scenario's, else the tokenizer's own, else "plain" with a warning), ready for
-        the assistant's turn, then ``answer_prefix``."""
+        """The exact text the model reads.
+
+        Args:
+            messages: The conversation, as role/content dictionaries.
+            answer_prefix: Text that opens the assistant's answer.
+            chat_template: The scenario's chat format (a Jinja template); None uses the
+                tokenizer's own, else "plain" with a warning.
+
+        Returns:
+            The conversation in the chat format, ready for the assistant's turn, then
+            ``answer_prefix``.
+        """
         template = chat_template
         if template is None and not self.has_chat_template:
             from abm.llm.chat_formats import NAMED
@@ -117,9 +147,14 @@ class Backend:
         return self.tokenize(self.render(messages, answer_prefix, chat_template))
 
     def continuation_ids(self, context: str, text: str) -> list[int]:
-        """Token ids ``text`` gets when it follows ``context``, as the model would see
-        them: tokenizing it alone adds a word-start marker under SentencePiece
-        (Llama) tokenizers and splits differently from the joined text."""
+        """Token ids ``text`` gets when it follows ``context``, as the model would see them.
+
+        Tokenizing it alone adds a word-start marker under SentencePiece (Llama)
+        tokenizers and splits differently from the joined text.
+
+        Raises:
+            ScenarioError: ``text`` comes out as no tokens.
+        """
         whole, head = self.tokenize(context + text), self.tokenize(context)
         n = _common_prefix([whole, head])
         if n == len(head):
@@ -134,6 +169,11 @@ class Backend:
         return tail
 
     def label_ids(self, label: str) -> list[int]:
+        """Token ids of an action label tokenized on its own.
+
+        Raises:
+            ScenarioError: The label comes out as no tokens.
+        """
         ids = self.tokenizer(label, add_special_tokens=False).input_ids
         if not ids:
             raise ScenarioError(f"the action label {label!r} is empty after tokenization")
@@ -153,7 +193,7 @@ class Backend:
 
     def score_phrasings(self, prompts: list[list[int]], phrasings: list[list[int]],
                         max_batch_size: int = 16) -> np.ndarray:
-        """log P(phrasing | prompt) for every prompt and phrasing, shape (n, len(phrasings)).
+        """Log P(phrasing | prompt) for every prompt and phrasing, shape (n, len(phrasings)).
 
         The phrasings form a trie: one prefill gives every first token's
         probability, then each deeper level of the trie is one batched decode
@@ -360,8 +400,13 @@ CPU_WEIGHT_LIMIT = 8 * 2**30
 
 
 def _check_size(source: ModelSource, asked: str, device: str, dtype: torch.dtype) -> None:
-    """Refuse to put a multi-billion-parameter model on the CPU just because no GPU
-    was found (device = "auto"); warn when the scenario asks for the CPU itself."""
+    """Refuse a multi-billion-parameter model on the CPU only because no GPU was found.
+
+    That is device = "auto"; when the scenario asks for the CPU itself, warn instead.
+
+    Raises:
+        ScenarioError: Device "auto", no GPU, and weights past ``CPU_WEIGHT_LIMIT``.
+    """
     if device != "cpu":
         return
     params = _parameter_count(source)
@@ -380,8 +425,10 @@ def _check_size(source: ModelSource, asked: str, device: str, dtype: torch.dtype
 
 
 def _parameter_count(source: ModelSource) -> int | None:
-    """Parameters of a local model from its safetensors headers (no weights are read);
-    None when the files are not here (hub models not yet cached, GGUF files)."""
+    """Parameters of a local model from its safetensors headers (no weights are read).
+
+    None when the files are not here (hub models not yet cached, GGUF files).
+    """
     folder: Path | None = None
     if source.converted is not None:
         folder = source.converted if (source.converted / "config.json").is_file() else None
@@ -415,8 +462,11 @@ HUB_HOST = ("huggingface.co", 443)
 
 
 def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face hub cannot be used now, or None: offline mode is set, or a
-    connection to it does not open within ``timeout`` seconds."""
+    """Why the Hugging Face hub cannot be used now, or None.
+
+    It cannot when offline mode is set, or when a connection to it does not open
+    within ``timeout`` seconds.
+    """
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
@@ -493,8 +543,11 @@ def _save_converted(tokenizer: Any, model: Any, folder) -> None:
 
 @contextlib.contextmanager
 def _conversion_lock(folder: Path) -> Iterator[None]:
-    """One process converts a model while the others (pool workers, Ray actors on one
-    machine) wait, then load the finished copy instead of converting it again."""
+    """Hold the lock on converting the model kept in ``folder``.
+
+    One process converts a model while the others (pool workers, Ray actors on one
+    machine) wait, then load the finished copy instead of converting it again.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl

@@ -1,6 +1,8 @@
-"""The work counters of an LLM backend, kept free of torch so that code which only
-reads or fakes a backend (the LLM policy's bookkeeping, a scripted test backend)
-imports without the llm extra."""
+"""The work counters of an LLM backend.
+
+They are kept free of torch so that code which only reads or fakes a backend (the
+LLM policy's bookkeeping, a scripted test backend) imports without the llm extra.
+"""
 
 from __future__ import annotations
 

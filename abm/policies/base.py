@@ -43,9 +43,11 @@ class View:
     rounds_total: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        """Make every array field a read-only view."""
         _freeze(self)
 
     def __len__(self) -> int:
+        """The number of deciding sides (rows)."""
         return int(self.length.shape[0])
 
 
@@ -73,10 +75,14 @@ class Decisions:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened in one round to a batch of sides, for policies that keep notes
-    (an LLM reflecting on the round). Arrays line up with the decisions' views;
-    ``mine`` and ``theirs`` are EMPTY (-1) where the match stopped at this round
-    because a decision in it could not be read, so nothing was played."""
+    """What happened in one round to a batch of sides, for policies that keep notes.
+
+    The engine passes it to a policy's ``observe`` method, if it has one (an LLM
+    reflecting on the round). Arrays line up with the decisions' views; ``mine`` and
+    ``theirs`` are the actual actions (after noise), EMPTY (-1) where the match
+    stopped at this round because a decision in it could not be read, so nothing
+    was played.
+    """
 
     step: int
     round: int
@@ -90,13 +96,16 @@ class Outcome:
     payoff: np.ndarray
 
     def __post_init__(self) -> None:
+        """Make every array field a read-only view."""
         _freeze(self)
 
 
 def _freeze(record: View | Outcome) -> None:
-    """Hold each array field as a read-only view (no copy): the arrays are often views
-    of the engine's own, which a policy writing into them would corrupt, and a write
-    now raises ValueError instead."""
+    """Hold each array field as a read-only view (no copy).
+
+    The arrays are often views of the engine's own, which a policy writing into them
+    would corrupt; a write now raises ValueError instead.
+    """
     for name, value in vars(record).items():
         if isinstance(value, np.ndarray) and value.flags.writeable:
             view = value.view()
@@ -105,6 +114,8 @@ def _freeze(record: View | Outcome) -> None:
 
 
 class NoParams(BaseModel):
+    """The parameters of a policy that takes none: any key given is refused."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -136,7 +147,24 @@ def register(
     params: type[BaseModel] = NoParams,
     aliases: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Policy]], Callable[..., Policy]]:
-    """Class decorator that makes a policy available under ``name`` in scenarios."""
+    """Decorator that makes a policy factory available under ``name`` in scenarios.
+
+    The factory (usually a class) is called with ``game=`` and the validated
+    parameters, and returns a ``Policy``.
+
+    Args:
+        name: The name scenarios use.
+        description: One sentence on how the policy plays, for the scenario reference.
+        memory_depth: How many past rounds it reads (``math.inf``: all it is shown);
+            a shorter memory window is refused.
+        stochastic: Whether it draws from the policy stream.
+        uses_llm: Whether it asks a language model.
+        params: The pydantic model of its parameters.
+        aliases: Other names for it.
+
+    Raises:
+        ValueError: At decoration, when the name or an alias is already taken.
+    """
 
     def add(factory: Callable[..., Policy]) -> Callable[..., Policy]:
         for key in (name, *aliases):
@@ -153,7 +181,11 @@ def register(
 
 
 def lookup(name: str) -> PolicyInfo:
-    """The registry entry for a name or alias; ValueError lists the known names."""
+    """The registry entry for a name or alias.
+
+    Raises:
+        ValueError: An unknown name; the message lists the known names.
+    """
     canonical = _ALIASES.get(name, name)
     if canonical in REGISTRY:
         return REGISTRY[canonical]
@@ -163,7 +195,12 @@ def lookup(name: str) -> PolicyInfo:
 
 
 def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Check a policy's parameters against its schema; return them with defaults filled."""
+    """Check a policy's parameters against its schema; return them with defaults filled.
+
+    Raises:
+        ValueError: An unknown policy, or parameters its schema refuses; the message
+            names each bad parameter and the ones allowed.
+    """
     info = lookup(name)
     try:
         # strict, as TOML types come in: true is no number, "yes" no boolean (an
@@ -184,8 +221,10 @@ def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _arrays_as_tuples(model: type[BaseModel], params: dict[str, Any]) -> dict[str, Any]:
-    """TOML has arrays, not tuples: a list given for a tuple field becomes a tuple, as
-    strict validation takes only tuples there."""
+    """A list given for a tuple field, as a tuple.
+
+    TOML has arrays, not tuples, and strict validation takes only tuples there.
+    """
     out = dict(params)
     for key, value in params.items():
         field = model.model_fields.get(key)
@@ -200,6 +239,10 @@ def _arrays_as_tuples(model: type[BaseModel], params: dict[str, Any]) -> dict[st
 
 
 def make(name: str, params: dict[str, Any], game: PayoffMatrix) -> Policy:
-    """Build the policy registered as ``name`` with validated ``params``."""
+    """Build the policy registered as ``name`` with validated ``params``.
+
+    Raises:
+        ValueError: An unknown policy or bad parameters (see ``validate_params``).
+    """
     info = lookup(name)
     return info.factory(game=game, **validate_params(name, params))

@@ -1,6 +1,9 @@
-"""Solara components of the page: status and progress, the clickable network, the agent
-panel (with an LLM agent's last prompt, answer and reflection), the time series and the
-heatmaps. Each re-renders when Mesa's controls step or reset the model."""
+"""Solara components of the page.
+
+Status and progress, the clickable network, the agent panel (with an LLM agent's last
+prompt, answer and reflection), the time series and the heatmaps. Each re-renders when
+Mesa's controls step or reset the model.
+"""
 
 from __future__ import annotations
 
@@ -139,9 +142,11 @@ def ShownSlider(kind: str, label: str, value, on_value, min, max, step):
 
 @solara.component
 def UserInputs(user_params, on_change=None):
-    """Mesa's model controls (its ``UserInputs``), except that every slider has its
-    value written next to it, and a text box with a ``check`` says its bounds and why a
-    value is refused."""
+    """Mesa's model controls (its ``UserInputs``), with two changes.
+
+    Every slider has its value written next to it, and a text box with a ``check``
+    says its bounds and why a value is refused.
+    """
     for name, options in user_params.items():
 
         def change(value, name=name):
@@ -178,6 +183,7 @@ def ProgressBar():
 
 @solara.component
 def StatusBar(model: VizModel):
+    """The step count, what the scenario is, progress, and notes on the run."""
     counter = update_counter.get()
     # a step or a rebuild leaves its progress message up until the new pictures are made
     solara.use_effect(lambda: progress.set(None), [model, model.played_steps, counter])
@@ -353,6 +359,7 @@ def AgentPanel(model: VizModel):
 
 @solara.component
 def TimeSeries(model: VizModel):
+    """The time series picture, redrawn after each step."""
     counter = update_counter.get()
     data = solara.use_memo(lambda: timeseries_png(model), [model, model.played_steps, counter])
     solara.Image(data, width="100%", classes=["abm-timeseries"])
@@ -360,6 +367,7 @@ def TimeSeries(model: VizModel):
 
 @solara.component
 def Heatmaps(model: VizModel):
+    """The two heatmaps, redrawn after each step."""
     counter = update_counter.get()
     data = solara.use_memo(lambda: heatmaps_png(model), [model, model.played_steps, counter])
     solara.Image(data, width="100%", classes=["abm-heatmaps"])

@@ -1,6 +1,9 @@
-"""Matplotlib pictures of a running model for the page: the network, the time series and
-the two heatmaps. Each returns PNG bytes; figures are built without pyplot, so they are
-safe to draw from the page's worker threads."""
+"""Matplotlib pictures of a running model for the page.
+
+The network, the time series and the two heatmaps, as PNG bytes (the heatmaps also as
+a Figure). Figures are built without pyplot, so they are safe to draw from the page's
+worker threads.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ class Hits:
     loops: np.ndarray | None = None     # nodes drawn with a self-play loop
 
     def node_at(self, x: float, y: float) -> int | None:
+        """The agent at pixel (x, y) of the image, or None where there is none."""
         if self.grid is not None and self.extent is not None:
             x0, y0, x1, y1 = self.extent
             if not (x0 <= x < x1 and y0 <= y < y1):
@@ -109,8 +113,19 @@ def _legend(fig: Figure, model, counts: np.ndarray, grid: bool, loops: int = 0) 
 
 
 def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
-    """The network: nodes coloured by policy, sized by score, shaped by their last action,
-    this step's matches highlighted; plus how to map a click back to an agent."""
+    """The network picture, and how to map a click on it back to an agent.
+
+    Nodes are coloured by policy, sized by score and shaped by their last action, with
+    this step's matches highlighted. Past ``MAX_DRAWN_NODES`` agents a lattice is drawn
+    one pixel per agent and another graph as a sample (see ``abm.viz.layout``).
+
+    Args:
+        model: The page's model (a ``VizModel``).
+        selected: The agent to ring and name, if any.
+
+    Returns:
+        The PNG bytes and the ``Hits`` of the picture.
+    """
     drawing: Drawing = drawing_for(model)
     width, height = NETWORK_SIZE
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
@@ -195,9 +210,12 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
 
 def _draw_loops(ax, model, drawing: Drawing, loop_nodes: np.ndarray, edge_ids: np.ndarray,
                 share: np.ndarray) -> tuple[np.ndarray, float]:
-    """A small circle beside each drawn node with a self-play loop, pointing away from
-    the middle, coloured like a match when it was played this step. Returns the nodes
-    drawn with a loop and how far the loops reach past the nodes (data units)."""
+    """Draw a small circle beside each drawn node with a self-play loop.
+
+    The circle points away from the middle, coloured like a match when it was played
+    this step. Returns the nodes drawn with a loop and how far the loops reach past
+    the nodes (data units).
+    """
     index, pos = drawing.index, drawing.pos
     drawn = loop_nodes[index[loop_nodes] >= 0]
     if len(drawn) == 0 or len(pos) == 0:
@@ -226,7 +244,7 @@ def _draw_loops(ax, model, drawing: Drawing, loop_nodes: np.ndarray, edge_ids: n
 
 
 def timeseries_png(model) -> bytes:
-    """Cooperation rate and mean payoff per step, and policy shares over time."""
+    """Cooperation rate and mean payoff per step, and policy shares over time, as PNG bytes."""
     fig = Figure(figsize=(5.4, 5.6), dpi=DPI)  # fixed margins: constrained layout costs 2x
     ax1, ax2, ax3 = fig.subplots(3, 1, sharex=True)
     fig.subplots_adjust(left=0.15, right=0.97, top=0.94, bottom=0.09, hspace=0.1)
@@ -275,10 +293,14 @@ NO_DATA_COLOUR = "0.73"    # a cell with decisions but no complete match
 
 
 def heatmap_marks(model) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per (player, opponent) cell: whether some of the row player's decisions were not
-    read from the model (invalid answers or the fallback rule), whether it has decisions
-    but no complete match ("no data"); and how many matches an unreadable answer stopped
-    (they are left out of both tables, as in the run's charts)."""
+    """What the heatmaps mark, per (player, opponent) cell, and the stopped matches.
+
+    Returns:
+        Whether some of the row player's decisions were not read from the model
+        (invalid answers or the fallback rule); whether the cell has decisions but no
+        complete match ("no data"); and how many matches an unreadable answer stopped
+        (they are left out of both tables, as in the run's charts).
+    """
     tally = model.tally
     unread = tally.unread_matrix().to_numpy(dtype=float)
     payoff = tally.payoff_matrix().to_numpy(dtype=float)
@@ -289,10 +311,12 @@ def heatmap_marks(model) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def heatmaps_figure(model) -> Figure:
-    """The experiment's two tables so far: mean payoff and mean (intended) defections per
-    match, row player against column opponent. Cells with decisions not read from the
-    model get an orange frame and a "*"; cells without a complete match are grey
-    ("no data"), as in the run's heatmaps."""
+    """The experiment's two tables so far, side by side.
+
+    Mean payoff and mean (intended) defections per match, row player against column
+    opponent. Cells with decisions not read from the model get an orange frame and a
+    "*"; cells without a complete match are grey ("no data"), as in the run's heatmaps.
+    """
     matrices = [(model.tally.payoff_matrix(), "Mean payoff per match", ".1f"),
                 (model.tally.defection_matrix(), "Mean defections per match", ".2f")]
     marked, no_data, void = heatmap_marks(model)

@@ -1,9 +1,10 @@
-"""The model behind the visualization: DilemmaModel built from a scenario file plus the
-page's control values, with what the page needs and the model does not keep.
+"""The model behind the visualization.
 
-``VizModel`` is a ``DilemmaModel`` (the same model the CLI runs) whose constructor takes
-keyword arguments only, so Mesa's SolaraViz can rebuild it from its controls on Reset.
-Each control left at ``None`` keeps the scenario's value.
+``VizModel`` is a ``DilemmaModel`` (the same model the CLI runs) built from a scenario
+file plus the page's control values, with what the page needs and the model does not
+keep. Every constructor argument has a default, so Mesa's SolaraViz can rebuild it from
+its controls' keyword arguments on Reset. Each control left at ``None`` keeps the
+scenario's value.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ ProgressHook = Callable[[str | None, float | None], None]
 
 
 def default_scenario() -> str:
-    """The scenario the page shows: $ABM_VIZ_SCENARIO, else the round robin of rules
-    (looked up from the working directory, then next to the package)."""
+    """The scenario the page shows.
+
+    $ABM_VIZ_SCENARIO, else the round robin of rules (looked up from the working
+    directory, then next to the package).
+    """
     chosen = os.environ.get(SCENARIO_ENV)
     if chosen:
         return chosen
@@ -50,9 +54,11 @@ def default_scenario() -> str:
 
 
 def graph_families() -> list[str]:
-    """The graph kinds the page's "Graph family" selector offers: every kind of
-    ``abm.graphs.GRAPH_KINDS`` with page defaults (a graph file only where the scenario
-    has one)."""
+    """The graph kinds the page's "Graph family" selector offers.
+
+    Those are the kinds of ``abm.graphs.GRAPH_KINDS`` with page defaults; the page adds
+    a graph file only where the scenario has one.
+    """
     return [name for name, kind in GRAPH_KINDS.items() if kind.page is not None]
 
 
@@ -63,8 +69,10 @@ def scenario_nodes(scenario: Scenario) -> int | None:
 
 
 def graph_table(kind: str, n: int, base: dict[str, Any]) -> dict[str, Any]:
-    """A [graph] table of family ``kind`` with about ``n`` nodes; the same family keeps
-    the scenario's other keys, a new one gets the kind's page defaults.
+    """A [graph] table of family ``kind`` with about ``n`` nodes.
+
+    The same family keeps the other keys of ``base`` (the scenario's [graph] table); a
+    new one gets the kind's page defaults.
 
     Raises:
         ScenarioError: for a kind the page does not offer.
@@ -119,7 +127,13 @@ def apply_controls(path: str, *, noise: float | None = None, rounds: int | None 
                    steps: int | None = None) -> Scenario:
     """The scenario file with the page's control values applied (``None``: as in the file).
 
-    ``window`` 0 means the whole match. Raises ScenarioError naming the field."""
+    ``window`` 0 means the whole match. A new graph family or size replaces the
+    [graph] table, and a ``players`` list becomes a mix with the same proportions.
+
+    Raises:
+        ScenarioError: A control value the scenario cannot take, or a graph too big
+            for the page; the message names the field.
+    """
     base = load_scenario(path)
     data = base.to_toml_dict()
     if seed not in (None, ""):
@@ -164,13 +178,30 @@ def apply_controls(path: str, *, noise: float | None = None, rounds: int | None 
 
 
 class VizModel(DilemmaModel):
-    """DilemmaModel for the page: keyword-only construction from controls, the last LLM
-    exchange of each LLM agent, policy shares per step, and progress reports.
+    """DilemmaModel for the page, built from the keyword arguments Mesa's controls set.
 
-    It drains the LLM policies' records after each step (nobody else does in the viz):
-    ``llm_last`` holds each LLM agent's last exchange, ``llm_log`` the latest
-    ``LLM_LOG_LIMIT`` exchanges. A control combination the scenario rejects falls back
-    to the scenario as written, with the reason in ``viz_error``.
+    It drains the LLM policies' records after each step (DilemmaModel would only drop
+    them when the next step starts): ``llm_last`` holds each LLM agent's last
+    exchange, ``llm_log`` the latest ``LLM_LOG_LIMIT`` exchanges. ``share_history``
+    holds the agents under each label at the start and after every step,
+    ``step_seconds`` each step's wall time. A control combination the scenario
+    rejects falls back to the scenario as written, with the reason in ``viz_error``.
+    Progress goes to the class's ``progress_hook``, if set.
+
+    Args:
+        scenario: The scenario file (default: ``default_scenario()``).
+        noise: Overrides ``game.noise``.
+        rounds: Overrides ``match.rounds``.
+        window: Overrides ``memory.window`` (0: the whole match).
+        graph_kind: A graph family of ``graph_families()``.
+        n: The graph's size in agents.
+        seed: Overrides the scenario's seed.
+        steps: Overrides ``pairing.steps``.
+        collect_agents: As for ``DilemmaModel``.
+
+    Raises:
+        ScenarioError: The scenario as written is refused (with no control set, or
+            after the controls were refused).
     """
 
     progress_hook: ProgressHook | None = None
@@ -180,6 +211,7 @@ class VizModel(DilemmaModel):
                  graph_kind: str | None = None, n: int | str | None = None,
                  seed: int | str | None = None, steps: int | None = None,
                  collect_agents: bool | None = None) -> None:
+        """Build the model, lay out its graph and report progress while doing so."""
         path = scenario or default_scenario()
         self.viz_error: str | None = None
         self._report(f"building {Path(path).name}", None)
@@ -231,6 +263,7 @@ class VizModel(DilemmaModel):
     # ------------------------------------------------------------ stepping
 
     def step(self) -> None:
+        """Play a step as DilemmaModel does, then keep what the page shows of it."""
         started = time.perf_counter()
         self._llm_done = 0
         self._report(f"step {self.played_steps + 1} of {self.total_steps}: playing", None)
@@ -261,8 +294,10 @@ class VizModel(DilemmaModel):
         return np.flatnonzero(is_llm[population.policy_of_node])
 
     def last_actions(self) -> np.ndarray:
-        """Per node: its last actual action in this step's matches (0 = C, 1 = D), -1 if it
-        did not play this step."""
+        """Per node: its last actual action in this step's matches.
+
+        0 = C, 1 = D; -1 when it did not play this step.
+        """
         out = np.full(self.n_nodes, -1, np.int8)
         r = self.last_result
         if r is None or r.n_matches == 0:
