@@ -31,8 +31,7 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     # at k = 0 and k = n the bound is exactly 0 or 1 (rounding would leave 1e-18)
-    return (0.0 if k == 0 else max(0.0, centre - half),
-            1.0 if k == n else min(1.0, centre + half))
+    return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
 
 
 def classic_strategies(g: float = 1 / 3) -> dict[str, tuple[float, ...]]:
@@ -79,8 +78,11 @@ def with_sides(rounds: pd.DataFrame) -> pd.DataFrame:
     frame["side"] = frame.groupby(["step", "match", "round"], sort=False).cumcount()
     partner = frame[["step", "match", "round", "side", "actual"]].copy()
     partner["side"] = 1 - partner["side"]
-    return frame.merge(partner.rename(columns={"actual": "their_actual"}),
-                       on=["step", "match", "round", "side"], how="left")
+    return frame.merge(
+        partner.rename(columns={"actual": "their_actual"}),
+        on=["step", "match", "round", "side"],
+        how="left",
+    )
 
 
 def decisions(rounds: pd.DataFrame, transcripts: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -99,8 +101,7 @@ def decisions(rounds: pd.DataFrame, transcripts: pd.DataFrame | None = None) -> 
     """
     frame = with_sides(rounds).sort_values(["step", "match", "side", "round"])
     track = frame.groupby(["step", "match", "side"], sort=False)
-    previous = (track["actual"].shift(1).fillna("")
-                + track["their_actual"].shift(1).fillna(""))
+    previous = track["actual"].shift(1).fillna("") + track["their_actual"].shift(1).fillna("")
     frame["situation"] = np.where(frame["round"] == 1, "first", previous)
     ruled = frame["fallback"].fillna(False).astype(bool) if "fallback" in frame else False
     frame["choice"] = np.where(ruled, "fallback", frame["intended"])
@@ -176,8 +177,13 @@ class Fingerprint:
         if not seen.any():
             return []
         mine = self.table["p"].to_numpy()[seen]
-        out = [{"strategy": name, "distance": float(np.sqrt(np.mean(
-            (np.asarray(vec, float)[seen] - mine) ** 2)))} for name, vec in strategies.items()]
+        out = [
+            {
+                "strategy": name,
+                "distance": float(np.sqrt(np.mean((np.asarray(vec, float)[seen] - mine) ** 2))),
+            }
+            for name, vec in strategies.items()
+        ]
         return sorted(out, key=lambda r: r["distance"])
 
     def to_dict(self, strategies: dict[str, tuple[float, ...]]) -> dict:
@@ -187,12 +193,19 @@ class Fingerprint:
         """
         rows = {}
         for situation, row in self.table.iterrows():
-            rows[situation] = {"n": int(row["n"]), "cooperate": int(row["cooperate"]),
-                               "p": _num(row["p"]), "ci95": [_num(row["low"]), _num(row["high"])],
-                               "p_model": _num(row["p_model"])}
-        return {"situations": rows, "invalid": self.invalid,
-                "nearest": self.nearest(strategies)[:3],
-                "distance": "root-mean-square difference of P(C) over observed situations"}
+            rows[situation] = {
+                "n": int(row["n"]),
+                "cooperate": int(row["cooperate"]),
+                "p": _num(row["p"]),
+                "ci95": [_num(row["low"]), _num(row["high"])],
+                "p_model": _num(row["p_model"]),
+            }
+        return {
+            "situations": rows,
+            "invalid": self.invalid,
+            "nearest": self.nearest(strategies)[:3],
+            "distance": "root-mean-square difference of P(C) over observed situations",
+        }
 
 
 def _num(value: float) -> float | None:
@@ -207,10 +220,21 @@ def fingerprint(frame: pd.DataFrame) -> Fingerprint:
         part = valid[valid["situation"] == condition]
         n, k = len(part), int((part["choice"] == "C").sum())
         low, high = wilson(k, n)
-        p_model = (float(part["p_cooperate"].mean())
-                   if "p_cooperate" in part and part["p_cooperate"].notna().any() else math.nan)
-        rows.append({"n": n, "cooperate": k, "p": k / n if n else math.nan, "low": low,
-                     "high": high, "p_model": p_model})
+        p_model = (
+            float(part["p_cooperate"].mean())
+            if "p_cooperate" in part and part["p_cooperate"].notna().any()
+            else math.nan
+        )
+        rows.append(
+            {
+                "n": n,
+                "cooperate": k,
+                "p": k / n if n else math.nan,
+                "low": low,
+                "high": high,
+                "p_model": p_model,
+            }
+        )
     table = pd.DataFrame(rows, index=pd.Index(CONDITIONS, name="situation"))
     return Fingerprint(table, int(frame["choice"].isin(["invalid", "fallback"]).sum()))
 
@@ -232,15 +256,28 @@ def round_by_round(frame: pd.DataFrame, player: str) -> pd.DataFrame:
     out = []
     for (opponent, rnd), part in mine.groupby(["opponent_player", "round"], sort=False):
         valid = part[part["choice"].isin(["C", "D"])]
-        out.append({
-            "player": player, "opponent": opponent, "round": int(rnd),
-            "decisions": len(part), "cooperate": int((valid["choice"] == "C").sum()),
-            "invalid": int(part["choice"].isin(["invalid", "fallback"]).sum()),
-            "p_cooperate": (valid["choice"] == "C").mean() if len(valid) else math.nan,
-            "p_model": (part["p_cooperate"].mean() if "p_cooperate" in part else math.nan),
-        })
-    columns = ["player", "opponent", "round", "decisions", "cooperate", "invalid",
-               "p_cooperate", "p_model"]
+        out.append(
+            {
+                "player": player,
+                "opponent": opponent,
+                "round": int(rnd),
+                "decisions": len(part),
+                "cooperate": int((valid["choice"] == "C").sum()),
+                "invalid": int(part["choice"].isin(["invalid", "fallback"]).sum()),
+                "p_cooperate": (valid["choice"] == "C").mean() if len(valid) else math.nan,
+                "p_model": (part["p_cooperate"].mean() if "p_cooperate" in part else math.nan),
+            }
+        )
+    columns = [
+        "player",
+        "opponent",
+        "round",
+        "decisions",
+        "cooperate",
+        "invalid",
+        "p_cooperate",
+        "p_model",
+    ]
     table = pd.DataFrame(out, columns=columns)
     return table.sort_values(["opponent", "round"], kind="stable").reset_index(drop=True)
 
@@ -261,8 +298,10 @@ def sequences(frame: pd.DataFrame, player: str) -> dict[str, str]:
     letters = {"C": "C", "D": "D", "invalid": "X", "fallback": "F"}
     out = {}
     for opponent, part in mine.groupby("opponent_player", sort=False):
-        tracks = [("".join(letters.get(a, "?") for a in t["choice"]))
-                  for _, t in part.groupby(["step", "match", "side"], sort=False)]
+        tracks = [
+            ("".join(letters.get(a, "?") for a in t["choice"]))
+            for _, t in part.groupby(["step", "match", "side"], sort=False)
+        ]
         own = part["opponent"].iloc[0] == part["agent"].iloc[0]
         if len(tracks) == 1 or (own and len(tracks) == 2):
             out[str(opponent)] = " / ".join(tracks)

@@ -46,8 +46,11 @@ class Condition:
 def _run_condition(folder: Path) -> Condition:
     summary = _json(folder / "summary.json")
     players = [p for entry in summary.get("llm", []) for p in entry.get("players", [])]
-    settings = {"scenario": summary.get("scenario"), "seeds": [summary.get("seed")],
-                "models": sorted({e.get("model") for e in summary.get("llm", [])})}
+    settings = {
+        "scenario": summary.get("scenario"),
+        "seeds": [summary.get("seed")],
+        "models": sorted({e.get("model") for e in summary.get("llm", [])}),
+    }
     return Condition(folder.name, [folder], players, settings)
 
 
@@ -57,24 +60,33 @@ def _sweep_conditions(folder: Path) -> list[Condition]:
     try:
         results = pd.read_parquet(results_path)
     except Exception as exc:  # a missing or damaged file: say which
-        raise ScenarioError(f"{results_path}: cannot be read as a sweep's results ({exc})") \
-            from None
+        raise ScenarioError(
+            f"{results_path}: cannot be read as a sweep's results ({exc})"
+        ) from None
     done = results[results["status"] == "ok"] if "status" in results else results
     keys = [k for k in sweep.get("keys", []) if k in done]
     out = []
     for point, rows in done.groupby("point", sort=True):
         values = ", ".join(f"{k}={rows[k].iloc[0]}" for k in keys) or f"point {point}"
         number = rows[keys[0]].iloc[0] if len(keys) == 1 else None
-        number = float(number) if isinstance(number, numbers.Real) and not isinstance(
-            number, bool) else None
+        number = (
+            float(number)
+            if isinstance(number, numbers.Real) and not isinstance(number, bool)
+            else None
+        )
         folders = [folder / "runs" / str(r) for r in rows["run_id"]]
         conditions = [_run_condition(f) for f in folders if (f / "summary.json").is_file()]
         if conditions:
             first = conditions[0]
-            out.append(Condition(values, [c.folders[0] for c in conditions], first.llm,
-                                 {**first.settings,
-                                  "seeds": [c.settings["seeds"][0] for c in conditions]},
-                                 number))
+            out.append(
+                Condition(
+                    values,
+                    [c.folders[0] for c in conditions],
+                    first.llm,
+                    {**first.settings, "seeds": [c.settings["seeds"][0] for c in conditions]},
+                    number,
+                )
+            )
     if not out:
         raise ScenarioError(f"{folder}: the sweep has no finished runs to compare")
     return out
@@ -84,8 +96,9 @@ def _json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ScenarioError(f"{path.parent}: not a run folder (no summary.json) nor a sweep "
-                            "folder (no sweep.json)") from None
+        raise ScenarioError(
+            f"{path.parent}: not a run folder (no summary.json) nor a sweep folder (no sweep.json)"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ScenarioError(f"{path}: cannot be read ({exc})") from None
     if not isinstance(data, dict):
@@ -113,8 +126,9 @@ def conditions_of(paths: list[Path]) -> list[Condition]:
     for path in paths:
         if not path.is_dir():
             raise ScenarioError(f"{path}: no such folder")
-        out += _sweep_conditions(path) if (path / "sweep.json").is_file() else \
-            [_run_condition(path)]
+        out += (
+            _sweep_conditions(path) if (path / "sweep.json").is_file() else [_run_condition(path)]
+        )
     names = [c.name for c in out]
     for c in out:  # two runs of the same name get their parent folder in front
         if names.count(c.name) > 1:
@@ -127,8 +141,9 @@ def _decisions(condition: Condition) -> pd.DataFrame:
     for i, folder in enumerate(condition.folders):
         path = folder / "rounds.parquet"
         if not path.is_file():
-            raise ScenarioError(f"{folder}: has no rounds.parquet (run it with "
-                                "output.rounds = true)")
+            raise ScenarioError(
+                f"{folder}: has no rounds.parquet (run it with output.rounds = true)"
+            )
         frame = run_decisions(folder)
         frame["replicate"] = i
         frames.append(frame)
@@ -155,10 +170,19 @@ def cooperation_table(frame: pd.DataFrame) -> pd.DataFrame:
             valid = g[g["choice"].isin(["C", "D"])]
             n, k = len(valid), int((valid["choice"] == "C").sum())
             low, high = wilson(k, n)
-            rows.append({"condition": cond, "player": player, "opponent": str(opponent),
-                         "decisions": n, "cooperate": k, "share": k / n if n else math.nan,
-                         "low": low, "high": high,
-                         "invalid": int(g["choice"].isin(["invalid", "fallback"]).sum())})
+            rows.append(
+                {
+                    "condition": cond,
+                    "player": player,
+                    "opponent": str(opponent),
+                    "decisions": n,
+                    "cooperate": k,
+                    "share": k / n if n else math.nan,
+                    "low": low,
+                    "high": high,
+                    "invalid": int(g["choice"].isin(["invalid", "fallback"]).sum()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -201,12 +225,22 @@ def differences(table: pd.DataFrame) -> pd.DataFrame:
         left, right = table[table["condition"] == a], table[table["condition"] == b]
         merged = left.merge(right, on=["player", "opponent"], suffixes=("_a", "_b"))
         for r in merged.itertuples():
-            z, p = two_proportion_test(r.cooperate_a, r.decisions_a, r.cooperate_b,
-                                       r.decisions_b)
-            rows.append({"a": a, "b": b, "player": r.player, "opponent": r.opponent,
-                         "share_a": r.share_a,
-                         "n_a": r.decisions_a, "share_b": r.share_b, "n_b": r.decisions_b,
-                         "difference": r.share_a - r.share_b, "z": z, "p_value": p})
+            z, p = two_proportion_test(r.cooperate_a, r.decisions_a, r.cooperate_b, r.decisions_b)
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "player": r.player,
+                    "opponent": r.opponent,
+                    "share_a": r.share_a,
+                    "n_a": r.decisions_a,
+                    "share_b": r.share_b,
+                    "n_b": r.decisions_b,
+                    "difference": r.share_a - r.share_b,
+                    "z": z,
+                    "p_value": p,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -216,10 +250,11 @@ def _curve_chart(table: pd.DataFrame, key: str) -> alt.Chart:
     line = base.mark_line(point=True).encode(
         y=alt.Y("share:Q", scale=alt.Scale(domain=[0, 1]), title="share of C (95 % Wilson)"),
         color=alt.Color("player:N"),
-        tooltip=["condition", "decisions", alt.Tooltip("share:Q", format=".2f")])
-    return (base.mark_errorbar().encode(y="low:Q", y2="high:Q", color="player:N")
-            + line).properties(width=360, height=220,
-                               title=f"The LLM's cooperation against {key}")
+        tooltip=["condition", "decisions", alt.Tooltip("share:Q", format=".2f")],
+    )
+    return (
+        base.mark_errorbar().encode(y="low:Q", y2="high:Q", color="player:N") + line
+    ).properties(width=360, height=220, title=f"The LLM's cooperation against {key}")
 
 
 def report(conditions: list[Condition], out: Path) -> dict[str, Path]:
@@ -248,36 +283,55 @@ def report(conditions: list[Condition], out: Path) -> dict[str, Path]:
         rbr.append(round_by_round(part, player).assign(condition=cond))
     prints_table = pd.concat(prints, ignore_index=True)
     rbr_table = pd.concat(rbr, ignore_index=True)
-    settings = pd.DataFrame([{"condition": c.name, "runs": len(c.folders),
-                              "llm_players": ", ".join(c.llm), **{k: json.dumps(v) for k, v in
-                                                                  c.settings.items()}}
-                             for c in conditions])
+    settings = pd.DataFrame(
+        [
+            {
+                "condition": c.name,
+                "runs": len(c.folders),
+                "llm_players": ", ".join(c.llm),
+                **{k: json.dumps(v) for k, v in c.settings.items()},
+            }
+            for c in conditions
+        ]
+    )
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, table in (("conditions", settings), ("cooperation", coop),
-                        ("differences", diffs), ("fingerprints", prints_table),
-                        ("round_by_round", rbr_table)):
+    for name, table in (
+        ("conditions", settings),
+        ("cooperation", coop),
+        ("differences", diffs),
+        ("fingerprints", prints_table),
+        ("round_by_round", rbr_table),
+    ):
         with atomic_file(out / f"{name}.csv") as partial:
             table.to_csv(partial, index=False)
         written[name] = out / f"{name}.csv"
     labelled = rbr_table.assign(player=rbr_table["condition"] + ": " + rbr_table["player"])
     fp_chart = prints_table.assign(
-        player=prints_table["condition"] + ": " + prints_table["player"]).set_index("situation")
+        player=prints_table["condition"] + ": " + prints_table["player"]
+    ).set_index("situation")
     charts = [cooperation_chart(coop), round_chart(labelled), fingerprint_chart(fp_chart)]
     if all(c.value is not None for c in conditions):  # one numeric key swept
         key = conditions[0].name.rsplit("=", 1)[0]  # a sweep point is named "key=value"
         value_of = {c.name: c.value for c in conditions}
         overall = coop[coop["opponent"] == "all"].assign(
-            value=lambda t: t["condition"].map(value_of))
+            value=lambda t: t["condition"].map(value_of)
+        )
         charts.insert(0, _curve_chart(overall, key))
     chart = alt.vconcat(*charts).resolve_scale(color="independent")
     page = chart.to_html(inline=True)
-    tables = ("<h2>Conditions</h2>" + settings.to_html(index=False, escape=True)
-              + "<h2>Differences in cooperation (two-proportion z-test)</h2><p>"
-              + html.escape("Decisions are pooled over matches and replicates and treated "
-                            "as independent; rounds of one match are not, so read p-values "
-                            "as a screen, not a proof.") + "</p>"
-              + diffs.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
+    tables = (
+        "<h2>Conditions</h2>"
+        + settings.to_html(index=False, escape=True)
+        + "<h2>Differences in cooperation (two-proportion z-test)</h2><p>"
+        + html.escape(
+            "Decisions are pooled over matches and replicates and treated "
+            "as independent; rounds of one match are not, so read p-values "
+            "as a screen, not a proof."
+        )
+        + "</p>"
+        + diffs.to_html(index=False, float_format=lambda v: f"{v:.4g}")
+    )
     page = page.replace("</body>", f"<div style='font-family:sans-serif'>{tables}</div></body>")
     with atomic_file(out / "report.html") as partial:
         partial.write_text(page, encoding="utf-8")
@@ -287,11 +341,13 @@ def report(conditions: list[Condition], out: Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m abm.compare", description=__doc__.split(
-        "\n\n")[0].split(": ", 1)[-1])
+    parser = argparse.ArgumentParser(
+        prog="python -m abm.compare", description=__doc__.split("\n\n")[0].split(": ", 1)[-1]
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run folders or sweep folders")
-    parser.add_argument("--out", type=Path,
-                        help="report folder (default: outputs/compare-<timestamp>)")
+    parser.add_argument(
+        "--out", type=Path, help="report folder (default: outputs/compare-<timestamp>)"
+    )
     args = parser.parse_args(argv)
     out = args.out or Path("outputs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     try:

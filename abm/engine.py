@@ -82,8 +82,7 @@ class StepResult:
             ``decided`` (decisions made).
         """
         n = self.actual.shape[1]
-        fallbacks = (_count(self.fallback) if self.fallback is not None
-                     else np.zeros(n, np.int64))
+        fallbacks = _count(self.fallback) if self.fallback is not None else np.zeros(n, np.int64)
         return {  # rounds a match did not reach hold payoff 0 and action EMPTY
             "payoff": _sum_rounds(self.payoff),
             "cooperations": _count(self.actual == 0),
@@ -160,10 +159,19 @@ class _Step:
 
     def result(self) -> StepResult:
         """What the step's rounds filled in."""
-        return StepResult(step=self.step, edge=self.edge_ids, agent=self.agent,
-                          opponent=self.opponent, twin=self.twin, length=self.lengths,
-                          intended=self.intended, actual=self.actual, payoff=self.payoff,
-                          fallback=self.fallback, void=self.void)
+        return StepResult(
+            step=self.step,
+            edge=self.edge_ids,
+            agent=self.agent,
+            opponent=self.opponent,
+            twin=self.twin,
+            length=self.lengths,
+            intended=self.intended,
+            actual=self.actual,
+            payoff=self.payoff,
+            fallback=self.fallback,
+            void=self.void,
+        )
 
 
 class Engine:
@@ -191,10 +199,19 @@ class Engine:
         rngs: The "noise", "policy" and "match_length" random streams.
     """
 
-    def __init__(self, *, game: PayoffMatrix, noise: float, population: Population,
-                 edges: np.ndarray, window: int | None, scope: str, rounds: int | None,
-                 continuation_probability: float | None,
-                 rngs: dict[str, np.random.Generator]) -> None:
+    def __init__(
+        self,
+        *,
+        game: PayoffMatrix,
+        noise: float,
+        population: Population,
+        edges: np.ndarray,
+        window: int | None,
+        scope: str,
+        rounds: int | None,
+        continuation_probability: float | None,
+        rngs: dict[str, np.random.Generator],
+    ) -> None:
         """Set up the engine; see the class docstring for the arguments."""
         self.game = game
         self.table = game.table
@@ -253,8 +270,11 @@ class Engine:
         """
         version = (self.population.version, len(self.policies))
         cached = self._cached_sides
-        if (cached is not None and cached["version"] == version
-                and np.array_equal(cached["edge_ids"], edge_ids)):
+        if (
+            cached is not None
+            and cached["version"] == version
+            and np.array_equal(cached["edge_ids"], edge_ids)
+        ):
             return cached
         m = len(edge_ids)
         n = 2 * m
@@ -274,13 +294,20 @@ class Engine:
         elif self.scope == "all":
             s_slots = np.where(twin, self.n_nodes + agent, agent)[order]
         sides = {
-            "edge_ids": np.array(edge_ids), "agent": agent, "opponent": opponent,
-            "twin": twin, "order": order, "pos": pos,
-            "s_agent": agent[order], "s_opponent": opponent[order],
+            "edge_ids": np.array(edge_ids),
+            "agent": agent,
+            "opponent": opponent,
+            "twin": twin,
+            "order": order,
+            "pos": pos,
+            "s_agent": agent[order],
+            "s_opponent": opponent[order],
             "s_match": np.concatenate([np.arange(m), np.arange(m)])[order],
             "s_side": (order >= m).astype(np.int8),
             "s_total": np.full(n, self.rounds if self.rounds is not None else -1, np.int32),
-            "s_partner": pos[partner[order]], "s_slots": s_slots}
+            "s_partner": pos[partner[order]],
+            "s_slots": s_slots,
+        }
         for value in sides.values():
             if value is not None:
                 value.flags.writeable = False
@@ -299,22 +326,35 @@ class Engine:
         lengths = self._lengths(m)
         n_rounds = int(lengths.max()) if m else 0
         fixed = self.rounds is not None
-        memory = (Memory(n, self.window or n_rounds) if self.scope == "match"
-                  else self.memory)
+        memory = Memory(n, self.window or n_rounds) if self.scope == "match" else self.memory
         order = sides["order"]
         return _Step(
-            step=step, edge_ids=edge_ids, agent=sides["agent"], opponent=sides["opponent"],
-            twin=sides["twin"], lengths=lengths, order=order, pos=sides["pos"],
-            groups=sides["groups"], s_agent=sides["s_agent"], s_opponent=sides["s_opponent"],
-            s_match=sides["s_match"], s_side=sides["s_side"], s_total=sides["s_total"],
-            s_score=np.zeros(n), s_partner=sides["s_partner"],
+            step=step,
+            edge_ids=edge_ids,
+            agent=sides["agent"],
+            opponent=sides["opponent"],
+            twin=sides["twin"],
+            lengths=lengths,
+            order=order,
+            pos=sides["pos"],
+            groups=sides["groups"],
+            s_agent=sides["s_agent"],
+            s_opponent=sides["s_opponent"],
+            s_match=sides["s_match"],
+            s_side=sides["s_side"],
+            s_total=sides["s_total"],
+            s_score=np.zeros(n),
+            s_partner=sides["s_partner"],
             s_len=np.concatenate([lengths, lengths])[order],
-            memory=memory, s_slots=sides["s_slots"],
+            memory=memory,
+            s_slots=sides["s_slots"],
             intended=np.full((n_rounds, n), EMPTY, np.int8),
             actual=np.full((n_rounds, n), EMPTY, np.int8),
             payoff=np.zeros((n_rounds, n), np.float64),
             fallback=np.zeros((n_rounds, n), bool),
-            void=np.zeros(m, bool), dynamic=not fixed)
+            void=np.zeros(m, bool),
+            dynamic=not fixed,
+        )
 
     def _round(self, s: _Step, r: int) -> None:
         """Play round ``r`` of every live match.
@@ -361,8 +401,12 @@ class Engine:
         if s.s_slots is None and not s.dynamic:
             s.memory.push(None, mine_now, theirs_now)
         else:
-            s.memory.push(live if s.s_slots is None else s.s_slots[live], mine_now,
-                          theirs_now, unique=self.scope != "all")
+            s.memory.push(
+                live if s.s_slots is None else s.s_slots[live],
+                mine_now,
+                theirs_now,
+                unique=self.scope != "all",
+            )
         self._observe(s, r, decided, intended, grouped, payoff)
 
     def _noisy(self, intended: np.ndarray) -> np.ndarray:
@@ -391,8 +435,9 @@ class Engine:
             live = np.concatenate([s.lengths, s.lengths]) > r
             s.payoff[r, live] = self.flat_table[2 * actual[live] + partner[live]]
 
-    def _decide(self, s: _Step, r: int, live: np.ndarray | slice, intended: np.ndarray,
-                fallback: np.ndarray) -> list[tuple[int, Any]]:
+    def _decide(
+        self, s: _Step, r: int, live: np.ndarray | slice, intended: np.ndarray, fallback: np.ndarray
+    ) -> list[tuple[int, Any]]:
         """Ask each policy for its live sides' round-``r`` decisions.
 
         The policies are asked in policy order, which fixes the order of the policy
@@ -406,11 +451,19 @@ class Engine:
             if s.dynamic and len(rows) == 0:
                 continue
             mine, theirs, length = s.memory.read(rows if s.s_slots is None else s.s_slots[rows])
-            view = View(mine=mine, theirs=theirs, length=length,
-                        round=np.broadcast_to(np.int32(r), length.shape),
-                        agent=s.s_agent[rows], opponent=s.s_opponent[rows],
-                        match=s.s_match[rows], step=s.step, side=s.s_side[rows],
-                        score=s.s_score[rows], rounds_total=s.s_total[rows])
+            view = View(
+                mine=mine,
+                theirs=theirs,
+                length=length,
+                round=np.broadcast_to(np.int32(r), length.shape),
+                agent=s.s_agent[rows],
+                opponent=s.s_opponent[rows],
+                match=s.s_match[rows],
+                step=s.step,
+                side=s.s_side[rows],
+                score=s.s_score[rows],
+                rounds_total=s.s_total[rows],
+            )
             out = policies[p].decide(view, self.rngs["policy"])
             if isinstance(out, Decisions):
                 intended[rows] = out.actions
@@ -420,8 +473,15 @@ class Engine:
             decided.append((p, rows))
         return decided
 
-    def _observe(self, s: _Step, r: int, decided: list[tuple[int, Any]],
-                 intended: np.ndarray, actual: np.ndarray, payoff: np.ndarray) -> None:
+    def _observe(
+        self,
+        s: _Step,
+        r: int,
+        decided: list[tuple[int, Any]],
+        intended: np.ndarray,
+        actual: np.ndarray,
+        payoff: np.ndarray,
+    ) -> None:
         """Tell the policies that keep notes what happened to their sides in round ``r``.
 
         ``intended``, ``actual`` and ``payoff`` are the round's, in the grouped order.
@@ -430,18 +490,29 @@ class Engine:
         for p, rows in decided:
             if not hasattr(policies[p], "observe"):
                 continue
-            policies[p].observe(Outcome(
-                step=s.step, round=r, match=s.s_match[rows], side=s.s_side[rows],
-                agent=s.s_agent[rows], opponent=s.s_opponent[rows],
-                intended=intended[rows], mine=actual[rows],
-                theirs=actual[s.s_partner[rows]], payoff=payoff[rows]))
+            policies[p].observe(
+                Outcome(
+                    step=s.step,
+                    round=r,
+                    match=s.s_match[rows],
+                    side=s.s_side[rows],
+                    agent=s.s_agent[rows],
+                    opponent=s.s_opponent[rows],
+                    intended=intended[rows],
+                    mine=actual[rows],
+                    theirs=actual[s.s_partner[rows]],
+                    payoff=payoff[rows],
+                )
+            )
 
 
 # up to this many policies, one pass per policy beats a sort of millions of sides
 GROUP_BY_PASSES = 16
 
 
-def _group(side_policy: np.ndarray, n_policies: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+def _group(
+    side_policy: np.ndarray, n_policies: int
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """A stable order of the sides by policy, and each present policy's [start, end)."""
     if n_policies <= GROUP_BY_PASSES:
         parts = [np.flatnonzero(side_policy == p) for p in range(n_policies)]
@@ -452,5 +523,8 @@ def _group(side_policy: np.ndarray, n_policies: int) -> tuple[np.ndarray, list[t
         small = side_policy.astype(np.int16 if n_policies < 2**15 else np.int64)
         order = np.argsort(small, kind="stable")
         bounds = np.searchsorted(side_policy[order], np.arange(n_policies + 1))
-    return order, [(p, int(bounds[p]), int(bounds[p + 1])) for p in range(n_policies)
-                   if bounds[p + 1] > bounds[p]]
+    return order, [
+        (p, int(bounds[p]), int(bounds[p + 1]))
+        for p in range(n_policies)
+        if bounds[p + 1] > bounds[p]
+    ]

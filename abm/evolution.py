@@ -51,8 +51,9 @@ class Adjacency:
         pick = self.indptr[nodes] + (rng.random(len(nodes)) * deg).astype(np.int64)
         return np.where(deg > 0, self.indices[np.minimum(pick, len(self.indices) - 1)], -1)
 
-    def weighted_neighbour(self, nodes: np.ndarray, weight: np.ndarray,
-                           rng: np.random.Generator) -> np.ndarray:
+    def weighted_neighbour(
+        self, nodes: np.ndarray, weight: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
         """One neighbour per node, drawn in proportion to ``weight[neighbour]``.
 
         The draw is uniform where all of a node's neighbours weigh 0; a node with no
@@ -71,7 +72,9 @@ class Adjacency:
         pick = np.where(total > 0, np.clip(pick, lo, hi - 1), uniform)
         return np.where(hi > lo, self.indices[np.minimum(pick, len(self.indices) - 1)], -1)
 
-    def best_neighbour(self, fitness: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def best_neighbour(
+        self, fitness: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per node, the fittest neighbour and its fitness.
 
         Ties are broken at random; a node with no neighbours gets -1 and -inf.
@@ -105,8 +108,15 @@ class UpdateRule:
 
     params: ClassVar[Mapping[str, float]] = {}
 
-    def apply(self, evo: Evolution, labels: np.ndarray, fitness: np.ndarray,
-              matches: np.ndarray | None, focal: np.ndarray, new: np.ndarray) -> np.ndarray:
+    def apply(
+        self,
+        evo: Evolution,
+        labels: np.ndarray,
+        fitness: np.ndarray,
+        matches: np.ndarray | None,
+        focal: np.ndarray,
+        new: np.ndarray,
+    ) -> np.ndarray:
         """Write the new labels of this update into ``new``.
 
         Args:
@@ -238,8 +248,14 @@ def _pairs_with_a_neighbour(evo: Evolution, focal: np.ndarray) -> tuple[np.ndarr
     return focal[ok], model[ok]
 
 
-def _adopt(evo: Evolution, labels: np.ndarray, new: np.ndarray, i: np.ndarray, j: np.ndarray,
-           prob: np.ndarray) -> None:
+def _adopt(
+    evo: Evolution,
+    labels: np.ndarray,
+    new: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    prob: np.ndarray,
+) -> None:
     adopt = evo.rng.random(len(i)) < prob
     new[i[adopt]] = labels[j[adopt]]
 
@@ -271,9 +287,15 @@ class Evolution:
         rng: The random stream of the updates.
     """
 
-    def __init__(self, config: EvolutionConfig, edges: np.ndarray, n_nodes: int,
-                 mutant_labels: np.ndarray, payoff_span: float,
-                 rng: np.random.Generator) -> None:
+    def __init__(
+        self,
+        config: EvolutionConfig,
+        edges: np.ndarray,
+        n_nodes: int,
+        mutant_labels: np.ndarray,
+        payoff_span: float,
+        rng: np.random.Generator,
+    ) -> None:
         """Look up the rule and build the adjacency arrays."""
         self.config = config
         self.rule = UPDATE_RULES[config.rule]
@@ -296,8 +318,9 @@ class Evolution:
         k = 1 if fraction is None else max(1, round(fraction * self.n))
         return self.rng.choice(self.n, size=k, replace=False)
 
-    def update(self, labels: np.ndarray, fitness: np.ndarray,
-               matches: np.ndarray | None = None) -> np.ndarray:
+    def update(
+        self, labels: np.ndarray, fitness: np.ndarray, matches: np.ndarray | None = None
+    ) -> np.ndarray:
         """New labels after one update; ``labels`` itself is left as it was.
 
         Args:
@@ -313,6 +336,7 @@ class Evolution:
         focal = self.rule.apply(self, labels, fitness, matches, self._focal(), new)
         if cfg.mutation > 0 and len(self.mutant_labels):
             mutate = focal[rng.random(len(focal)) < cfg.mutation]
-            new[mutate] = self.mutant_labels[rng.integers(len(self.mutant_labels),
-                                                          size=len(mutate))]
+            new[mutate] = self.mutant_labels[
+                rng.integers(len(self.mutant_labels), size=len(mutate))
+            ]
         return new

@@ -20,24 +20,30 @@ from typing import Any
 from abm.atomic import atomic_file
 from abm.errors import ScenarioError
 
-
 REQUIRED = ("prompt", "response")  # what an example is made of
 
 
 def _problem(record: Any) -> str | None:
     """What keeps one transcript line from being an LLM exchange, or None."""
     if not isinstance(record, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-                int: "a number", float: "a number"}.get(type(record), type(record).__name__)
+        kind = {
+            list: "an array",
+            str: "a string",
+            bool: "a boolean",
+            type(None): "null",
+            int: "a number",
+            float: "a number",
+        }.get(type(record), type(record).__name__)
         return f"is {kind}, not an object"
     missing = [k for k in REQUIRED if k not in record]
     if missing:
         return "lacks " + " and ".join(repr(k) for k in missing)
     prompt = record["prompt"]
     if not isinstance(prompt, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in prompt):
-        return "has a 'prompt' that is not a list of {\"role\": ..., \"content\": ...} messages"
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in prompt
+    ):
+        return 'has a \'prompt\' that is not a list of {"role": ..., "content": ...} messages'
     if not isinstance(record["response"], str):
         return "has a 'response' that is not a string"
     if record.get("reflection") and not isinstance(record.get("reflection_prompt"), str):
@@ -52,15 +58,20 @@ def check_run_dir(run_dir: Path) -> Path:
         ScenarioError: ``run_dir`` is missing, is a file, or has no transcripts.jsonl.
     """
     if not run_dir.exists():
-        raise ScenarioError(f"{run_dir}: no such folder; give the output folder of a run "
-                            "(python -m abm.run SCENARIO --out FOLDER)")
+        raise ScenarioError(
+            f"{run_dir}: no such folder; give the output folder of a run "
+            "(python -m abm.run SCENARIO --out FOLDER)"
+        )
     if not run_dir.is_dir():
-        raise ScenarioError(f"{run_dir} is a file, not a run folder; give the output folder "
-                            "of a run, the one that holds transcripts.jsonl")
+        raise ScenarioError(
+            f"{run_dir} is a file, not a run folder; give the output folder "
+            "of a run, the one that holds transcripts.jsonl"
+        )
     path = run_dir / "transcripts.jsonl"
     if not path.is_file():
-        raise ScenarioError(f"{run_dir}: no transcripts.jsonl here; only runs with an LLM "
-                            "player have one")
+        raise ScenarioError(
+            f"{run_dir}: no transcripts.jsonl here; only runs with an LLM player have one"
+        )
     return path
 
 
@@ -81,11 +92,13 @@ def read_transcripts(run_dir: Path) -> Iterator[dict[str, Any]]:
             UTF-8, not JSON or not an exchange (the message names the file and line).
     """
     path = check_run_dir(run_dir)
-    shape = ("each line must be one LLM exchange as python -m abm.run writes it: a JSON "
-             "object with at least 'prompt' (the chat messages) and 'response' (the "
-             "model's answer)")
+    shape = (
+        "each line must be one LLM exchange as python -m abm.run writes it: a JSON "
+        "object with at least 'prompt' (the chat messages) and 'response' (the "
+        "model's answer)"
+    )
     try:
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below)
     except OSError as exc:
         raise ScenarioError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     with handle:
@@ -96,29 +109,44 @@ def read_transcripts(run_dir: Path) -> Iterator[dict[str, Any]]:
                 raise ScenarioError(
                     f"{path}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} "
                     f"at column {exc.start + 1}); transcripts are written as UTF-8, so this "
-                    "file was changed or damaged after the run") from None
+                    "file was changed or damaged after the run"
+                ) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ScenarioError(f"{path}: line {number} is not JSON ({exc}); "
-                                    f"{shape}") from None
+                raise ScenarioError(f"{path}: line {number} is not JSON ({exc}); {shape}") from None
             problem = _problem(record)
             if problem:
                 raise ScenarioError(f"{path}: line {number} {problem}; {shape}")
             yield record
 
 
-METADATA = ("model", "player", "opponent_player", "step", "match", "round", "action",
-            "valid", "fallback", "input")
+METADATA = (
+    "model",
+    "player",
+    "opponent_player",
+    "step",
+    "match",
+    "round",
+    "action",
+    "valid",
+    "fallback",
+    "input",
+)
 SCORES = ("p_cooperate", "p_defect")  # score mode only
 
 
-def sft_examples(records: Iterator[dict[str, Any]], *, include_invalid: bool = False,
-                 valid_only: bool = False, model: str | None = None,
-                 player: str | None = None,
-                 reflections: bool = False) -> Iterator[dict[str, Any]]:
+def sft_examples(
+    records: Iterator[dict[str, Any]],
+    *,
+    include_invalid: bool = False,
+    valid_only: bool = False,
+    model: str | None = None,
+    player: str | None = None,
+    reflections: bool = False,
+) -> Iterator[dict[str, Any]]:
     """Turn exchanges into chat-format fine-tuning examples.
 
     Answers that could not be read (``valid`` false: left unplayed, or played by the
@@ -149,8 +177,10 @@ def sft_examples(records: Iterator[dict[str, Any]], *, include_invalid: bool = F
             continue
         messages = [*r["prompt"], {"role": "assistant", "content": r["response"]}]
         if reflections and r.get("reflection"):
-            messages += [{"role": "user", "content": r["reflection_prompt"]},
-                         {"role": "assistant", "content": r["reflection"]}]
+            messages += [
+                {"role": "user", "content": r["reflection_prompt"]},
+                {"role": "assistant", "content": r["reflection"]},
+            ]
         metadata = {k: r.get(k) for k in METADATA}
         metadata.update({k: r[k] for k in SCORES if r.get(k) is not None})
         yield {"messages": messages, "metadata": metadata}
@@ -164,21 +194,28 @@ def check_out(out: Path, transcripts: Path) -> None:
             writable, or it is the run's ``transcripts`` file itself.
     """
     if out.is_dir():
-        raise ScenarioError(f"--out {out} is a folder; give a file name, such as "
-                            f"{out / 'sft.jsonl'}")
+        raise ScenarioError(
+            f"--out {out} is a folder; give a file name, such as {out / 'sft.jsonl'}"
+        )
     parent = out.parent
     if not parent.exists():
-        raise ScenarioError(f"--out {out}: the folder {parent} does not exist; create it "
-                            "first or give a file in an existing folder")
+        raise ScenarioError(
+            f"--out {out}: the folder {parent} does not exist; create it "
+            "first or give a file in an existing folder"
+        )
     if not parent.is_dir():
-        raise ScenarioError(f"--out {out}: {parent} is a file, not a folder; give a file "
-                            "in an existing folder")
+        raise ScenarioError(
+            f"--out {out}: {parent} is a file, not a folder; give a file in an existing folder"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ScenarioError(f"--out {out}: cannot write in the folder {parent} (it is "
-                            "read-only to you); give a file in a folder you can write to")
+        raise ScenarioError(
+            f"--out {out}: cannot write in the folder {parent} (it is "
+            "read-only to you); give a file in a folder you can write to"
+        )
     if out.exists() and out.resolve() == transcripts.resolve():
-        raise ScenarioError(f"--out {out} is the run's transcripts.jsonl itself; give "
-                            "another file name")
+        raise ScenarioError(
+            f"--out {out} is the run's transcripts.jsonl itself; give another file name"
+        )
 
 
 def export_sft(run_dir: Path, out: Path, **filters: Any) -> int:
@@ -204,39 +241,61 @@ def export_sft(run_dir: Path, out: Path, **filters: Any) -> int:
                 handle.write(json.dumps(example, ensure_ascii=False) + "\n")
                 count += 1
     except OSError as exc:  # a read-only folder root may still enter, a full disk, ...
-        raise ScenarioError(f"--out {out}: cannot write it ({exc.strerror or exc}); give "
-                            "a file in a folder you can write to, with space left") from None
+        raise ScenarioError(
+            f"--out {out}: cannot write it ({exc.strerror or exc}); give "
+            "a file in a folder you can write to, with space left"
+        ) from None
     return count
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m abm.export",
-                                     description="Export a run's LLM exchanges.")
+    parser = argparse.ArgumentParser(
+        prog="python -m abm.export", description="Export a run's LLM exchanges."
+    )
     parser.add_argument("run_dir", type=Path, help="an output folder of python -m abm.run")
-    parser.add_argument("--format", choices=["sft"], default="sft",
-                        help="sft: chat-format JSONL for supervised fine-tuning")
+    parser.add_argument(
+        "--format",
+        choices=["sft"],
+        default="sft",
+        help="sft: chat-format JSONL for supervised fine-tuning",
+    )
     parser.add_argument("--out", type=Path, help="output file (default RUN_DIR/sft.jsonl)")
-    parser.add_argument("--include-invalid", action="store_true",
-                        help="keep answers that could not be read (valid false: left "
-                             "unplayed or played by the fallback rule); by default they are "
-                             "left out, since they are not the model's decision")
-    parser.add_argument("--valid-only", action="store_true",
-                        help="accepted for compatibility and changes nothing: leaving out "
-                             "unreadable answers is now the default")
+    parser.add_argument(
+        "--include-invalid",
+        action="store_true",
+        help="keep answers that could not be read (valid false: left "
+        "unplayed or played by the fallback rule); by default they are "
+        "left out, since they are not the model's decision",
+    )
+    parser.add_argument(
+        "--valid-only",
+        action="store_true",
+        help="accepted for compatibility and changes nothing: leaving out "
+        "unreadable answers is now the default",
+    )
     parser.add_argument("--model", help="only exchanges with this model")
     parser.add_argument("--player", help="only exchanges of this player name")
-    parser.add_argument("--reflections", action="store_true",
-                        help="append each reflection turn to its example")
+    parser.add_argument(
+        "--reflections", action="store_true", help="append each reflection turn to its example"
+    )
     args = parser.parse_args(argv)
     out = args.out or args.run_dir / "sft.jsonl"
     try:
         if args.valid_only and args.include_invalid:
-            raise ScenarioError("--valid-only and --include-invalid contradict each other; "
-                                "give --include-invalid alone to keep unreadable answers "
-                                "(--valid-only is the default and may be left out)")
-        n = export_sft(args.run_dir, out, include_invalid=args.include_invalid,
-                       model=args.model, player=args.player, reflections=args.reflections)
+            raise ScenarioError(
+                "--valid-only and --include-invalid contradict each other; "
+                "give --include-invalid alone to keep unreadable answers "
+                "(--valid-only is the default and may be left out)"
+            )
+        n = export_sft(
+            args.run_dir,
+            out,
+            include_invalid=args.include_invalid,
+            model=args.model,
+            player=args.player,
+            reflections=args.reflections,
+        )
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -50,14 +50,18 @@ class PayoffMatrix:
         if self.kind not in ("prisoners_dilemma", "custom"):
             return f"kind must be 'prisoners_dilemma' or 'custom', not {self.kind!r}"
         values = (self.R, self.S, self.T, self.P)
-        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-                   for v in values):
-            return ("R, S, T and P must be finite numbers (NaN or infinity would make every "
-                    f"payoff NaN); got R={self.R!r}, S={self.S!r}, T={self.T!r}, P={self.P!r}")
+        if not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values
+        ):
+            return (
+                "R, S, T and P must be finite numbers (NaN or infinity would make every "
+                f"payoff NaN); got R={self.R!r}, S={self.S!r}, T={self.T!r}, P={self.P!r}"
+            )
         if self.kind == "prisoners_dilemma" and not (self.T > self.R > self.P > self.S):
             return (
                 f"R={self.R:g}, S={self.S:g}, T={self.T:g}, P={self.P:g} is not a Prisoner's "
-                "Dilemma, which needs T > R > P > S; set kind = \"custom\" for other games "
+                'Dilemma, which needs T > R > P > S; set kind = "custom" for other games '
                 "(stag hunt, snowdrift, ...)"
             )
         return None

@@ -51,8 +51,9 @@ class GraphKind(BaseModel):
 
     # the scenario's rules for every table (abm.scenario._Strict): TOML says what type a
     # value is, unknown keys are errors, no NaN or infinity
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False,
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
     self_loops: bool = False
     """Link every agent to itself too, so it also plays itself (self-interaction)."""
@@ -69,8 +70,9 @@ class GraphKind(BaseModel):
         """The ``kind`` value that selects this class."""
         return typing.get_args(cls.model_fields["kind"].annotation)[0]
 
-    def build(self, rng: np.random.Generator, source: str = "<scenario>",
-              n_default: int | None = None) -> nx.Graph:
+    def build(
+        self, rng: np.random.Generator, source: str = "<scenario>", n_default: int | None = None
+    ) -> nx.Graph:
         """The graph with nodes 0..N-1, all copies and self-loops included.
 
         Args:
@@ -89,8 +91,10 @@ class GraphKind(BaseModel):
 
         # copies are independent draws, laid out one after another: copy i holds
         # nodes i*n .. (i+1)*n - 1, so a whole ensemble plays in one vectorised step
-        parts = [self.build_one(int(rng.integers(2**31 - 1)), fail, n_default)
-                 for _ in range(self.copies)]
+        parts = [
+            self.build_one(int(rng.integers(2**31 - 1)), fail, n_default)
+            for _ in range(self.copies)
+        ]
         graph = parts[0] if len(parts) == 1 else nx.disjoint_union_all(parts)
         if self.self_loops:
             graph.add_edges_from((v, v) for v in graph.nodes)
@@ -154,8 +158,12 @@ class GraphKind(BaseModel):
             return {**base, **cls.sized(n)}
         loops = {"self_loops": True} if base.get("self_loops") else {}
         page = cls.page or PageDefaults()
-        return {"kind": cls.kind_name(), **cls.sized(max(n, page.min_nodes)),
-                **cls.page_values(n), **loops}
+        return {
+            "kind": cls.kind_name(),
+            **cls.sized(max(n, page.min_nodes)),
+            **cls.page_values(n),
+            **loops,
+        }
 
     @classmethod
     def sized(cls, n: int) -> dict[str, Any]:
@@ -215,8 +223,11 @@ class RingGraph(GraphKind):
     def build_one(self, seed: int, fail: Fail, n_default: int | None) -> nx.Graph:
         """The circulant graph linking each node to the k nearest on each side."""
         if 2 * self.k >= self.n:
-            raise fail("k", f"a ring of n = {self.n} nodes allows k (neighbours on each side) "
-                            f"up to {(self.n - 1) // 2}; got {self.k}")
+            raise fail(
+                "k",
+                f"a ring of n = {self.n} nodes allows k (neighbours on each side) "
+                f"up to {(self.n - 1) // 2}; got {self.k}",
+            )
         return nx.circulant_graph(self.n, range(1, self.k + 1))
 
     def edges(self, n: int) -> int:
@@ -249,8 +260,9 @@ class GridGraph(GraphKind):
     """von_neumann: the 4 orthogonal neighbours; moore: the 8 around, diagonals included."""
 
     drawing: ClassVar[Literal["lattice", "circle", "force"]] = "lattice"
-    page: ClassVar[PageDefaults | None] = PageDefaults(size_fields=("rows", "cols"),
-                                                       values={"torus": True})
+    page: ClassVar[PageDefaults | None] = PageDefaults(
+        size_fields=("rows", "cols"), values={"torus": True}
+    )
 
     def build_one(self, seed: int, fail: Fail, n_default: int | None) -> nx.Graph:
         """The lattice, node ``row * cols + col`` at ``pos`` (col, row)."""
@@ -258,8 +270,10 @@ class GridGraph(GraphKind):
         r, c = np.divmod(np.arange(rows * cols), cols)
         offsets = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if self.neighbourhood == "moore" else [])
         graph = nx.Graph()
-        graph.add_nodes_from((int(i), {"pos": (int(ci), int(ri))})
-                             for i, ri, ci in zip(np.arange(rows * cols), r, c))
+        graph.add_nodes_from(
+            (int(i), {"pos": (int(ci), int(ri))})
+            for i, ri, ci in zip(np.arange(rows * cols), r, c, strict=True)
+        )
         for dr, dc in offsets:
             r2, c2 = r + dr, c + dc
             if self.torus:
@@ -267,7 +281,7 @@ class GridGraph(GraphKind):
             else:
                 ok = (r2 >= 0) & (r2 < rows) & (c2 >= 0) & (c2 < cols)
             u, v = (r * cols + c)[ok], (r2 * cols + c2)[ok]
-            graph.add_edges_from((int(a), int(b)) for a, b in zip(u, v) if a != b)
+            graph.add_edges_from((int(a), int(b)) for a, b in zip(u, v, strict=True) if a != b)
         return graph
 
     def nodes(self, n_default: int | None = None) -> int | None:
@@ -398,8 +412,11 @@ class RandomRegularGraph(GraphKind):
     def build_one(self, seed: int, fail: Fail, n_default: int | None) -> nx.Graph:
         """NetworkX's random d-regular graph, drawn with ``seed``."""
         if self.d >= self.n or (self.n * self.d) % 2:
-            raise fail("d", f"a d-regular graph on n = {self.n} nodes needs d < n and n * d "
-                            f"even; got d = {self.d}")
+            raise fail(
+                "d",
+                f"a d-regular graph on n = {self.n} nodes needs d < n and n * d "
+                f"even; got d = {self.d}",
+            )
         return nx.random_regular_graph(self.d, self.n, seed=seed)
 
     def edges(self, n: int) -> int:
@@ -435,8 +452,9 @@ class FileGraph(GraphKind):
         if path.is_dir():
             raise fail("path", f"{path} is a folder; give a graph file (edge list or GraphML)")
         if not path.is_file():  # a device or a pipe, such as /dev/zero, may never end
-            raise fail("path", f"{path} is not a regular file; give a graph file (edge list "
-                               "or GraphML)")
+            raise fail(
+                "path", f"{path} is not a regular file; give a graph file (edge list or GraphML)"
+            )
         try:
             if fmt == "graphml":
                 raw = nx.read_graphml(path)
@@ -471,6 +489,14 @@ class FileGraph(GraphKind):
 
 GRAPH_KINDS: dict[str, type[GraphKind]] = {
     cls.kind_name(): cls
-    for cls in (CompleteGraph, RingGraph, GridGraph, WattsStrogatzGraph, BarabasiAlbertGraph,
-                ErdosRenyiGraph, RandomRegularGraph, FileGraph)
+    for cls in (
+        CompleteGraph,
+        RingGraph,
+        GridGraph,
+        WattsStrogatzGraph,
+        BarabasiAlbertGraph,
+        ErdosRenyiGraph,
+        RandomRegularGraph,
+        FileGraph,
+    )
 }

@@ -11,19 +11,45 @@ import itertools
 import networkx as nx
 import numpy as np
 
-from abm.graph_kinds import (GRAPH_KINDS, BarabasiAlbertGraph, CompleteGraph, ErdosRenyiGraph,
-                             FileGraph, GraphKind, GridGraph, RandomRegularGraph, RingGraph,
-                             WattsStrogatzGraph)
+from abm.graph_kinds import (
+    GRAPH_KINDS,
+    BarabasiAlbertGraph,
+    CompleteGraph,
+    ErdosRenyiGraph,
+    FileGraph,
+    GraphKind,
+    GridGraph,
+    RandomRegularGraph,
+    RingGraph,
+    WattsStrogatzGraph,
+)
 
-__all__ = ["GRAPH_KINDS", "AnyGraph", "BarabasiAlbertGraph", "CompleteGraph", "ErdosRenyiGraph",
-           "FileGraph", "GraphKind", "GridGraph", "RandomRegularGraph", "RingGraph",
-           "WattsStrogatzGraph", "build_graph", "edge_array", "graph_size"]
+__all__ = [
+    "GRAPH_KINDS",
+    "AnyGraph",
+    "BarabasiAlbertGraph",
+    "CompleteGraph",
+    "ErdosRenyiGraph",
+    "FileGraph",
+    "GraphKind",
+    "GridGraph",
+    "RandomRegularGraph",
+    "RingGraph",
+    "WattsStrogatzGraph",
+    "build_graph",
+    "edge_array",
+    "graph_size",
+]
 
 AnyGraph = GraphKind  # any entry of GRAPH_KINDS
 
 
-def build_graph(config: AnyGraph, rng: np.random.Generator, source: str = "<scenario>",
-                n_default: int | None = None) -> nx.Graph:
+def build_graph(
+    config: AnyGraph,
+    rng: np.random.Generator,
+    source: str = "<scenario>",
+    n_default: int | None = None,
+) -> nx.Graph:
     """Build the graph of a ``[graph]`` table, with nodes 0..N-1.
 
     Args:

@@ -55,11 +55,15 @@ class Memory:
         Returns:
             ``mine`` and ``theirs`` as (slots, window) arrays and ``length``.
         """
-        return (_read_only(self._mine[:, slots].T), _read_only(self._theirs[:, slots].T),
-                _read_only(self.length[slots]))
+        return (
+            _read_only(self._mine[:, slots].T),
+            _read_only(self._theirs[:, slots].T),
+            _read_only(self.length[slots]),
+        )
 
-    def push(self, slots: np.ndarray | None, mine: np.ndarray, theirs: np.ndarray,
-             unique: bool = True) -> None:
+    def push(
+        self, slots: np.ndarray | None, mine: np.ndarray, theirs: np.ndarray, unique: bool = True
+    ) -> None:
         """Append one round per entry.
 
         Args:

@@ -11,7 +11,6 @@ import numpy as np
 from mesa.discrete_space import Network
 
 from abm.agents import Player
-from abm.tally import Tally
 from abm.engine import Engine, StepResult
 from abm.errors import ScenarioError
 from abm.evolution import Evolution
@@ -21,7 +20,7 @@ from abm.policies import Policy, lookup
 from abm.population import Population, assign_policies, sourced_specs
 from abm.scenario import PolicySpec, Scenario, load_scenario
 from abm.seeding import fresh_seed, stream
-
+from abm.tally import Tally
 
 # agents x steps: Mesa's DataCollector walks every agent in Python each step
 AGENT_ROWS_LIMIT = 1_000_000
@@ -77,8 +76,9 @@ def memory_limit() -> tuple[int, str]:
             if not math.isfinite(gb) or gb <= 0:
                 raise ValueError
         except ValueError:
-            raise ScenarioError(f"ABM_MEMORY_LIMIT_GB: must be a positive number of GiB; "
-                                f"got {text!r}") from None
+            raise ScenarioError(
+                f"ABM_MEMORY_LIMIT_GB: must be a positive number of GiB; got {text!r}"
+            ) from None
         if gb * 2**30 < available:
             available, why = int(gb * 2**30), f"ABM_MEMORY_LIMIT_GB={text}"
     return available, why
@@ -108,8 +108,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:,.0f} MiB"
 
 
-def check_size(scenario: Scenario, nodes: int, edges: int, graph_field: str,
-               source: str) -> None:
+def check_size(scenario: Scenario, nodes: int, edges: int, graph_field: str, source: str) -> None:
     """Refuse, before anything is built, a scenario too big for the memory.
 
     The estimate covers the graph, one step's round arrays and the memory windows
@@ -149,10 +148,16 @@ def check_size(scenario: Scenario, nodes: int, edges: int, graph_field: str,
         if scenario.match.rounds is None:
             field = "match.continuation_probability"
         else:
-            field = "pairing.repetitions" if pairing.repetitions > scenario.match.rounds \
+            field = (
+                "pairing.repetitions"
+                if pairing.repetitions > scenario.match.rounds
                 else "match.rounds"
-    length = ("" if scenario.match.rounds is not None
-              else ", a 1 - 1e-6 quantile of the geometric match length")
+            )
+    length = (
+        ""
+        if scenario.match.rounds is not None
+        else ", a 1 - 1e-6 quantile of the geometric match length"
+    )
     raise ScenarioError(
         f"{source}: field '{field}': this scenario needs about {_gib(total)} of memory "
         f"(the graph {_gib(parts[graph_field])} for {nodes:,} nodes and {edges:,} edges; a "
@@ -161,7 +166,8 @@ def check_size(scenario: Scenario, nodes: int, edges: int, graph_field: str,
         + (f"; memory windows {_gib(parts['memory.window'])}" if parts["memory.window"] else "")
         + f") but the limit is {_gib(limit)} ({why}); allowed: a scenario that fits, with a "
         "smaller graph, shorter matches (a smaller continuation_probability) or fewer "
-        "repetitions")
+        "repetitions"
+    )
 
 
 def _mean_cooperation(model: DilemmaModel) -> float:
@@ -175,6 +181,7 @@ def _mean_payoff(model: DilemmaModel) -> float:
 def _share_reporter(label: str):
     def share(model: DilemmaModel) -> float:  # the tally counted the step's players already
         return model.tally.steps[-1][f"share:{label}"] if model.tally.steps else float("nan")
+
     return share
 
 
@@ -208,8 +215,14 @@ class DilemmaModel(mesa.Model):
             window; the message names the file and the field.
     """
 
-    def __init__(self, scenario: Scenario | str | Path, *, seed: int | None = None,
-                 collect_agents: bool | None = None, source: str | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario | str | Path,
+        *,
+        seed: int | None = None,
+        collect_agents: bool | None = None,
+        source: str | None = None,
+    ) -> None:
         """Build the graph, the population, the engine and the DataCollector."""
         if not isinstance(scenario, Scenario):
             source = source or str(scenario)
@@ -228,22 +241,31 @@ class DilemmaModel(mesa.Model):
         size = graph_size(scenario.graph, n_default)
         if size is not None:  # before building: a graph too big to hold fails fast
             nodes, edges, field = size
-            field = ("population.players" if field == "n" and scenario.graph.kind == "complete"
-                     and scenario.graph.n is None else f"graph.{field}")
+            field = (
+                "population.players"
+                if field == "n" and scenario.graph.kind == "complete" and scenario.graph.n is None
+                else f"graph.{field}"
+            )
             check_size(scenario, nodes, edges, field, self.source)
-        graph = build_graph(scenario.graph, stream(seed, "graph"), self.source,
-                            n_default=n_default)
+        graph = build_graph(scenario.graph, stream(seed, "graph"), self.source, n_default=n_default)
         self.graph = graph
         if size is None:  # a graph file: its size is known now
-            check_size(scenario, graph.number_of_nodes(), graph.number_of_edges(),
-                       "graph.path", self.source)
+            check_size(
+                scenario,
+                graph.number_of_nodes(),
+                graph.number_of_edges(),
+                "graph.path",
+                self.source,
+            )
         specs = assign_policies(pop, graph, stream(seed, "population"), self.source)
         self._check_memory(specs)
         self.edges = edge_array(graph)
         self.n_nodes = graph.number_of_nodes()
         if len(self.edges) == 0:
-            raise ScenarioError(f"{self.source}: field 'graph': the graph has no edges, so "
-                                "nobody would play; use a denser graph or self_loops = true")
+            raise ScenarioError(
+                f"{self.source}: field 'graph': the graph has no edges, so "
+                "nobody would play; use a denser graph or self_loops = true"
+            )
 
         self.population = Population.from_specs(scenario, specs, self.source)
         game = scenario.game.payoffs
@@ -264,37 +286,55 @@ class DilemmaModel(mesa.Model):
         self.pairing = make_pairing(scenario.pairing.scheme, self.edges, self.n_nodes)
         self.total_steps = scenario.pairing.steps or self.pairing.default_steps
         # the resolved config names the step count the pairing scheme chose
-        self.scenario = scenario = scenario.model_copy(update={
-            "pairing": scenario.pairing.model_copy(update={"steps": self.total_steps})})
+        self.scenario = scenario = scenario.model_copy(
+            update={"pairing": scenario.pairing.model_copy(update={"steps": self.total_steps})}
+        )
         self._pairing_rng = stream(seed, "pairing")
         self.engine = Engine(
-            game=game, noise=scenario.game.noise, population=self.population, edges=self.edges,
-            window=scenario.memory.window, scope=scenario.memory.scope,
+            game=game,
+            noise=scenario.game.noise,
+            population=self.population,
+            edges=self.edges,
+            window=scenario.memory.window,
+            scope=scenario.memory.scope,
             rounds=scenario.match.rounds,
             continuation_probability=scenario.match.continuation_probability,
-            rngs={p: stream(seed, p) for p in ("noise", "policy", "match_length")})
+            rngs={p: stream(seed, p) for p in ("noise", "policy", "match_length")},
+        )
         self.evolution = None
         if scenario.evolution is not None:
             span = float(game.table.max() - game.table.min()) * self._mean_rounds()  # a match
             self.evolution = Evolution(
-                scenario.evolution, self.edges, self.n_nodes,
+                scenario.evolution,
+                self.edges,
+                self.n_nodes,
                 # each policy once, however many nodes start with it
-                list(dict.fromkeys(self.population.label_index(s.display) for s in (
-                    scenario.mutants() or scenario.policies() or specs))),
-                span, stream(seed, "evolution"))
+                list(
+                    dict.fromkeys(
+                        self.population.label_index(s.display)
+                        for s in (scenario.mutants() or scenario.policies() or specs)
+                    )
+                ),
+                span,
+                stream(seed, "evolution"),
+            )
         self.snapshots: list[tuple[int, np.ndarray]] = []
         if scenario.evolution is not None and self.grid_shape is not None:
             self.snapshots.append((0, self.label_of_node.copy()))
         reporters = {"cooperation_rate": _mean_cooperation, "mean_payoff": _mean_payoff}
         if self.evolution is not None:  # without it, shares never change
-            reporters.update({f"share:{label}": _share_reporter(label)
-                              for label in self.labels})
+            reporters.update({f"share:{label}": _share_reporter(label) for label in self.labels})
         if collect_agents is None:
             collect_agents = self.n_nodes * self.total_steps <= AGENT_ROWS_LIMIT
         self.datacollector = mesa.DataCollector(
             model_reporters=reporters,
-            agent_reporters={"score": "score", "cooperation_rate": "cooperation_rate",
-                             "player": "label"} if collect_agents else None,
+            agent_reporters={
+                "score": "score",
+                "cooperation_rate": "cooperation_rate",
+                "player": "label",
+            }
+            if collect_agents
+            else None,
         )
 
     # ------------------------------------------------------------ Mesa's agents
@@ -425,7 +465,8 @@ class DilemmaModel(mesa.Model):
                 raise ScenarioError(
                     f"{self.source}: field 'memory.window': policy {spec.name!r} (in {field}) "
                     f"needs to remember {depth:g} rounds but the window is {window}; allowed: "
-                    f"a window >= {depth:g}, or leave it out to remember the whole match")
+                    f"a window >= {depth:g}, or leave it out to remember the whole match"
+                )
 
     def step(self) -> None:
         """Pick this step's matches, play them all in lockstep, fold in the results.
@@ -457,20 +498,24 @@ class DilemmaModel(mesa.Model):
         agents = result.agent[own]
         payoff = np.bincount(agents, totals["payoff"][own], minlength=self.n_nodes)
         self.scores += payoff
-        self.decisions += np.bincount(agents, result.side_length[own],
-                                      minlength=self.n_nodes).astype(np.int64)
-        self.cooperations += np.bincount(agents, totals["cooperations"][own],
-                                         minlength=self.n_nodes).astype(np.int64)
+        self.decisions += np.bincount(
+            agents, result.side_length[own], minlength=self.n_nodes
+        ).astype(np.int64)
+        self.cooperations += np.bincount(
+            agents, totals["cooperations"][own], minlength=self.n_nodes
+        ).astype(np.int64)
         self.last_result = result
         self.datacollector.collect(self)
         self.played_steps += 1
         if self.evolution is not None:
             # a match stopped by an unreadable answer is no sample of either side's fitness
-            whole = (own_mask if result.void is None
-                     else own_mask & ~np.concatenate([result.void] * 2))
+            whole = (
+                own_mask if result.void is None else own_mask & ~np.concatenate([result.void] * 2)
+            )
             matches = np.bincount(result.agent[whole], minlength=self.n_nodes)
-            earned = np.bincount(result.agent[whole], totals["payoff"][whole],
-                                 minlength=self.n_nodes)
+            earned = np.bincount(
+                result.agent[whole], totals["payoff"][whole], minlength=self.n_nodes
+            )
             self._evolve(self.evolution.fitness(earned, matches), matches)
         if self.played_steps >= self.total_steps:
             self.running = False
@@ -479,6 +524,7 @@ class DilemmaModel(mesa.Model):
         self.population.relabel(self.evolution.update(self.label_of_node, fitness, matches))
         every = self.scenario.evolution.snapshot_every
         if self.grid_shape is not None and (
-                self.played_steps == self.total_steps
-                or (every is not None and self.played_steps % every == 0)):
+            self.played_steps == self.total_steps
+            or (every is not None and self.played_steps % every == 0)
+        ):
             self.snapshots.append((self.played_steps, self.label_of_node.copy()))

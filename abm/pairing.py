@@ -73,8 +73,9 @@ class RoundRobin:
             self.colour = _greedy_colouring(edges, n_nodes)
         self.default_steps = int(self.colour.max()) + 1 if len(edges) else 1
         order = np.argsort(self.colour, kind="stable")
-        self._by_colour = np.split(order, np.searchsorted(self.colour[order],
-                                                          np.arange(1, self.default_steps)))
+        self._by_colour = np.split(
+            order, np.searchsorted(self.colour[order], np.arange(1, self.default_steps))
+        )
 
     def matches(self, step: int, rng: np.random.Generator) -> np.ndarray:
         """Return the sorted ids of the edges of colour ``step`` modulo the cycle length."""
@@ -116,7 +117,9 @@ def _greedy_colouring(edges: np.ndarray, n: int) -> np.ndarray:
 SCHEMES = {"all_edges": AllEdges, "random_matching": RandomMatching, "round_robin": RoundRobin}
 
 
-def make_pairing(scheme: str, edges: np.ndarray, n_nodes: int) -> AllEdges | RandomMatching | RoundRobin:
+def make_pairing(
+    scheme: str, edges: np.ndarray, n_nodes: int
+) -> AllEdges | RandomMatching | RoundRobin:
     """Build the pairing scheme called ``scheme`` over these edges.
 
     Args:

@@ -22,15 +22,17 @@ if TYPE_CHECKING:
     from abm.policies.base import Policy
 
 
-def assign_policies(config: PopulationConfig, graph: nx.Graph, rng: np.random.Generator,
-                    source: str = "<scenario>") -> list[PolicySpec]:
+def assign_policies(
+    config: PopulationConfig, graph: nx.Graph, rng: np.random.Generator, source: str = "<scenario>"
+) -> list[PolicySpec]:
     """One policy spec per node, in node order."""
     n = graph.number_of_nodes()
     if config.players is not None:
         if len(config.players) != n:
             raise ScenarioError(
                 f"{source}: field 'population.players': lists {len(config.players)} policies "
-                f"but the graph has {n} nodes; give one policy per node")
+                f"but the graph has {n} nodes; give one policy per node"
+            )
         return list(config.players)
     if config.mix is not None:
         shares = np.array([s.share for s in config.mix])
@@ -38,7 +40,7 @@ def assign_policies(config: PopulationConfig, graph: nx.Graph, rng: np.random.Ge
         # largest remainder: exact counts that add up to n, ties to the earlier entry
         short = n - counts.sum()
         counts[np.argsort(-(shares * n - counts), kind="stable")[:short]] += 1
-        specs = [s.policy for s, c in zip(config.mix, counts) for _ in range(c)]
+        specs = [s.policy for s, c in zip(config.mix, counts, strict=True) for _ in range(c)]
         return [specs[i] for i in rng.permutation(n)]
     out = []
     for node in range(n):
@@ -47,13 +49,15 @@ def assign_policies(config: PopulationConfig, graph: nx.Graph, rng: np.random.Ge
         if value is None:
             raise ScenarioError(
                 f"{source}: field 'population.attribute': node {name!r} of the graph file has "
-                f"no attribute {config.attribute!r}; every node needs a policy name there")
+                f"no attribute {config.attribute!r}; every node needs a policy name there"
+            )
         try:
             out.append(PolicySpec.model_validate(str(value)))
         except ValidationError as exc:
             msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
-            raise ScenarioError(f"{source}: field 'population.attribute': node {name!r}: "
-                                f"{msg}") from None
+            raise ScenarioError(
+                f"{source}: field 'population.attribute': node {name!r}: {msg}"
+            ) from None
     return out
 
 
@@ -91,9 +95,12 @@ def field_error(source: str, field: str, message: str) -> str:
     inner = re.match(r"field '([^']*)'(.*)$", message, re.S)
     if inner:
         sub, rest = inner.groups()
-        if not (sub == field or sub.startswith((f"{field}.", f"{field}["))
-                or sub.split(".")[0] in ("population", "evolution", "graph", "game",
-                                         "match", "memory", "pairing", "output")):
+        if not (
+            sub == field
+            or sub.startswith((f"{field}.", f"{field}["))
+            or sub.split(".")[0]
+            in ("population", "evolution", "graph", "game", "match", "memory", "pairing", "output")
+        ):
             sub = f"{field}.{sub}"  # a key of the policy's own table
         return f"{source}: field '{sub}'{rest}"
     return f"{source}: field '{field}': {message}"
@@ -135,22 +142,32 @@ class Population:
         ValueError: a label index or policy index out of range, or lists of unequal length.
     """
 
-    def __init__(self, labels: list[str], label_of_node: np.ndarray, *,
-                 policies: list[Policy] | None = None,
-                 policy_of_label: np.ndarray | None = None,
-                 policy_names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        labels: list[str],
+        label_of_node: np.ndarray,
+        *,
+        policies: list[Policy] | None = None,
+        policy_of_label: np.ndarray | None = None,
+        policy_names: list[str] | None = None,
+    ) -> None:
         """Check the arrays and keep read-only views of them; see the class docstring."""
         self.labels = list(labels)
         self.policies = list(policies) if policies is not None else []
         self.llm_policies = [p for p in self.policies if hasattr(p, "drain")]
         k = len(self.labels)
-        self.policy_name_of_label = list(policy_names) if policy_names is not None \
-            else list(self.labels)
-        of_label = (np.arange(k, dtype=np.int64) if policy_of_label is None
-                    else np.array(policy_of_label, np.int64))
+        self.policy_name_of_label = (
+            list(policy_names) if policy_names is not None else list(self.labels)
+        )
+        of_label = (
+            np.arange(k, dtype=np.int64)
+            if policy_of_label is None
+            else np.array(policy_of_label, np.int64)
+        )
         if len(self.policy_name_of_label) != k or of_label.shape != (k,):
-            raise ValueError(f"a population of {k} labels needs one policy and one policy "
-                             "name per label")
+            raise ValueError(
+                f"a population of {k} labels needs one policy and one policy name per label"
+            )
         if self.policies and k and (of_label.min() < 0 or of_label.max() >= len(self.policies)):
             raise ValueError(f"policy_of_label must index the {len(self.policies)} policies")
         self._label = np.array(label_of_node, np.int64)
@@ -183,8 +200,9 @@ class Population:
         return cls(labels, policy_of_node, policies=policies)
 
     @classmethod
-    def from_specs(cls, scenario: Scenario, specs: list[PolicySpec],
-                   source: str = "<scenario>") -> Population:
+    def from_specs(
+        cls, scenario: Scenario, specs: list[PolicySpec], source: str = "<scenario>"
+    ) -> Population:
         """Labels and policy objects for a scenario whose nodes hold ``specs``.
 
         The policies that mutation may bring in get labels up front; under evolution
@@ -205,8 +223,9 @@ class Population:
         game = scenario.game.payoffs
         # one display string per distinct spec object: a mix repeats a few objects
         shown: dict[int, str] = {}
-        node_display = [shown[id(s)] if id(s) in shown else shown.setdefault(id(s), s.display)
-                        for s in specs]
+        node_display = [
+            shown[id(s)] if id(s) in shown else shown.setdefault(id(s), s.display) for s in specs
+        ]
         named = scenario.policies() + scenario.mutants()
         present = set(shown.values()) | {s.display for s in scenario.mutants()}
         if scenario.evolution is not None:  # a policy on no node now may spread by mutation
@@ -221,12 +240,15 @@ class Population:
             # JSON, not a tuple of items: parameters may be lists or tables
             key = (s.name, json.dumps(s.params, sort_keys=True))
             if key_of_label.setdefault(s.display, key) != key:
-                field = ("evolution.mutants" if any(m.display == s.display
-                                                    for m in scenario.mutants())
-                         else "population")
+                field = (
+                    "evolution.mutants"
+                    if any(m.display == s.display for m in scenario.mutants())
+                    else "population"
+                )
                 raise ScenarioError(
                     f"{source}: field '{field}': the label {s.display!r} is given to "
-                    "two different policies; give each policy its own label")
+                    "two different policies; give each policy its own label"
+                )
             spec_of_label.setdefault(s.display, s)
         # labels in the order the scenario names them, not the random order of the nodes
         labels = [label for label in key_of_label if label in present]
@@ -236,15 +258,21 @@ class Population:
             try:
                 policies.append(make(key[0], json.loads(key[1]), game))
             except (ValueError, ScenarioError) as exc:
-                raise ScenarioError(field_error(source, field_of_key.get(key, "population"),
-                                                str(exc))) from None
+                raise ScenarioError(
+                    field_error(source, field_of_key.get(key, "population"), str(exc))
+                ) from None
         index = {label: i for i, label in enumerate(labels)}
-        return cls(labels, np.array([index[d] for d in node_display], np.int64),
-                   policies=policies,
-                   policy_of_label=np.array([keys.index(key_of_label[label])
-                                             for label in labels], np.int64),
-                   policy_names=[spec_of_label[label].model_copy(update={"label": None}).display
-                                 for label in labels])
+        return cls(
+            labels,
+            np.array([index[d] for d in node_display], np.int64),
+            policies=policies,
+            policy_of_label=np.array(
+                [keys.index(key_of_label[label]) for label in labels], np.int64
+            ),
+            policy_names=[
+                spec_of_label[label].model_copy(update={"label": None}).display for label in labels
+            ],
+        )
 
     def _check_labels(self, labels: np.ndarray) -> None:
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.labels)):
@@ -269,8 +297,10 @@ class Population:
         """
         new = np.asarray(new_labels)
         if new.shape != self._label.shape:
-            raise ValueError(f"relabel needs one label per node ({self.n_nodes}); "
-                             f"got an array of shape {new.shape}")
+            raise ValueError(
+                f"relabel needs one label per node ({self.n_nodes}); "
+                f"got an array of shape {new.shape}"
+            )
         self._check_labels(new)
         self._played[:] = self._label
         self._label[:] = new

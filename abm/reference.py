@@ -90,8 +90,16 @@ def framings() -> dict[str, Any]:
 
 # The scenario's tables in the order a scenario file usually has them; any table the
 # schema gains later is appended after these.
-_SECTION_ORDER = ("game", "match", "memory", "graph", "population", "pairing", "output",
-                  "evolution")
+_SECTION_ORDER = (
+    "game",
+    "match",
+    "memory",
+    "graph",
+    "population",
+    "pairing",
+    "output",
+    "evolution",
+)
 
 
 def scenario_reference() -> str:
@@ -112,9 +120,12 @@ def scenario_reference() -> str:
     sections = _sections(Scenario)
     top = [name for name in Scenario.model_fields if name not in sections]
 
-    out += ["## Top level", "",
-            "Keys outside any table. Every table is optional except `[graph]` and "
-            "`[population]`.", ""]
+    out += [
+        "## Top level",
+        "",
+        "Keys outside any table. Every table is optional except `[graph]` and `[population]`.",
+        "",
+    ]
     out += _field_table(Scenario, top)
 
     for name, model in sections.items():
@@ -130,10 +141,14 @@ def scenario_reference() -> str:
         if name == "population":
             out += ["### A mix entry", "", "Each element of `mix`.", ""]
             out += _field_table(Share)
-            out += ["### A policy", "",
-                    "A policy is a registered name (`\"tit_for_tat\"`) or a table with "
-                    "`name`, the policy's own parameters and an optional `label`: "
-                    "`{ name = \"random\", p = 0.3, label = \"Coin\" }`.", ""]
+            out += [
+                "### A policy",
+                "",
+                'A policy is a registered name (`"tit_for_tat"`) or a table with '
+                "`name`, the policy's own parameters and an optional `label`: "
+                '`{ name = "random", p = 0.3, label = "Coin" }`.',
+                "",
+            ]
             out += _field_table(PolicySpec, ["name", "label"])
             out += _policy_section()
             out += _llm_section(LLMParams)
@@ -164,9 +179,16 @@ def _graph_section() -> list[str]:
     from abm.scenario import Scenario
 
     kinds = graph_kinds()
-    out = ["## `[graph]`", "", _table_line(Scenario.model_fields["graph"]), "",
-           "`kind` picks the family; the other keys belong to that kind. Allowed kinds: "
-           + ", ".join(f"[`{k}`](#graph-{_slug(k)})" for k in kinds) + ".", ""]
+    out = [
+        "## `[graph]`",
+        "",
+        _table_line(Scenario.model_fields["graph"]),
+        "",
+        "`kind` picks the family; the other keys belong to that kind. Allowed kinds: "
+        + ", ".join(f"[`{k}`](#graph-{_slug(k)})" for k in kinds)
+        + ".",
+        "",
+    ]
     for kind, model in kinds.items():
         out += [f"### `{kind}` {{#graph-{_slug(kind)}}}", ""]
         doc = _own_doc(model)
@@ -179,34 +201,45 @@ def _graph_section() -> list[str]:
 def _policy_section() -> list[str]:
     from abm.policies import REGISTRY
 
-    out = ["### Policies", "",
-           "Every registered policy. *Memory depth* is how many past rounds it reads (a "
-           "`memory.window` shorter than that is refused).", "",
-           "| name | memory depth | stochastic | parameters | behaviour |",
-           "|---|---|---|---|---|"]
+    out = [
+        "### Policies",
+        "",
+        "Every registered policy. *Memory depth* is how many past rounds it reads (a "
+        "`memory.window` shorter than that is refused).",
+        "",
+        "| name | memory depth | stochastic | parameters | behaviour |",
+        "|---|---|---|---|---|",
+    ]
     for name, info in REGISTRY.items():
-        shown = f"`{name}`" + (" (alias " + ", ".join(f"`{a}`" for a in info.aliases) + ")"
-                               if info.aliases else "")
+        shown = f"`{name}`" + (
+            " (alias " + ", ".join(f"`{a}`" for a in info.aliases) + ")" if info.aliases else ""
+        )
         depth = "the whole window" if math.isinf(info.memory_depth) else f"{info.memory_depth:g}"
         if info.uses_llm:
             params = "see [LLM players](#llm-players)"
         else:
-            params = "; ".join(_param_text(n, f) for n, f in info.params.model_fields.items()) \
-                or "—"
+            params = (
+                "; ".join(_param_text(n, f) for n, f in info.params.model_fields.items()) or "—"
+            )
             if info.params.model_config.get("extra") == "allow":
                 params += "; further keys go to the strategy"
-        out.append(f"| {shown} | {depth} | {'yes' if info.stochastic else 'no'} | "
-                   f"{_cell(params)} | {_cell(info.description)} |")
+        out.append(
+            f"| {shown} | {depth} | {'yes' if info.stochastic else 'no'} | "
+            f"{_cell(params)} | {_cell(info.description)} |"
+        )
     return out + [""]
 
 
 def _llm_section(params: type[BaseModel]) -> list[str]:
-    out = ["### LLM players", "",
-           "The keys of an `{ name = \"llm\", ... }` player; how prompts are built and "
-           "answers read is in [LLM players](llm-players.md).", ""]
+    out = [
+        "### LLM players",
+        "",
+        'The keys of an `{ name = "llm", ... }` player; how prompts are built and '
+        "answers read is in [LLM players](llm-players.md).",
+        "",
+    ]
     out += _field_table(params)
-    out += ["### LLM framings", "",
-            "The values of an LLM player's `framing` key.", ""]
+    out += ["### LLM framings", "", "The values of an LLM player's `framing` key.", ""]
     for name, framing in framings().items():
         out += [f"#### `{name}` {{#framing-{_slug(name)}}}", ""]
         doc = _entry_doc(framing)
@@ -234,8 +267,9 @@ def _entry_doc(entry: Any) -> str:
     text = getattr(entry, "description", None)
     if isinstance(text, str) and text.strip():
         return inspect.cleandoc(text)
-    return _summary(_own_doc(entry if inspect.isclass(entry) or inspect.isroutine(entry)
-                             else type(entry)))
+    return _summary(
+        _own_doc(entry if inspect.isclass(entry) or inspect.isroutine(entry) else type(entry))
+    )
 
 
 def _summary(doc: str) -> str:
@@ -245,8 +279,11 @@ def _summary(doc: str) -> str:
     """
     kept: list[str] = []
     for line in doc.splitlines():
-        if re.fullmatch(r"(Args|Arguments|Returns|Raises|Yields|Examples?|Attributes|Note)"
-                        r":\s*", line):
+        if re.fullmatch(
+            r"(Args|Arguments|Returns|Raises|Yields|Examples?|Attributes|Note)"
+            r":\s*",
+            line,
+        ):
             break
         kept.append(line)
     return "\n".join(kept).strip()
@@ -262,18 +299,30 @@ def _entry_parameters(entry: Any) -> list[str]:
         names = [n for n in model.model_fields if n not in ("kind", "name")]
         return _field_table(model, names) if names else []
     if dataclasses.is_dataclass(entry):
-        rows = [(f.name, _type_text(f.type) if not isinstance(f.type, str) else f.type,
-                 _default_text(f.default) if f.default is not dataclasses.MISSING else
-                 _default_text(getattr(entry, f.name, None)) if not inspect.isclass(entry)
-                 else "required", "")
-                for f in dataclasses.fields(entry) if not f.name.startswith("_")]
+        rows = [
+            (
+                f.name,
+                _type_text(f.type) if not isinstance(f.type, str) else f.type,
+                _default_text(f.default)
+                if f.default is not dataclasses.MISSING
+                else _default_text(getattr(entry, f.name, None))
+                if not inspect.isclass(entry)
+                else "required",
+                "",
+            )
+            for f in dataclasses.fields(entry)
+            if not f.name.startswith("_")
+        ]
         return _table(rows) if rows else []
     if inspect.isroutine(entry):
         rows = []
         for p in inspect.signature(entry).parameters.values():
             default = "required" if p.default is p.empty else _default_text(p.default)
-            kind = "" if p.annotation is p.empty else (
-                p.annotation if isinstance(p.annotation, str) else _type_text(p.annotation))
+            kind = (
+                ""
+                if p.annotation is p.empty
+                else (p.annotation if isinstance(p.annotation, str) else _type_text(p.annotation))
+            )
             rows.append((p.name, kind, default, ""))
         return _table(rows) if rows else []
     return []
@@ -284,9 +333,15 @@ def _mapping_table(params: Mapping[str, Any]) -> list[str]:
     from abm.scenario import EvolutionConfig
 
     fields = EvolutionConfig.model_fields
-    rows = [(name, _field_type(fields[name]) if name in fields else "",
-             _default_text(default), fields[name].description or "" if name in fields else "")
-            for name, default in params.items()]
+    rows = [
+        (
+            name,
+            _field_type(fields[name]) if name in fields else "",
+            _default_text(default),
+            fields[name].description or "" if name in fields else "",
+        )
+        for name, default in params.items()
+    ]
     return _table(rows)
 
 
@@ -306,16 +361,24 @@ def _params_model(entry: Any) -> type[BaseModel] | None:
 
 def _field_table(model: type[BaseModel], names: Iterable[str] | None = None) -> list[str]:
     fields = model.model_fields
-    rows = [(name, _field_type(fields[name]), _field_default(fields[name]),
-             fields[name].description or "")
-            for name in (names if names is not None else fields)]
+    rows = [
+        (
+            name,
+            _field_type(fields[name]),
+            _field_default(fields[name]),
+            fields[name].description or "",
+        )
+        for name in (names if names is not None else fields)
+    ]
     return _table(rows)
 
 
 def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
     out = ["| key | type | default | description |", "|---|---|---|---|"]
-    out += [f"| `{name}` | {_cell(kind)} | {_cell(default)} | {_cell(text)} |"
-            for name, kind, default, text in rows]
+    out += [
+        f"| `{name}` | {_cell(kind)} | {_cell(default)} | {_cell(text)} |"
+        for name, kind, default, text in rows
+    ]
     return out + [""]
 
 
@@ -347,8 +410,11 @@ def _bound(value: Any) -> str:
         return f"2^{value.bit_length() - 1}"
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return f"{value:,}".replace(",", "_") if isinstance(value, int) and value >= 100_000 \
+    return (
+        f"{value:,}".replace(",", "_")
+        if isinstance(value, int) and value >= 100_000
         else str(value)
+    )
 
 
 def _field_default(field: FieldInfo) -> str:
@@ -378,8 +444,9 @@ def _toml(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}" \
-            if value else "{}"
+        return (
+            "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}" if value else "{}"
+        )
     if isinstance(value, BaseModel):
         return _toml(value.model_dump())
     return str(value)
@@ -388,8 +455,11 @@ def _toml(value: Any) -> str:
 def _number(value: Any) -> str:
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return f"{value:.1f}"
-    return f"{value:,}".replace(",", "_") if isinstance(value, int) and value >= 100_000 \
+    return (
+        f"{value:,}".replace(",", "_")
+        if isinstance(value, int) and value >= 100_000
         else str(value)
+    )
 
 
 _NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", Any: "any"}
@@ -543,8 +613,10 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status, 0.
     """
-    parser = argparse.ArgumentParser(prog="python -m abm.reference", description=(
-        "Print a reference page generated from the code, as Markdown."))
+    parser = argparse.ArgumentParser(
+        prog="python -m abm.reference",
+        description=("Print a reference page generated from the code, as Markdown."),
+    )
     parser.add_argument("page", nargs="?", choices=("scenario", "cli"), default="scenario")
     page = parser.parse_args(argv).page
     sys.stdout.write(scenario_reference() if page == "scenario" else cli_reference())

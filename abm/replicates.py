@@ -26,18 +26,30 @@ from abm.atomic import atomic_file
 from abm.batch.stats import mean_ci
 from abm.errors import ScenarioError
 
-
 # what summarise() writes beside the replicate folders
-OWN = {"replicates.json", "payoff_matrix_replicates.csv", "defections_replicates.csv",
-       "llm_cooperation_replicates.csv", "llm_fingerprints_replicates.csv",
-       *(f"{stem}.{ext}" for stem in ("payoff_heatmap", "defections_heatmap",
-                                       "llm_cooperation", "llm_fingerprint")
-         for ext in ("html", "png"))}
+OWN = {
+    "replicates.json",
+    "payoff_matrix_replicates.csv",
+    "defections_replicates.csv",
+    "llm_cooperation_replicates.csv",
+    "llm_fingerprints_replicates.csv",
+    *(
+        f"{stem}.{ext}"
+        for stem in ("payoff_heatmap", "defections_heatmap", "llm_cooperation", "llm_fingerprint")
+        for ext in ("html", "png")
+    ),
+}
 
 
-def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
-                   seed: int | None = None, overrides: list[str] | None = None,
-                   quiet: bool = False) -> Path:
+def run_replicates(
+    path: str | Path,
+    n: int,
+    *,
+    out: str | Path | None = None,
+    seed: int | None = None,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+) -> Path:
     """Run the scenario ``n`` times with consecutive seeds and write the summary.
 
     Replicates already in ``out`` from the same request are kept, so an interrupted
@@ -64,35 +76,53 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
 
     scenario = load_scenario(path, overrides, seed)
     folder = Path(out) if out else default_folder(f"{scenario.name}-x{n}")
-    request = {"scenario": str(Path(path).resolve()), "overrides": list(overrides or []),
-               "seed": seed}
+    request = {
+        "scenario": str(Path(path).resolve()),
+        "overrides": list(overrides or []),
+        "seed": seed,
+    }
     meta = folder / "replicates.json"
     try:
         old = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ScenarioError(f"--out {folder}: its replicates.json cannot be read ({exc}); "
-                            "give another folder") from None
+        raise ScenarioError(
+            f"--out {folder}: its replicates.json cannot be read ({exc}); give another folder"
+        ) from None
     if old is not None and not isinstance(old, dict):
-        raise ScenarioError(f"--out {folder}: its replicates.json is not a replicates record; "
-                            "give another folder")
+        raise ScenarioError(
+            f"--out {folder}: its replicates.json is not a replicates record; give another folder"
+        )
     if old is not None and old.get("request") != request:
-        raise ScenarioError(f"--out {folder}: holds replicates of another request "
-                            f"({old.get('request')}); give another folder")
-    base = (old["base_seed"] if old is not None else
-            scenario.seed if scenario.seed is not None else fresh_seed())
+        raise ScenarioError(
+            f"--out {folder}: holds replicates of another request "
+            f"({old.get('request')}); give another folder"
+        )
+    base = (
+        old["base_seed"]
+        if old is not None
+        else scenario.seed
+        if scenario.seed is not None
+        else fresh_seed()
+    )
     if folder.exists() and not folder.is_dir():
         raise ScenarioError(f"--out {folder}: exists and is not a folder")
     if folder.is_dir():
-        strangers = [p.name for p in folder.iterdir()
-                     if not p.name.lstrip(".").startswith("replicate") and p.name not in OWN]
+        strangers = [
+            p.name
+            for p in folder.iterdir()
+            if not p.name.lstrip(".").startswith("replicate") and p.name not in OWN
+        ]
         if strangers:
-            raise ScenarioError(f"--out {folder}: holds other files ({strangers[0]}, ...); "
-                                "give an empty folder or the folder of these replicates")
+            raise ScenarioError(
+                f"--out {folder}: holds other files ({strangers[0]}, ...); "
+                "give an empty folder or the folder of these replicates"
+            )
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_file(meta) as partial:  # what a resumed command must match
-        partial.write_text(json.dumps({"request": request, "base_seed": base}, indent=2),
-                           encoding="utf-8")
+        partial.write_text(
+            json.dumps({"request": request, "base_seed": base}, indent=2), encoding="utf-8"
+        )
     try:
         folders = _run_all(path, n, folder, base, scenario.name, overrides, quiet)
     except BaseException:
@@ -101,13 +131,21 @@ def run_replicates(path: str | Path, n: int, *, out: str | Path | None = None,
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    summarise(folders, folder, {"request": request, "base_seed": base},
-              with_charts=scenario.output.charts)
+    summarise(
+        folders, folder, {"request": request, "base_seed": base}, with_charts=scenario.output.charts
+    )
     return folder
 
 
-def _run_all(path: str | Path, n: int, folder: Path, base: int, name: str,
-             overrides: list[str] | None, quiet: bool) -> list[Path]:
+def _run_all(
+    path: str | Path,
+    n: int,
+    folder: Path,
+    base: int,
+    name: str,
+    overrides: list[str] | None,
+    quiet: bool,
+) -> list[Path]:
     """The replicate folders, running those not there yet."""
     from abm.run import run_scenario
 
@@ -118,8 +156,10 @@ def _run_all(path: str | Path, n: int, folder: Path, base: int, name: str,
         if done.is_file():
             summary = json.loads(done.read_text(encoding="utf-8"))
             if summary.get("seed") != base + i or summary.get("scenario") != name:
-                raise ScenarioError(f"--out {folder}: {target.name} holds another run "
-                                    f"(seed {summary.get('seed')}); give another folder")
+                raise ScenarioError(
+                    f"--out {folder}: {target.name} holds another run "
+                    f"(seed {summary.get('seed')}); give another folder"
+                )
         else:
             if not quiet:
                 print(f"replicate {i + 1} of {n} (seed {base + i})")
@@ -147,13 +187,14 @@ def _llm_cooperation(frames: list[pd.DataFrame]) -> pd.DataFrame:
         valid = frame[frame["choice"].isin(["C", "D"])]
         for (player, opponent), part in valid.groupby(["player", "opponent_player"]):
             rows.setdefault((player, str(opponent)), []).append(
-                float((part["choice"] == "C").mean()))
-    return pd.DataFrame([{"player": p, "opponent": o, **mean_ci(v)}
-                         for (p, o), v in rows.items()])
+                float((part["choice"] == "C").mean())
+            )
+    return pd.DataFrame([{"player": p, "opponent": o, **mean_ci(v)} for (p, o), v in rows.items()])
 
 
-def summarise(folders: list[Path], out: Path, about: dict[str, Any] | None = None,
-              with_charts: bool = True) -> dict[str, Any]:
+def summarise(
+    folders: list[Path], out: Path, about: dict[str, Any] | None = None, with_charts: bool = True
+) -> dict[str, Any]:
     """Summarise finished replicate folders into ``out``.
 
     Writes replicates.json, the heatmap cell tables (mean and Student-t 95 % interval
@@ -188,14 +229,15 @@ def summarise(folders: list[Path], out: Path, about: dict[str, Any] | None = Non
             prints.append(fp.table.reset_index().assign(player=player))
     cooperation = _llm_cooperation(frames) if frames else pd.DataFrame()
     result = {
-        **(about or {}), "replicates": len(folders), "seeds": [s["seed"] for s in summaries],
+        **(about or {}),
+        "replicates": len(folders),
+        "seeds": [s["seed"] for s in summaries],
         "scenario": summaries[0]["scenario"],
         "cooperation_rate": mean_ci([s["cooperation_rate"] for s in summaries]),
         "interval": "Student-t 95 % over replicates; fingerprints: Wilson 95 % over pooled "
-                    "decisions",
+        "decisions",
     }
-    tables = {"payoff_matrix_replicates.csv": payoff,
-              "defections_replicates.csv": defections}
+    tables = {"payoff_matrix_replicates.csv": payoff, "defections_replicates.csv": defections}
     if llm_players:
         tables["llm_cooperation_replicates.csv"] = cooperation
         tables["llm_fingerprints_replicates.csv"] = pd.concat(prints, ignore_index=True)
@@ -208,23 +250,47 @@ def summarise(folders: list[Path], out: Path, about: dict[str, Any] | None = Non
         return result
     if llm_players:
         from abm.behaviour_charts import cooperation_chart, fingerprint_chart
-        charts.save(cooperation_chart(cooperation, group="player", share="mean",
-                                      low="ci_low", high="ci_high",
-                                      interval=f"mean, 95 % t over {len(folders)} replicates"),
-                    out, "llm_cooperation")
-        charts.save(fingerprint_chart(tables["llm_fingerprints_replicates.csv"]
-                                      .set_index("situation")), out, "llm_fingerprint")
-    for stem, table, title in (("payoff_heatmap", payoff, "Mean total payoff per match"),
-                               ("defections_heatmap", defections,
-                                "Intended defections per match (mean)")):
+
+        charts.save(
+            cooperation_chart(
+                cooperation,
+                group="player",
+                share="mean",
+                low="ci_low",
+                high="ci_high",
+                interval=f"mean, 95 % t over {len(folders)} replicates",
+            ),
+            out,
+            "llm_cooperation",
+        )
+        charts.save(
+            fingerprint_chart(tables["llm_fingerprints_replicates.csv"].set_index("situation")),
+            out,
+            "llm_fingerprint",
+        )
+    for stem, table, title in (
+        ("payoff_heatmap", payoff, "Mean total payoff per match"),
+        ("defections_heatmap", defections, "Intended defections per match (mean)"),
+    ):
         mean = table.pivot(index="player", columns="opponent", values="mean")
-        half = (table["ci_high"] - table["mean"]).to_frame("half").assign(
-            player=table["player"], opponent=table["opponent"]).pivot(
-            index="player", columns="opponent", values="half")
+        half = (
+            (table["ci_high"] - table["mean"])
+            .to_frame("half")
+            .assign(player=table["player"], opponent=table["opponent"])
+            .pivot(index="player", columns="opponent", values="half")
+        )
         order = list(dict.fromkeys(table["player"]))
         mean, half = mean.loc[order, order], half.loc[order, order]
         mean.index.name = half.index.name = "player"
-        chart = charts.heatmap(mean, title, stem.split("_")[0], fmt=".1~f", half=half, subtitle=[
-            f"mean \u00b1 half-width of the 95 % t-interval over {len(folders)} replicates"])
+        chart = charts.heatmap(
+            mean,
+            title,
+            stem.split("_")[0],
+            fmt=".1~f",
+            half=half,
+            subtitle=[
+                f"mean \u00b1 half-width of the 95 % t-interval over {len(folders)} replicates"
+            ],
+        )
         charts.save(chart, out, stem)
     return result

@@ -39,9 +39,10 @@ def _evolution_summary(model: DilemmaModel, steps: pd.DataFrame) -> dict[str, An
     return {
         "rule": model.scenario.evolution.rule,
         "average_last": last,
-        "final_shares": dict(zip(population.labels, map(float, population.shares()))),
-        "mean_shares": {label: float(window[f"share:{label}"].mean())
-                        for label in population.labels},
+        "final_shares": dict(zip(population.labels, map(float, population.shares()), strict=True)),
+        "mean_shares": {
+            label: float(window[f"share:{label}"].mean()) for label in population.labels
+        },
     }
 
 
@@ -49,23 +50,31 @@ def _write_snapshots(model: DilemmaModel, folder: Path) -> None:
     """Who held which label on the lattice at each snapshot: steps (S,), grid (S, rows, cols)."""
     steps = np.array([s for s, _ in model.snapshots], np.int64)
     grid = np.stack([g.reshape(model.grid_shape) for _, g in model.snapshots]).astype(np.int32)
-    np.savez_compressed(folder / "snapshots.npz", steps=steps, grid=grid,
-                        labels=np.array(model.population.labels))
+    np.savez_compressed(
+        folder / "snapshots.npz", steps=steps, grid=grid, labels=np.array(model.population.labels)
+    )
 
 
 def _llm_summary(model: DilemmaModel, policy: Any, counts: pd.DataFrame) -> dict[str, Any]:
     """A policy's own statistics plus its invalid rate against each opponent."""
     population = model.population
     index = population.policies.index(policy)
-    labels = [label for label, p in zip(population.labels, population.policy_of_label)
-              if p == index]
+    labels = [
+        label
+        for label, p in zip(population.labels, population.policy_of_label, strict=True)
+        if p == index
+    ]
     rows = counts[counts["player"].isin(labels)]
     by_opponent = {
-        opponent: {"decisions": int(g["decisions"].sum()), "invalid": int(g["invalid"].sum()),
-                   "fallbacks": int(g["fallbacks"].sum()),
-                   "invalid_rate": float(g["invalid"].sum() / g["decisions"].sum()),
-                   "void_matches": int(g["void_matches"].sum())}
-        for opponent, g in rows.groupby("opponent", sort=False)}
+        opponent: {
+            "decisions": int(g["decisions"].sum()),
+            "invalid": int(g["invalid"].sum()),
+            "fallbacks": int(g["fallbacks"].sum()),
+            "invalid_rate": float(g["invalid"].sum() / g["decisions"].sum()),
+            "void_matches": int(g["void_matches"].sum()),
+        }
+        for opponent, g in rows.groupby("opponent", sort=False)
+    }
     return {"players": labels, **policy.stats(), "by_opponent": by_opponent}
 
 
@@ -88,8 +97,11 @@ def _heatmap_subtitle(model: DilemmaModel) -> str:
     """Under what the heatmaps were measured: match length, noise, n per cell, models."""
     scenario = model.scenario
     match = scenario.match
-    length = (f"{match.rounds} rounds per match" if match.rounds is not None else
-              f"geometric match length, continuation p = {match.continuation_probability:g}")
+    length = (
+        f"{match.rounds} rounds per match"
+        if match.rounds is not None
+        else f"geometric match length, continuation p = {match.continuation_probability:g}"
+    )
     k = len(model.population.labels)
     # complete matches behind each cell; on the diagonal both sides of a match fall
     # in the same cell, so they are counted once
@@ -97,11 +109,20 @@ def _heatmap_subtitle(model: DilemmaModel) -> str:
     n[np.diag_indices(k)] /= 2
     n = [int(x) for x in np.ceil(n[n > 0])]
     lo, hi = (min(n), max(n)) if n else (0, 0)
-    cells = ("no complete match" if not n else f"{lo} match{'es' * (lo != 1)} per cell"
-             if lo == hi else f"{lo}-{hi} matches per cell")
+    cells = (
+        "no complete match"
+        if not n
+        else f"{lo} match{'es' * (lo != 1)} per cell"
+        if lo == hi
+        else f"{lo}-{hi} matches per cell"
+    )
     parts = [length, f"noise {scenario.game.noise:g}", cells]
-    models = list(dict.fromkeys(str(getattr(getattr(p, "params", None), "model", "?"))
-                                for p in model.population.llm_policies))
+    models = list(
+        dict.fromkeys(
+            str(getattr(getattr(p, "params", None), "model", "?"))
+            for p in model.population.llm_policies
+        )
+    )
     if models:
         parts.append("LLM: " + ", ".join(models))
     return "; ".join(parts)
@@ -115,12 +136,17 @@ def _cooperation_by_round(result: Any) -> pd.DataFrame | None:
     played = (actual != EMPTY).sum(axis=1)
     coop = (actual == 0).sum(axis=1)
     keep = played > 0
-    return pd.DataFrame({"round": np.arange(1, len(actual) + 1)[keep],
-                         "cooperation_rate": coop[keep] / played[keep]})
+    return pd.DataFrame(
+        {
+            "round": np.arange(1, len(actual) + 1)[keep],
+            "cooperation_rate": coop[keep] / played[keep],
+        }
+    )
 
 
-def _llm_behaviour(model: DilemmaModel, folder: Path,
-                   summary: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+def _llm_behaviour(
+    model: DilemmaModel, folder: Path, summary: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """Round-by-round tables and memory-one fingerprints of the LLM players.
 
     They are read from the run's own rounds.parquet and transcripts, and written as
@@ -155,9 +181,11 @@ def _llm_behaviour(model: DilemmaModel, folder: Path,
                 fp = bh.fingerprint(part)
                 by_opponent[str(opponent)] = fp.to_dict(strategies)
                 prints.append(fp.table.reset_index().assign(player=player, opponent=opponent))
-            entry["behaviour"][player] = {"fingerprint": pooled.to_dict(strategies),
-                                          "fingerprint_by_opponent": by_opponent,
-                                          "sequences": bh.sequences(frame, player)}
+            entry["behaviour"][player] = {
+                "fingerprint": pooled.to_dict(strategies),
+                "fingerprint_by_opponent": by_opponent,
+                "sequences": bh.sequences(frame, player),
+            }
     if not tables:
         return None
     rounds_table = pd.concat(tables, ignore_index=True)
@@ -167,8 +195,9 @@ def _llm_behaviour(model: DilemmaModel, folder: Path,
     return rounds_table, prints_table
 
 
-def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
-                  with_charts: bool = True) -> dict[str, Any]:
+def write_results(
+    model: DilemmaModel, folder: Path, wall_seconds: float, with_charts: bool = True
+) -> dict[str, Any]:
     """Write everything but the streamed tables: config, matrices, summary, agents, charts.
 
     Args:
@@ -191,18 +220,23 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
     steps.to_csv(folder / "steps.csv", index=False)
     degree, self_loop = _degrees(model.edges, model.n_nodes)
     population = model.population
-    agents = pd.DataFrame({
-        "agent": np.arange(model.n_nodes),
-        "player": np.array(population.labels, object)[population.label_of_node],
-        "policy": population.policy_name_of_node(),
-        "degree": degree,
-        "self_loop": self_loop,
-        "score": model.scores,
-        "decisions": model.decisions,
-        "cooperation_rate": np.divide(model.cooperations, model.decisions,
-                                      out=np.full(model.n_nodes, np.nan),
-                                      where=model.decisions > 0),
-    })
+    agents = pd.DataFrame(
+        {
+            "agent": np.arange(model.n_nodes),
+            "player": np.array(population.labels, object)[population.label_of_node],
+            "policy": population.policy_name_of_node(),
+            "degree": degree,
+            "self_loop": self_loop,
+            "score": model.scores,
+            "decisions": model.decisions,
+            "cooperation_rate": np.divide(
+                model.cooperations,
+                model.decisions,
+                out=np.full(model.n_nodes, np.nan),
+                where=model.decisions > 0,
+            ),
+        }
+    )
     agents.to_csv(folder / "agents.csv", index=False)
     summary = {
         "scenario": scenario.name,
@@ -217,8 +251,9 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
         "cooperation_rate": tally.cooperation_rate(),
         "cooperation_by_step": steps["cooperation_rate"].tolist(),
         # by label (player name), like the ranking and the evolution block
-        "final_shares": {label: float(v)
-                         for label, v in zip(population.labels, population.shares())},
+        "final_shares": {
+            label: float(v) for label, v in zip(population.labels, population.shares(), strict=True)
+        },
         "ranking": tally.ranking(),
         "wall_seconds": round(wall_seconds, 3),
     }
@@ -235,30 +270,55 @@ def write_results(model: DilemmaModel, folder: Path, wall_seconds: float,
         summary["llm"] = [_llm_summary(model, policy, counts) for policy in llm_policies]
         summary["warnings"] = [w for entry in summary["llm"] for w in entry["warnings"]]
         behaviour = _llm_behaviour(model, folder, summary)
-    (folder / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n",
-                                         encoding="utf-8")
+    (folder / "summary.json").write_text(
+        json.dumps(_clean(summary), indent=2) + "\n", encoding="utf-8"
+    )
     if with_charts:
         about = [_heatmap_subtitle(model)]
-        charts.save(charts.heatmap(payoff, "Mean total payoff of the row player per match",
-                                   "payoff", unread=unread, subtitle=about),
-                    folder, "payoff_heatmap")
-        charts.save(charts.heatmap(
-            defections, "Intended defections of the row player per match (mean)", "defections",
-            unread=unread, subtitle=["rounds in which the row player chose D, counted before "
-                                     "noise flips an action", *about]),
-            folder, "defections_heatmap")
+        charts.save(
+            charts.heatmap(
+                payoff,
+                "Mean total payoff of the row player per match",
+                "payoff",
+                unread=unread,
+                subtitle=about,
+            ),
+            folder,
+            "payoff_heatmap",
+        )
+        charts.save(
+            charts.heatmap(
+                defections,
+                "Intended defections of the row player per match (mean)",
+                "defections",
+                unread=unread,
+                subtitle=[
+                    "rounds in which the row player chose D, counted before noise flips an action",
+                    *about,
+                ],
+            ),
+            folder,
+            "defections_heatmap",
+        )
         if llm_policies and behaviour is not None:
             from abm.behaviour_charts import fingerprint_chart, round_chart
+
             rounds_table, prints = behaviour
             charts.save(round_chart(rounds_table), folder, "llm_rounds")
-            charts.save(fingerprint_chart(prints[prints["opponent"] == "all"]
-                                          .set_index("situation")), folder, "llm_fingerprint")
+            charts.save(
+                fingerprint_chart(prints[prints["opponent"] == "all"].set_index("situation")),
+                folder,
+                "llm_fingerprint",
+            )
         by_round = _cooperation_by_round(model.last_result) if len(steps) == 1 else None
         charts.save(charts.cooperation_chart(steps, by_round), folder, "cooperation")
         if model.evolution is not None:
             charts.save(charts.shares_chart(steps, population.labels), folder, "shares")
             if model.snapshots:
                 step, grid = model.snapshots[-1]
-                charts.save(charts.lattice_chart(grid.reshape(model.grid_shape),
-                                                 population.labels, step), folder, "lattice")
+                charts.save(
+                    charts.lattice_chart(grid.reshape(model.grid_shape), population.labels, step),
+                    folder,
+                    "lattice",
+                )
     return summary

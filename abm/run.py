@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # imported for real by _import_heavy(), when a run starts
     from abm.model import DilemmaModel
     from abm.results import write_results
     from abm.run_folder import RunFolder, default_folder
-    from abm.table_writer import TableWriter
     from abm.scenario import load_scenario
+    from abm.table_writer import TableWriter
 
 _HEAVY = {
     "tqdm": ("tqdm", "tqdm"),
@@ -115,8 +115,12 @@ def expected_llm_calls(model: DilemmaModel) -> int | None:
     scenario = model.scenario
     rounds = scenario.match.rounds
     population = model.population
-    if (not population.llm_policies or rounds is None or model.evolution is not None
-            or scenario.pairing.scheme not in ("all_edges", "round_robin")):
+    if (
+        not population.llm_policies
+        or rounds is None
+        or model.evolution is not None
+        or scenario.pairing.scheme not in ("all_edges", "round_robin")
+    ):
         return None
     steps, pairing = model.total_steps, model.pairing
     total = 0
@@ -136,8 +140,14 @@ def expected_llm_calls(model: DilemmaModel) -> int | None:
     return total
 
 
-def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int | None = None,
-                 overrides: list[str] | None = None, quiet: bool = False) -> Path:
+def run_scenario(
+    path: str | Path,
+    *,
+    out: str | Path | None = None,
+    seed: int | None = None,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+) -> Path:
     """Load, validate, run and record a scenario; return the finished output folder.
 
     The output folder is claimed as soon as the scenario is valid (a second run
@@ -161,26 +171,44 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
     _import_heavy()
     started = time.perf_counter()
     scenario = load_scenario(path, overrides, seed)
-    folder = RunFolder(Path(out) if out else default_folder(scenario.name),
-                       what="--out" if out else "output folder")
+    folder = RunFolder(
+        Path(out) if out else default_folder(scenario.name),
+        what="--out" if out else "output folder",
+    )
     writer = None
     bars: list[Any] = []
     try:
         model = DilemmaModel(scenario, source=str(path))
-        writer = TableWriter(folder.path, model.population, rounds=scenario.output.rounds,
-                             matches=scenario.output.matches)
+        writer = TableWriter(
+            folder.path,
+            model.population,
+            rounds=scenario.output.rounds,
+            matches=scenario.output.matches,
+        )
         # one step (a round robin) is the whole run: its bar would read 0/1 throughout
         show_steps = not quiet and model.total_steps > 1
-        steps = tqdm(total=model.total_steps, desc=scenario.name, unit="step",
-                     disable=not show_steps, leave=False, position=0)
+        steps = tqdm(
+            total=model.total_steps,
+            desc=scenario.name,
+            unit="step",
+            disable=not show_steps,
+            leave=False,
+            position=0,
+        )
         bars.append(steps)
         llm_policies = model.population.llm_policies
         if llm_policies:
-            reflects = any(getattr(getattr(p, "params", None), "reflection", False)
-                           for p in llm_policies)
-            calls = tqdm(total=expected_llm_calls(model), unit="call", disable=quiet,
-                         desc="LLM decisions + reflections" if reflects else "LLM decisions",
-                         leave=False, position=1 if show_steps else 0)
+            reflects = any(
+                getattr(getattr(p, "params", None), "reflection", False) for p in llm_policies
+            )
+            calls = tqdm(
+                total=expected_llm_calls(model),
+                unit="call",
+                disable=quiet,
+                desc="LLM decisions + reflections" if reflects else "LLM decisions",
+                leave=False,
+                position=1 if show_steps else 0,
+            )
             bars.append(calls)
             for policy in llm_policies:
                 policy.progress = calls  # updated after each batch of decisions / reflections
@@ -189,8 +217,9 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
             writer.add(model.last_result, model.last_totals, model.last_exchanges)
             steps.update(1)
         writer.close()
-        summary = write_results(model, folder.path, time.perf_counter() - started,
-                                with_charts=scenario.output.charts)
+        summary = write_results(
+            model, folder.path, time.perf_counter() - started, with_charts=scenario.output.charts
+        )
         final = folder.commit()
     except BaseException as exc:
         # the cleanup must not fail in its turn (a full disk fails the close again),
@@ -202,18 +231,23 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
         reason = _disk_full(exc)
         if reason:
             from abm.run_folder import _shown  # imported with the run already
-            raise ScenarioError(f"{reason} while writing {_shown(folder.final)}; the partial "
-                                "outputs were removed; free some space or choose another --out "
-                                "on another disk") from None
+
+            raise ScenarioError(
+                f"{reason} while writing {_shown(folder.final)}; the partial "
+                "outputs were removed; free some space or choose another --out "
+                "on another disk"
+            ) from None
         raise
     finally:
         for bar in bars:
             with contextlib.suppress(Exception):
                 bar.close()
     if not quiet:
-        print(f"{summary['steps']} steps, {summary['matches']} matches, "
-              f"cooperation rate {summary['cooperation_rate']:.3f}, "
-              f"simulated in {summary['wall_seconds']:.2f} s")
+        print(
+            f"{summary['steps']} steps, {summary['matches']} matches, "
+            f"cooperation rate {summary['cooperation_rate']:.3f}, "
+            f"simulated in {summary['wall_seconds']:.2f} s"
+        )
         for entry in summary.get("llm", []):
             print(llm_line(entry))
     for warning in summary.get("warnings", []):
@@ -223,9 +257,11 @@ def run_scenario(path: str | Path, *, out: str | Path | None = None, seed: int |
 
 def llm_line(entry: dict) -> str:
     """One line on how far an LLM player's choices are the model's own."""
-    line = (f"{'/'.join(entry['players'])} ({entry['model']}, {entry['mode']}): "
-            f"{entry['decisions']} decisions, {entry['invalid']} invalid "
-            f"({entry['invalid_rate']:.1%})")
+    line = (
+        f"{'/'.join(entry['players'])} ({entry['model']}, {entry['mode']}): "
+        f"{entry['decisions']} decisions, {entry['invalid']} invalid "
+        f"({entry['invalid_rate']:.1%})"
+    )
     if entry["fallbacks"]:
         line += f", {entry['fallbacks']} played by the fallback rule ({entry['fallback_rule']})"
     mass = entry.get("label_mass")
@@ -268,28 +304,53 @@ def _terminate(signum: int, frame: Any) -> None:
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m abm.run",
-        description="Run a repeated-dilemma scenario and write tables, summary and charts.")
-    parser.add_argument("scenario", help="scenario TOML file, e.g. scenarios/round_robin_rules.toml")
+        description="Run a repeated-dilemma scenario and write tables, summary and charts.",
+    )
+    parser.add_argument(
+        "scenario", help="scenario TOML file, e.g. scenarios/round_robin_rules.toml"
+    )
     parser.add_argument("--out", help="output folder (default: outputs/<name>-<timestamp>)")
     parser.add_argument("--seed", type=int, help="master seed (overrides the scenario's)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY.PATH=VALUE",
-                        help="override a scenario value, e.g. --set game.noise=0.05 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a scenario value, e.g. --set game.noise=0.05 (repeatable)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
-    parser.add_argument("--replicates", type=int, default=1, metavar="N",
-                        help="run N times with seeds seed, seed+1, ... into OUT/replicate-<i>/ "
-                             "and summarise them with 95%% intervals")
+    parser.add_argument(
+        "--replicates",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N times with seeds seed, seed+1, ... into OUT/replicate-<i>/ "
+        "and summarise them with 95%% intervals",
+    )
     args = parser.parse_args(argv)
     if args.replicates < 1:
         parser.error("--replicates must be 1 or more")
     try:
         if args.replicates > 1:
             from abm.replicates import run_replicates
-            final = run_replicates(args.scenario, args.replicates, out=args.out,
-                                   seed=args.seed, overrides=args.overrides, quiet=args.quiet)
+
+            final = run_replicates(
+                args.scenario,
+                args.replicates,
+                out=args.out,
+                seed=args.seed,
+                overrides=args.overrides,
+                quiet=args.quiet,
+            )
         else:
-            final = run_scenario(args.scenario, out=args.out, seed=args.seed,
-                                 overrides=args.overrides, quiet=args.quiet)
+            final = run_scenario(
+                args.scenario,
+                out=args.out,
+                seed=args.seed,
+                overrides=args.overrides,
+                quiet=args.quiet,
+            )
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

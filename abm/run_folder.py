@@ -46,11 +46,14 @@ def _shown(path: Path | str | bytes) -> str:
 def _reason(exc: OSError) -> str:
     """What went wrong, in words, for the errors folder creation can hit."""
     reasons = {
-        errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-        errno.EROFS: "read-only file system", errno.ENAMETOOLONG: "a name in the path is too long",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "read-only file system",
+        errno.ENAMETOOLONG: "a name in the path is too long",
         errno.ENOTDIR: "a part of the path is a file, not a folder",
         errno.EEXIST: "a part of the path is a file, not a folder",
-        errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
         errno.ELOOP: "too many symbolic links",
     }
     reason = reasons.get(exc.errno, exc.strerror or type(exc).__name__)
@@ -96,8 +99,10 @@ class RunFolder:
         self.made_parents: list[Path] = []
         where = f"{what} {_shown(final)}"
         if "\0" in str(final):
-            raise ScenarioError(f"{where}: the path contains a NUL byte; allowed: a folder "
-                                "path without NUL characters")
+            raise ScenarioError(
+                f"{where}: the path contains a NUL byte; allowed: a folder "
+                "path without NUL characters"
+            )
         try:
             self._check_name_length()
             self._claim()
@@ -113,13 +118,16 @@ class RunFolder:
         except (OSError, ValueError) as exc:
             self.discard()
             reason = _reason(exc) if isinstance(exc, OSError) else str(exc)
-            raise ScenarioError(f"{where}: cannot create the output folder: {reason}; "
-                                "choose a folder you can write to, e.g. --out runs/NAME") from None
+            raise ScenarioError(
+                f"{where}: cannot create the output folder: {reason}; "
+                "choose a folder you can write to, e.g. --out runs/NAME"
+            ) from None
 
     def _check_name_length(self) -> None:
         try:
-            limit = os.pathconf(self.final.parent if self.final.parent.is_dir() else ".",
-                                "PC_NAME_MAX")
+            limit = os.pathconf(
+                self.final.parent if self.final.parent.is_dir() else ".", "PC_NAME_MAX"
+            )
         except (OSError, ValueError):
             limit = 255
         size = len(os.fsencode(self.final.name))
@@ -127,17 +135,21 @@ class RunFolder:
             raise ScenarioError(
                 f"{self.what} {_shown(self.final)}: the folder name is {size} bytes long; "
                 f"allowed: at most {limit - _PARTIAL_EXTRA} bytes (the file system allows "
-                f"{limit}, and the run first writes to a hidden '.NAME.partial-PID' folder)")
+                f"{limit}, and the run first writes to a hidden '.NAME.partial-PID' folder)"
+            )
 
     def _claim(self) -> None:
         final, where = self.final, f"{self.what} {_shown(self.final)}"
         if final.parent.exists() and not final.parent.is_dir():
-            raise ScenarioError(f"{where}: {_shown(final.parent)} is a file, not a folder; "
-                                "choose a folder path")
+            raise ScenarioError(
+                f"{where}: {_shown(final.parent)} is a file, not a folder; choose a folder path"
+            )
         missing = []  # the parent folders this run makes: removed again on discard
         if final.is_symlink():  # the rename at the end would replace the link, not its folder
-            raise ScenarioError(f"{where}: is a symbolic link; give the folder it points to "
-                                f"({_shown(final.resolve())}) or another folder")
+            raise ScenarioError(
+                f"{where}: is a symbolic link; give the folder it points to "
+                f"({_shown(final.resolve())}) or another folder"
+            )
         for folder in final.parents:
             if folder.exists():
                 break
@@ -149,13 +161,16 @@ class RunFolder:
             self.created = True
         except FileExistsError:
             if not final.is_dir():
-                raise ScenarioError(f"{where}: already exists and is a file, not a folder; "
-                                    "remove it or choose another folder") from None
+                raise ScenarioError(
+                    f"{where}: already exists and is a file, not a folder; "
+                    "remove it or choose another folder"
+                ) from None
         for _ in range(3):
             others = [p.name for p in final.iterdir() if p.name != RUNNING]
             if others:
-                raise ScenarioError(f"{where}: already exists and is not empty; remove it or "
-                                    "choose another folder")
+                raise ScenarioError(
+                    f"{where}: already exists and is not empty; remove it or choose another folder"
+                )
             try:
                 fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -164,15 +179,17 @@ class RunFolder:
                     raise ScenarioError(
                         f"{where}: another run ({owner}) is writing to this folder now "
                         f"(it holds {RUNNING}); wait for it to finish or choose another "
-                        "folder") from None
+                        "folder"
+                    ) from None
                 self.marker.unlink(missing_ok=True)  # a claim of a run that died: take it
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.claimed = True
             return
-        raise ScenarioError(f"{where}: other runs are claiming this folder at the same "
-                            "time; choose another folder")
+        raise ScenarioError(
+            f"{where}: other runs are claiming this folder at the same time; choose another folder"
+        )
 
     def commit(self) -> Path:
         """Put the finished folder in place of the claim, in one rename.
@@ -203,9 +220,11 @@ class RunFolder:
                 os.replace(self.path, kept)
             except OSError:
                 kept = None
-            where = (f"; the finished outputs are in {_shown(kept)}" if kept else "")
-            raise ScenarioError(f"{self.what} {_shown(self.final)}: cannot move the finished "
-                                f"outputs into place: {_reason(exc)}{where}") from None
+            where = f"; the finished outputs are in {_shown(kept)}" if kept else ""
+            raise ScenarioError(
+                f"{self.what} {_shown(self.final)}: cannot move the finished "
+                f"outputs into place: {_reason(exc)}{where}"
+            ) from None
         self.created = False
         self.made_parents = []
         return self.final

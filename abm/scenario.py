@@ -8,25 +8,41 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from abm.errors import ScenarioError
 from abm.evolution import UPDATE_RULES
 from abm.game import PayoffMatrix
-from abm.graph_kinds import (GRAPH_KINDS, BarabasiAlbertGraph, CompleteGraph,  # noqa: F401
-                             ErdosRenyiGraph, FileGraph, GridGraph, RandomRegularGraph,
-                             RingGraph, WattsStrogatzGraph)
+from abm.graph_kinds import (  # noqa: F401
+    GRAPH_KINDS,
+    BarabasiAlbertGraph,
+    CompleteGraph,
+    ErdosRenyiGraph,
+    FileGraph,
+    GridGraph,
+    RandomRegularGraph,
+    RingGraph,
+    WattsStrogatzGraph,
+)
 from abm.policies import lookup
 from abm.policies.base import validate_params
 from abm.validation import explain, read_toml
 
-
 # A run name is a file name: it names the output folder (outputs/<name>-<time>), so it
 # may not climb out of outputs/ (".."), nest folders ("a/b") or be hidden (".x").
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
-NAME_RULE = ("a file name (it names the output folder): letters, digits, '.', '_' and '-', "
-             "not starting with '.', at most 100 characters")
+NAME_RULE = (
+    "a file name (it names the output folder): letters, digits, '.', '_' and '-', "
+    "not starting with '.', at most 100 characters"
+)
 
 
 def name_problem(name: object) -> str | None:
@@ -46,8 +62,9 @@ class _Strict(BaseModel):
     # strict: TOML says what type a value is, so true is no integer and "yes" no boolean
     # (floats still take integers); no NaN or infinity anywhere. The docstring under each
     # field is its description, which the generated scenario reference prints.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False,
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 class PolicySpec(BaseModel):
@@ -73,8 +90,10 @@ class PolicySpec(BaseModel):
         if isinstance(value, str):
             value = {"name": value}
         if not isinstance(value, dict):
-            raise ValueError("a policy is a name such as \"tit_for_tat\" or a table such as "
-                             "{ name = \"random\", p = 0.3 }")
+            raise ValueError(
+                'a policy is a name such as "tit_for_tat" or a table such as '
+                '{ name = "random", p = 0.3 }'
+            )
         if "name" not in value:
             raise ValueError("a policy table needs a 'name' key")
         value = dict(value)
@@ -92,7 +111,8 @@ class PolicySpec(BaseModel):
         shown = {k: v for k, v in self.params.items() if v is not None}
         if not shown:
             return self.name
-        return f"{self.name}({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in shown.items())})"
+        parts = (f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        return f"{self.name}({', '.join(parts)})"
 
     def to_toml(self) -> str | dict[str, Any]:
         """The policy as a scenario file writes it: a bare name, or a table with parameters."""
@@ -136,18 +156,21 @@ class GameConfig(_Strict):
         if self.kind == "donation":
             given = sorted({"R", "S", "T", "P"} & self.model_fields_set)
             if given:
-                raise ValueError(f"kind = \"donation\" sets R, S, T, P from b and c; leave out "
-                                 f"{', '.join(given)}")
+                raise ValueError(
+                    f'kind = "donation" sets R, S, T, P from b and c; leave out {", ".join(given)}'
+                )
             if self.b is None or self.c is None or not self.b > self.c > 0:
-                raise ValueError("kind = \"donation\" needs a benefit b and a cost c with "
-                                 f"b > c > 0; got b = {self.b}, c = {self.c}")
-            for name, value in (("R", self.b - self.c), ("S", -self.c), ("T", self.b),
-                                ("P", 0.0)):
+                raise ValueError(
+                    'kind = "donation" needs a benefit b and a cost c with '
+                    f"b > c > 0; got b = {self.b}, c = {self.c}"
+                )
+            for name, value in (("R", self.b - self.c), ("S", -self.c), ("T", self.b), ("P", 0.0)):
                 object.__setattr__(self, name, value)
         elif self.b is not None or self.c is not None:
-            raise ValueError("b and c belong to kind = \"donation\"; for other games give "
-                             "R, S, T and P")
-        self.payoffs  # PayoffMatrix raises ValueError naming the broken ordering
+            raise ValueError(
+                'b and c belong to kind = "donation"; for other games give R, S, T and P'
+            )
+        _ = self.payoffs  # PayoffMatrix raises ValueError naming the broken ordering
         return self
 
     @property
@@ -171,8 +194,10 @@ class MatchConfig(_Strict):
     @model_validator(mode="after")
     def _one_length(self) -> MatchConfig:
         if self.rounds is not None and self.continuation_probability is not None:
-            raise ValueError("give either rounds (fixed length) or continuation_probability "
-                             "(geometric length), not both")
+            raise ValueError(
+                "give either rounds (fixed length) or continuation_probability "
+                "(geometric length), not both"
+            )
         if self.rounds is None and self.continuation_probability is None:
             object.__setattr__(self, "rounds", 5)
         return self
@@ -191,15 +216,18 @@ class MemoryConfig(_Strict):
     @model_validator(mode="after")
     def _bounded_across_matches(self) -> MemoryConfig:
         if self.window is None and self.scope != "match":
-            raise ValueError(f"scope = \"{self.scope}\" needs a finite window (an integer "
-                             ">= 1); only scope = \"match\" may leave it out to remember the "
-                             "whole match")
+            raise ValueError(
+                f'scope = "{self.scope}" needs a finite window (an integer '
+                '>= 1); only scope = "match" may leave it out to remember the '
+                "whole match"
+            )
         return self
 
 
 # the graph kinds live in abm.graph_kinds: each builds its own graph; the union is
 # built from their registry, so a kind added there is a kind a scenario may name
-GraphConfig = Annotated[Union[tuple(GRAPH_KINDS.values())], Field(discriminator="kind")]
+# Union[...] of a tuple spells the union of the registry's classes; `X | Y` cannot
+GraphConfig = Annotated[Union[tuple(GRAPH_KINDS.values())], Field(discriminator="kind")]  # noqa: UP007
 
 
 class Share(_Strict):
@@ -228,9 +256,11 @@ class PopulationConfig(_Strict):
     def _one_source(self) -> PopulationConfig:
         given = [k for k in ("players", "mix", "attribute") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of players (a policy per node), mix (shares "
-                             "assigned at random) or attribute (a node attribute of a GraphML "
-                             f"file); got {', '.join(given) or 'none'}")
+            raise ValueError(
+                "give exactly one of players (a policy per node), mix (shares "
+                "assigned at random) or attribute (a node attribute of a GraphML "
+                f"file); got {', '.join(given) or 'none'}"
+            )
         if self.mix is not None:
             total = sum(s.share for s in self.mix)
             if not math.isclose(total, 1.0, abs_tol=1e-6):
@@ -298,20 +328,29 @@ class EvolutionConfig(_Strict):
     @classmethod
     def _belongs_to_the_rule(cls, value: Any, info: ValidationInfo) -> Any:
         rule = info.data.get("rule")  # absent when the rule itself is invalid
-        if value is not None and rule is not None and info.field_name not in \
-                UPDATE_RULES[rule].params:
-            owners = " or ".join(f"rule = \"{name}\"" for name, r in UPDATE_RULES.items()
-                                 if info.field_name in r.params)
+        if (
+            value is not None
+            and rule is not None
+            and info.field_name not in UPDATE_RULES[rule].params
+        ):
+            owners = " or ".join(
+                f'rule = "{name}"'
+                for name, r in UPDATE_RULES.items()
+                if info.field_name in r.params
+            )
             own = ", ".join(UPDATE_RULES[rule].params) or "no parameter of its own"
-            raise ValueError(f"{info.field_name} is a parameter of {owners} only; "
-                             f"rule = \"{rule}\" takes {own}")
+            raise ValueError(
+                f'{info.field_name} is a parameter of {owners} only; rule = "{rule}" takes {own}'
+            )
         return value
 
     @model_validator(mode="after")
     def _fraction_is_asynchronous(self) -> EvolutionConfig:
         if self.update_fraction is not None and self.update == "synchronous":
-            raise ValueError("update_fraction applies to update = \"asynchronous\" only; "
-                             "synchronous updates move every agent each step")
+            raise ValueError(
+                'update_fraction applies to update = "asynchronous" only; '
+                "synchronous updates move every agent each step"
+            )
         return self
 
     @model_validator(mode="after")
@@ -362,8 +401,10 @@ class Scenario(_Strict):
     @model_validator(mode="after")
     def _repetitions_need_match_memory(self) -> Scenario:
         if self.pairing.repetitions > 1 and self.memory.scope != "match":
-            raise ValueError("pairing.repetitions > 1 plays the same pair several times at "
-                             "once, which only memory scope = \"match\" can keep apart")
+            raise ValueError(
+                "pairing.repetitions > 1 plays the same pair several times at "
+                'once, which only memory scope = "match" can keep apart'
+            )
         return self
 
     def to_toml_dict(self) -> dict[str, Any]:
@@ -375,8 +416,9 @@ class Scenario(_Strict):
         if pop.players is not None:
             data["population"] = {"players": [p.to_toml() for p in pop.players]}
         elif pop.mix is not None:
-            data["population"] = {"mix": [{"policy": s.policy.to_toml(), "share": s.share}
-                                          for s in pop.mix]}
+            data["population"] = {
+                "mix": [{"policy": s.policy.to_toml(), "share": s.share} for s in pop.mix]
+            }
         else:
             data["population"] = {"attribute": pop.attribute}
         if self.evolution is not None:
@@ -428,8 +470,10 @@ def parse_override(text: str, source: str | None = None) -> tuple[list[str], Any
     key, sep, raw = text.partition("=")
     path = [part.strip() for part in key.strip().split(".")]
     if not sep or not all(path):
-        raise ScenarioError(f"{where}: expected KEY.PATH=VALUE, e.g. --set game.noise=0.05 "
-                            "or --set population.players[5].model=\"./my-model\"")
+        raise ScenarioError(
+            f"{where}: expected KEY.PATH=VALUE, e.g. --set game.noise=0.05 "
+            'or --set population.players[5].model="./my-model"'
+        )
     parse_key(".".join(path), where)  # raises naming the key when it is no key path
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
@@ -438,8 +482,9 @@ def parse_override(text: str, source: str | None = None) -> tuple[list[str], Any
     return path, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str],
-                    source: str | None = None) -> dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], source: str | None = None
+) -> dict[str, Any]:
     """Set key paths (``game.noise``, ``population.players[5].model``) in a raw scenario.
 
     The overrides apply before validation, so the schema checks their values.
@@ -465,8 +510,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str],
     return data
 
 
-def load_scenario(path: str | Path, overrides: list[str] | None = None,
-                  seed: int | None = None) -> Scenario:
+def load_scenario(
+    path: str | Path, overrides: list[str] | None = None, seed: int | None = None
+) -> Scenario:
     """Read, override and validate a scenario file.
 
     Graph files, LLM template files and local model paths are resolved relative to the
@@ -490,11 +536,16 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None,
     if seed is not None:
         data["seed"] = seed
     graph = data.get("graph")
-    if isinstance(graph, dict) and graph.get("kind") == "file" and isinstance(graph.get("path"), str):
+    if (
+        isinstance(graph, dict)
+        and graph.get("kind") == "file"
+        and isinstance(graph.get("path"), str)
+    ):
         graph["path"] = str((path.parent / graph["path"]).resolve())
     _resolve_templates(data, path.parent)
-    return validate_scenario(data, source=str(path), set_keys=[_set_key(o)
-                                                             for o in overrides or []])
+    return validate_scenario(
+        data, source=str(path), set_keys=[_set_key(o) for o in overrides or []]
+    )
 
 
 def _set_key(override: str) -> str:
@@ -510,8 +561,11 @@ def _policy_tables(data: dict[str, Any]) -> list[dict[str, Any]]:
         players = population.get("players")
         specs += players if isinstance(players, list) else []
         mix = population.get("mix")
-        specs += [entry.get("policy") for entry in mix if isinstance(entry, dict)] \
-            if isinstance(mix, list) else []
+        specs += (
+            [entry.get("policy") for entry in mix if isinstance(entry, dict)]
+            if isinstance(mix, list)
+            else []
+        )
     evolution = data.get("evolution")
     if isinstance(evolution, dict) and isinstance(evolution.get("mutants"), list):
         specs += evolution["mutants"]
@@ -526,8 +580,8 @@ def _relative_to(folder: Path, value: str) -> str:
 def _local_model(folder: Path, value: str) -> bool:
     """Whether an LLM ``model`` value names a file or folder next to the scenario.
 
-    Not a built-in name or a Hugging Face id: it does when it starts with "." or "~", ends with .gguf, or is a folder next to the
-    scenario.
+    Not a built-in name or a Hugging Face id: it does when it starts with "." or "~",
+    ends with .gguf, or is a folder next to the scenario.
     """
     if value.startswith((".", "~")) or value.endswith(".gguf"):
         return True
@@ -553,8 +607,9 @@ def _resolve_templates(data: dict[str, Any], folder: Path) -> None:
             spec["model"] = _relative_to(folder, model)
 
 
-def validate_scenario(data: dict[str, Any], source: str = "<scenario>",
-                      set_keys: list[str] | None = None) -> Scenario:
+def validate_scenario(
+    data: dict[str, Any], source: str = "<scenario>", set_keys: list[str] | None = None
+) -> Scenario:
     """Validate a raw scenario dict, turning pydantic's report into one paragraph.
 
     Args:

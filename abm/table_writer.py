@@ -22,8 +22,7 @@ CSV_BATCH_ROWS = 65_536
 
 def _dictionary(codes: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
     # EMPTY codes become nulls: a round that was decided but not played
-    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=codes < 0),
-                                          values)
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=codes < 0), values)
 
 
 class TableWriter:
@@ -49,15 +48,17 @@ class TableWriter:
         matches: write matches.csv.
     """
 
-    def __init__(self, folder: Path, population: Population, rounds: bool = True,
-                 matches: bool = True) -> None:
+    def __init__(
+        self, folder: Path, population: Population, rounds: bool = True, matches: bool = True
+    ) -> None:
         """Name the files; each is opened when its first rows come."""
         self.population = population
         self.labels = pa.array(population.labels)
         names = list(dict.fromkeys(population.policy_name_of_label))
         self.policy_names = pa.array(names)
-        self.policy_name_code = np.array([names.index(n)
-                                          for n in population.policy_name_of_label], np.int32)
+        self.policy_name_code = np.array(
+            [names.index(n) for n in population.policy_name_of_label], np.int32
+        )
         self.write_matches = matches
         self.next_match = 0
         self.rounds_writer: pq.ParquetWriter | None = None
@@ -69,8 +70,9 @@ class TableWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
 
-    def _who(self, agent: np.ndarray, opponent: np.ndarray,
-             strings: bool = False) -> dict[str, pa.Array]:
+    def _who(
+        self, agent: np.ndarray, opponent: np.ndarray, strings: bool = False
+    ) -> dict[str, pa.Array]:
         """Who played each row.
 
         Names come as dictionary arrays, or as plain strings for the CSV file, which
@@ -104,8 +106,12 @@ class TableWriter:
         if pending is not None:
             pending.result()
 
-    def add(self, result: StepResult, totals: dict[str, np.ndarray],
-            exchanges: list[dict[str, Any]] = ()) -> None:
+    def add(
+        self,
+        result: StepResult,
+        totals: dict[str, np.ndarray],
+        exchanges: list[dict[str, Any]] = (),
+    ) -> None:
         """Queue one step's rows for writing.
 
         Args:
@@ -125,30 +131,38 @@ class TableWriter:
             self._add_rounds(result, match)
         if not self.write_matches:
             return
-        sides = {"step": pa.array(np.full(2 * m, result.step + 1, np.int64)),
-                 "match": pa.array(match.astype(np.int64)),
-                 **self._who(result.agent, result.opponent, strings=True),
-                 "self_play": pa.array(result.agent == result.opponent),
-                 "rounds": pa.array(result.side_length.astype(np.int64)),
-                 "payoff": pa.array(totals["payoff"]),
-                 "cooperations": pa.array(totals["cooperations"].astype(np.int64)),
-                 "defections": pa.array(totals["defections"].astype(np.int64)),
-                 "intended_defections": pa.array(totals["intended_defections"].astype(np.int64)),
-                 "invalid": pa.array(totals["invalid"].astype(np.int64)),
-                 "fallbacks": pa.array(totals["fallbacks"].astype(np.int64)),
-                 "void": pa.array(np.concatenate([result.void, result.void])
-                                  if result.void is not None else np.zeros(2 * m, bool))}
+        sides = {
+            "step": pa.array(np.full(2 * m, result.step + 1, np.int64)),
+            "match": pa.array(match.astype(np.int64)),
+            **self._who(result.agent, result.opponent, strings=True),
+            "self_play": pa.array(result.agent == result.opponent),
+            "rounds": pa.array(result.side_length.astype(np.int64)),
+            "payoff": pa.array(totals["payoff"]),
+            "cooperations": pa.array(totals["cooperations"].astype(np.int64)),
+            "defections": pa.array(totals["defections"].astype(np.int64)),
+            "intended_defections": pa.array(totals["intended_defections"].astype(np.int64)),
+            "invalid": pa.array(totals["invalid"].astype(np.int64)),
+            "fallbacks": pa.array(totals["fallbacks"].astype(np.int64)),
+            "void": pa.array(
+                np.concatenate([result.void, result.void])
+                if result.void is not None
+                else np.zeros(2 * m, bool)
+            ),
+        }
         table = pa.table(sides)
         if self.matches_writer is None:
             # rows formatted 64 K at a time, not 1 K: the same bytes, less overhead
             self.matches_writer = pacsv.CSVWriter(
-                str(self.matches_path), table.schema,
-                write_options=pacsv.WriteOptions(batch_size=CSV_BATCH_ROWS))
+                str(self.matches_path),
+                table.schema,
+                write_options=pacsv.WriteOptions(batch_size=CSV_BATCH_ROWS),
+            )
         self._write(self.matches_writer, table)
 
     def _add_rounds(self, result: StepResult, match: np.ndarray) -> None:
         n_rounds, n_sides = result.actual.shape
         m = n_sides // 2
+
         # rows ordered by match, then round, then side: (R, 2, M) -> (M, R, 2)
         def order(a: np.ndarray) -> np.ndarray:
             return a.reshape(n_rounds, 2, m).transpose(2, 0, 1).ravel()
@@ -159,38 +173,57 @@ class TableWriter:
         # side's decision in the round that stopped the match (actual is null there)
         keep = order(result.intended != EMPTY)
         played = order(result.actual != EMPTY)[keep]
-        fallback = (order(result.fallback)[keep] if result.fallback is not None
-                    else np.zeros(len(played), bool))
+        fallback = (
+            order(result.fallback)[keep]
+            if result.fallback is not None
+            else np.zeros(len(played), bool)
+        )
         side, rnd = order(side)[keep], order(rnd)[keep]
-        table = pa.table({
-            "step": pa.array(np.full(len(side), result.step + 1, np.int64)),
-            "match": pa.array(match[side].astype(np.int64)),
-            "round": pa.array(rnd.astype(np.int32)),
-            **self._who(result.agent[side], result.opponent[side]),
-            "intended": _dictionary(order(result.intended)[keep], _INTENDED),
-            # one dictionary for both columns, so that they compare as categoricals
-            "actual": _dictionary(order(result.actual)[keep], _INTENDED),
-            "payoff": pa.array(order(result.payoff)[keep], mask=~played),
-            "fallback": pa.array(fallback),
-        })
+        table = pa.table(
+            {
+                "step": pa.array(np.full(len(side), result.step + 1, np.int64)),
+                "match": pa.array(match[side].astype(np.int64)),
+                "round": pa.array(rnd.astype(np.int32)),
+                **self._who(result.agent[side], result.opponent[side]),
+                "intended": _dictionary(order(result.intended)[keep], _INTENDED),
+                # one dictionary for both columns, so that they compare as categoricals
+                "actual": _dictionary(order(result.actual)[keep], _INTENDED),
+                "payoff": pa.array(order(result.payoff)[keep], mask=~played),
+                "fallback": pa.array(fallback),
+            }
+        )
         if self.rounds_writer is None:
             # statistics and dictionary pages only where they pay: the step (to filter
             # row groups) and the low-cardinality names; ids and payoffs are plain
             self.rounds_writer = pq.ParquetWriter(
-                str(self.rounds_path), table.schema, compression="zstd",
-                write_statistics=["step"], use_dictionary=[
-                    "player", "opponent_player", "policy", "opponent_policy", "intended", "actual"])
+                str(self.rounds_path),
+                table.schema,
+                compression="zstd",
+                write_statistics=["step"],
+                use_dictionary=[
+                    "player",
+                    "opponent_player",
+                    "policy",
+                    "opponent_policy",
+                    "intended",
+                    "actual",
+                ],
+            )
         self._write(self.rounds_writer, table)
 
     def _add_exchanges(self, exchanges: list[dict[str, Any]]) -> None:
         """One JSON line per LLM exchange, with run-wide match ids and player names."""
         if self.transcripts is None:
-            self.transcripts = open(self.transcripts_path, "w", encoding="utf-8")
+            # written line by line over the whole run, closed by close()
+            self.transcripts = open(self.transcripts_path, "w", encoding="utf-8")  # noqa: SIM115
         labels, played = self.population.labels, self.population.played_label_of_node
         for record in exchanges:
-            record = {**record, "match": self.next_match + record["match"],
-                      "player": labels[played[record["agent"]]],
-                      "opponent_player": labels[played[record["opponent"]]]}
+            record = {
+                **record,
+                "match": self.next_match + record["match"],
+                "player": labels[played[record["agent"]]],
+                "opponent_player": labels[played[record["opponent"]]],
+            }
             self.transcripts.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def close(self) -> None:

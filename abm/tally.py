@@ -57,23 +57,29 @@ class Tally:
         label_of_node = self.population.label_of_node
         row = label_of_node[result.agent]
         pair = row * k + label_of_node[result.opponent]
-        void = (np.concatenate([result.void, result.void]) if result.void is not None
-                else np.zeros(len(pair), bool))
+        void = (
+            np.concatenate([result.void, result.void])
+            if result.void is not None
+            else np.zeros(len(pair), bool)
+        )
         # without stopped matches (or self-play) the masks keep every side: a slice
         # then spares copying millions of entries, and the sums come out the same
         any_void = bool(void.any())
         whole = ~void if any_void else slice(None)
         self.pair_matches += np.bincount(pair[whole], minlength=k * k)
         self.pair_payoff += np.bincount(pair[whole], totals["payoff"][whole], minlength=k * k)
-        self.pair_defections += np.bincount(pair[whole], totals["intended_defections"][whole],
-                                            minlength=k * k)
+        self.pair_defections += np.bincount(
+            pair[whole], totals["intended_defections"][whole], minlength=k * k
+        )
         if any_void:
             self.pair_void += np.bincount(pair[void], minlength=k * k)
-        self.pair_decisions += np.bincount(pair, totals["decided"],
-                                           minlength=k * k).astype(np.int64)
+        self.pair_decisions += np.bincount(pair, totals["decided"], minlength=k * k).astype(
+            np.int64
+        )
         self.pair_invalid += np.bincount(pair, totals["invalid"], minlength=k * k).astype(np.int64)
-        self.pair_fallbacks += np.bincount(pair, totals["fallbacks"],
-                                           minlength=k * k).astype(np.int64)
+        self.pair_fallbacks += np.bincount(pair, totals["fallbacks"], minlength=k * k).astype(
+            np.int64
+        )
         other = result.agent != result.opponent
         if any_void:
             other &= whole
@@ -85,15 +91,23 @@ class Tally:
         shares = {}
         if self.track_shares:  # who played this step, before any strategy update
             counts = self.population.shares()
-            shares = {f"share:{label}": float(c) for label, c in zip(self.labels, counts)}
-        self.steps.append({
-            "step": result.step,
-            "matches": result.n_matches,
-            "decisions": decisions,
-            "cooperation_rate": float(totals["cooperations"].sum() / decisions) if decisions else float("nan"),
-            "mean_payoff": float(totals["payoff"].sum() / decisions) if decisions else float("nan"),
-            **shares,
-        })
+            shares = {
+                f"share:{label}": float(c) for label, c in zip(self.labels, counts, strict=True)
+            }
+        self.steps.append(
+            {
+                "step": result.step,
+                "matches": result.n_matches,
+                "decisions": decisions,
+                "cooperation_rate": float(totals["cooperations"].sum() / decisions)
+                if decisions
+                else float("nan"),
+                "mean_payoff": float(totals["payoff"].sum() / decisions)
+                if decisions
+                else float("nan"),
+                **shares,
+            }
+        )
         return totals
 
     def _matrix(self, sums: np.ndarray) -> pd.DataFrame:
@@ -113,8 +127,9 @@ class Tally:
 
     def _frame(self, values: np.ndarray) -> pd.DataFrame:
         k = len(self.labels)
-        return pd.DataFrame(values.reshape(k, k), index=pd.Index(self.labels, name="player"),
-                            columns=self.labels)
+        return pd.DataFrame(
+            values.reshape(k, k), index=pd.Index(self.labels, name="player"), columns=self.labels
+        )
 
     def unread_matrix(self) -> pd.DataFrame:
         """Share of the row player's decisions against the column player not read from a model.
@@ -143,19 +158,28 @@ class Tally:
         """
         k = len(self.labels)
         i, j = np.divmod(np.arange(k * k), k)
-        frame = pd.DataFrame({
-            "player": np.array(self.labels)[i], "opponent": np.array(self.labels)[j],
-            "decisions": self.pair_decisions, "invalid": self.pair_invalid,
-            "fallbacks": self.pair_fallbacks, "void_matches": self.pair_void,
-            "complete_matches": self.pair_matches})
+        frame = pd.DataFrame(
+            {
+                "player": np.array(self.labels)[i],
+                "opponent": np.array(self.labels)[j],
+                "decisions": self.pair_decisions,
+                "invalid": self.pair_invalid,
+                "fallbacks": self.pair_fallbacks,
+                "void_matches": self.pair_void,
+                "complete_matches": self.pair_matches,
+            }
+        )
         frame = frame[frame["decisions"] > 0].reset_index(drop=True)
         frame["invalid_rate"] = frame["invalid"] / frame["decisions"]
         return frame
 
     def ranking(self) -> list[dict[str, float]]:
         """Labels by mean match payoff against others (self-play excluded), best first."""
-        rows = [{"player": label, "mean_payoff": float(self.rank_payoff[i] / n), "matches": int(n)}
-                for i, (label, n) in enumerate(zip(self.labels, self.rank_matches)) if n]
+        rows = [
+            {"player": label, "mean_payoff": float(self.rank_payoff[i] / n), "matches": int(n)}
+            for i, (label, n) in enumerate(zip(self.labels, self.rank_matches, strict=True))
+            if n
+        ]
         return sorted(rows, key=lambda r: -r["mean_payoff"])
 
     def cooperation_rate(self) -> float:

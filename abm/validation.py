@@ -59,11 +59,13 @@ def read_toml(path: str | Path, what: str) -> tuple[dict[str, Any], str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
+        line = raw[: exc.start].count(b"\n") + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise ScenarioError(f"{path}: the {what} is not UTF-8 text (byte "
-                            f"0x{raw[exc.start]:02x} at line {line}, column {column}); save "
-                            "it as UTF-8") from None
+        raise ScenarioError(
+            f"{path}: the {what} is not UTF-8 text (byte "
+            f"0x{raw[exc.start]:02x} at line {line}, column {column}); save "
+            "it as UTF-8"
+        ) from None
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
@@ -83,7 +85,7 @@ def _toml_problem(message: str, text: str) -> str:
     else:
         lines = text.split("\n")
         line, column = len(lines), len(lines[-1]) + 1
-    return f"{message[:match.start()]} (at line {line}, column {column})"
+    return f"{message[: match.start()]} (at line {line}, column {column})"
 
 
 # ------------------------------------------------------------------ names and paths
@@ -137,9 +139,14 @@ def field_error(source: str, path: Sequence[str | int], message: str) -> Scenari
     return ScenarioError(f"{source}: field '{dotted(path)}': {message}")
 
 
-def explain(exc: ValidationError, source: str, root: type[BaseModel],
-            set_keys: Sequence[str] = (), required: Mapping[str, str] | None = None,
-            whole: str = "the scenario") -> str:
+def explain(
+    exc: ValidationError,
+    source: str,
+    root: type[BaseModel],
+    set_keys: Sequence[str] = (),
+    required: Mapping[str, str] | None = None,
+    whole: str = "the scenario",
+) -> str:
     """Pydantic's report on a file as one paragraph naming the file and every field.
 
     Args:
@@ -159,13 +166,18 @@ def explain(exc: ValidationError, source: str, root: type[BaseModel],
         loc = tuple(err["loc"])
         shown, is_key = _shown_path(root, loc)
         field = dotted(shown)
-        where = " (set with --set)" if any(_within(field, k) or (field and _within(k, field))
-                                           for k in set_keys) else ""
+        where = (
+            " (set with --set)"
+            if any(_within(field, k) or (field and _within(k, field)) for k in set_keys)
+            else ""
+        )
         kind = err["type"]
         if kind == "extra_forbidden":
             allowed = _keys_at(root, loc[:-1])
-            problems.append(f"unknown key '{field}'{where}{did_you_mean(loc[-1], allowed)}; "
-                            f"allowed keys here: {', '.join(allowed)}")
+            problems.append(
+                f"unknown key '{field}'{where}{did_you_mean(loc[-1], allowed)}; "
+                f"allowed keys here: {', '.join(allowed)}"
+            )
         elif kind == "missing":
             what = (required or {}).get(field)
             problems.append(f"field '{field}' is required{where}{f': {what}' if what else ''}")
@@ -173,8 +185,10 @@ def explain(exc: ValidationError, source: str, root: type[BaseModel],
             tag = err["ctx"]["discriminator"].strip("'\"")
             allowed = ", ".join(_tags(_type_at(root, loc), tag))
             if kind == "union_tag_invalid":
-                problems.append(f"field '{field}.{tag}'{where}: unknown {shown[-1]} {tag} "
-                                f"{err['ctx']['tag']!r}; allowed: {allowed}")
+                problems.append(
+                    f"field '{field}.{tag}'{where}: unknown {shown[-1]} {tag} "
+                    f"{err['ctx']['tag']!r}; allowed: {allowed}"
+                )
             else:
                 problems.append(f"field '{field}.{tag}' is required{where}; allowed: {allowed}")
         else:
@@ -182,8 +196,9 @@ def explain(exc: ValidationError, source: str, root: type[BaseModel],
             if kind in ("model_type", "dict_type"):
                 msg = "must be a table"  # TOML's word; "a dictionary or instance of X" is not
             got = err.get("input")
-            shown_got = "" if is_key or isinstance(got, dict) or got is None \
-                else f" (got {_as_toml(got)})"
+            shown_got = (
+                "" if is_key or isinstance(got, dict) or got is None else f" (got {_as_toml(got)})"
+            )
             name = f"field '{field}'" if field else whole
             problems.append(f"{name}{where}: {msg}{shown_got}")
     return f"{source}: " + "; ".join(problems)
@@ -237,8 +252,12 @@ def _keys_at(root: Any, loc: tuple[Any, ...]) -> list[str]:
 def _tags(members: Any, tag: str) -> list[str]:
     if not isinstance(members, list):
         return []
-    return [value for member in members if tag in member.model_fields
-            for value in typing.get_args(member.model_fields[tag].annotation)]
+    return [
+        value
+        for member in members
+        if tag in member.model_fields
+        for value in typing.get_args(member.model_fields[tag].annotation)
+    ]
 
 
 def _inline(info: Any) -> bool:

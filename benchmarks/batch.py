@@ -43,7 +43,9 @@ def sweep_file(folder: Path, points: int, replicates: int, steps: int) -> Path:
     path.write_text(
         f'scenario = "{ROOT / "scenarios" / "small_world_rules.toml"}"\nseed = 1\n'
         f"[set]\noutput.charts = false\noutput.rounds = false\npairing.steps = {steps}\n"
-        f"[sweep]\nreplicates = {replicates}\ngame.noise = {noise}\n", encoding="utf-8")
+        f"[sweep]\nreplicates = {replicates}\ngame.noise = {noise}\n",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -61,18 +63,26 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=20)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--no-ray", action="store_true")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run every way this many times, interleaved; report the fastest")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every way this many times, interleaved; report the fastest",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sweep = load_sweep(sweep_file(folder, args.points, args.replicates, args.steps))
         n = len(sweep.runs)
-        print(f"{n} runs ({args.points} noise levels x {args.replicates} seeds) of "
-              f"small_world_rules.toml, {args.steps} steps each; {os.cpu_count()} cores")
-        ways = [("1 worker (this process)", 1, {"backend": "local", "workers": 1}),
-                ("2 workers (local processes)", 2, {"backend": "local", "workers": 2})]
+        print(
+            f"{n} runs ({args.points} noise levels x {args.replicates} seeds) of "
+            f"small_world_rules.toml, {args.steps} steps each; {os.cpu_count()} cores"
+        )
+        ways = [
+            ("1 worker (this process)", 1, {"backend": "local", "workers": 1}),
+            ("2 workers (local processes)", 2, {"backend": "local", "workers": 2}),
+        ]
         if not args.no_ray:
             ways.append(("Ray, local instance, 2 CPUs", 2, {"backend": "ray", "workers": 2}))
         best: dict[str, tuple] = {}
@@ -102,13 +112,15 @@ def main() -> None:
         # the pool's start-up: the same pool running one trivial run per worker
         (folder / "tiny").mkdir()
         tiny = load_sweep(sweep_file(folder / "tiny", 2, 1, 1))
-        pool_start = min(timed_sweep(tiny, folder / f"tiny-{i}", backend="local", workers=2)[0]
-                         for i in range(args.repeat))
+        pool_start = min(
+            timed_sweep(tiny, folder / f"tiny-{i}", backend="local", workers=2)[0]
+            for i in range(args.repeat)
+        )
         results = [best[name] for name, _, _ in ways]
         ray_start = min(ray_starts) if ray_starts else None
 
         first = results[0][4].drop(columns=["run_seconds"])
-        for name, *_, rows in results[1:]:
+        for _name, *_, rows in results[1:]:
             pd.testing.assert_frame_equal(first, rows.drop(columns=["run_seconds"]))
         base = results[0][2]
         print()
@@ -116,26 +128,36 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for name, workers, wall, inside, _ in results:
             overhead = (wall * workers - inside) / n * 1000
-            print(f"| {name} | {wall:.1f} s | {base / wall:.2f}x | {inside:.1f} s | "
-                  f"{overhead:.0f} ms |")
+            print(
+                f"| {name} | {wall:.1f} s | {base / wall:.2f}x | {inside:.1f} s | "
+                f"{overhead:.0f} ms |"
+            )
         name, workers, wall, inside, _ = results[1]
         wall -= pool_start
         overhead = (wall * workers - inside) / n * 1000
-        print(f"| 2 workers, start-up left out | {wall:.1f} s | {base / wall:.2f}x | "
-              f"{inside:.1f} s | {overhead:.0f} ms |")
+        print(
+            f"| 2 workers, start-up left out | {wall:.1f} s | {base / wall:.2f}x | "
+            f"{inside:.1f} s | {overhead:.0f} ms |"
+        )
         if ray_start is not None:
             name, workers, wall, inside, _ = results[-1]
             wall -= ray_start
             overhead = (wall * workers - inside) / n * 1000
-            print(f"| Ray, start-up left out | {wall:.1f} s | {base / wall:.2f}x | {inside:.1f} s "
-                  f"| {overhead:.0f} ms |")
+            print(
+                f"| Ray, start-up left out | {wall:.1f} s | {base / wall:.2f}x | {inside:.1f} s "
+                f"| {overhead:.0f} ms |"
+            )
         if ray_start is not None:
-            print(f"\nStart-up: the 2-process pool {pool_start:.1f} s (2 one-step runs), Ray's "
-                  f"ray.init of a local instance {ray_start:.1f} s (fastest). Every way gave the "
-                  "same results.parquet rows.")
+            print(
+                f"\nStart-up: the 2-process pool {pool_start:.1f} s (2 one-step runs), Ray's "
+                f"ray.init of a local instance {ray_start:.1f} s (fastest). Every way gave the "
+                "same results.parquet rows."
+            )
         else:
-            print(f"\nStart-up: the 2-process pool {pool_start:.1f} s (2 one-step runs). Every "
-                  "way gave the same results.parquet rows.")
+            print(
+                f"\nStart-up: the 2-process pool {pool_start:.1f} s (2 one-step runs). Every "
+                "way gave the same results.parquet rows."
+            )
 
 
 if __name__ == "__main__":

@@ -22,14 +22,21 @@ from abm.scenario import validate_scenario
 
 
 def build(agents: int, generations: int, rule: str, seed: int) -> DilemmaModel:
-    return DilemmaModel(validate_scenario({
-        "seed": seed, "game": {"kind": "custom", "R": 1, "T": 1.5, "S": 0, "P": 0},
-        "match": {"rounds": 1},
-        "graph": {"kind": "barabasi_albert", "n": agents, "m": 2},
-        "population": {"mix": [{"policy": "all_c", "share": 0.5},
-                               {"policy": "all_d", "share": 0.5}]},
-        "pairing": {"scheme": "all_edges", "steps": generations},
-        "evolution": {"rule": rule}}))
+    return DilemmaModel(
+        validate_scenario(
+            {
+                "seed": seed,
+                "game": {"kind": "custom", "R": 1, "T": 1.5, "S": 0, "P": 0},
+                "match": {"rounds": 1},
+                "graph": {"kind": "barabasi_albert", "n": agents, "m": 2},
+                "population": {
+                    "mix": [{"policy": "all_c", "share": 0.5}, {"policy": "all_d", "share": 0.5}]
+                },
+                "pairing": {"scheme": "all_edges", "steps": generations},
+                "evolution": {"rule": rule},
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -56,10 +63,14 @@ def main() -> None:
     wall = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     coop = model.tally.steps[-1]["share:all_c"]
-    print(f"{args.agents:,} agents, {len(model.edges):,} edges, {args.generations:,} generations "
-          f"of {args.rule}")
-    print(f"  wall            {wall:9.1f} s   ({args.generations / wall:,.0f} generations/s, "
-          f"{wall / args.generations * 1e3:.2f} ms each)")
+    print(
+        f"{args.agents:,} agents, {len(model.edges):,} edges, {args.generations:,} generations "
+        f"of {args.rule}"
+    )
+    print(
+        f"  wall            {wall:9.1f} s   ({args.generations / wall:,.0f} generations/s, "
+        f"{wall / args.generations * 1e3:.2f} ms each)"
+    )
     print(f"  of which update {spent[0]:9.1f} s   ({spent[0] / wall:.0%})")
     print(f"  peak memory     {peak:9.0f} MiB")
     print(f"  cooperators at the end: {coop:.3f}")

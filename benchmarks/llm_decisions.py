@@ -78,8 +78,9 @@ def main() -> None:
     naive = Backend(resolve(args.model), device=args.device, prefix_cache=False)
     fast = Backend(resolve(args.model), device=args.device, prefix_cache=True)
     context = fast.render(batches[0][0], prefix)
-    labels = tuple(fast.continuation_ids(context, " " + label)
-                   for label in (framing.label_c, framing.label_d))
+    labels = tuple(
+        fast.continuation_ids(context, " " + label) for label in (framing.label_c, framing.label_d)
+    )
     print(f"model {args.model} on {naive.device}; {n} decisions in {len(batches)} batches")
 
     def naive_score():
@@ -90,8 +91,9 @@ def main() -> None:
                 lp = []
                 for lab in labels:  # one full pass per answer: no batching, no reuse
                     with torch.inference_mode():
-                        logits = naive.model(input_ids=torch.tensor([ids + lab],
-                                                                 device=naive.device)).logits[0]
+                        logits = naive.model(
+                            input_ids=torch.tensor([ids + lab], device=naive.device)
+                        ).logits[0]
                     logp = torch.log_softmax(logits.float(), dim=-1)
                     lp.append(sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(lab)))
                 out.append(int(lp[1] > lp[0]))
@@ -103,7 +105,7 @@ def main() -> None:
             ids = [tuple(fast.encode(m, prefix)) for m in batch]
             todo = list(dict.fromkeys(i for i in ids if i not in memo))
             if todo:
-                memo.update(zip(todo, fast.score([list(t) for t in todo], labels)))
+                memo.update(zip(todo, fast.score([list(t) for t in todo], labels), strict=True))
             out += [int(memo[i][1] > memo[i][0]) for i in ids]
         return out
 
@@ -114,9 +116,13 @@ def main() -> None:
             for messages in batch:
                 ids = torch.tensor([naive.encode(messages)], device=naive.device)
                 with torch.inference_mode():  # transformers' own generate, one prompt at a time
-                    new = naive.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               max_new_tokens=args.new_tokens, do_sample=False,
-                                               pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+                    new = naive.model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=tok.pad_token_id,
+                    )[0, ids.shape[1] :]
                 text = tok.decode(new, skip_special_tokens=True).strip()
                 out.append(parse_answer(text, framing.words).action)
         return out
@@ -127,8 +133,13 @@ def main() -> None:
             ids = [tuple(fast.encode(m)) for m in batch]
             todo = list(dict.fromkeys(i for i in ids if i not in memo))
             if todo:
-                memo.update(zip(todo, fast.generate([list(t) for t in todo],
-                                                    max_new_tokens=args.new_tokens)))
+                memo.update(
+                    zip(
+                        todo,
+                        fast.generate([list(t) for t in todo], max_new_tokens=args.new_tokens),
+                        strict=True,
+                    )
+                )
             out += [parse_answer(memo[i], framing.words).action for i in ids]
         return out
 
@@ -142,28 +153,40 @@ def main() -> None:
             ids = [tuple(fast.encode(m, prefix)) for m in batch]
             todo = list(dict.fromkeys(i for i in ids if i not in memo))
             if todo:
-                memo.update(zip(todo, fast.score_phrasings([list(t) for t in todo],
-                                                           phrasings)))
+                memo.update(
+                    zip(todo, fast.score_phrasings([list(t) for t in todo], phrasings), strict=True)
+                )
             for i in ids:
                 c, d = (np.logaddexp.reduce(memo[i][owner == o]) for o in (0, 1))
                 out.append(int(d > c))
         return out
 
     results = {}
-    for name, fn in (("naive generate", naive_generate), ("abm generate", abm_generate),
-                     ("naive score", naive_score), ("abm score", abm_score),
-                     ("abm phrasings", abm_phrasings)):
+    for name, fn in (
+        ("naive generate", naive_generate),
+        ("abm generate", abm_generate),
+        ("naive score", naive_score),
+        ("abm score", abm_score),
+        ("abm phrasings", abm_phrasings),
+    ):
         results[name] = timed(fn)
     print(f"{'way':<16} {'seconds':>8} {'decisions/s':>12}")
     for name, (_, seconds) in results.items():
         print(f"{name:<16} {seconds:>8.1f} {n / seconds:>12.2f}")
     print()
-    for slow, quick in (("naive generate", "abm generate"), ("naive score", "abm score"),
-                        ("naive generate", "abm score"), ("abm score", "abm phrasings")):
+    for slow, quick in (
+        ("naive generate", "abm generate"),
+        ("naive score", "abm score"),
+        ("naive generate", "abm score"),
+        ("abm score", "abm phrasings"),
+    ):
         a, b = results[slow][0], results[quick][0]
-        agree = sum(x == y for x, y in zip(a, b))
-        print(f"{quick} vs {slow}: {results[slow][1] / results[quick][1]:.1f}x faster, "
-              f"same decision in {agree}/{n}")
+        agree = sum(x == y for x, y in zip(a, b, strict=True))
+        print(
+            f"{quick} vs {slow}: {results[slow][1] / results[quick][1]:.1f}x faster, "
+            f"same decision in {agree}/{n}"
+        )
+
 
 if __name__ == "__main__":
     main()

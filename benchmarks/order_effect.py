@@ -28,10 +28,14 @@ PRESENTATIONS = [
     ("police, testify first", {"framing": "police", "option_order": "reversed"}),
     ("neutral J=C, J first", {"framing": "neutral", "option_order": "fixed"}),
     ("neutral J=C, F first", {"framing": "neutral", "option_order": "reversed"}),
-    ("neutral J=D, F first", {"framing": "neutral", "label_assignment": "swapped",
-                              "option_order": "fixed"}),
-    ("neutral J=D, J first", {"framing": "neutral", "label_assignment": "swapped",
-                              "option_order": "reversed"}),
+    (
+        "neutral J=D, F first",
+        {"framing": "neutral", "label_assignment": "swapped", "option_order": "fixed"},
+    ),
+    (
+        "neutral J=D, J first",
+        {"framing": "neutral", "label_assignment": "swapped", "option_order": "reversed"},
+    ),
 ]
 
 
@@ -52,8 +56,10 @@ def main() -> None:
     parser.add_argument("--mode", default="score", choices=["score", "generate"])
     args = parser.parse_args()
     print(f"model {args.model}, {args.mode} mode, round_robin.toml without reflections")
-    print(f"{'presentation':<24} {'P(C) round 1':>12} {'mean P(C)':>10} {'C share':>8} "
-          f"{'invalid':>8} {'label mass':>10}")
+    print(
+        f"{'presentation':<24} {'P(C) round 1':>12} {'mean P(C)':>10} {'C share':>8} "
+        f"{'invalid':>8} {'label mass':>10}"
+    )
     for name, keys in PRESENTATIONS:
         with tempfile.TemporaryDirectory() as tmp:
             records = run(args.model, args.mode, keys, Path(tmp))
@@ -61,16 +67,18 @@ def main() -> None:
         first = [r for r in valid if r["round"] == 1]
         pc = "p_cooperate" if args.mode == "score" else None
 
-        def mean_pc(rows):
+        def mean_pc(rows, pc=pc):
             if not rows:
                 return float("nan")
             return float(np.mean([r[pc] if pc else r["action"] == "C" for r in rows]))
 
         mass = [r["label_mass"] for r in records if "label_mass" in r]
-        print(f"{name:<24} {mean_pc(first):>12.3f} {mean_pc(valid):>10.3f} "
-              f"{np.mean([r['action'] == 'C' for r in valid]) if valid else float('nan'):>8.2f} "
-              f"{1 - len(valid) / len(records):>8.0%} "
-              f"{np.mean(mass) if mass else float('nan'):>10.2f}")
+        print(
+            f"{name:<24} {mean_pc(first):>12.3f} {mean_pc(valid):>10.3f} "
+            f"{np.mean([r['action'] == 'C' for r in valid]) if valid else float('nan'):>8.2f} "
+            f"{1 - len(valid) / len(records):>8.0%} "
+            f"{np.mean(mass) if mass else float('nan'):>10.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Time and peak memory of a rule-only run on a Barabasi-Albert graph.
 
-    python benchmarks/scale.py                 # 100,000 agents, m = 2, all_edges, 5 rounds, 20 steps
+    python benchmarks/scale.py                 # 100,000 agents, m = 2, all_edges,
+                                               # 5 rounds, 20 steps
     python benchmarks/scale.py --agents 1000 10000 --steps 5
     python benchmarks/scale.py --phases        # the whole command at 10^3 .. 10^6 agents, by phase
 
 Each size runs in a fresh process so peak memory (ru_maxrss) is its own.
 Variants per size: ``naive`` (the same matches played one at a time by a
 plain Python loop, one step only: the baseline), ``engine`` (the 20 steps of
-the model alone, lockstep, build excluded), ``cli`` (the whole command without the per-round table) and
+the model alone, lockstep, build excluded), ``cli`` (the whole command without
+the per-round table) and
 ``cli+rounds`` (with rounds.parquet). The naive loop's payoffs are checked
 against the engine's before its time is reported.
 
@@ -107,10 +109,17 @@ PHASES = textwrap.dedent("""
 
 # what each phase's time includes, from the wrapped functions: the model's build holds
 # the graph, the edge array and the population; a step holds the engine and the tally
-SHOWN = [("graph", ()), ("edge array", ()), ("population", ()),
-         ("build, rest", ("model build", "graph", "edge array", "population")),
-         ("engine", ()), ("tally", ()), ("step, rest", ("step", "engine", "tally")),
-         ("tables", ()), ("results", ())]
+SHOWN = [
+    ("graph", ()),
+    ("edge array", ()),
+    ("population", ()),
+    ("build, rest", ("model build", "graph", "edge array", "population")),
+    ("engine", ()),
+    ("tally", ()),
+    ("step, rest", ("step", "engine", "tally")),
+    ("tables", ()),
+    ("results", ()),
+]
 
 NAIVE = textwrap.dedent("""
     def naive_step(model):
@@ -137,9 +146,12 @@ NAIVE = textwrap.dedent("""
 
 def measure(agents: int, steps: int, variant: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, "-c", NAIVE + PHASES + CHILD, str(agents),
-                              str(steps), variant, tmp],
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", NAIVE + PHASES + CHILD, str(agents), str(steps), variant, tmp],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -155,20 +167,29 @@ def show_phases(agents: list[int], steps: int) -> None:
     """The whole command's time per phase and in total, one row per size."""
     print(f"load before: {load()}")
     names = [name for name, _ in SHOWN]
-    print(f"{'agents':>9} " + " ".join(f"{n:>11}" for n in names)
-          + f" {'other':>8} {'total s':>8} {'cpu s':>8} {'peak MiB':>9}")
+    print(
+        f"{'agents':>9} "
+        + " ".join(f"{n:>11}" for n in names)
+        + f" {'other':>8} {'total s':>8} {'cpu s':>8} {'peak MiB':>9}"
+    )
     for n in agents:
         r = measure(n, steps, "phases")
         got = r["phases"]
         cells = []
         for name, parts in SHOWN:
-            value = (got.get(parts[0], 0.0) - sum(got.get(p, 0.0) for p in parts[1:])
-                     if parts else got.get(name, 0.0))
+            value = (
+                got.get(parts[0], 0.0) - sum(got.get(p, 0.0) for p in parts[1:])
+                if parts
+                else got.get(name, 0.0)
+            )
             cells.append(value)
         other = r["seconds"] - sum(cells)  # opening the folder, loading the scenario ...
-        print(f"{n:>9,} " + " ".join(f"{c:>11.2f}" for c in cells)
-              + f" {other:>8.2f} {r['seconds']:>8.2f} {r['cpu']:>8.2f} {r['peak_mib']:>9.0f}",
-              flush=True)
+        print(
+            f"{n:>9,} "
+            + " ".join(f"{c:>11.2f}" for c in cells)
+            + f" {other:>8.2f} {r['seconds']:>8.2f} {r['cpu']:>8.2f} {r['peak_mib']:>9.0f}",
+            flush=True,
+        )
     print(f"load after: {load()}")
 
 
@@ -176,20 +197,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, nargs="+", default=[100_000])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--variants", nargs="+", default=["naive", "engine", "cli", "cli+rounds"],
-                        choices=["naive", "engine", "cli", "cli+rounds"],
-                        help="leave out cli+rounds at 10^6 agents: 400 M rows, several GB")
-    parser.add_argument("--phases", action="store_true",
-                        help="time the whole command by phase instead (default sizes: "
-                             "10^3 to 10^6 agents)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["naive", "engine", "cli", "cli+rounds"],
+        choices=["naive", "engine", "cli", "cli+rounds"],
+        help="leave out cli+rounds at 10^6 agents: 400 M rows, several GB",
+    )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="time the whole command by phase instead (default sizes: 10^3 to 10^6 agents)",
+    )
     args = parser.parse_args()
     if args.phases:
         sizes = args.agents if "--agents" in sys.argv else [10**3, 10**4, 10**5, 10**6]
         show_phases(sizes, args.steps)
         return
     print(f"load: {load()}")
-    print(f"{'agents':>9} {'edges':>9} {'variant':<11} {'seconds':>8} {'peak MiB':>9} "
-          f"{'match-rounds/s':>15} {'vs naive':>9}")
+    print(
+        f"{'agents':>9} {'edges':>9} {'variant':<11} {'seconds':>8} {'peak MiB':>9} "
+        f"{'match-rounds/s':>15} {'vs naive':>9}"
+    )
     for n in args.agents:
         edges = 2 * (n - 2)  # Barabasi-Albert with m = 2 adds m edges per new node
         base = None
@@ -198,8 +227,12 @@ def main() -> None:
             rate = edges * 5 * r["steps"] / r["seconds"]
             base = base or (rate if variant == "naive" else None)
             peak = f"{r['peak_mib']:>9.0f}" if r["peak_mib"] else f"{'-':>9}"
-            print(f"{n:>9,} {edges:>9,} {variant:<11} {r['seconds']:>8.2f} {peak} "
-                  f"{rate:>15,.0f} {f'{rate / base:.1f}x' if base else '-':>9}", flush=True)
+            print(
+                f"{n:>9,} {edges:>9,} {variant:<11} {r['seconds']:>8.2f} {peak} "
+                f"{rate:>15,.0f} {f'{rate / base:.1f}x' if base else '-':>9}",
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

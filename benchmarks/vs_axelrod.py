@@ -31,20 +31,31 @@ class DefectOnce(axl.Player):
     """abm's defect_once for Axelrod: D in the first round, then C."""
 
     name = "Defect Once"
-    classifier = {"memory_depth": 0, "stochastic": False, "long_run_time": False,
-                  "inspects_source": False, "manipulates_source": False,
-                  "manipulates_state": False}
+    classifier = {
+        "memory_depth": 0,
+        "stochastic": False,
+        "long_run_time": False,
+        "inspects_source": False,
+        "manipulates_source": False,
+        "manipulates_state": False,
+    }
 
     def strategy(self, opponent):
         return axl.Action.D if not self.history else axl.Action.C
 
 
 TWINS = {  # abm name -> Axelrod player factory
-    "all_c": axl.Cooperator, "all_d": axl.Defector, "defect_once": DefectOnce,
-    "trigger": axl.Grudger, "tit_for_tat": axl.TitForTat,
-    "suspicious_tit_for_tat": axl.SuspiciousTitForTat, "tit_for_two_tats": axl.TitFor2Tats,
-    "win_stay_lose_shift": axl.WinStayLoseShift, "alternator": axl.Alternator,
-    "generous_tit_for_tat": axl.GTFT, "random": axl.Random,
+    "all_c": axl.Cooperator,
+    "all_d": axl.Defector,
+    "defect_once": DefectOnce,
+    "trigger": axl.Grudger,
+    "tit_for_tat": axl.TitForTat,
+    "suspicious_tit_for_tat": axl.SuspiciousTitForTat,
+    "tit_for_two_tats": axl.TitFor2Tats,
+    "win_stay_lose_shift": axl.WinStayLoseShift,
+    "alternator": axl.Alternator,
+    "generous_tit_for_tat": axl.GTFT,
+    "random": axl.Random,
 }
 EXPERIMENT = ["all_d", "all_c", "defect_once", "trigger", "tit_for_tat"]
 
@@ -71,23 +82,28 @@ def axelrod_player(name, payoffs):
     if name == "generous_tit_for_tat":
         return axl.GTFT(p=forgiveness(payoffs))
     return TWINS[name]()
+
+
 STOCHASTIC = {"generous_tit_for_tat", "random"}
 
 
 def abm_tournament(names, rounds, reps, payoffs, noise, seed=1):
     """(mean matrix, per-match totals by cell) from abm; one repetition per step."""
     r, s, t, p = payoffs
-    data = {"seed": seed, "game": {"kind": "custom", "R": r, "S": s, "T": t, "P": p,
-                                   "noise": noise},
-            "match": {"rounds": rounds}, "graph": {"kind": "complete", "self_loops": True},
-            "population": {"players": [abm_spec(n, payoffs) for n in names]},
-            "pairing": {"scheme": "all_edges", "steps": reps}}
+    data = {
+        "seed": seed,
+        "game": {"kind": "custom", "R": r, "S": s, "T": t, "P": p, "noise": noise},
+        "match": {"rounds": rounds},
+        "graph": {"kind": "complete", "self_loops": True},
+        "population": {"players": [abm_spec(n, payoffs) for n in names]},
+        "pairing": {"scheme": "all_edges", "steps": reps},
+    }
     model = DilemmaModel(validate_scenario(data), collect_agents=False)
     cells: dict[tuple[int, int], list[float]] = {}
     while model.running:
         model.step()
         res, pay = model.last_result, model.last_totals["payoff"]
-        for a, b, v in zip(res.agent, res.opponent, pay):
+        for a, b, v in zip(res.agent, res.opponent, pay, strict=True):
             cells.setdefault((int(a), int(b)), []).append(float(v))
     return model.tally.payoff_matrix().to_numpy(), cells
 
@@ -102,8 +118,13 @@ def axelrod_tournament(names, rounds, reps, payoffs, noise, seed=1):
         for j in range(i, len(names)):
             for _ in range(reps):
                 k += 1
-                match = axl.Match((players[i].clone(), players[j].clone()), turns=rounds,
-                                  game=game, noise=noise, seed=seed + k)
+                match = axl.Match(
+                    (players[i].clone(), players[j].clone()),
+                    turns=rounds,
+                    game=game,
+                    noise=noise,
+                    seed=seed + k,
+                )
                 match.play()
                 a, b = match.final_score()
                 cells.setdefault((i, j), []).append(a)
@@ -144,11 +165,14 @@ def speed(names, rounds, reps, payoffs, noise) -> tuple[float, float]:
     n = len(names)
     match_rounds = n * (n + 1) // 2 * rounds * reps
     r, s, t, p = payoffs
-    data = {"seed": 1, "game": {"kind": "custom", "R": r, "S": s, "T": t, "P": p,
-                                "noise": noise},
-            "match": {"rounds": rounds}, "graph": {"kind": "complete", "self_loops": True},
-            "population": {"players": [abm_spec(x, payoffs) for x in names]},
-            "pairing": {"scheme": "all_edges", "steps": 1, "repetitions": reps}}
+    data = {
+        "seed": 1,
+        "game": {"kind": "custom", "R": r, "S": s, "T": t, "P": p, "noise": noise},
+        "match": {"rounds": rounds},
+        "graph": {"kind": "complete", "self_loops": True},
+        "population": {"players": [abm_spec(x, payoffs) for x in names]},
+        "pairing": {"scheme": "all_edges", "steps": 1, "repetitions": reps},
+    }
 
     def ours():  # every repetition of every pair in one lockstep batch
         model = DilemmaModel(validate_scenario(data), collect_agents=False)
@@ -157,9 +181,14 @@ def speed(names, rounds, reps, payoffs, noise) -> tuple[float, float]:
         return model.tally.payoff_matrix()
 
     def theirs():
-        axl.Tournament([axelrod_player(x, payoffs) for x in names], turns=rounds, repetitions=reps,
-                       game=axl.Game(*payoffs), noise=noise, seed=1).play(
-            progress_bar=False, build_results=False, processes=1)
+        axl.Tournament(
+            [axelrod_player(x, payoffs) for x in names],
+            turns=rounds,
+            repetitions=reps,
+            game=axl.Game(*payoffs),
+            noise=noise,
+            seed=1,
+        ).play(progress_bar=False, build_results=False, processes=1)
 
     return match_rounds / timed(ours), match_rounds / timed(theirs)
 
@@ -175,14 +204,24 @@ def main() -> None:
     print("Cross-check (abm vs axelrod.Match), all strategies with twins, self-play included")
     for payoffs in ((9, 0, 10, 5), (3, 0, 5, 1)):
         for rounds in (5, 200):
-            print(f"  payoffs {payoffs}, {rounds} rounds, no noise, deterministic: "
-                  f"{cross_check(deterministic, rounds, payoffs, 0.0, 1)}")
-            print(f"  payoffs {payoffs}, {rounds} rounds, noise 0.05, all: "
-                  f"{cross_check(everyone, rounds, payoffs, 0.05, reps if rounds == 5 else reps // 10)}")
+            print(
+                f"  payoffs {payoffs}, {rounds} rounds, no noise, deterministic: "
+                f"{cross_check(deterministic, rounds, payoffs, 0.0, 1)}"
+            )
+            n = reps if rounds == 5 else reps // 10
+            check = cross_check(everyone, rounds, payoffs, 0.05, n)
+            print(f"  payoffs {payoffs}, {rounds} rounds, noise 0.05, all: {check}")
     print("\nSpeed (median of 3), match-rounds per second")
-    workloads = [("the experiment: 5 strategies x 1,000 reps, 5 rounds", EXPERIMENT, 5, 1000, 0.0),
-                 ("10 strategies x 200 rounds x 20 reps, noise 0.05",
-                  [n for n in everyone if n != "defect_once"], 200, 20, 0.05)]
+    workloads = [
+        ("the experiment: 5 strategies x 1,000 reps, 5 rounds", EXPERIMENT, 5, 1000, 0.0),
+        (
+            "10 strategies x 200 rounds x 20 reps, noise 0.05",
+            [n for n in everyone if n != "defect_once"],
+            200,
+            20,
+            0.05,
+        ),
+    ]
     print(f"  {'workload':<52} {'abm':>12} {'axelrod':>10} {'ratio':>7}")
     for label, names, rounds, reps_, noise in workloads:
         ours, theirs = speed(names, rounds, reps_, (9, 0, 10, 5), noise)

@@ -25,5 +25,5 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
         pattern = re.compile(rf"<!-- {marker} -->.*?<!-- /{marker} -->", re.S)
         if pattern.search(markdown):
             text = generate()
-            markdown = pattern.sub(lambda _: text, markdown)
+            markdown = pattern.sub(lambda _, text=text: text, markdown)
     return markdown

@@ -52,42 +52,77 @@ def nowak_may() -> None:
     bs = np.round(np.arange(1.05, 2.41, 0.05), 2)
     rows = []
     for b in tqdm(bs, desc="nowak_may"):
-        model = run("nowak_may", [f"game.T={b}", "graph.rows=60", "graph.cols=60",
-                                  "pairing.steps=150", "evolution.average_last=50"])
+        model = run(
+            "nowak_may",
+            [
+                f"game.T={b}",
+                "graph.rows=60",
+                "graph.cols=60",
+                "pairing.steps=150",
+                "evolution.average_last=50",
+            ],
+        )
         rows.append({"b": b, "cooperators": late_share(model)})
     data = pd.DataFrame(rows)
     data.to_csv(OUT / "nowak_may.csv", index=False)
-    line = alt.Chart(data, title="Nowak & May: cooperators vs b (60 x 60, Moore, self)").mark_line(
-        point=True).encode(x=alt.X("b:Q", scale=alt.Scale(zero=False)),
-                           y=alt.Y("cooperators:Q", title="cooperator share, last 50 generations",
-                                   scale=alt.Scale(domain=[0, 1])))
+    line = (
+        alt.Chart(data, title="Nowak & May: cooperators vs b (60 x 60, Moore, self)")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("b:Q", scale=alt.Scale(zero=False)),
+            y=alt.Y(
+                "cooperators:Q",
+                title="cooperator share, last 50 generations",
+                scale=alt.Scale(domain=[0, 1]),
+            ),
+        )
+    )
     rule = alt.Chart(pd.DataFrame({"y": [0.318]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
     save((line + rule).properties(width=480, height=260), "nowak_may")
     model = run("nowak_may", ["game.T=1.85", "pairing.steps=200"])
     step, grid = model.snapshots[-1]
-    save(charts.lattice_chart(grid.reshape(model.grid_shape), model.labels, step),
-         "nowak_may_lattice")
+    save(
+        charts.lattice_chart(grid.reshape(model.grid_shape), model.labels, step),
+        "nowak_may_lattice",
+    )
 
 
 def santos_pacheco() -> None:
     bs = np.round(np.arange(1.0, 2.01, 0.1), 2)
     # 5 independent graphs of 1,000 agents side by side: 5 replicates in one run
-    graphs = {"scale-free (Barabasi-Albert, m = 2)":
-              {"kind": "barabasi_albert", "n": 1000, "m": 2, "copies": 5},
-              "regular (random 4-regular)": {"kind": "random_regular", "n": 1000, "d": 4,
-                                             "copies": 5}}
+    graphs = {
+        "scale-free (Barabasi-Albert, m = 2)": {
+            "kind": "barabasi_albert",
+            "n": 1000,
+            "m": 2,
+            "copies": 5,
+        },
+        "regular (random 4-regular)": {"kind": "random_regular", "n": 1000, "d": 4, "copies": 5},
+    }
     rows = []
     for label, graph in graphs.items():
         for b in tqdm(bs, desc=label[:12]):
-            model = run("santos_pacheco", [f"game.T={b}", "pairing.steps=1500",
-                                           "evolution.average_last=500"], graph)
+            model = run(
+                "santos_pacheco",
+                [f"game.T={b}", "pairing.steps=1500", "evolution.average_last=500"],
+                graph,
+            )
             rows.append({"graph": label, "b": b, "cooperators": late_share(model)})
     data = pd.DataFrame(rows)
     data.to_csv(OUT / "santos_pacheco.csv", index=False)
-    chart = alt.Chart(data, title="Santos & Pacheco: cooperators vs b, mean degree 4").mark_line(
-        point=True).encode(x="b:Q", y=alt.Y("cooperators:Q", scale=alt.Scale(domain=[0, 1]),
-                                            title="cooperator share, last 500 generations"),
-                           color=alt.Color("graph:N", legend=alt.Legend(orient="bottom")))
+    chart = (
+        alt.Chart(data, title="Santos & Pacheco: cooperators vs b, mean degree 4")
+        .mark_line(point=True)
+        .encode(
+            x="b:Q",
+            y=alt.Y(
+                "cooperators:Q",
+                scale=alt.Scale(domain=[0, 1]),
+                title="cooperator share, last 500 generations",
+            ),
+            color=alt.Color("graph:N", legend=alt.Legend(orient="bottom")),
+        )
+    )
     save(chart.properties(width=480, height=260), "santos_pacheco")
 
 
@@ -98,17 +133,30 @@ def ohtsuki() -> None:
         model = run("ohtsuki_bc", [f"game.b={b}"])
         copies = model.scenario.graph.copies
         coop = (model.label_of_node.reshape(copies, n) == model.labels.index("all_c")).mean(axis=1)
-        rows.append({"b/c": b, "all cooperators": float((coop == 1).mean()),
-                     "all defectors": float((coop == 0).mean()),
-                     "cooperator share": float(coop.mean())})
+        rows.append(
+            {
+                "b/c": b,
+                "all cooperators": float((coop == 1).mean()),
+                "all defectors": float((coop == 0).mean()),
+                "cooperator share": float(coop.mean()),
+            }
+        )
     data = pd.DataFrame(rows)
     data.to_csv(OUT / "ohtsuki.csv", index=False)
     long = data.melt(id_vars="b/c", var_name="measure", value_name="share")
-    lines = alt.Chart(long, title="Ohtsuki et al.: death-birth on 4-regular graphs (N = 50)"
-                      ).mark_line(point=True).encode(
-        x="b/c:Q", y=alt.Y("share:Q", scale=alt.Scale(domain=[0, 1]),
-                           title="share of the 200 copies (or of agents)"),
-        color=alt.Color("measure:N", legend=alt.Legend(orient="bottom")))
+    lines = (
+        alt.Chart(long, title="Ohtsuki et al.: death-birth on 4-regular graphs (N = 50)")
+        .mark_line(point=True)
+        .encode(
+            x="b/c:Q",
+            y=alt.Y(
+                "share:Q",
+                scale=alt.Scale(domain=[0, 1]),
+                title="share of the 200 copies (or of agents)",
+            ),
+            color=alt.Color("measure:N", legend=alt.Legend(orient="bottom")),
+        )
+    )
     # b/c > k for large N; (N - 2) / (N / k - 2) for N agents
     marks = pd.DataFrame({"b/c": [k, (n - 2) / (n / k - 2)], "rule": ["k", "finite N"]})
     rules = alt.Chart(marks).mark_rule(strokeDash=[4, 4]).encode(x="b/c:Q")

@@ -9,8 +9,10 @@ SCENARIOS = ROOT / "scenarios"
 
 # find_spec looks for the packages without importing them (torch takes seconds to import)
 LLM_EXTRA = all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
-NO_LLM_EXTRA = ("needs torch and transformers, the llm extra: pip install torch==2.13.0 && "
-                "pip install -e \".[llm]\"")
+NO_LLM_EXTRA = (
+    "needs torch and transformers, the llm extra: pip install torch==2.13.0 && "
+    'pip install -e ".[llm]"'
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -45,8 +47,9 @@ def rules_scenario(tmp_path) -> Path:
 @pytest.fixture
 def fake(monkeypatch):
     """A scripted stand-in for the LLM backend (tests/fake_llm.py) behind every LLM player."""
-    import abm.policies.llm as llm_module
     from fake_llm import FakeBackend
+
+    import abm.policies.llm as llm_module
 
     backend = FakeBackend()
     monkeypatch.setattr(llm_module, "shared_backend", lambda params: backend)

@@ -86,8 +86,9 @@ class FakeBackend:
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, prompts, *, temperature=0.0, top_p=1.0, max_new_tokens=32, seed=0,
-                 max_batch_size=16):
+    def generate(
+        self, prompts, *, temperature=0.0, top_p=1.0, max_new_tokens=32, seed=0, max_batch_size=16
+    ):
         self.generate_batches.append(len(prompts))
         self.generate_temperatures.append(temperature)
         self.generate_seeds.append(seed)

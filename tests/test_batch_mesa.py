@@ -5,11 +5,11 @@ import json
 import mesa
 import pandas as pd
 import pytest
+from conftest import SCENARIOS
 
 from abm.batch.mesa_compat import SweepModel
 from abm.model import DilemmaModel
 from abm.run import run_scenario
-from conftest import SCENARIOS
 
 RULES = SCENARIOS / "round_robin_rules.toml"
 
@@ -20,9 +20,14 @@ def final_rows(rows: list[dict]) -> pd.DataFrame:
 
 
 def test_dilemma_model_runs_under_batch_run_over_seeds():
-    rows = mesa.batch_run(DilemmaModel, parameters={"scenario": str(RULES), "seed": [1, 2]},
-                          number_processes=1, data_collection_period=-1, max_steps=100,
-                          display_progress=False)
+    rows = mesa.batch_run(
+        DilemmaModel,
+        parameters={"scenario": str(RULES), "seed": [1, 2]},
+        number_processes=1,
+        data_collection_period=-1,
+        max_steps=100,
+        display_progress=False,
+    )
     frame = pd.DataFrame(rows)
     assert sorted(frame["seed"].unique()) == [1, 2]
     # the round robin of 5 players is 5 steps; the model reporters of the last row are
@@ -37,9 +42,19 @@ def test_dilemma_model_runs_under_batch_run_over_seeds():
 
 
 def test_sweep_model_varies_scenario_keys_like_the_batch_runner(tmp_path):
-    rows = mesa.batch_run(SweepModel, parameters={
-        "scenario": str(RULES), "game.noise": [0.0, 0.2], "match__rounds": 4, "seed": [3, 4]},
-        number_processes=1, data_collection_period=1, max_steps=100, display_progress=False)
+    rows = mesa.batch_run(
+        SweepModel,
+        parameters={
+            "scenario": str(RULES),
+            "game.noise": [0.0, 0.2],
+            "match__rounds": 4,
+            "seed": [3, 4],
+        },
+        number_processes=1,
+        data_collection_period=1,
+        max_steps=100,
+        display_progress=False,
+    )
     frame = pd.DataFrame(rows)
     assert len(frame["RunId"].unique()) == 4
     # every step has the model row and all 5 agents, Steps 0..4, the last one final
@@ -48,9 +63,18 @@ def test_sweep_model_varies_scenario_keys_like_the_batch_runner(tmp_path):
     last = final_rows(rows)
     for (noise, seed), group in last.groupby(["game.noise", "seed"]):
         out = tmp_path / f"{noise}-{seed}"
-        run_scenario(RULES, out=out, seed=int(seed), quiet=True,
-                     overrides=[f"game.noise={noise}", "match.rounds=4", "output.charts=false",
-                                "output.rounds=false"])
+        run_scenario(
+            RULES,
+            out=out,
+            seed=int(seed),
+            quiet=True,
+            overrides=[
+                f"game.noise={noise}",
+                "match.rounds=4",
+                "output.charts=false",
+                "output.rounds=false",
+            ],
+        )
         summary = json.loads((out / "summary.json").read_text())
         assert group["overall_cooperation_rate"].iloc[0] == summary["cooperation_rate"]
         agents = pd.read_csv(out / "agents.csv").set_index("agent")

@@ -52,7 +52,8 @@ def test_ray_rows_equal_serial_rows(local_ray, tmp_path):
     (tmp_path / "base.toml").write_text(RULES)
     (tmp_path / "sweep.toml").write_text(
         'scenario = "base.toml"\nseed = 11\n[sweep]\nreplicates = 3\n'
-        'game.noise = [0.0, 0.2]\n"population.players[2].p" = [0.2, 0.8]\n')
+        'game.noise = [0.0, 0.2]\n"population.players[2].p" = [0.2, 0.8]\n'
+    )
     sweep = load_sweep(tmp_path / "sweep.toml")
     serial = run_sweep(sweep, tmp_path / "serial", backend="serial", report=False)
     on_ray = run_sweep(sweep, tmp_path / "ray", backend="ray", report=False)
@@ -71,7 +72,8 @@ def test_llm_runs_go_to_one_actor_that_keeps_its_model(local_ray, tmp_path):
     (tmp_path / "base.toml").write_text(LLM.replace("MODEL", str(model)))
     (tmp_path / "sweep.toml").write_text(
         'scenario = "base.toml"\nseed = 4\n[sweep]\nreplicates = 2\n'
-        '"population.players[2].framing" = ["police", "neutral"]\n')
+        '"population.players[2].framing" = ["police", "neutral"]\n'
+    )
     sweep = load_sweep(tmp_path / "sweep.toml")
     assert all(run.llm for run in sweep.runs)
     on_ray = run_sweep(sweep, tmp_path / "ray", backend="ray", workers=1, report=False)
@@ -79,8 +81,12 @@ def test_llm_runs_go_to_one_actor_that_keeps_its_model(local_ray, tmp_path):
     # one actor process served all four runs, loading the model once
     assert len(set(on_ray.workers.values())) == 1
     assert not any(w.endswith(f":{__import__('os').getpid()}") for w in on_ray.workers.values())
-    loads = [pd.read_json(tmp_path / "ray" / "runs" / r / "summary.json", typ="series")["llm"][0]
-             ["load_seconds"] for r in on_ray.ran]
+    loads = [
+        pd.read_json(tmp_path / "ray" / "runs" / r / "summary.json", typ="series")["llm"][0][
+            "load_seconds"
+        ]
+        for r in on_ray.ran
+    ]
     # the run that loaded the model reports the load; the others reused it
     assert len(loads) == 4 and sum(x > 0 for x in loads) == 1
     serial = run_sweep(sweep, tmp_path / "serial", backend="serial", report=False)
@@ -92,12 +98,15 @@ def test_llm_runs_go_to_one_actor_that_keeps_its_model(local_ray, tmp_path):
 
 @pytest.mark.slow
 def test_a_cuda_model_on_a_cluster_without_gpus_fails_its_runs(local_ray, tmp_path):
-    (tmp_path / "base.toml").write_text(LLM.replace("MODEL", "/nowhere").replace(
-        'device = "cpu"', 'device = "cuda"'))
+    (tmp_path / "base.toml").write_text(
+        LLM.replace("MODEL", "/nowhere").replace('device = "cpu"', 'device = "cuda"')
+    )
     (tmp_path / "sweep.toml").write_text(
-        'scenario = "base.toml"\nseed = 4\n[sweep]\nmatch.rounds = [1, 2]\n')
-    result = run_sweep(load_sweep(tmp_path / "sweep.toml"), tmp_path / "out", backend="ray",
-                       report=False)
+        'scenario = "base.toml"\nseed = 4\n[sweep]\nmatch.rounds = [1, 2]\n'
+    )
+    result = run_sweep(
+        load_sweep(tmp_path / "sweep.toml"), tmp_path / "out", backend="ray", report=False
+    )
     assert len(result.failed) == 2
     assert all("asks for CUDA but the Ray cluster has no GPU" in e for e in result.errors.values())
 
@@ -119,7 +128,18 @@ def test_without_ray_the_error_says_how_to_install(tmp_path, monkeypatch, capsys
     (tmp_path / "base.toml").write_text(RULES)
     (tmp_path / "sweep.toml").write_text('scenario = "base.toml"\n[sweep]\ngame.noise = [0.0]\n')
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
-    assert main([str(tmp_path / "sweep.toml"), "--backend", "ray", "--out",
-                 str(tmp_path / "out"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                str(tmp_path / "sweep.toml"),
+                "--backend",
+                "ray",
+                "--out",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert 'pip install -e ".[ray]"' in err and "Traceback" not in err

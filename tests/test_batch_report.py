@@ -4,17 +4,23 @@ import math
 
 import pandas as pd
 import pytest
+from batch_scenarios import tiny_base
 
 from abm.batch import aggregate, load_sweep, run_sweep
 from abm.batch.__main__ import main
 from abm.batch.stats import mean_ci, t_quantile
-from batch_scenarios import tiny_base
 
 BASE = tiny_base(noise=0.1, rounds=4)
 
 # two-sided 95 % quantiles of Student's t, from printed tables
-T975 = {1: 12.706204736174694, 2: 4.302652729749462, 4: 2.7764451051977934,
-        9: 2.262157162798205, 30: 2.0422724563012378, 1000: 1.9623390808264083}
+T975 = {
+    1: 12.706204736174694,
+    2: 4.302652729749462,
+    4: 2.7764451051977934,
+    9: 2.262157162798205,
+    30: 2.0422724563012378,
+    1000: 1.9623390808264083,
+}
 
 
 @pytest.mark.parametrize("df, value", sorted(T975.items()))
@@ -42,15 +48,26 @@ def test_mean_ci_by_hand():
 
 
 def test_aggregate_of_a_hand_made_table():
-    results = pd.DataFrame({
-        "point": [0, 0, 0, 0, 1, 1],
-        "x": [0.5, 0.5, 0.5, 0.5, 1.0, 1.0],
-        "status": ["ok", "ok", "ok", "failed", "ok", "ok"],
-        "score": [4.0, 6.0, 11.0, float("nan"), 7.0, 7.0],
-    })
+    results = pd.DataFrame(
+        {
+            "point": [0, 0, 0, 0, 1, 1],
+            "x": [0.5, 0.5, 0.5, 0.5, 1.0, 1.0],
+            "status": ["ok", "ok", "ok", "failed", "ok", "ok"],
+            "score": [4.0, 6.0, 11.0, float("nan"), 7.0, 7.0],
+        }
+    )
     table = aggregate(results, ["x"])
-    assert list(table.columns) == ["point", "x", "metric", "n", "mean", "std", "sem",
-                                   "ci95_low", "ci95_high"]
+    assert list(table.columns) == [
+        "point",
+        "x",
+        "metric",
+        "n",
+        "mean",
+        "std",
+        "sem",
+        "ci95_low",
+        "ci95_high",
+    ]
     first, second = table.iloc[0], table.iloc[1]
     # 4, 6, 11: mean 7, deviations -3, -1, 4, sum of squares 26, variance 13
     assert (first["x"], first["n"], first["mean"]) == (0.5, 3, 7.0)
@@ -66,8 +83,9 @@ def tiny(tmp_path_factory):
     (folder / "base.toml").write_text(BASE)
     (folder / "sweep.toml").write_text(
         'scenario = "base.toml"\nseed = 3\n[sweep]\nreplicates = 3\n'
-        'game.noise = [0.1, 0.3]\nmatch.rounds = [2, 4]\n'
-        '[report]\nmetrics = ["cooperation_rate", "payoff[tit_for_tat]"]\n')
+        "game.noise = [0.1, 0.3]\nmatch.rounds = [2, 4]\n"
+        '[report]\nmetrics = ["cooperation_rate", "payoff[tit_for_tat]"]\n'
+    )
     out = folder / "out"
     run_sweep(load_sweep(folder / "sweep.toml"), out, backend="serial")
     return out
@@ -83,11 +101,13 @@ def test_report_numbers_are_the_hand_computed_ones(tiny):
             xs = list(runs[metric])
             assert len(xs) == 3
             mean = (xs[0] + xs[1] + xs[2]) / 3
-            std = math.sqrt(((xs[0] - mean) ** 2 + (xs[1] - mean) ** 2
-                             + (xs[2] - mean) ** 2) / 2)
+            std = math.sqrt(((xs[0] - mean) ** 2 + (xs[1] - mean) ** 2 + (xs[2] - mean) ** 2) / 2)
             half = 4.302652729749462 * std / math.sqrt(3)
-            row = table[(table["metric"] == metric) & (table["game.noise"] == noise)
-                        & (table["match.rounds"] == rounds)]
+            row = table[
+                (table["metric"] == metric)
+                & (table["game.noise"] == noise)
+                & (table["match.rounds"] == rounds)
+            ]
             assert len(row) == 1
             row = row.iloc[0]
             assert row["n"] == 3
@@ -104,8 +124,7 @@ def test_report_numbers_are_the_hand_computed_ones(tiny):
 def test_charts_one_per_metric_and_key_and_a_heatmap(tiny):
     charts = tiny / "charts"
     for metric in ("cooperation_rate", "payoff_tit_for_tat"):
-        for stem in (f"{metric}_vs_game.noise", f"{metric}_vs_match.rounds",
-                     f"{metric}_heatmap"):
+        for stem in (f"{metric}_vs_game.noise", f"{metric}_vs_match.rounds", f"{metric}_heatmap"):
             assert (charts / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
             assert (charts / f"{stem}.html").is_file()
     assert len(list(charts.glob("*.png"))) == 6
@@ -130,19 +149,31 @@ def test_zipped_keys_get_no_heatmap(tmp_path):
     (tmp_path / "base.toml").write_text(BASE)
     (tmp_path / "sweep.toml").write_text(
         'scenario = "base.toml"\nseed = 3\n[[sweep.zip]]\n'
-        'game.noise = [0.1, 0.3]\nmatch.rounds = [2, 4]\n[report]\nmetrics = ["mean_payoff"]\n')
+        'game.noise = [0.1, 0.3]\nmatch.rounds = [2, 4]\n[report]\nmetrics = ["mean_payoff"]\n'
+    )
     run_sweep(load_sweep(tmp_path / "sweep.toml"), tmp_path / "out", backend="serial")
     names = sorted(p.name for p in (tmp_path / "out" / "charts").glob("*.png"))
     assert names == ["mean_payoff_vs_game.noise.png", "mean_payoff_vs_match.rounds.png"]
 
 
 def test_evolution_shares_reach_the_results(tmp_path):
+    from conftest import SCENARIOS
+
     from abm.batch.storage import read_metrics
     from abm.run import run_scenario
-    from conftest import SCENARIOS
-    out = run_scenario(SCENARIOS / "nowak_may.toml", out=tmp_path / "nm", quiet=True,
-                       overrides=["graph.rows=10", "graph.cols=10", "pairing.steps=4",
-                                  "evolution.average_last=2", "output.charts=false"])
+
+    out = run_scenario(
+        SCENARIOS / "nowak_may.toml",
+        out=tmp_path / "nm",
+        quiet=True,
+        overrides=[
+            "graph.rows=10",
+            "graph.cols=10",
+            "pairing.steps=4",
+            "evolution.average_last=2",
+            "output.charts=false",
+        ],
+    )
     metrics = read_metrics(out)
     summary = __import__("json").loads((out / "summary.json").read_text())
     assert metrics["final_share[all_c]"] == summary["evolution"]["final_shares"]["all_c"]

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from batch_scenarios import tiny_base
+from conftest import ROOT
 
 from abm.batch import load_sweep, run_sweep
 from abm.batch.__main__ import main
 from abm.batch.storage import read_metrics
-from conftest import ROOT
-from batch_scenarios import tiny_base
 
 TIMING = ["run_seconds"]  # the only columns that may differ between two runs of a sweep
 
@@ -55,12 +55,18 @@ def test_every_run_is_recorded_with_its_parameters_and_seed(serial):
     frame = rows(out)
     assert result.ok and result.skipped == 0 and len(result.ran) == 12
     assert len(frame) == 12 and (frame["status"] == "ok").all()
-    assert list(frame.columns[:7]) == ["run_id", "point", "replicate", "seed", "game.noise",
-                                       "population.players[2].p", "status"]
+    assert list(frame.columns[:7]) == [
+        "run_id",
+        "point",
+        "replicate",
+        "seed",
+        "game.noise",
+        "population.players[2].p",
+        "status",
+    ]
     for run in sweep.runs:
         row = frame[frame["run_id"] == run.run_id].iloc[0]
-        assert (row["seed"], row["replicate"], row["point"]) == (run.seed, run.replicate,
-                                                                run.point)
+        assert (row["seed"], row["replicate"], row["point"]) == (run.seed, run.replicate, run.point)
         assert row["game.noise"] == run.params["game.noise"]
         folder = out / row["out"]
         config = (folder / "config.toml").read_text()
@@ -120,8 +126,9 @@ def test_grown_grid_runs_only_the_new_points(serial, tmp_path):
     grown = load_sweep(write(folder))
     result = run_sweep(grown, out, backend="serial", report=False)
     assert result.skipped == 6 and len(result.ran) == 6
-    assert {grown.runs[i].run_id for i in range(12)
-            if grown.runs[i].params["game.noise"] == 0.2} == set(result.ran)
+    assert {
+        grown.runs[i].run_id for i in range(12) if grown.runs[i].params["game.noise"] == 0.2
+    } == set(result.ran)
     frame = rows(out)
     pd.testing.assert_frame_equal(rows(out0), frame)
 
@@ -131,17 +138,24 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     for name in ("a", "b"):
         (tmp_path / f"{name}.edgelist").write_text("0 1\n1 2\n2 0\n")
     base = BASE.replace('kind = "complete"', 'kind = "file"\npath = "a.edgelist"')
-    sweep = load_sweep(write(tmp_path, 'scenario = "base.toml"\n[sweep]\nreplicates = 2\n'
-                             f'graph.path = ["{tmp_path}/a.edgelist", "{tmp_path}/b.edgelist"]'
-                             '\n', base))
+    sweep = load_sweep(
+        write(
+            tmp_path,
+            'scenario = "base.toml"\n[sweep]\nreplicates = 2\n'
+            f'graph.path = ["{tmp_path}/a.edgelist", "{tmp_path}/b.edgelist"]'
+            "\n",
+            base,
+        )
+    )
     (tmp_path / "b.edgelist").unlink()
     out = tmp_path / "out"
     result = run_sweep(sweep, out, backend="serial", report=True, charts=False)
     frame = pd.read_parquet(out / "results.parquet")
     failed = frame[frame["status"] == "failed"]
     assert len(result.failed) == 2 == len(failed) and len(frame) == 4
-    assert set(failed["run_id"]) == {r.run_id for r in sweep.runs if "b.edgelist" in
-                                     r.params["graph.path"]}
+    assert set(failed["run_id"]) == {
+        r.run_id for r in sweep.runs if "b.edgelist" in r.params["graph.path"]
+    }
     assert failed["error"].str.contains("b.edgelist").all()
     assert failed["out"].isna().all() and failed["cooperation_rate"].isna().all()
     assert not (out / "runs" / failed["run_id"].iloc[0]).exists()
@@ -163,11 +177,13 @@ def test_cli_exit_status_is_1_when_a_run_fails(tmp_path, monkeypatch, capsys):
     (tmp_path / "g.edgelist").write_text("0 1\n1 2\n")  # 3 nodes in a file for 3 players
     (tmp_path / "bad.edgelist").write_text("0 1\n")  # 2 nodes for 3 players
     base = BASE.replace('kind = "complete"', 'kind = "file"\npath = "g.edgelist"')
-    path = write(tmp_path, 'scenario = "base.toml"\n[sweep]\n'
-                 'graph.path = ["g.edgelist", "bad.edgelist"]\n', base)
+    path = write(
+        tmp_path,
+        'scenario = "base.toml"\n[sweep]\ngraph.path = ["g.edgelist", "bad.edgelist"]\n',
+        base,
+    )
     # graph paths given in the sweep are relative to the base scenario, like --set
-    status = main([str(path), "--out", str(tmp_path / "out"), "--workers", "1",
-                   "--no-report"])
+    status = main([str(path), "--out", str(tmp_path / "out"), "--workers", "1", "--no-report"])
     captured = capsys.readouterr()
     assert status == 1
     assert "1 runs now" not in captured.out and "2 runs now (1 failed)" in captured.out
@@ -184,29 +200,47 @@ def _complete(out: Path) -> dict[str, int]:
     runs = out / "runs"
     if not runs.is_dir():
         return {}
-    return {p.name: p.stat().st_ino for p in runs.iterdir()
-            if not p.name.startswith(".") and (p / "summary.json").is_file()}
+    return {
+        p.name: p.stat().st_ino
+        for p in runs.iterdir()
+        if not p.name.startswith(".") and (p / "summary.json").is_file()
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
 def test_resume_after_a_worker_is_killed_runs_exactly_the_unfinished(tmp_path):
     base = (ROOT / "scenarios" / "small_world_rules.toml").read_text()
-    sweep_text = ('scenario = "base.toml"\nseed = 3\n[set]\noutput.charts = false\n'
-                  'output.rounds = false\npairing.steps = 40\n'
-                  '[sweep]\nreplicates = 6\ngame.noise = [0.0, 0.1]\n')
+    sweep_text = (
+        'scenario = "base.toml"\nseed = 3\n[set]\noutput.charts = false\n'
+        "output.rounds = false\npairing.steps = 40\n"
+        "[sweep]\nreplicates = 6\ngame.noise = [0.0, 0.1]\n"
+    )
     path = write(tmp_path, sweep_text, base)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "abm.batch", str(path), "--out", str(out), "--workers",
-               "2", "--no-report"]
-    proc = subprocess.Popen(command + ["--quiet"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "abm.batch",
+        str(path),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--no-report",
+    ]
+    proc = subprocess.Popen(
+        command + ["--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 60
     victim = None
     while time.monotonic() < deadline and proc.poll() is None:
         if len(_complete(out)) >= 3:
-            workers = [c for c in _children(proc.pid)
-                       if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+            workers = [
+                c
+                for c in _children(proc.pid)
+                if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+            ]
             if workers:
                 victim = workers[0]
                 os.kill(victim, signal.SIGKILL)

@@ -12,12 +12,18 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
-from abm.behaviour import (classic_strategies, fingerprint, round_by_round, run_decisions,
-                           sequences, wilson)
-from abm.run import run_scenario
 from conftest import SCENARIOS
 from fake_llm import last_history_line
+
+from abm.behaviour import (
+    classic_strategies,
+    fingerprint,
+    round_by_round,
+    run_decisions,
+    sequences,
+    wilson,
+)
+from abm.run import run_scenario
 
 
 def test_wilson_interval_by_hand():
@@ -36,8 +42,12 @@ def run_table(out):
 
 
 def test_tit_for_tat_fingerprints_itself(tmp_path):
-    out = run_scenario(SCENARIOS / "round_robin_rules.toml", out=tmp_path / "rr", quiet=True,
-                       overrides=["output.charts=false"])
+    out = run_scenario(
+        SCENARIOS / "round_robin_rules.toml",
+        out=tmp_path / "rr",
+        quiet=True,
+        overrides=["output.charts=false"],
+    )
     frame = run_table(out)
     tft = fingerprint(frame[frame["player"] == "Tit-for-tat"])
     # every condition occurs in the round robin (DC: after its D against Defect Once)
@@ -58,20 +68,22 @@ def condition_of(text: str) -> str:
     if not last:
         return "first"
     mine, theirs = (part.split(":")[1].split("(")[0].strip() for part in last.split(";"))
-    return ("C" if mine == "remain silent" else "D") + ("C" if theirs == "remain silent"
-                                                       else "D")
+    return ("C" if mine == "remain silent" else "D") + ("C" if theirs == "remain silent" else "D")
 
 
 @pytest.mark.slow
 def test_a_known_memory_one_strategy_is_recovered(fake, scenario_file, tmp_path):
-    fake.phrase_probs = lambda text: {"remain silent": TRUTH[condition_of(text)],
-                                      "testify": 1 - TRUTH[condition_of(text)]}
+    fake.phrase_probs = lambda text: {
+        "remain silent": TRUTH[condition_of(text)],
+        "testify": 1 - TRUTH[condition_of(text)],
+    }
     # 40 LLM players on a ring, random matching, 30 rounds: sampled at temperature 1
     path = scenario_file(
         'seed = 8\n[match]\nrounds = 30\n[graph]\nkind = "ring"\nn = 40\n'
         '[population]\nmix = [{ policy = { name = "llm", label = "LLM", temperature = 1.0 },'
         ' share = 1.0 }]\n[pairing]\nscheme = "random_matching"\nsteps = 3\n'
-        '[output]\ncharts = false\n')
+        "[output]\ncharts = false\n"
+    )
     frame = run_table(run_scenario(path, out=tmp_path / "fp", quiet=True))
     fp = fingerprint(frame)
     for condition, p in TRUTH.items():
@@ -89,8 +101,11 @@ def test_a_known_memory_one_strategy_is_recovered(fake, scenario_file, tmp_path)
 
 def retaliate_then_forgive(text: str) -> str:
     """C until the opponent's first D, then D twice, then C for ever."""
-    lines = [ln for ln in text.split("<assistant>")[0].split("\n")
-             if ln.startswith("- Suspect1:") and "(" in ln]
+    lines = [
+        ln
+        for ln in text.split("<assistant>")[0].split("\n")
+        if ln.startswith("- Suspect1:") and "(" in ln
+    ]
     theirs = ["testify" in ln.split(";")[1] for ln in lines]
     if True not in theirs:
         return "Answer: remain silent"
@@ -103,11 +118,15 @@ def test_round_by_round_shows_retaliation_then_forgiveness(fake, tmp_path):
     import tomllib
 
     import tomli_w
+
     data = tomllib.loads((SCENARIOS / "round_robin.toml").read_text())
     data["population"]["players"][-1].update(mode="generate", reflection=False)
     (tmp_path / "s.toml").write_text(tomli_w.dumps(data))
-    frame = run_table(run_scenario(tmp_path / "s.toml", out=tmp_path / "o", quiet=True,
-                                   overrides=["output.charts=false"]))
+    frame = run_table(
+        run_scenario(
+            tmp_path / "s.toml", out=tmp_path / "o", quiet=True, overrides=["output.charts=false"]
+        )
+    )
     seqs = sequences(frame, "LLM")
     # against All-D and Defect Once the opponent's D comes in round 1: C, D, D, C, C
     assert seqs["All-D"] == seqs["Defect Once"] == "CDDCC"
@@ -120,11 +139,19 @@ def test_round_by_round_shows_retaliation_then_forgiveness(fake, tmp_path):
 
 
 def test_nearest_strategy_uses_observed_conditions_only():
-    table = pd.DataFrame({"n": [4, 4, 0, 0, 4], "cooperate": [4, 4, 0, 0, 0],
-                          "p": [1, 1, np.nan, np.nan, 0], "low": 0.0, "high": 1.0,
-                          "p_model": np.nan}, index=pd.Index(
-                              ["first", "CC", "CD", "DC", "DD"], name="situation"))
+    table = pd.DataFrame(
+        {
+            "n": [4, 4, 0, 0, 4],
+            "cooperate": [4, 4, 0, 0, 0],
+            "p": [1, 1, np.nan, np.nan, 0],
+            "low": 0.0,
+            "high": 1.0,
+            "p_model": np.nan,
+        },
+        index=pd.Index(["first", "CC", "CD", "DC", "DD"], name="situation"),
+    )
     from abm.behaviour import Fingerprint
+
     ranked = Fingerprint(table, 0).nearest(classic_strategies())
     # (1, 1, ., ., 0) matches TFT, grim and GTFT(g=0) exactly on the observed entries
     exact = {r["strategy"] for r in ranked if r["distance"] == 0}
@@ -138,6 +165,7 @@ def test_every_llm_run_writes_its_behaviour(fake, tmp_path):
     import tomllib
 
     import tomli_w
+
     data = tomllib.loads((SCENARIOS / "round_robin.toml").read_text())
     data["population"]["players"][-1]["reflection"] = False
     (tmp_path / "s.toml").write_text(tomli_w.dumps(data))
@@ -151,8 +179,14 @@ def test_every_llm_run_writes_its_behaviour(fake, tmp_path):
     assert entry["sequences"]["All-D"] == "CDDDD"
     assert entry["fingerprint_by_opponent"]["All-D"]["situations"]["CD"]["n"] == 1
     rounds = pd.read_csv(out / "llm_rounds.csv")
-    assert set(rounds["opponent"]) == {"All-D", "All-C", "Defect Once", "Trigger",
-                                       "Tit-for-tat", "LLM"}
+    assert set(rounds["opponent"]) == {
+        "All-D",
+        "All-C",
+        "Defect Once",
+        "Trigger",
+        "Tit-for-tat",
+        "LLM",
+    }
     prints = pd.read_csv(out / "llm_fingerprints.csv")
     assert set(prints["opponent"]) >= {"all", "All-D"}
     for chart in ("llm_rounds", "llm_fingerprint"):
@@ -163,13 +197,16 @@ def test_moves_of_a_fallback_rule_are_not_the_models_choices(fake, tmp_path):
     import tomllib
 
     import tomli_w
+
     fake.script = lambda text: "blah"  # never readable; the rule plays C for it
     data = tomllib.loads((SCENARIOS / "round_robin.toml").read_text())
-    data["population"]["players"][-1].update(mode="generate", fallback="cooperate",
-                                             reflection=False)
+    data["population"]["players"][-1].update(
+        mode="generate", fallback="cooperate", reflection=False
+    )
     (tmp_path / "s.toml").write_text(tomli_w.dumps(data))
-    out = run_scenario(tmp_path / "s.toml", out=tmp_path / "o", quiet=True,
-                       overrides=["output.charts=false"])
+    out = run_scenario(
+        tmp_path / "s.toml", out=tmp_path / "o", quiet=True, overrides=["output.charts=false"]
+    )
     entry = json.loads((out / "summary.json").read_text())["llm"][0]["behaviour"]["LLM"]
     situations = entry["fingerprint"]["situations"]
     assert all(situations[s]["n"] == 0 for s in situations)  # nothing was the model's
@@ -182,7 +219,8 @@ def test_an_llm_mutant_that_never_played_is_described_as_such(fake, scenario_fil
         'seed = 2\n[match]\nrounds = 2\n[graph]\nkind = "ring"\nn = 10\n[population]\n'
         'mix = [{ policy = "all_d", share = 0.5 }, { policy = "tit_for_tat", share = 0.5 }]\n'
         '[pairing]\nsteps = 2\n[evolution]\nrule = "imitate_best"\nmutation = 0.0\n'
-        'mutants = [{ name = "llm", label = "LLM" }]\n')
+        'mutants = [{ name = "llm", label = "LLM" }]\n'
+    )
     out = run_scenario(path, out=tmp_path / "o", quiet=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["llm"][0]["behaviour"]["LLM"] == "no decisions"

@@ -10,30 +10,46 @@ import pytest
 
 from abm.llm.chat_formats import NAMED, chat_template, render
 
-S, U1, A1, U2 = ({"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
-                 {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"})
+S, U1, A1, U2 = (
+    {"role": "system", "content": "S"},
+    {"role": "user", "content": "U1"},
+    {"role": "assistant", "content": "A1"},
+    {"role": "user", "content": "U2"},
+)
 CHAT = [S, U1, A1, U2]
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's "
-                 "questions.")
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's "
+    "questions."
+)
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
 
 # name -> (with the generation prompt, without it), for CHAT
 EXPECTED = {
-    "vicuna": ("<s>S USER: U1 ASSISTANT: A1</s>USER: U2 ASSISTANT:",
-               "<s>S USER: U1 ASSISTANT: A1</s>USER: U2 "),
+    "vicuna": (
+        "<s>S USER: U1 ASSISTANT: A1</s>USER: U2 ASSISTANT:",
+        "<s>S USER: U1 ASSISTANT: A1</s>USER: U2 ",
+    ),
     # the generation prompt adds nothing: the user turn already ends with [/INST]
-    "llama-2": ("<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST]",
-                "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST]"),
-    "alpaca": ("<s>S\n\n### Instruction:\nU1\n\n### Response:\nA1\n\n### Instruction:\nU2"
-               "\n\n### Response:\n",
-               "<s>S\n\n### Instruction:\nU1\n\n### Response:\nA1\n\n### Instruction:\nU2"),
-    "chatml": ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n"
-               "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n"
-               "<|im_start|>assistant\n",
-               "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n"
-               "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n"),
+    "llama-2": (
+        "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST]",
+        "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST]",
+    ),
+    "alpaca": (
+        "<s>S\n\n### Instruction:\nU1\n\n### Response:\nA1\n\n### Instruction:\nU2"
+        "\n\n### Response:\n",
+        "<s>S\n\n### Instruction:\nU1\n\n### Response:\nA1\n\n### Instruction:\nU2",
+    ),
+    "chatml": (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n"
+        "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n"
+        "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n",
+    ),
     "plain": ("<s>S\n\nU1\n\nA1\n\nU2\n\n", "<s>S\n\nU1\n\nA1\n\nU2"),
 }
 
@@ -52,18 +68,24 @@ def test_named_format_renders_the_published_text(name):
 def test_formats_without_a_system_message():
     chat = [U1, A1, U2]
     assert render(NAMED["vicuna"], chat) == (
-        f"<s>{VICUNA_SYSTEM} USER: U1 ASSISTANT: A1</s>USER: U2 ASSISTANT:")
+        f"<s>{VICUNA_SYSTEM} USER: U1 ASSISTANT: A1</s>USER: U2 ASSISTANT:"
+    )
     assert render(NAMED["llama-2"], chat) == "<s>[INST] U1 [/INST] A1 </s><s>[INST] U2 [/INST]"
     assert render(NAMED["alpaca"], [U1]) == (
-        f"<s>{ALPACA_PREAMBLE}\n\n### Instruction:\nU1\n\n### Response:\n")
+        f"<s>{ALPACA_PREAMBLE}\n\n### Instruction:\nU1\n\n### Response:\n"
+    )
     assert render(NAMED["chatml"], [U1]) == (
-        "<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert render(NAMED["plain"], chat) == "<s>U1\n\nA1\n\nU2\n\n"
 
 
 def test_plain_is_abms_fallback_text():
     contents = ["rules and history", "Suspect1: I want to testify", "Answer again."]
-    chat = [{"role": r, "content": c} for r, c in zip(("user", "assistant", "user"), contents)]
+    chat = [
+        {"role": r, "content": c}
+        for r, c in zip(("user", "assistant", "user"), contents, strict=True)
+    ]
     assert render(NAMED["plain"], chat, bos_token="") == "\n\n".join(contents) + "\n\n"
 
 
@@ -73,8 +95,9 @@ def test_special_tokens_come_from_the_tokenizer():
 
 
 @pytest.mark.parametrize("name", sorted(NAMED))
-@pytest.mark.parametrize("chat", [[A1, U2], [U1, U2], [U1, A1, S], [S, S, U1],
-                                  [U1, {"role": "tool", "content": "x"}]])
+@pytest.mark.parametrize(
+    "chat", [[A1, U2], [U1, U2], [U1, A1, S], [S, S, U1], [U1, {"role": "tool", "content": "x"}]]
+)
 def test_wrong_role_order_raises(name, chat):
     with pytest.raises(jinja2.TemplateError, match="alternating, starting with user; message"):
         render(NAMED[name], chat)
@@ -86,6 +109,7 @@ def test_role_error_names_the_message():
 
 
 # ------------------------------------------------------------------ transformers
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
@@ -101,10 +125,16 @@ def tokenizer(tmp_path_factory):
 @pytest.mark.parametrize("chat", [CHAT, CHAT[1:], CHAT[:3]])
 @pytest.mark.parametrize("prompt", [True, False])
 def test_render_matches_apply_chat_template(tokenizer, name, chat, prompt):
-    theirs = tokenizer.apply_chat_template(chat, chat_template=NAMED[name], tokenize=False,
-                                           add_generation_prompt=prompt)
-    ours = render(NAMED[name], chat, add_generation_prompt=prompt,
-                  bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    theirs = tokenizer.apply_chat_template(
+        chat, chat_template=NAMED[name], tokenize=False, add_generation_prompt=prompt
+    )
+    ours = render(
+        NAMED[name],
+        chat,
+        add_generation_prompt=prompt,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+    )
     assert ours == theirs
     assert tokenizer.bos_token == "[BOS]" and "<s>" not in ours  # the tokenizer's, not defaults
 
@@ -125,8 +155,10 @@ def test_chat_template_returns_a_named_format():
 
 def test_chat_template_reads_a_file_relative_to_base(tmp_path):
     # {% generation %} is transformers' own tag; Hub templates that use it must load
-    source = ("{% for m in messages %}{% generation %}<{{ m['role'] }}>{{ m['content'] }}"
-              "{% endgeneration %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    source = (
+        "{% for m in messages %}{% generation %}<{{ m['role'] }}>{{ m['content'] }}"
+        "{% endgeneration %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     (tmp_path / "formats").mkdir()
     (tmp_path / "formats" / "mine.jinja").write_text(source, encoding="utf-8")
     text = chat_template("formats/mine.jinja", base=tmp_path)
@@ -162,20 +194,26 @@ def test_chat_template_unreadable_file(tmp_path):
 
 
 def test_chat_template_jinja_syntax_error(tmp_path):
-    (tmp_path / "broken.jinja").write_text("{% for m in messages %}\n{{ m['content'] }",
-                                           encoding="utf-8")
+    (tmp_path / "broken.jinja").write_text(
+        "{% for m in messages %}\n{{ m['content'] }", encoding="utf-8"
+    )
     with pytest.raises(ValueError, match=r"is not valid Jinja \(line 2: ") as info:
         chat_template("broken.jinja", base=tmp_path)
     assert ALL_NAMES in str(info.value)
 
 
 def test_a_tokenizer_without_bos_or_eos_renders_them_empty():
-    messages = [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
-                {"role": "user", "content": "U2"}]
+    messages = [
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+    ]
     # the vicuna format by hand, with "" for both tokens
-    want = ("A chat between a curious user and an artificial intelligence assistant. The "
-            "assistant gives helpful, detailed, and polite answers to the user's questions. "
-            "USER: U1 ASSISTANT: A1USER: U2 ASSISTANT:")
+    want = (
+        "A chat between a curious user and an artificial intelligence assistant. The "
+        "assistant gives helpful, detailed, and polite answers to the user's questions. "
+        "USER: U1 ASSISTANT: A1USER: U2 ASSISTANT:"
+    )
     assert render(NAMED["vicuna"], messages, bos_token=None, eos_token=None) == want
     assert render(NAMED["plain"], messages[:1], bos_token=None) == "U1\n\n"
 

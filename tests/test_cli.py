@@ -8,9 +8,9 @@ import tomllib
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT, SCENARIOS
 
 from abm.run import main
-from conftest import ROOT, SCENARIOS
 
 SMALL = SCENARIOS / "small_world_rules.toml"
 
@@ -18,9 +18,25 @@ SMALL = SCENARIOS / "small_world_rules.toml"
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    proc = subprocess.run([sys.executable, "-m", "abm.run", str(SMALL), "--out", str(out),
-                           "--seed", "11", "--set", "game.noise=0.1", "--set", "pairing.steps=4"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "abm.run",
+            str(SMALL),
+            "--out",
+            str(out),
+            "--seed",
+            "11",
+            "--set",
+            "game.noise=0.1",
+            "--set",
+            "pairing.steps=4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout
 
@@ -29,10 +45,22 @@ def small_run(tmp_path_factory):
 def test_every_output_is_written(small_run):
     out, stdout = small_run
     names = {p.name for p in out.iterdir()}
-    for name in ["config.toml", "rounds.parquet", "matches.csv", "payoff_matrix.csv",
-                 "defections.csv", "summary.json", "steps.csv", "agents.csv",
-                 "payoff_heatmap.html", "payoff_heatmap.png", "defections_heatmap.html",
-                 "defections_heatmap.png", "cooperation.html", "cooperation.png"]:
+    for name in [
+        "config.toml",
+        "rounds.parquet",
+        "matches.csv",
+        "payoff_matrix.csv",
+        "defections.csv",
+        "summary.json",
+        "steps.csv",
+        "agents.csv",
+        "payoff_heatmap.html",
+        "payoff_heatmap.png",
+        "defections_heatmap.html",
+        "defections_heatmap.png",
+        "cooperation.html",
+        "cooperation.png",
+    ]:
         assert name in names
     assert stdout.strip().splitlines()[-1] == f"outputs: {out}"
     assert (out / "payoff_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -57,9 +85,20 @@ def test_tables_agree_with_each_other(small_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == 11 and summary["steps"] == 4
     assert len(rounds) == summary["decisions"] == matches["rounds"].sum()
-    assert set(rounds.columns) >= {"step", "match", "round", "agent", "opponent", "player",
-                                   "opponent_player", "policy", "opponent_policy",
-                                   "intended", "actual", "payoff"}
+    assert set(rounds.columns) >= {
+        "step",
+        "match",
+        "round",
+        "agent",
+        "opponent",
+        "player",
+        "opponent_player",
+        "policy",
+        "opponent_policy",
+        "intended",
+        "actual",
+        "payoff",
+    }
     by_side = rounds.groupby(["match", "agent"])["payoff"].sum()
     per_match = matches.set_index(["match", "agent"])["payoff"]
     assert by_side.sort_index().to_numpy() == pytest.approx(per_match.sort_index().to_numpy())
@@ -77,7 +116,8 @@ def test_tables_agree_with_each_other(small_run):
     for (row, col), value in expect.items():
         assert defections.loc[row, col] == pytest.approx(value)
     assert summary["cooperation_by_step"] == pytest.approx(
-        pd.read_csv(out / "steps.csv")["cooperation_rate"].tolist())
+        pd.read_csv(out / "steps.csv")["cooperation_rate"].tolist()
+    )
 
 
 @pytest.mark.slow
@@ -89,13 +129,25 @@ def test_same_seed_gives_identical_rounds_and_other_seed_differs(tmp_path):
     a, b, c = (pq.read_table(tmp_path / x / "rounds.parquet") for x in "abc")
     assert a.equals(b)
     assert not a.equals(c)
-    assert (tmp_path / "a" / "matches.csv").read_bytes() == (tmp_path / "b" / "matches.csv").read_bytes()
+    assert (tmp_path / "a" / "matches.csv").read_bytes() == (
+        tmp_path / "b" / "matches.csv"
+    ).read_bytes()
 
 
 def test_default_output_folder_and_switches(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main([str(SCENARIOS / "round_robin_rules.toml"), "--set", "output.rounds=false",
-                 "--set", "output.charts=false"]) == 0
+    assert (
+        main(
+            [
+                str(SCENARIOS / "round_robin_rules.toml"),
+                "--set",
+                "output.rounds=false",
+                "--set",
+                "output.charts=false",
+            ]
+        )
+        == 0
+    )
     line = capsys.readouterr().out.strip().splitlines()[-1]
     folder = tmp_path / line.removeprefix("outputs: ")
     assert folder.parent == tmp_path / "outputs"
@@ -108,7 +160,22 @@ def test_default_output_folder_and_switches(tmp_path, monkeypatch, capsys):
 
 def test_set_accepts_bare_words_and_tables(tmp_path):
     out = tmp_path / "ring"
-    assert main([str(SMALL), "--quiet", "--out", str(out), "--set", "graph={kind='ring', n=12}",
-                 "--set", "pairing.scheme=round_robin", "--set", "pairing.steps=2"]) == 0
+    assert (
+        main(
+            [
+                str(SMALL),
+                "--quiet",
+                "--out",
+                str(out),
+                "--set",
+                "graph={kind='ring', n=12}",
+                "--set",
+                "pairing.scheme=round_robin",
+                "--set",
+                "pairing.steps=2",
+            ]
+        )
+        == 0
+    )
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["graph"]["kind"] == "ring" and config["pairing"]["scheme"] == "round_robin"

@@ -8,10 +8,10 @@ import tomllib
 import pandas as pd
 import pytest
 import tomli_w
+from conftest import SCENARIOS
 
 from abm.compare import main, two_proportion_test
 from abm.run import run_scenario
-from conftest import SCENARIOS
 
 
 def experiment(tmp_path, name, seed=2024, **llm):
@@ -51,8 +51,9 @@ def test_identical_models_differ_in_nothing_and_different_ones_do(fake, tmp_path
     assert set(diffs["player"]) == {"LLM"}  # pairs are matched by player and opponent
     same = diffs[(diffs["a"] == "police") & (diffs["b"] == "neutral")]
     assert (same["difference"] == 0).all() and (same["p_value"] == 1).all()
-    apart = diffs[(diffs["a"] == "police") & (diffs["b"] == "defector") &
-                  (diffs["opponent"] == "all")].iloc[0]
+    apart = diffs[
+        (diffs["a"] == "police") & (diffs["b"] == "defector") & (diffs["opponent"] == "all")
+    ].iloc[0]
     assert apart["difference"] == pytest.approx(30 / 35) and apart["p_value"] < 1e-6
     prints = pd.read_csv(tmp_path / "cmp" / "fingerprints.csv")
     tft = prints[prints["condition"] == "police"].set_index("situation")["p"]
@@ -65,29 +66,41 @@ def test_a_sweep_folder_gives_one_condition_per_point(fake, tmp_path):
     sweep = tmp_path / "sweep"
     (sweep / "runs").mkdir(parents=True)
     rows = []
-    for run_id, (point, framing, seed) in enumerate([(0, "police", 1), (0, "police", 2),
-                                                      (1, "neutral", 1)]):
+    for run_id, (point, framing, seed) in enumerate(
+        [(0, "police", 1), (0, "police", 2), (1, "neutral", 1)]
+    ):
         out = experiment(tmp_path, f"r{run_id}", seed=seed, framing=framing)
         out.rename(sweep / "runs" / str(run_id))
-        rows.append({"run_id": run_id, "point": point, "status": "ok",
-                     "population.players[5].framing": framing})
+        rows.append(
+            {
+                "run_id": run_id,
+                "point": point,
+                "status": "ok",
+                "population.players[5].framing": framing,
+            }
+        )
     pd.DataFrame(rows).to_parquet(sweep / "results.parquet")
     (sweep / "sweep.json").write_text(json.dumps({"keys": ["population.players[5].framing"]}))
     assert main([str(sweep), "--out", str(tmp_path / "cmp")]) == 0
     settings = pd.read_csv(tmp_path / "cmp" / "conditions.csv")
-    assert settings["condition"].tolist() == ["population.players[5].framing=police",
-                                              "population.players[5].framing=neutral"]
+    assert settings["condition"].tolist() == [
+        "population.players[5].framing=police",
+        "population.players[5].framing=neutral",
+    ]
     assert settings["runs"].tolist() == [2, 1]
     coop = pd.read_csv(tmp_path / "cmp" / "cooperation.csv")
     both = coop[coop["condition"].str.endswith("police") & (coop["opponent"] == "all")]
     assert both["decisions"].iloc[0] == 70  # two replicates pooled
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{tmp}/missing", "{tmp}/missing2"], "no such folder"),
-    (["{run}"], "at least two runs"),
-    (["{run}", "{tmp}"], "not a run folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/missing", "{tmp}/missing2"], "no such folder"),
+        (["{run}"], "at least two runs"),
+        (["{run}", "{tmp}"], "not a run folder"),
+    ],
+)
 def test_bad_arguments(fake, tmp_path, capsys, args, message):
     run = experiment(tmp_path, "one")
     argv = [a.format(tmp=tmp_path, run=run) for a in args] + ["--out", str(tmp_path / "cmp")]
@@ -108,10 +121,12 @@ def test_a_swept_probability_gives_the_cooperation_curve(fake, tmp_path):
         data["population"]["players"][0]["p"] = p
         path = tmp_path / f"a{run_id}.toml"
         path.write_text(tomli_w.dumps(data))
-        run_scenario(path, out=sweep / "runs" / str(run_id), quiet=True,
-                     overrides=["output.charts=false"])
-        rows.append({"run_id": run_id, "point": run_id, "status": "ok",
-                     "population.players[0].p": p})
+        run_scenario(
+            path, out=sweep / "runs" / str(run_id), quiet=True, overrides=["output.charts=false"]
+        )
+        rows.append(
+            {"run_id": run_id, "point": run_id, "status": "ok", "population.players[0].p": p}
+        )
     pd.DataFrame(rows).to_parquet(sweep / "results.parquet")
     (sweep / "sweep.json").write_text(json.dumps({"keys": ["population.players[0].p"]}))
     assert main([str(sweep), "--out", str(tmp_path / "cmp")]) == 0

@@ -13,19 +13,24 @@ import textwrap
 
 import pandas as pd
 import pytest
+from conftest import ROOT, SCENARIOS
+from test_round_robin import PAYOFF, PLAYERS
 
 import abm.policies.llm as llm_module
 from abm.run import main
-from conftest import ROOT, SCENARIOS
-from test_round_robin import PAYOFF, PLAYERS
 
 BLOCK = "import sys\nsys.modules['torch'] = None\nsys.modules['transformers'] = None\n"
 
 
 def run_blocked(code: str, *args: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter in which torch and transformers cannot be imported."""
-    return subprocess.run([sys.executable, "-c", BLOCK + textwrap.dedent(code), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK + textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
@@ -44,19 +49,34 @@ def test_every_module_but_the_backend_imports_without_torch():
     assert proc.returncode == 0, proc.stderr
     imported = json.loads(proc.stdout)
     # the modules a core install is documented to use are among them
-    assert {"abm.run", "abm.model", "abm.policies", "abm.policies.llm", "abm.batch",
-            "abm.viz.model", "abm.llm.stats", "abm.llm.prompts"} <= set(imported)
+    assert {
+        "abm.run",
+        "abm.model",
+        "abm.policies",
+        "abm.policies.llm",
+        "abm.batch",
+        "abm.viz.model",
+        "abm.llm.stats",
+        "abm.llm.prompts",
+    } <= set(imported)
 
 
 @pytest.mark.slow
 def test_a_rule_only_scenario_runs_without_torch(tmp_path):
     out = tmp_path / "run"
-    proc = run_blocked("""
+    proc = run_blocked(
+        """
         import runpy
         sys.argv = ["abm.run", *sys.argv[1:]]
         runpy.run_module("abm.run", run_name="__main__")
-        """, str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--out", str(out),
-        "--set", "output.charts=false")
+        """,
+        str(SCENARIOS / "round_robin_rules.toml"),
+        "--quiet",
+        "--out",
+        str(out),
+        "--set",
+        "output.charts=false",
+    )
     assert proc.returncode == 0, proc.stderr
     payoff = pd.read_csv(out / "payoff_matrix.csv", index_col="player")
     assert list(payoff.index) == PLAYERS
@@ -64,14 +84,17 @@ def test_a_rule_only_scenario_runs_without_torch(tmp_path):
     assert "llm" not in json.loads((out / "summary.json").read_text())
 
 
-def test_an_llm_scenario_without_torch_names_the_llm_extra(scenario_file, tmp_path, capsys,
-                                                           monkeypatch):
+def test_an_llm_scenario_without_torch_names_the_llm_extra(
+    scenario_file, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "torch", None)  # already so on a core install
     monkeypatch.setattr(llm_module, "_BACKENDS", {})
     # a model folder that exists, so that the model itself is not what is missing
     (tmp_path / "model").mkdir()
-    path = scenario_file('[match]\nrounds = 2\n[graph]\nkind = "complete"\n[population]\n'
-                         'players = ["all_d", { name = "llm", model = "model" }]\n')
+    path = scenario_file(
+        '[match]\nrounds = 2\n[graph]\nkind = "complete"\n[population]\n'
+        'players = ["all_d", { name = "llm", model = "model" }]\n'
+    )
     out = tmp_path / "o"
     assert main([str(path), "--quiet", "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -85,8 +108,13 @@ def test_backend_stats_are_torch_free_counters_starting_at_zero():
     from abm.llm.stats import BackendStats
 
     stats = BackendStats()
-    assert (stats.forward_passes, stats.generate_calls, stats.tokens, stats.seconds,
-            stats.prefix_hits) == (0, 0, 0, 0.0, 0)
+    assert (
+        stats.forward_passes,
+        stats.generate_calls,
+        stats.tokens,
+        stats.seconds,
+        stats.prefix_hits,
+    ) == (0, 0, 0, 0.0, 0)
     assert stats.extra == {} and stats.extra is not BackendStats().extra
 
 

@@ -15,10 +15,25 @@ from pydantic import BaseModel
 
 from abm.policies import REGISTRY
 from abm.policies.llm import LLMParams
-from abm.reference import (COMMANDS, cli_reference, framings, graph_kinds, scenario_reference,
-                           update_rules)
-from abm.scenario import (GameConfig, MatchConfig, MemoryConfig, OutputConfig, PairingConfig,
-                          PolicySpec, PopulationConfig, Scenario, Share)
+from abm.reference import (
+    COMMANDS,
+    cli_reference,
+    framings,
+    graph_kinds,
+    scenario_reference,
+    update_rules,
+)
+from abm.scenario import (
+    GameConfig,
+    MatchConfig,
+    MemoryConfig,
+    OutputConfig,
+    PairingConfig,
+    PolicySpec,
+    PopulationConfig,
+    Scenario,
+    Share,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -36,8 +51,9 @@ def section(text: str, heading: str) -> str:
     lines = text.splitlines()
     assert heading in lines, f"no heading {heading!r}"
     start = lines.index(heading) + 1
-    end = next((i for i in range(start, len(lines))
-                if re.match(rf"#{{1,{level}}} ", lines[i])), len(lines))
+    end = next(
+        (i for i in range(start, len(lines)) if re.match(rf"#{{1,{level}}} ", lines[i])), len(lines)
+    )
     return "\n".join(lines[start:end])
 
 
@@ -49,15 +65,20 @@ def rows(text: str) -> set[str]:
 # ---------------------------------------------------------------- the scenario reference
 
 
-SECTIONS = {"game": GameConfig, "match": MatchConfig, "memory": MemoryConfig,
-            "population": PopulationConfig, "pairing": PairingConfig, "output": OutputConfig}
+SECTIONS = {
+    "game": GameConfig,
+    "match": MatchConfig,
+    "memory": MemoryConfig,
+    "population": PopulationConfig,
+    "pairing": PairingConfig,
+    "output": OutputConfig,
+}
 
 
 def test_every_top_level_key_is_in_the_reference(reference):
     top = section(reference, "## Top level")
     assert rows(top) == {"name", "description", "seed"}
-    tables = {name for name in Scenario.model_fields if name not in {"name", "description",
-                                                                      "seed"}}
+    tables = {name for name in Scenario.model_fields if name not in {"name", "description", "seed"}}
     for name in tables:
         assert f"## `[{name}]`" in reference.splitlines(), name
 
@@ -71,8 +92,11 @@ def test_every_key_of_a_table_is_in_its_section(reference, name):
 
 def test_mix_entries_policies_and_llm_keys_are_in_the_reference(reference):
     assert rows(section(reference, "### A mix entry")) == set(Share.model_fields)
-    assert rows(section(reference, "### A policy")) == {"name", "label"} <= set(
-        PolicySpec.model_fields)
+    assert (
+        rows(section(reference, "### A policy"))
+        == {"name", "label"}
+        <= set(PolicySpec.model_fields)
+    )
     assert rows(section(reference, "### LLM players")) == set(LLMParams.model_fields)
 
 
@@ -87,11 +111,18 @@ def test_evolution_keys_are_in_the_reference(reference):
 
 def test_every_graph_kind_has_a_section_with_its_keys(reference):
     kinds = graph_kinds()
-    assert {"complete", "ring", "grid", "watts_strogatz", "barabasi_albert", "erdos_renyi",
-            "random_regular", "file"} <= set(kinds)
+    assert {
+        "complete",
+        "ring",
+        "grid",
+        "watts_strogatz",
+        "barabasi_albert",
+        "erdos_renyi",
+        "random_regular",
+        "file",
+    } <= set(kinds)
     for kind, model in kinds.items():
-        heading = next(line for line in reference.splitlines()
-                       if line.startswith(f"### `{kind}`"))
+        heading = next(line for line in reference.splitlines() if line.startswith(f"### `{kind}`"))
         assert rows(section(reference, heading)) == set(model.model_fields) - {"kind"}, kind
 
 
@@ -121,8 +152,10 @@ def test_registry_docstrings_are_the_descriptions(reference):
     for kind, model in graph_kinds().items():
         doc = _own_doc(model)
         if doc:
-            assert doc.splitlines()[0] in section(reference, next(
-                line for line in reference.splitlines() if line.startswith(f"### `{kind}`")))
+            assert doc.splitlines()[0] in section(
+                reference,
+                next(line for line in reference.splitlines() if line.startswith(f"### `{kind}`")),
+            )
     for entries in (update_rules(), framings()):
         for entry in entries.values():
             doc = _entry_doc(entry)
@@ -137,9 +170,21 @@ def test_every_policy_is_in_the_reference(reference):
         assert info.description.split("(")[0].strip() in table
 
 
-@pytest.mark.parametrize("model", [GameConfig, MatchConfig, MemoryConfig, PopulationConfig,
-                                   Share, PairingConfig, OutputConfig, Scenario, LLMParams],
-                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "model",
+    [
+        GameConfig,
+        MatchConfig,
+        MemoryConfig,
+        PopulationConfig,
+        Share,
+        PairingConfig,
+        OutputConfig,
+        Scenario,
+        LLMParams,
+    ],
+    ids=lambda m: m.__name__,
+)
 def test_every_key_has_a_description(reference, model: type[BaseModel]):
     for name, field in model.model_fields.items():
         assert field.description, f"{model.__name__}.{name} has no docstring"
@@ -148,16 +193,22 @@ def test_every_key_has_a_description(reference, model: type[BaseModel]):
 
 def test_a_reference_row_gives_type_default_and_description(reference):
     # the noise row, computed by hand from GameConfig: a number in [0, 1], default 0
-    noise = next(line for line in section(reference, "## `[game]`").splitlines()
-                 if line.startswith("| `noise` |"))
+    noise = next(
+        line
+        for line in section(reference, "## `[game]`").splitlines()
+        if line.startswith("| `noise` |")
+    )
     cells = [c.strip() for c in noise.strip("|").split(" | ")]
     assert cells[:3] == ["`noise`", "number ≥ 0, ≤ 1", "`0.0`"]
     assert cells[3].startswith("Probability that an intended action is flipped")
-    scope = next(line for line in section(reference, "## `[memory]`").splitlines()
-                 if line.startswith("| `scope` |"))
+    scope = next(
+        line
+        for line in section(reference, "## `[memory]`").splitlines()
+        if line.startswith("| `scope` |")
+    )
     assert '`"match"` or `"opponent"` or `"all"` | `"match"`' in scope
     population = section(reference, "## `[population]`")
-    assert '| `players` | list of policies, at least 1 item | — |' in population
+    assert "| `players` | list of policies, at least 1 item | — |" in population
 
 
 # ---------------------------------------------------------------- the command-line reference
@@ -199,9 +250,11 @@ def test_every_relative_link_leads_to_a_file(path: Path):
 
 
 def test_the_link_finder_finds_links_and_skips_code():
-    text = ("See [a](docs/a.md#x) and ![b](b.png \"title\"), <img src=\"c.png\">, "
-            "[web](https://example.org), [here](#top).\n```\n[no](in-code.md)\n```\n"
-            "`[no](inline.md)`")
+    text = (
+        'See [a](docs/a.md#x) and ![b](b.png "title"), <img src="c.png">, '
+        "[web](https://example.org), [here](#top).\n```\n[no](in-code.md)\n```\n"
+        "`[no](inline.md)`"
+    )
     assert relative_links(text) == ["docs/a.md#x", "b.png", "c.png"]
 
 
@@ -210,8 +263,10 @@ def test_the_readme_is_a_front_page():
     assert len(lines) <= 200
     # every page of the manual is reachable from the README or the docs' own index
     linked = {Path(t.split("#")[0]).name for t in relative_links("\n".join(lines))}
-    index = {Path(t.split("#")[0]).name
-             for t in relative_links((DOCS / "index.md").read_text(encoding="utf-8"))}
+    index = {
+        Path(t.split("#")[0]).name
+        for t in relative_links((DOCS / "index.md").read_text(encoding="utf-8"))
+    }
     pages = {p.name for p in DOCS.glob("*.md")} - {"index.md"}
     assert pages <= linked | index, pages - linked - index
 
@@ -247,15 +302,20 @@ def test_every_page_is_in_the_site_navigation():
 
 @pytest.mark.slow
 def test_the_site_builds_strictly(tmp_path: Path):
-    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e \".[docs]\")")
+    pytest.importorskip("mkdocs", reason='mkdocs is not installed (pip install -e ".[docs]")')
     pytest.importorskip("material", reason="mkdocs-material is not installed")
     pytest.importorskip("mkdocstrings", reason="mkdocstrings is not installed")
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or "mkdocs"
-    done = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    done = subprocess.run(
+        [mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     page = (tmp_path / "site" / "reference-scenario" / "index.html").read_text(encoding="utf-8")
     assert "watts_strogatz" in page and "continuation_probability" in page
     assert "usage: python -m abm.run" in (
-        tmp_path / "site" / "reference-cli" / "index.html").read_text(encoding="utf-8")
+        tmp_path / "site" / "reference-cli" / "index.html"
+    ).read_text(encoding="utf-8")

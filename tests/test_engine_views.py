@@ -38,15 +38,24 @@ class Noter:
 
 
 def engine(policy, scope="match", window=None) -> Engine:
-    population = Population.of_policies([policy, make("all_c", {}, GAME)],
-                                        np.array([0, 1]))
-    return Engine(game=GAME, noise=0.0, population=population, edges=np.array([[0, 1]]),
-                  window=window, scope=scope, rounds=3, continuation_probability=None,
-                  rngs={p: stream(1, p) for p in ("noise", "policy", "match_length")})
+    population = Population.of_policies([policy, make("all_c", {}, GAME)], np.array([0, 1]))
+    return Engine(
+        game=GAME,
+        noise=0.0,
+        population=population,
+        edges=np.array([[0, 1]]),
+        window=window,
+        scope=scope,
+        rounds=3,
+        continuation_probability=None,
+        rngs={p: stream(1, p) for p in ("noise", "policy", "match_length")},
+    )
 
 
-@pytest.mark.parametrize("field", ["mine", "theirs", "length", "agent", "opponent", "match",
-                                   "side", "score", "rounds_total"])
+@pytest.mark.parametrize(
+    "field",
+    ["mine", "theirs", "length", "agent", "opponent", "match", "side", "score", "rounds_total"],
+)
 @pytest.mark.parametrize("scope", ["match", "opponent", "all"])
 def test_a_policy_cannot_write_into_its_view(field, scope):
     with pytest.raises(ValueError, match="read-only"):

@@ -6,13 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from fake_llm import FakeBackend
 
 import abm.policies.llm as llm_module
 from abm.evolution import Adjacency, Evolution
 from abm.model import DilemmaModel
 from abm.run import main
 from abm.scenario import EvolutionConfig, validate_scenario
-from fake_llm import FakeBackend
 
 
 def weak_pd(b: float) -> dict:
@@ -21,10 +21,19 @@ def weak_pd(b: float) -> dict:
 
 
 def model_of(players, graph, evolution, game=None, rounds=1, steps=1, seed=1):
-    return DilemmaModel(validate_scenario({
-        "seed": seed, "game": game or weak_pd(1.5), "match": {"rounds": rounds},
-        "graph": graph, "population": {"players": players},
-        "pairing": {"scheme": "all_edges", "steps": steps}, "evolution": evolution}))
+    return DilemmaModel(
+        validate_scenario(
+            {
+                "seed": seed,
+                "game": game or weak_pd(1.5),
+                "match": {"rounds": rounds},
+                "graph": graph,
+                "population": {"players": players},
+                "pairing": {"scheme": "all_edges", "steps": steps},
+                "evolution": evolution,
+            }
+        )
+    )
 
 
 def labels(model) -> list[str]:
@@ -35,9 +44,19 @@ def lone_defector(b: float) -> DilemmaModel:
     """5 x 5 torus, Moore neighbourhood with self-interaction, one D in the middle."""
     players = ["all_c"] * 25
     players[12] = "all_d"
-    return model_of(players, {"kind": "grid", "rows": 5, "cols": 5, "torus": True,
-                              "neighbourhood": "moore", "self_loops": True},
-                    {"rule": "imitate_best"}, game=weak_pd(b))
+    return model_of(
+        players,
+        {
+            "kind": "grid",
+            "rows": 5,
+            "cols": 5,
+            "torus": True,
+            "neighbourhood": "moore",
+            "self_loops": True,
+        },
+        {"rule": "imitate_best"},
+        game=weak_pd(b),
+    )
 
 
 @pytest.mark.parametrize("b, spreads", [(1.1, False), (1.2, True)])
@@ -68,10 +87,14 @@ def test_imitate_best_payoffs_are_the_step_payoffs():
 
 def ring_model(rule, steps=1, seed=5, **evolution):
     players = ["all_c", "all_c", "all_d", "all_d"] * 1000
-    return model_of(players, {"kind": "ring", "n": 4000},
-                    {"rule": rule, **evolution},
-                    game={"kind": "prisoners_dilemma", "R": 3, "S": 0, "T": 5, "P": 1},
-                    steps=steps, seed=seed)
+    return model_of(
+        players,
+        {"kind": "ring", "n": 4000},
+        {"rule": rule, **evolution},
+        game={"kind": "prisoners_dilemma", "R": 3, "S": 0, "T": 5, "P": 1},
+        steps=steps,
+        seed=seed,
+    )
 
 
 def within(count: int, n: int, p: float, sds: float = 4.5) -> bool:
@@ -147,8 +170,9 @@ def test_death_birth_takes_a_neighbour_in_proportion_to_fitness():
     edges = np.array([[0, 1], [1, 2]])
     types = np.array([0, 1, 1])
     fitness = np.array([3.0, 0.0, 1.0])
-    evo = Evolution(evolution("death_birth", intensity=1.0), edges, 3, [0, 1], 1.0,
-                    np.random.default_rng(2))
+    evo = Evolution(
+        evolution("death_birth", intensity=1.0), edges, 3, [0, 1], 1.0, np.random.default_rng(2)
+    )
     outcomes = np.array([evo.update(types, fitness) for _ in range(4000)])
     assert (outcomes[:, 0] == 1).all() and (outcomes[:, 2] == 1).all()  # their one neighbour
     assert within(int((outcomes[:, 1] == 0).sum()), 4000, 0.75)
@@ -158,10 +182,15 @@ def test_moran_parent_is_drawn_by_fitness_and_replaces_a_neighbour():
     # two nodes, fitness 3 and 1 (w = 1): one event a step; the parent is node 0 with
     # probability 3/4, and then node 1 takes type 0
     edges = np.array([[0, 1]])
-    evo = Evolution(evolution("moran", update="asynchronous", intensity=1.0), edges, 2,
-                    [0, 1], 1.0, np.random.default_rng(3))
-    outcomes = np.array([evo.update(np.array([0, 1]), np.array([3.0, 1.0]))
-                         for _ in range(4000)])
+    evo = Evolution(
+        evolution("moran", update="asynchronous", intensity=1.0),
+        edges,
+        2,
+        [0, 1],
+        1.0,
+        np.random.default_rng(3),
+    )
+    outcomes = np.array([evo.update(np.array([0, 1]), np.array([3.0, 1.0])) for _ in range(4000)])
     all_zero = (outcomes == 0).all(axis=1)
     all_one = (outcomes == 1).all(axis=1)
     assert (all_zero | all_one).all()
@@ -173,9 +202,14 @@ def test_asynchronous_update_moves_the_requested_number_of_agents():
     types = np.arange(100) % 2
     fitness = np.where(types == 1, 10.0, 0.0)  # every 0 sees a better 1 on both sides
     for fraction, movers in ((None, 1), (0.1, 10)):
-        evo = Evolution(evolution("imitate_best", update="asynchronous",
-                                  update_fraction=fraction),
-                        edges, 100, [0, 1], 1.0, np.random.default_rng(4))
+        evo = Evolution(
+            evolution("imitate_best", update="asynchronous", update_fraction=fraction),
+            edges,
+            100,
+            [0, 1],
+            1.0,
+            np.random.default_rng(4),
+        )
         new = evo.update(types, fitness)
         # only the chosen 0s switch; chosen 1s already hold the best type
         assert 0 < (new != types).sum() <= movers
@@ -184,26 +218,32 @@ def test_asynchronous_update_moves_the_requested_number_of_agents():
 
 def test_mutation_draws_from_the_mutant_set():
     edges = np.array([[i, (i + 1) % 50] for i in range(50)])
-    evo = Evolution(evolution("imitate_best", mutation=1.0), edges, 50, [2, 3], 1.0,
-                    np.random.default_rng(5))
+    evo = Evolution(
+        evolution("imitate_best", mutation=1.0), edges, 50, [2, 3], 1.0, np.random.default_rng(5)
+    )
     new = evo.update(np.zeros(50, np.int64), np.zeros(50))
     assert set(np.unique(new)) == {2, 3}
 
 
 @pytest.mark.parametrize("rule", ["imitate_best", "proportional", "fermi", "death_birth", "moran"])
 def test_counts_are_conserved_and_policies_follow_labels(rule):
-    model = model_of(["all_c", "all_d", "tit_for_tat", "all_c"] * 25,
-                     {"kind": "watts_strogatz", "n": 100, "k": 4, "p": 0.1},
-                     {"rule": rule, "update": "asynchronous", "update_fraction": 0.2},
-                     game={"kind": "prisoners_dilemma"}, rounds=3, steps=15)
+    model = model_of(
+        ["all_c", "all_d", "tit_for_tat", "all_c"] * 25,
+        {"kind": "watts_strogatz", "n": 100, "k": 4, "p": 0.1},
+        {"rule": rule, "update": "asynchronous", "update_fraction": 0.2},
+        game={"kind": "prisoners_dilemma"},
+        rounds=3,
+        steps=15,
+    )
     start = set(model.label_of_node.tolist())
     while model.running:
         model.step()
         assert len(model.label_of_node) == 100
         assert set(model.label_of_node.tolist()) <= start  # copying never invents a policy
         assert (model.policy_of_node == model.policy_of_label[model.label_of_node]).all()
-        assert sum(v for k, v in model.tally.steps[-1].items() if k.startswith("share:")) \
-            == pytest.approx(1.0)
+        assert sum(
+            v for k, v in model.tally.steps[-1].items() if k.startswith("share:")
+        ) == pytest.approx(1.0)
     # the engine plays with the updated policies: a step's cooperation follows the labels
     assert [p.label for p in model.players] == labels(model)
 
@@ -214,15 +254,20 @@ def test_seeded_runs_repeat_and_seeds_matter():
         while model.running:
             model.step()
         return [s["share:all_c"] for s in model.tally.steps], model.label_of_node.copy()
+
     a, b, c = shares(1), shares(1), shares(2)
     assert a[0] == b[0] and (a[1] == b[1]).all()
     assert not (a[1] == c[1]).all()
 
 
 def test_mutants_join_the_labels_and_can_take_over():
-    model = model_of(["all_c"] * 10, {"kind": "ring", "n": 10},
-                     {"rule": "imitate_best", "mutation": 1.0, "mutants": ["all_d"]},
-                     game={"kind": "prisoners_dilemma"}, steps=2)
+    model = model_of(
+        ["all_c"] * 10,
+        {"kind": "ring", "n": 10},
+        {"rule": "imitate_best", "mutation": 1.0, "mutants": ["all_d"]},
+        game={"kind": "prisoners_dilemma"},
+        steps=2,
+    )
     assert model.labels == ["all_c", "all_d"]
     model.step()
     assert labels(model) == ["all_d"] * 10
@@ -239,15 +284,25 @@ def test_llm_agents_spread_like_any_policy(monkeypatch):
     # one LLM among all_d, 2 rounds: the LLM earns 0 + 5 against each all_d neighbour
     # (10); its all_d neighbours earn 10 + 5 from it and 5 + 5 from the other side (25),
     # so the LLM copies all_d and nobody copies the LLM
-    model = model_of([{"name": "llm", "label": "LLM"}] + ["all_d"] * 5, ring,
-                     {"rule": "imitate_best"}, game=pd_game, rounds=2)
+    model = model_of(
+        [{"name": "llm", "label": "LLM"}] + ["all_d"] * 5,
+        ring,
+        {"rule": "imitate_best"},
+        game=pd_game,
+        rounds=2,
+    )
     model.step()
     assert labels(model) == ["all_d"] * 6
     # one all_d among LLMs, 5 rounds: all_d earns 10 + 4 * 5 = 30 from each side (60); an
     # LLM next to it earns 20 from it and 45 from its LLM neighbour (65), the others 90:
     # all_d turns into an LLM agent, and every LLM keeps its policy
-    model = model_of(["all_d"] + [{"name": "llm", "label": "LLM"}] * 5, ring,
-                     {"rule": "imitate_best"}, game=pd_game, rounds=5)
+    model = model_of(
+        ["all_d"] + [{"name": "llm", "label": "LLM"}] * 5,
+        ring,
+        {"rule": "imitate_best"},
+        game=pd_game,
+        rounds=5,
+    )
     model.step()
     assert labels(model) == ["LLM"] * 6
     llm = model.policies[model.policy_of_label[model.labels.index("LLM")]]
@@ -263,9 +318,21 @@ def test_nowak_may_lattice_keeps_cooperators_near_the_known_fraction():
     n = 40 * 40
     rng = np.random.default_rng(0)
     players = np.where(rng.random(n) < 0.1, "all_d", "all_c").tolist()
-    model = model_of(players, {"kind": "grid", "rows": 40, "cols": 40, "torus": True,
-                               "neighbourhood": "moore", "self_loops": True},
-                     {"rule": "imitate_best"}, game=weak_pd(1.9), steps=60, seed=3)
+    model = model_of(
+        players,
+        {
+            "kind": "grid",
+            "rows": 40,
+            "cols": 40,
+            "torus": True,
+            "neighbourhood": "moore",
+            "self_loops": True,
+        },
+        {"rule": "imitate_best"},
+        game=weak_pd(1.9),
+        steps=60,
+        seed=3,
+    )
     while model.running:
         model.step()
     late = [s["share:all_c"] for s in model.tally.steps[-20:]]
@@ -289,6 +356,7 @@ evolution = { rule = "imitate_best", average_last = 4, snapshot_every = 4 }
     import json
 
     import pandas as pd
+
     summary = json.loads((out / "summary.json").read_text())
     steps = pd.read_csv(out / "steps.csv")
     assert list(steps.columns[-2:]) == ["share:all_c", "share:all_d"]
@@ -324,8 +392,11 @@ evolution = { rule = "copy_the_rich" }
 
 def test_donation_game_sets_the_payoffs_from_b_and_c(scenario_file, capsys):
     from abm.scenario import validate_scenario as validate
-    base = {"graph": {"kind": "ring", "n": 4},
-            "population": {"mix": [{"policy": "all_c", "share": 1.0}]}}
+
+    base = {
+        "graph": {"kind": "ring", "n": 4},
+        "population": {"mix": [{"policy": "all_c", "share": 1.0}]},
+    }
     game = validate({**base, "game": {"kind": "donation", "b": 5, "c": 2}}).game
     # a cooperator pays c = 2 so that the other gets b = 5
     assert (game.R, game.S, game.T, game.P) == (3.0, -2.0, 5.0, 0.0)
@@ -339,8 +410,11 @@ game = { kind = "donation", b = 1, c = 2 }
 
 
 def test_graph_copies_are_independent_blocks():
-    model = model_of(["all_c"] * 30, {"kind": "random_regular", "n": 10, "d": 3, "copies": 3},
-                     {"rule": "death_birth"})
+    model = model_of(
+        ["all_c"] * 30,
+        {"kind": "random_regular", "n": 10, "d": 3, "copies": 3},
+        {"rule": "death_birth"},
+    )
     edges = model.edges
     assert len(edges) == 3 * 15
     # every edge stays inside its block of 10 nodes, and the blocks are different draws
@@ -352,11 +426,27 @@ def test_graph_copies_are_independent_blocks():
 @pytest.mark.parametrize("name", ["nowak_may", "santos_pacheco", "ohtsuki_bc"])
 def test_reproduction_scenarios_run(name, tmp_path):
     from conftest import SCENARIOS
+
     out = tmp_path / name
-    assert main([str(SCENARIOS / f"{name}.toml"), "--out", str(out), "--quiet",
-                 "--set", "pairing.steps=3", "--set", "evolution.average_last=2",
-                 "--set", "output.charts=false"]) == 0
+    assert (
+        main(
+            [
+                str(SCENARIOS / f"{name}.toml"),
+                "--out",
+                str(out),
+                "--quiet",
+                "--set",
+                "pairing.steps=3",
+                "--set",
+                "evolution.average_last=2",
+                "--set",
+                "output.charts=false",
+            ]
+        )
+        == 0
+    )
     import json
+
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3
     assert sum(summary["evolution"]["final_shares"].values()) == pytest.approx(1.0)
@@ -384,6 +474,7 @@ evolution = { rule = "imitate_best", snapshot_every = 1 }
 """)
     assert main([str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     import pandas as pd
+
     snaps = np.load(tmp_path / "out" / "snapshots.npz")
     labels = list(snaps["labels"])
     matches = pd.read_csv(tmp_path / "out" / "matches.csv")
@@ -402,11 +493,19 @@ evolution = { rule = "imitate_best", snapshot_every = 1 }
 
 def test_a_policy_on_no_node_can_still_arrive_by_mutation():
     # 1% of 36 nodes rounds to none; the policy is still a label, at share 0
-    model = DilemmaModel(validate_scenario({
-            "seed": 1, "graph": {"kind": "grid", "rows": 6, "cols": 6},
-            "population": {"mix": [{"policy": "all_c", "share": 0.99},
-                                   {"policy": "all_d", "share": 0.01}]},
-            "pairing": {"steps": 3}, "evolution": {"rule": "fermi", "mutation": 0.5}}))
+    model = DilemmaModel(
+        validate_scenario(
+            {
+                "seed": 1,
+                "graph": {"kind": "grid", "rows": 6, "cols": 6},
+                "population": {
+                    "mix": [{"policy": "all_c", "share": 0.99}, {"policy": "all_d", "share": 0.01}]
+                },
+                "pairing": {"steps": 3},
+                "evolution": {"rule": "fermi", "mutation": 0.5},
+            }
+        )
+    )
     assert model.labels == ["all_c", "all_d"] and model.shares()[1] == 0
     while model.running:
         model.step()
@@ -416,8 +515,11 @@ def test_a_policy_on_no_node_can_still_arrive_by_mutation():
 @pytest.mark.parametrize("rule", ["imitate_best", "proportional", "fermi", "death_birth", "moran"])
 def test_agents_without_neighbours_keep_their_policy(rule):
     # only self-loops: everybody plays itself and has nobody to copy
-    model = model_of(["all_c", "all_d", "all_c"], {"kind": "erdos_renyi", "n": 3, "p": 0.0,
-                                                   "self_loops": True}, {"rule": rule})
+    model = model_of(
+        ["all_c", "all_d", "all_c"],
+        {"kind": "erdos_renyi", "n": 3, "p": 0.0, "self_loops": True},
+        {"rule": rule},
+    )
     model.step()
     assert labels(model) == ["all_c", "all_d", "all_c"]
 
@@ -425,9 +527,10 @@ def test_agents_without_neighbours_keep_their_policy(rule):
 def test_proportional_scale_counts_the_matches_played():
     # one pair, gap 5 in a game whose one-match span is 10: copy with 5 / (10 * matches)
     edges = np.array([[0, 1]])
-    evo = Evolution(evolution("proportional"), edges, 2, [0, 1], 10.0,
-                    np.random.default_rng(6))
+    evo = Evolution(evolution("proportional"), edges, 2, [0, 1], 10.0, np.random.default_rng(6))
     for played, p in ((1, 0.5), (2, 0.25)):
-        copies = sum(evo.update(np.array([0, 1]), np.array([0.0, 5.0]),
-                                np.array([played, played]))[0] == 1 for _ in range(4000))
+        copies = sum(
+            evo.update(np.array([0, 1]), np.array([0.0, 5.0]), np.array([played, played]))[0] == 1
+            for _ in range(4000)
+        )
         assert within(int(copies), 4000, p)

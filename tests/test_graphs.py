@@ -12,8 +12,7 @@ from abm.scenario import validate_scenario
 def graph_of(table: dict, players: int | None = None) -> nx.Graph:
     data = {"graph": table, "population": {"players": ["all_c"] * (players or 1)}}
     scenario = validate_scenario(data)
-    return build_graph(scenario.graph, np.random.default_rng(0), "t.toml",
-                       n_default=players)
+    return build_graph(scenario.graph, np.random.default_rng(0), "t.toml", n_default=players)
 
 
 def test_complete_with_self_loops():
@@ -29,16 +28,19 @@ def test_ring_k_neighbours_each_side():
     assert g.has_edge(0, 9) and g.has_edge(0, 8) and not g.has_edge(0, 7)
 
 
-@pytest.mark.parametrize("hood, torus, edges", [
-    # 3x4 von Neumann, open: 3 rows * 3 horizontal + 2 * 4 vertical = 17
-    ("von_neumann", False, 17),
-    # torus: every node has 4 neighbours: 12 * 4 / 2 = 24
-    ("von_neumann", True, 24),
-    # Moore open: 17 + diagonals 2 * (2 * 3) = 29
-    ("moore", False, 29),
-    # Moore torus: 12 * 8 / 2 = 48
-    ("moore", True, 48),
-])
+@pytest.mark.parametrize(
+    "hood, torus, edges",
+    [
+        # 3x4 von Neumann, open: 3 rows * 3 horizontal + 2 * 4 vertical = 17
+        ("von_neumann", False, 17),
+        # torus: every node has 4 neighbours: 12 * 4 / 2 = 24
+        ("von_neumann", True, 24),
+        # Moore open: 17 + diagonals 2 * (2 * 3) = 29
+        ("moore", False, 29),
+        # Moore torus: 12 * 8 / 2 = 48
+        ("moore", True, 48),
+    ],
+)
 def test_grid(hood, torus, edges):
     g = graph_of({"kind": "grid", "rows": 3, "cols": 4, "torus": torus, "neighbourhood": hood})
     assert g.number_of_nodes() == 12
@@ -68,15 +70,33 @@ def test_random_regular():
 
 
 def test_random_graphs_follow_the_seed():
-    a = build_graph(validate_scenario({"graph": {"kind": "barabasi_albert", "n": 40, "m": 2},
-                                       "population": {"players": ["all_c"]}}).graph,
-                    np.random.default_rng(5))
-    b = build_graph(validate_scenario({"graph": {"kind": "barabasi_albert", "n": 40, "m": 2},
-                                       "population": {"players": ["all_c"]}}).graph,
-                    np.random.default_rng(5))
-    c = build_graph(validate_scenario({"graph": {"kind": "barabasi_albert", "n": 40, "m": 2},
-                                       "population": {"players": ["all_c"]}}).graph,
-                    np.random.default_rng(6))
+    a = build_graph(
+        validate_scenario(
+            {
+                "graph": {"kind": "barabasi_albert", "n": 40, "m": 2},
+                "population": {"players": ["all_c"]},
+            }
+        ).graph,
+        np.random.default_rng(5),
+    )
+    b = build_graph(
+        validate_scenario(
+            {
+                "graph": {"kind": "barabasi_albert", "n": 40, "m": 2},
+                "population": {"players": ["all_c"]},
+            }
+        ).graph,
+        np.random.default_rng(5),
+    )
+    c = build_graph(
+        validate_scenario(
+            {
+                "graph": {"kind": "barabasi_albert", "n": 40, "m": 2},
+                "population": {"players": ["all_c"]},
+            }
+        ).graph,
+        np.random.default_rng(6),
+    )
     assert sorted(a.edges) == sorted(b.edges)
     assert sorted(a.edges) != sorted(c.edges)
 
@@ -116,6 +136,7 @@ def test_edge_array_is_canonical():
 
 def test_only_a_single_lattice_has_a_lattice_shape():
     from abm.graph_kinds import GridGraph, RingGraph
+
     one = GridGraph.model_validate({"kind": "grid", "rows": 3, "cols": 4})
     two = GridGraph.model_validate({"kind": "grid", "rows": 3, "cols": 4, "copies": 2})
     ring = RingGraph.model_validate({"kind": "ring", "n": 12})

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from batch_scenarios import tiny_base
+from conftest import ROOT
 
 from abm.batch import aggregate, load_sweep, run_sweep
 from abm.batch.__main__ import main
 from abm.errors import ScenarioError
-from batch_scenarios import tiny_base
-from conftest import ROOT
 
-SWEEP = ('scenario = "base.toml"\nseed = 3\n[sweep]\nreplicates = 2\n'
-         'game.noise = [0.0, 0.2]\n')
+SWEEP = 'scenario = "base.toml"\nseed = 3\n[sweep]\nreplicates = 2\ngame.noise = [0.0, 0.2]\n'
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +35,16 @@ def done(tmp_path_factory):
     folder = tmp_path_factory.mktemp("done")
     (folder / "base.toml").write_text(tiny_base(noise=0.1))
     (folder / "sweep.toml").write_text(SWEEP)
-    run_sweep(load_sweep(folder / "sweep.toml"), folder / "out", backend="serial",
-              charts=False)
+    run_sweep(load_sweep(folder / "sweep.toml"), folder / "out", backend="serial", charts=False)
     return folder
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every path under ``folder`` (hidden ones too) with its bytes; None for folders."""
-    return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def read_only(folder: Path, monkeypatch) -> None:
@@ -75,8 +75,7 @@ def read_only(folder: Path, monkeypatch) -> None:
         return real_mkdir(path, *args, **kwargs)
 
     def open_(file, mode="r", *args, **kwargs):
-        if (isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+")
-                and denied(file)):
+        if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and denied(file):
             refuse(file)
         return real_open(file, mode, *args, **kwargs)
 
@@ -100,6 +99,7 @@ def _text(name: str, text: str):
     def spoil(tmp, monkeypatch):
         (tmp / "out" / name).write_text(text)
         return tmp / "out"
+
     return spoil
 
 
@@ -141,47 +141,78 @@ def _under_a_file(tmp, monkeypatch):
 
 NOT_PARQUET = "PAR1 this is not a parquet file"
 BAD_INPUTS = {
-    "sweep.json not JSON": ("run", _text("sweep.json", "{not json"),
-                            ["sweep.json", "is not valid JSON", "left as it is"]),
-    "sweep.json a list": ("run", _text("sweep.json", "[1, 2]"),
-                          ["sweep.json", "is not a sweep description", "got [1, 2]"]),
-    "sweep.json keys not a list": ("run", _text("sweep.json", '{"name": "sweep", "keys": 3}'),
-                                   ["sweep.json", "is not a sweep description"]),
-    "resume into corrupt results": ("run", _text("results.parquet", NOT_PARQUET),
-                                    ["results.parquet", "cannot be read", "left as it is",
-                                     "move it aside"]),
-    "resume into a foreign table": ("run", _wrong_table,
-                                    ["results.parquet", "no column 'run_id'"]),
+    "sweep.json not JSON": (
+        "run",
+        _text("sweep.json", "{not json"),
+        ["sweep.json", "is not valid JSON", "left as it is"],
+    ),
+    "sweep.json a list": (
+        "run",
+        _text("sweep.json", "[1, 2]"),
+        ["sweep.json", "is not a sweep description", "got [1, 2]"],
+    ),
+    "sweep.json keys not a list": (
+        "run",
+        _text("sweep.json", '{"name": "sweep", "keys": 3}'),
+        ["sweep.json", "is not a sweep description"],
+    ),
+    "resume into corrupt results": (
+        "run",
+        _text("results.parquet", NOT_PARQUET),
+        ["results.parquet", "cannot be read", "left as it is", "move it aside"],
+    ),
+    "resume into a foreign table": ("run", _wrong_table, ["results.parquet", "no column 'run_id'"]),
     "results.parquet a folder": ("run", _results_folder, ["results.parquet", "is not a file"]),
-    "report: sweep.json not JSON": ("report", _text("sweep.json", "{not json"),
-                                    ["sweep.json", "is not valid JSON"]),
-    "report: sweep.json a list": ("report", _text("sweep.json", "[1, 2]"),
-                                  ["sweep.json", "is not a sweep description"]),
-    "report: corrupt results": ("report", _text("results.parquet", NOT_PARQUET),
-                                ["results.parquet", "cannot be read", "move it aside"]),
-    "report into a read-only folder": ("report", _read_only_sweep,
-                                       ["cannot write the report", "untouched"]),
+    "report: sweep.json not JSON": (
+        "report",
+        _text("sweep.json", "{not json"),
+        ["sweep.json", "is not valid JSON"],
+    ),
+    "report: sweep.json a list": (
+        "report",
+        _text("sweep.json", "[1, 2]"),
+        ["sweep.json", "is not a sweep description"],
+    ),
+    "report: corrupt results": (
+        "report",
+        _text("results.parquet", NOT_PARQUET),
+        ["results.parquet", "cannot be read", "move it aside"],
+    ),
+    "report into a read-only folder": (
+        "report",
+        _read_only_sweep,
+        ["cannot write the report", "untouched"],
+    ),
     "resume into a read-only folder": ("run", _read_only_sweep, ["cannot write there"]),
-    "--out read-only and empty": ("run", _read_only_empty,
-                                  ["cannot write there", "Permission denied"]),
-    "--out in a read-only folder": ("run", _in_read_only,
-                                    ["cannot write there", "Permission denied"]),
+    "--out read-only and empty": (
+        "run",
+        _read_only_empty,
+        ["cannot write there", "Permission denied"],
+    ),
+    "--out in a read-only folder": (
+        "run",
+        _in_read_only,
+        ["cannot write there", "Permission denied"],
+    ),
     "--out under a file": ("run", _under_a_file, ["cannot write there", "Not a directory"]),
 }
 
 
-@pytest.mark.parametrize("mode, spoil, fragments", list(BAD_INPUTS.values()),
-                         ids=list(BAD_INPUTS))
+@pytest.mark.parametrize("mode, spoil, fragments", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
 def test_bad_batch_inputs_exit_2_with_one_paragraph_and_leave_everything(
-        done, tmp_path, monkeypatch, capsys, mode, spoil, fragments):
+    done, tmp_path, monkeypatch, capsys, mode, spoil, fragments
+):
     for name in ("base.toml", "sweep.toml"):
         shutil.copy(done / name, tmp_path / name)
     shutil.copytree(done / "out", tmp_path / "out")
     try:
         out = spoil(tmp_path, monkeypatch)
         before = snapshot(tmp_path)
-        argv = ([str(tmp_path / "sweep.toml"), "--out", str(out), "--workers", "1", "--quiet"]
-                if mode == "run" else ["report", str(out)])
+        argv = (
+            [str(tmp_path / "sweep.toml"), "--out", str(out), "--workers", "1", "--quiet"]
+            if mode == "run"
+            else ["report", str(out)]
+        )
         status = main(argv)
         err = capsys.readouterr().err
         assert status == 2, err
@@ -207,12 +238,14 @@ def test_a_spoilt_results_file_can_be_moved_aside_and_rebuilt(done, tmp_path):
     with pytest.raises(ScenarioError, match="move it aside"):
         run_sweep(load_sweep(tmp_path / "sweep.toml"), tmp_path / "out", backend="serial")
     results.rename(results.with_name("results.parquet.bad"))
-    again = run_sweep(load_sweep(tmp_path / "sweep.toml"), tmp_path / "out", backend="serial",
-                      charts=False)
+    again = run_sweep(
+        load_sweep(tmp_path / "sweep.toml"), tmp_path / "out", backend="serial", charts=False
+    )
     assert again.recovered == 4 and again.ran == []
-    pd.testing.assert_frame_equal(pd.read_parquet(results).drop(columns="run_seconds"),
-                                  pd.read_parquet(done / "out" / "results.parquet")
-                                  .drop(columns="run_seconds"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(results).drop(columns="run_seconds"),
+        pd.read_parquet(done / "out" / "results.parquet").drop(columns="run_seconds"),
+    )
 
 
 # ------------------------------------------------------------------ pool workers
@@ -239,23 +272,40 @@ def _alive(pids: list[int]) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
 def test_pool_workers_end_when_the_sweep_process_is_killed(tmp_path):
-    (tmp_path / "base.toml").write_text((ROOT / "scenarios" / "small_world_rules.toml")
-                                        .read_text())
+    (tmp_path / "base.toml").write_text((ROOT / "scenarios" / "small_world_rules.toml").read_text())
     (tmp_path / "sweep.toml").write_text(
         'scenario = "base.toml"\nseed = 3\n[set]\noutput.charts = false\n'
-        'output.rounds = false\npairing.steps = 150\n'
-        '[sweep]\nreplicates = 8\ngame.noise = [0.0, 0.1]\n')
+        "output.rounds = false\npairing.steps = 150\n"
+        "[sweep]\nreplicates = 8\ngame.noise = [0.0, 0.1]\n"
+    )
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "abm.batch", str(tmp_path / "sweep.toml"),
-                             "--out", str(out), "--workers", "2", "--no-report", "--quiet"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "abm.batch",
+            str(tmp_path / "sweep.toml"),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--no-report",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     seen: list[int] = []
     try:
         deadline = time.monotonic() + 90
         workers: list[int] = []
         while time.monotonic() < deadline and proc.poll() is None:
-            workers = [c for c in _children(proc.pid)
-                       if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+            workers = [
+                c
+                for c in _children(proc.pid)
+                if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+            ]
             runs = list((out / "runs").iterdir()) if (out / "runs").is_dir() else []
             if len(workers) == 2 and len(runs) >= 2:  # both workers are running a run
                 break
@@ -296,8 +346,12 @@ time.sleep(120)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_the_parent_watch_alone_ends_an_orphaned_worker(tmp_path):
     ready = tmp_path / "ready"
-    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, WATCHED, str(ready)], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
+    middle = subprocess.Popen(
+        [sys.executable, "-c", MIDDLE, WATCHED, str(ready)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     child = int(middle.stdout.readline())
     try:
         deadline = time.monotonic() + 30
@@ -332,15 +386,18 @@ def test_the_install_hint_names_this_project_not_pypis_abm(monkeypatch):
     assert "abm[ray]" not in message
 
 
-@pytest.mark.parametrize("address, fragment", [
-    ("nonsense", "not the address of a Ray cluster"),
-    ("10.0.0.5", "not the address of a Ray cluster"),
-    ("host:port", "not the address of a Ray cluster"),
-    ("127.0.0.1:0", "not the address of a Ray cluster"),
-    ("ray://127.0.0.1:{port}", "no Ray cluster answers there"),
-    ("127.0.0.1:{port}", "no Ray cluster answers there"),
-    ("[::1]:{port}", "no Ray cluster answers there"),
-])
+@pytest.mark.parametrize(
+    "address, fragment",
+    [
+        ("nonsense", "not the address of a Ray cluster"),
+        ("10.0.0.5", "not the address of a Ray cluster"),
+        ("host:port", "not the address of a Ray cluster"),
+        ("127.0.0.1:0", "not the address of a Ray cluster"),
+        ("ray://127.0.0.1:{port}", "no Ray cluster answers there"),
+        ("127.0.0.1:{port}", "no Ray cluster answers there"),
+        ("[::1]:{port}", "no Ray cluster answers there"),
+    ],
+)
 def test_ray_addresses_are_checked_before_ray_is_asked(address, fragment):
     from abm.batch.ray_backend import check_reachable
 
@@ -376,10 +433,26 @@ def test_an_unreachable_ray_address_fails_in_seconds_and_leaves_nothing(tmp_path
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "abm.batch", str(tmp_path / "sweep.toml"),
-                           "--backend", "ray", "--address", f"127.0.0.1:{port}", "--out",
-                           str(out), "--quiet"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "abm.batch",
+            str(tmp_path / "sweep.toml"),
+            "--backend",
+            "ray",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     took = time.monotonic() - started
     assert proc.returncode == 2, proc.stderr
     assert f"--address 127.0.0.1:{port}: no Ray cluster answers there" in proc.stderr
@@ -401,7 +474,7 @@ def _listening(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
             host, hexport = fields[1].split(":")
             if fields[3] != "0A" or int(hexport, 16) != port:  # 0A: LISTEN
                 continue
-            raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+            raw = b"".join(bytes.fromhex(host[i : i + 8])[::-1] for i in range(0, len(host), 8))
             address = ipaddress.ip_address(raw)
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
                 address = address.ipv4_mapped
@@ -440,7 +513,7 @@ def test_a_local_ray_instance_listens_on_loopback_only():
             os.environ["RAY_ADDRESS"] = saved_address
     # what connect changed to start it is as it was
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == env_before
-    assert ray_constants.ENABLE_RAY_CLUSTER == constant_before
+    assert constant_before == ray_constants.ENABLE_RAY_CLUSTER
 
 
 # ------------------------------------------------------------------ charts
@@ -449,12 +522,21 @@ def test_a_local_ray_instance_listens_on_loopback_only():
 def _results() -> pd.DataFrame:
     """Two replicates far apart: the t-interval of a rate reaches far past [0, 1]."""
     rows = []
-    for point, (framing, noise) in enumerate([("police", 0.0), ("police", 0.1),
-                                              ("neutral", 0.0), ("neutral", 0.1)]):
+    for point, (framing, noise) in enumerate(
+        [("police", 0.0), ("police", 0.1), ("neutral", 0.0), ("neutral", 0.1)]
+    ):
         for replicate, (rate, payoff) in enumerate([(0.05, 1.0), (0.95, 9.0)]):
-            rows.append({"point": point, "replicate": replicate,
-                         "population.players[2].framing": framing, "game.noise": noise,
-                         "status": "ok", "cooperation_rate": rate, "mean_payoff": payoff})
+            rows.append(
+                {
+                    "point": point,
+                    "replicate": replicate,
+                    "population.players[2].framing": framing,
+                    "game.noise": noise,
+                    "status": "ok",
+                    "cooperation_rate": rate,
+                    "mean_payoff": payoff,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -462,8 +544,10 @@ KEYS = ["population.players[2].framing", "game.noise"]
 
 
 def _marks(spec: dict) -> set[str]:
-    return {layer["mark"] if isinstance(layer["mark"], str) else layer["mark"]["type"]
-            for layer in spec["layer"]}
+    return {
+        layer["mark"] if isinstance(layer["mark"], str) else layer["mark"]["type"]
+        for layer in spec["layer"]
+    }
 
 
 def _values(spec: dict) -> list[dict]:
@@ -506,6 +590,7 @@ def test_legends_show_whole_labels():
     table = aggregate(_results(), KEYS)
     rate = table[table["metric"] == "cooperation_rate"]
     svg = vl_convert.vegalite_to_svg(
-        _line_chart(rate, "cooperation_rate", KEYS[1], KEYS[:1]).to_json())
+        _line_chart(rate, "cooperation_rate", KEYS[1], KEYS[:1]).to_json()
+    )
     assert "population.players[2].framing=neutral" in svg
     assert "\u2026" not in svg  # Vega marks a cut label with an ellipsis

@@ -17,12 +17,12 @@ import pytest
 import solara
 from conftest import SCENARIOS
 
-from abm.viz.app import Page
 from abm.export import main as export_main
-from abm.viz.server import main as viz_main
+from abm.viz.app import Page
 from abm.viz.components import selected
 from abm.viz.draw import network_png
 from abm.viz.model import VizModel
+from abm.viz.server import main as viz_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*ComponentsView")
 
@@ -39,14 +39,29 @@ def no_selection():
 
 # ---------------------------------------------------------------- transcripts
 
+
 def record(**extra):
     """One transcript line as python -m abm.run writes it (the keys the export reads)."""
-    base = {"step": 1, "match": 0, "side": 0, "round": 1, "agent": 5, "opponent": 0,
-            "prompt": [{"role": "user", "content": "Will you remain silent or testify?"}],
-            "input": "<user>\nWill you remain silent or testify?\n<assistant>\n",
-            "answer": "remain silent", "response": "Answer: remain silent", "valid": True,
-            "fallback": False, "action": "C", "actual": "C", "model": "m", "player": "LLM",
-            "opponent_player": "All-D", "reflection": None}
+    base = {
+        "step": 1,
+        "match": 0,
+        "side": 0,
+        "round": 1,
+        "agent": 5,
+        "opponent": 0,
+        "prompt": [{"role": "user", "content": "Will you remain silent or testify?"}],
+        "input": "<user>\nWill you remain silent or testify?\n<assistant>\n",
+        "answer": "remain silent",
+        "response": "Answer: remain silent",
+        "valid": True,
+        "fallback": False,
+        "action": "C",
+        "actual": "C",
+        "model": "m",
+        "player": "LLM",
+        "opponent_player": "All-D",
+        "reflection": None,
+    }
     return {**base, **extra}
 
 
@@ -58,11 +73,14 @@ def write_run(folder: Path, lines: list) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 # ---------------------------------------------------------------- bad command lines
+
 
 def _run_with_bad_line(tmp, line, with_old_output=True):
     run = write_run(tmp / "run", [record(), line])
@@ -104,37 +122,69 @@ BAD_LINES = [
     ("export", lambda tmp, c: [str(tmp / "no_such_run")], "no_such_run: no such folder"),
     ("export", lambda tmp, c: [str(tmp / "a_file.txt")], "is a file, not a run folder"),
     ("export", lambda tmp, c: [str(tmp)], "no transcripts.jsonl here"),
-    ("export", lambda tmp, c: _run_with_bad_line(tmp, {}),
-     "line 2 lacks 'prompt' and 'response'"),
-    ("export", lambda tmp, c: _run_with_bad_line(tmp, [1, 2]),
-     "line 2 is an array, not an object"),
+    ("export", lambda tmp, c: _run_with_bad_line(tmp, {}), "line 2 lacks 'prompt' and 'response'"),
+    ("export", lambda tmp, c: _run_with_bad_line(tmp, [1, 2]), "line 2 is an array, not an object"),
     ("export", lambda tmp, c: _run_with_bad_line(tmp, "{not json"), "line 2 is not JSON"),
-    ("export", lambda tmp, c: _run_with_bad_line(tmp, record(prompt="hello")),
-     "line 2 has a 'prompt' that is not a list"),
+    (
+        "export",
+        lambda tmp, c: _run_with_bad_line(tmp, record(prompt="hello")),
+        "line 2 has a 'prompt' that is not a list",
+    ),
     ("export", lambda tmp, c: _non_utf8(tmp), "line 2 is not UTF-8 text (byte 0xe9"),
-    ("export", lambda tmp, c: [str(write_run(tmp / "run", [record()])), "--out",
-                               str(tmp / "missing" / "sft.jsonl")], "does not exist"),
-    ("export", lambda tmp, c: [str(write_run(tmp / "run", [record()])), "--out", str(tmp)],
-     "is a folder; give a file name"),
+    (
+        "export",
+        lambda tmp, c: [
+            str(write_run(tmp / "run", [record()])),
+            "--out",
+            str(tmp / "missing" / "sft.jsonl"),
+        ],
+        "does not exist",
+    ),
+    (
+        "export",
+        lambda tmp, c: [str(write_run(tmp / "run", [record()])), "--out", str(tmp)],
+        "is a folder; give a file name",
+    ),
     ("export", lambda tmp, c: _read_only(tmp, c), "cannot write"),
-    ("export", lambda tmp, c: [str(write_run(tmp / "run", [record()])), "--out",
-                               str(tmp / "run" / "transcripts.jsonl")],
-     "is the run's transcripts.jsonl itself"),
-    ("export", lambda tmp, c: [str(write_run(tmp / "run", [record()])), "--valid-only",
-                               "--include-invalid"], "contradict each other"),
-    ("viz", lambda tmp, c: [RULES, "--host", "no.such.host.invalid", "--port", "0"],
-     "--host 'no.such.host.invalid' is not an address or a host name that resolves"),
-    ("viz", lambda tmp, c: [RULES, "--host", "999.1.1.1", "--port", "0"],
-     "--host '999.1.1.1' is not an address"),
+    (
+        "export",
+        lambda tmp, c: [
+            str(write_run(tmp / "run", [record()])),
+            "--out",
+            str(tmp / "run" / "transcripts.jsonl"),
+        ],
+        "is the run's transcripts.jsonl itself",
+    ),
+    (
+        "export",
+        lambda tmp, c: [
+            str(write_run(tmp / "run", [record()])),
+            "--valid-only",
+            "--include-invalid",
+        ],
+        "contradict each other",
+    ),
+    (
+        "viz",
+        lambda tmp, c: [RULES, "--host", "no.such.host.invalid", "--port", "0"],
+        "--host 'no.such.host.invalid' is not an address or a host name that resolves",
+    ),
+    (
+        "viz",
+        lambda tmp, c: [RULES, "--host", "999.1.1.1", "--port", "0"],
+        "--host '999.1.1.1' is not an address",
+    ),
     ("viz", lambda tmp, c: [RULES, "--host", "no.such.host.invalid"], "allowed: an address"),
     ("viz", lambda tmp, c: [RULES, "--port", "70000"], "between 0 and 65535"),
 ]
 
 
-@pytest.mark.parametrize("door, setup, fragment", BAD_LINES,
-                         ids=[f"{d}-{f[:30]}" for d, _, f in BAD_LINES])
+@pytest.mark.parametrize(
+    "door, setup, fragment", BAD_LINES, ids=[f"{d}-{f[:30]}" for d, _, f in BAD_LINES]
+)
 def test_bad_command_lines_exit_2_with_one_paragraph_and_leave_nothing(
-        door, setup, fragment, tmp_path, capsys, monkeypatch):
+    door, setup, fragment, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file.txt").write_text("not a run\n")
     cleanup: list = []
@@ -176,14 +226,31 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- SFT: unreadable answers
 
+
 def test_sft_leaves_out_unreadable_answers_and_carries_their_metadata(tmp_path):
-    run = write_run(tmp_path / "run", [
-        record(p_cooperate=0.75, p_defect=0.25),
-        record(round=2, answer="Maybe.", response="Maybe.", valid=False, action="invalid",
-               actual=None),
-        record(round=3, answer="Maybe.", response="Maybe.", valid=False, fallback=True,
-               action="D", actual="D"),
-    ])
+    run = write_run(
+        tmp_path / "run",
+        [
+            record(p_cooperate=0.75, p_defect=0.25),
+            record(
+                round=2,
+                answer="Maybe.",
+                response="Maybe.",
+                valid=False,
+                action="invalid",
+                actual=None,
+            ),
+            record(
+                round=3,
+                answer="Maybe.",
+                response="Maybe.",
+                valid=False,
+                fallback=True,
+                action="D",
+                actual="D",
+            ),
+        ],
+    )
 
     def export(*flags):
         out = tmp_path / "sft.jsonl"
@@ -196,8 +263,11 @@ def test_sft_leaves_out_unreadable_answers_and_carries_their_metadata(tmp_path):
     kept = export("--include-invalid")
     assert [e["metadata"]["round"] for e in kept] == [1, 2, 3]
     meta = [e["metadata"] for e in kept]
-    assert [(m["valid"], m["fallback"], m["action"]) for m in meta] == \
-        [(True, False, "C"), (False, False, "invalid"), (False, True, "D")]
+    assert [(m["valid"], m["fallback"], m["action"]) for m in meta] == [
+        (True, False, "C"),
+        (False, False, "invalid"),
+        (False, True, "D"),
+    ]
     assert meta[0]["input"] == record()["input"]
     assert (meta[0]["p_cooperate"], meta[0]["p_defect"]) == (0.75, 0.25)
     assert "p_cooperate" not in meta[1]  # only where the record has them
@@ -213,9 +283,9 @@ def test_export_help_documents_the_flags(capsys):
 
 # ---------------------------------------------------------------- the page
 
+
 def render(scenario):
-    _, rc = solara.render(solara.AppLayout(children=[Page(scenario=scenario)]),
-                          handle_error=False)
+    _, rc = solara.render(solara.AppLayout(children=[Page(scenario=scenario)]), handle_error=False)
     return rc
 
 
@@ -242,8 +312,9 @@ def test_graph_size_box_has_an_upper_bound():
     rc.find(v.Btn, children=["Reset"]).widget.click()
     status = " ".join(str(w.children) for w in rc.find(v.Html, tag="span").widgets)
     assert "(100 agents" in status
-    assert any("showing the scenario as written" in str(w.children)
-               for w in rc.find(v.Html).widgets)
+    assert any(
+        "showing the scenario as written" in str(w.children) for w in rc.find(v.Html).widgets
+    )
 
 
 @pytest.mark.slow
@@ -313,11 +384,15 @@ def texts(fig):
 
 
 def orange_frames(fig):
-    from abm.viz.draw import UNREAD_COLOUR
     from matplotlib.colors import to_rgba
 
-    return [(p.get_x(), p.get_y()) for p in fig.axes[0].patches
-            if to_rgba(p.get_edgecolor()) == to_rgba(UNREAD_COLOUR)]
+    from abm.viz.draw import UNREAD_COLOUR
+
+    return [
+        (p.get_x(), p.get_y())
+        for p in fig.axes[0].patches
+        if to_rgba(p.get_edgecolor()) == to_rgba(UNREAD_COLOUR)
+    ]
 
 
 def test_heatmaps_mark_cells_with_unread_answers(fake, scenario_file):
@@ -331,11 +406,13 @@ def test_heatmaps_mark_cells_with_unread_answers(fake, scenario_file):
     words = texts(fig)
     assert words.count("no data") == 2 * 5  # LLM row (3) and column (2), both tables
     assert len(orange_frames(fig)) == 3  # the LLM row: its decisions were not read
-    assert any("3 matches stopped by an unreadable answer left out" in t.replace("\n", " ")
-               for t in words)
+    assert any(
+        "3 matches stopped by an unreadable answer left out" in t.replace("\n", " ") for t in words
+    )
     # the fallback rule played: numbers, but marked
-    played = VizModel(scenario=str(scenario_file(UNREAD.format(fallback="defect"),
-                                                 name="fallback.toml")))
+    played = VizModel(
+        scenario=str(scenario_file(UNREAD.format(fallback="defect"), name="fallback.toml"))
+    )
     played.step()
     fig = heatmaps_figure(played)
     starred = [t for t in texts(fig) if t.endswith("*")]
@@ -349,12 +426,20 @@ def test_heatmaps_mark_cells_with_unread_answers(fake, scenario_file):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fallback, says", [
-    ("invalid", "invalid: the answer could not be read, so nothing was played and the "
-                "match stopped"),
-    ("defect", "fallback: the answer could not be read (invalid), so the fallback rule "
-               "played D; not the model's decision"),
-])
+@pytest.mark.parametrize(
+    "fallback, says",
+    [
+        (
+            "invalid",
+            "invalid: the answer could not be read, so nothing was played and the match stopped",
+        ),
+        (
+            "defect",
+            "fallback: the answer could not be read (invalid), so the fallback rule "
+            "played D; not the model's decision",
+        ),
+    ],
+)
 def test_llm_panel_says_invalid_or_fallback(fake, scenario_file, fallback, says):
     fake.script = lambda text: "Maybe."
     rc = render(str(scenario_file(UNREAD.format(fallback=fallback))))

@@ -7,28 +7,35 @@ import sys
 import time
 
 import pytest
+from test_llm_policy import CUSTOM, custom_scenario, scenario
 
 import abm.policies.llm as llm_module
 from abm.model import DilemmaModel
 from abm.run import main, run_scenario
-from test_llm_policy import CUSTOM, custom_scenario, scenario
 
 
 def llm_file(scenario_file, **llm) -> str:
     keys = "".join(f", {k} = {json.dumps(v)}" for k, v in llm.items())
-    return str(scenario_file('[match]\nrounds = 2\n[graph]\nkind = "complete"\n[population]\n'
-                             f'players = ["all_d", {{ name = "llm"{keys} }}]\n'))
+    return str(
+        scenario_file(
+            '[match]\nrounds = 2\n[graph]\nkind = "complete"\n[population]\n'
+            f'players = ["all_d", {{ name = "llm"{keys} }}]\n'
+        )
+    )
 
 
-@pytest.mark.parametrize("field, message", [
-    ("{R.foo}", "uses attribute or index access"),
-    ("{round.real}", "uses attribute or index access"),
-    ("{R.__class__.__mro__}", "uses attribute or index access"),
-    ("{history[0]}", "uses attribute or index access"),
-    ("{R:>99999999999}", "conversion or format spec"),
-    ("{score!r}", "conversion or format spec"),
-    ("{points}", "which is not a template variable"),
-])
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        ("{R.foo}", "uses attribute or index access"),
+        ("{round.real}", "uses attribute or index access"),
+        ("{R.__class__.__mro__}", "uses attribute or index access"),
+        ("{history[0]}", "uses attribute or index access"),
+        ("{R:>99999999999}", "conversion or format spec"),
+        ("{score!r}", "conversion or format spec"),
+        ("{points}", "which is not a template variable"),
+    ],
+)
 def test_template_fields_are_plain_names(fake, scenario_file, tmp_path, capsys, field, message):
     started = time.perf_counter()
     path = custom_scenario(scenario_file, tmp_path, CUSTOM.replace("{score}", field))
@@ -39,8 +46,9 @@ def test_template_fields_are_plain_names(fake, scenario_file, tmp_path, capsys, 
     assert time.perf_counter() - started < 10  # checked, not filled with a huge width
 
 
-def test_trust_remote_code_needs_the_environment_too(fake, scenario_file, tmp_path, capsys,
-                                                     monkeypatch):
+def test_trust_remote_code_needs_the_environment_too(
+    fake, scenario_file, tmp_path, capsys, monkeypatch
+):
     path = llm_file(scenario_file, trust_remote_code=True)
     monkeypatch.delenv("ABM_TRUST_REMOTE_CODE", raising=False)
     assert main([path, "--quiet", "--out", str(tmp_path / "a")]) == 2
@@ -59,8 +67,7 @@ def test_a_bad_device_fails_before_any_model_loads(scenario_file, tmp_path, caps
     assert "device 'banana'" in err and '"cuda:N"' in err and "Traceback" not in err
 
 
-def test_missing_llm_extra_gives_the_install_command(scenario_file, tmp_path, capsys,
-                                                     monkeypatch):
+def test_missing_llm_extra_gives_the_install_command(scenario_file, tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch", reason="without torch the message names torch instead")
     monkeypatch.setitem(sys.modules, "transformers", None)  # "not installed"
     monkeypatch.setattr(llm_module, "_BACKENDS", {})
@@ -91,6 +98,7 @@ def test_progress_counts_reflections_too(fake):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from tiny_llm import build_tiny_model
+
     return build_tiny_model(tmp_path_factory.mktemp("tiny_hardening"))
 
 
@@ -98,10 +106,15 @@ def tiny_run(folder, tiny_dir, name, others):
     path = folder / f"{name}.toml"
     path.write_text(
         f'name = "{name}"\nseed = 5\n[match]\nrounds = 2\n[graph]\nkind = "complete"\n'
-        f'[population]\nplayers = [{", ".join(json.dumps(o) for o in others)}, '
-        f'{{ name = "llm", model = "{tiny_dir}", device = "cpu", dtype = "float32" }}]\n')
-    out = run_scenario(path, out=folder / f"out-{name}-{len(list(folder.iterdir()))}",
-                       quiet=True, overrides=["output.charts=false"])
+        f"[population]\nplayers = [{', '.join(json.dumps(o) for o in others)}, "
+        f'{{ name = "llm", model = "{tiny_dir}", device = "cpu", dtype = "float32" }}]\n'
+    )
+    out = run_scenario(
+        path,
+        out=folder / f"out-{name}-{len(list(folder.iterdir()))}",
+        quiet=True,
+        overrides=["output.charts=false"],
+    )
     return json.loads((out / "summary.json").read_text())["llm"][0]
 
 

@@ -20,14 +20,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
-
-from abm.population import Population
-from abm.table_writer import TableWriter
-from abm.run import expected_llm_calls, main, run_scenario
 from conftest import ROOT, SCENARIOS
 
-HEAVY = ("pandas", "pyarrow", "mesa", "altair", "tqdm", "abm.model", "abm.results",
-         "abm.run_folder", "abm.table_writer", "abm.scenario")
+from abm.population import Population
+from abm.run import expected_llm_calls, main, run_scenario
+from abm.table_writer import TableWriter
+
+HEAVY = (
+    "pandas",
+    "pyarrow",
+    "mesa",
+    "altair",
+    "tqdm",
+    "abm.model",
+    "abm.results",
+    "abm.run_folder",
+    "abm.table_writer",
+    "abm.scenario",
+)
 
 
 def tree(root: Path) -> list[str]:
@@ -122,20 +132,25 @@ def _unknown_option(tmp, mp, pid):
     return ["--bogus"]
 
 
-@pytest.mark.parametrize("setup, fragment", [
-    (_file_sub, "afile is a file, not a folder"),
-    (_file_sub_deeper, "a part of the path is a file, not a folder"),
-    (_out_is_file, "is a file, not a folder"),
-    (_read_only_parent, "permission denied"),
-    (_long_name, "the folder name is 300 bytes long; allowed: at most"),
-    (_nul_byte, "NUL byte"),
-    (_newline_and_nul, "NUL byte"),
-    (_another_run, "another run (PID"),
-    (_bad_seed, "invalid int value"),
-    (_unknown_option, "unrecognized arguments: --bogus"),
-], ids=lambda v: getattr(v, "__name__", "")[1:] or None)
+@pytest.mark.parametrize(
+    "setup, fragment",
+    [
+        (_file_sub, "afile is a file, not a folder"),
+        (_file_sub_deeper, "a part of the path is a file, not a folder"),
+        (_out_is_file, "is a file, not a folder"),
+        (_read_only_parent, "permission denied"),
+        (_long_name, "the folder name is 300 bytes long; allowed: at most"),
+        (_nul_byte, "NUL byte"),
+        (_newline_and_nul, "NUL byte"),
+        (_another_run, "another run (PID"),
+        (_bad_seed, "invalid int value"),
+        (_unknown_option, "unrecognized arguments: --bogus"),
+    ],
+    ids=lambda v: getattr(v, "__name__", "")[1:] or None,
+)
 def test_bad_command_line_or_out_folder_exits_2_and_leaves_nothing(
-        setup, fragment, rules_scenario, tmp_path, monkeypatch, capsys, sleeper):
+    setup, fragment, rules_scenario, tmp_path, monkeypatch, capsys, sleeper
+):
     extra = setup(tmp_path, monkeypatch, sleeper)
     before = tree(tmp_path)
     try:
@@ -157,13 +172,16 @@ def test_bad_command_line_or_out_folder_exits_2_and_leaves_nothing(
 
 
 def test_help_and_argument_errors_import_nothing_heavy():
-    code = ("import sys, abm.run\n"
-            "for argv in (['--help'], ['--seed', 'x', 's.toml'], []):\n"
-            "    try:\n        abm.run.main(argv)\n"
-            "    except SystemExit as exc:\n        assert exc.code in (0, 2), exc.code\n"
-            f"print([m for m in {HEAVY!r} if m in sys.modules])\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
+    code = (
+        "import sys, abm.run\n"
+        "for argv in (['--help'], ['--seed', 'x', 's.toml'], []):\n"
+        "    try:\n        abm.run.main(argv)\n"
+        "    except SystemExit as exc:\n        assert exc.code in (0, 2), exc.code\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
@@ -175,9 +193,13 @@ def test_runs_folder_is_ignored_by_git():
 
 @pytest.mark.slow
 def test_ctrl_c_during_the_imports_exits_130_with_one_line(rules_scenario, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "abm.run", str(rules_scenario), "--out",
-                             str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "abm.run", str(rules_scenario), "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.3)  # the heavy imports take a second or more
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -196,9 +218,11 @@ def test_ctrl_c_inside_the_imports_in_process(rules_scenario, monkeypatch, capsy
     assert capsys.readouterr().err.strip() == "interrupted; no output folder was written"
 
 
-def test_ctrl_c_swallowed_by_a_library_during_the_imports_still_stops(rules_scenario, tmp_path,
-                                                                      monkeypatch, capsys):
+def test_ctrl_c_swallowed_by_a_library_during_the_imports_still_stops(
+    rules_scenario, tmp_path, monkeypatch, capsys
+):
     import abm.run
+
     real = abm.run.importlib.import_module
 
     def import_module(name):
@@ -220,8 +244,9 @@ def test_ctrl_c_swallowed_by_a_library_during_the_imports_still_stops(rules_scen
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
-def test_disk_full_midway_is_one_error_and_removes_everything(code, rules_scenario, tmp_path,
-                                                              monkeypatch, capsys):
+def test_disk_full_midway_is_one_error_and_removes_everything(
+    code, rules_scenario, tmp_path, monkeypatch, capsys
+):
     real_add = TableWriter.add
     calls = []
 
@@ -254,8 +279,9 @@ def test_pyarrow_style_disk_full_without_errno(rules_scenario, tmp_path, monkeyp
     assert tree(tmp_path) == [rules_scenario.name]
 
 
-def test_failing_close_in_the_cleanup_does_not_mask_the_first_error(rules_scenario, tmp_path,
-                                                                     monkeypatch):
+def test_failing_close_in_the_cleanup_does_not_mask_the_first_error(
+    rules_scenario, tmp_path, monkeypatch
+):
     def add(self, *args, **kwargs):
         raise RuntimeError("the first error")
 
@@ -294,14 +320,27 @@ def test_table_writer_closes_every_file_when_one_close_fails(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_cleans_up_like_ctrl_c_and_a_second_run_is_refused_meanwhile(
-        tmp_path, capsys):
+def test_sigterm_cleans_up_like_ctrl_c_and_a_second_run_is_refused_meanwhile(tmp_path, capsys):
     scenario = tmp_path / "long.toml"
     shutil.copy(SCENARIOS / "small_world_rules.toml", scenario)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "abm.run", str(scenario), "--out", str(out),
-                             "--quiet", "--set", "pairing.steps=10000000"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "abm.run",
+            str(scenario),
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "pairing.steps=10000000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     partial = tmp_path / f".run.partial-{proc.pid}"
     try:
         deadline = time.monotonic() + 120
@@ -332,8 +371,9 @@ def test_sigterm_cleans_up_like_ctrl_c_and_a_second_run_is_refused_meanwhile(
     assert tree(tmp_path) == ["long.toml"]
 
 
-def test_stale_partial_folders_of_dead_runs_are_removed_live_ones_kept(rules_scenario, tmp_path,
-                                                                      sleeper):
+def test_stale_partial_folders_of_dead_runs_are_removed_live_ones_kept(
+    rules_scenario, tmp_path, sleeper
+):
     dead = tmp_path / f".old.partial-{dead_pid()}"
     live = tmp_path / f".other.partial-{sleeper}"
     odd = tmp_path / ".notes.partial-abc"
@@ -354,12 +394,14 @@ def test_stale_claim_of_a_dead_run_is_taken_over(rules_scenario, tmp_path):
     (tmp_path / f".run.partial-{pid}").mkdir()
     assert cli([rules_scenario, "--out", out, "--quiet"]) == 0
     assert (out / "summary.json").exists() and not (out / ".running").exists()
-    assert tree(tmp_path) == sorted([rules_scenario.name, "run"] +
-                                    [f"run/{p.name}" for p in out.iterdir()])
+    assert tree(tmp_path) == sorted(
+        [rules_scenario.name, "run"] + [f"run/{p.name}" for p in out.iterdir()]
+    )
 
 
 def test_during_the_run_the_out_folder_is_only_a_claim(rules_scenario, tmp_path, monkeypatch):
     import abm.results
+
     seen = {}
     real = abm.results.write_results
 
@@ -383,13 +425,13 @@ def test_an_existing_empty_out_folder_is_still_accepted(rules_scenario, tmp_path
 def test_a_model_error_after_the_claim_leaves_nothing(scenario_file, tmp_path, capsys):
     # valid as a file, but the graph has 4 nodes for 3 players: the model says so,
     # after the output folder was claimed
-    path = scenario_file('''
+    path = scenario_file("""
 [graph]
 kind = "complete"
 n = 4
 [population]
 players = ["all_d", "tit_for_tat", "trigger"]
-''')
+""")
     before = tree(tmp_path)
     assert cli([path, "--out", tmp_path / "run"]) == 2
     err = capsys.readouterr().err
@@ -427,13 +469,17 @@ def llm_scenario(tmp_path, reflection, match=None, **pairing) -> Path:
     return path
 
 
-@pytest.mark.parametrize("reflection, pairing", [
-    (False, {}),
-    (True, {}),
-    (False, {"scheme": "round_robin", "steps": 4}),
-])
+@pytest.mark.parametrize(
+    "reflection, pairing",
+    [
+        (False, {}),
+        (True, {}),
+        (False, {"scheme": "round_robin", "steps": 4}),
+    ],
+)
 def test_llm_progress_bar_counts_decisions_and_reflections_with_a_total(
-        reflection, pairing, fake, tmp_path, monkeypatch):
+    reflection, pairing, fake, tmp_path, monkeypatch
+):
     Bars.made = []
     monkeypatch.setattr("abm.run.tqdm", Bars)
     out = run_scenario(llm_scenario(tmp_path, reflection, **pairing), out=tmp_path / "o")
@@ -442,8 +488,11 @@ def test_llm_progress_bar_counts_decisions_and_reflections_with_a_total(
     steps, calls = Bars.made
     assert steps.kwargs["disable"] == (summary["steps"] == 1)  # no '0/1 step' bar
     assert calls.kwargs["total"] == decisions * (2 if reflection else 1)
-    assert "reflections" in calls.kwargs["desc"] if reflection else calls.kwargs["desc"] == \
-        "LLM decisions"
+    assert (
+        "reflections" in calls.kwargs["desc"]
+        if reflection
+        else calls.kwargs["desc"] == "LLM decisions"
+    )
     assert calls.n == calls.kwargs["total"]  # the policy counts reflections too
     if not pairing:  # the seed experiment: 5 matches and both sides of self-play, 5 rounds
         assert decisions == 35
@@ -461,6 +510,7 @@ def test_records_handed_out_by_the_model_are_written_once(fake, tmp_path):
 def test_llm_progress_total_is_unknown_for_geometric_lengths(fake, tmp_path):
     from abm.model import DilemmaModel
     from abm.scenario import load_scenario
+
     scenario = load_scenario(llm_scenario(tmp_path, False, {"continuation_probability": 0.8}))
     assert expected_llm_calls(DilemmaModel(scenario)) is None
 
@@ -471,8 +521,9 @@ def test_llm_progress_total_is_unknown_for_geometric_lengths(fake, tmp_path):
 @pytest.fixture(scope="module")
 def rr_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("rr") / "run"
-    final = run_scenario(SCENARIOS / "round_robin_rules.toml", out=out, quiet=True,
-                         overrides=["game.noise=0.05"])
+    final = run_scenario(
+        SCENARIOS / "round_robin_rules.toml", out=out, quiet=True, overrides=["game.noise=0.05"]
+    )
     return final
 
 
@@ -486,8 +537,11 @@ def test_degree_counts_distinct_other_neighbours_and_self_loop_apart(rr_run):
 def test_final_shares_are_keyed_by_label_like_the_ranking(rr_run):
     summary = json.loads((rr_run / "summary.json").read_text())
     labels = {row["player"] for row in summary["ranking"]}
-    assert set(summary["final_shares"]) == labels == {
-        "All-D", "All-C", "Defect Once", "Trigger", "Tit-for-tat"}
+    assert (
+        set(summary["final_shares"])
+        == labels
+        == {"All-D", "All-C", "Defect Once", "Trigger", "Tit-for-tat"}
+    )
     assert sum(summary["final_shares"].values()) == pytest.approx(1.0)
 
 
@@ -508,8 +562,12 @@ def test_heatmap_titles_say_mean_intended_and_the_conditions(rr_run):
 def test_one_step_run_plots_cooperation_per_round(rr_run, tmp_path):
     # the rules round robin is 5 steps: cooperation per step; the all-edges one is 1 step
     assert "Cooperation rate per step" in chart_spec(rr_run, "cooperation")
-    out = run_scenario(SCENARIOS / "round_robin_rules.toml", out=tmp_path / "one", quiet=True,
-                       overrides=["pairing.scheme=all_edges"])
+    out = run_scenario(
+        SCENARIOS / "round_robin_rules.toml",
+        out=tmp_path / "one",
+        quiet=True,
+        overrides=["pairing.scheme=all_edges"],
+    )
     spec = chart_spec(out, "cooperation")
     assert "Cooperation rate per round (one step)" in spec
     assert '"round"' in spec
@@ -524,8 +582,15 @@ def test_heatmap_subtitle_names_geometric_lengths_and_llm_models(fake, tmp_path)
 
 
 def test_no_install_hint_names_the_unrelated_pypi_package():
-    for name in ("run.py", "run_folder.py", "results.py", "atomic.py", "table_writer.py", "charts.py",
-                 "errors.py"):
+    for name in (
+        "run.py",
+        "run_folder.py",
+        "results.py",
+        "atomic.py",
+        "table_writer.py",
+        "charts.py",
+        "errors.py",
+    ):
         text = (ROOT / "abm" / name).read_text()
         assert 'install "abm[' not in text and "install 'abm[" not in text
 
@@ -536,6 +601,7 @@ def test_no_install_hint_names_the_unrelated_pypi_package():
 def test_partial_folders_and_claims_of_other_machines_are_left_alone(tmp_path):
     from abm.atomic import HOST, remove_stale_partials
     from abm.run_folder import _live_claim
+
     theirs = tmp_path / f".their-run.partial-{dead_pid()}"
     theirs.mkdir()
     (theirs / HOST).write_text("another-machine")
@@ -551,22 +617,36 @@ def test_partial_folders_and_claims_of_other_machines_are_left_alone(tmp_path):
 
 
 def test_a_run_folder_holds_no_bookkeeping_files(tmp_path):
-    assert cli([str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--set",
-                "output.charts=false", "--out", str(tmp_path / "o")]) == 0
+    assert (
+        cli(
+            [
+                str(SCENARIOS / "round_robin_rules.toml"),
+                "--quiet",
+                "--set",
+                "output.charts=false",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     assert not any(p.name.startswith(".") for p in (tmp_path / "o").iterdir())
 
 
 def test_a_symbolic_link_as_out_is_refused_up_front(tmp_path, capsys):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    assert cli([str(SCENARIOS / "round_robin_rules.toml"), "--quiet",
-                "--out", str(tmp_path / "link")]) == 2
+    assert (
+        cli([str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--out", str(tmp_path / "link")])
+        == 2
+    )
     assert "is a symbolic link" in capsys.readouterr().err
     assert list((tmp_path / "real").iterdir()) == []
 
 
 def test_finished_outputs_survive_a_failed_final_rename(tmp_path, monkeypatch, capsys):
     import abm.run_folder as outputs
+
     real = os.replace
     calls = {"n": 0}
 
@@ -577,8 +657,19 @@ def test_finished_outputs_survive_a_failed_final_rename(tmp_path, monkeypatch, c
         return real(src, dst)
 
     monkeypatch.setattr(outputs.os, "replace", flaky)
-    assert cli([str(SCENARIOS / "round_robin_rules.toml"), "--quiet", "--set",
-                "output.charts=false", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli(
+            [
+                str(SCENARIOS / "round_robin_rules.toml"),
+                "--quiet",
+                "--set",
+                "output.charts=false",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("o.finished-")]
     assert len(kept) == 1 and (kept[0] / "summary.json").is_file()

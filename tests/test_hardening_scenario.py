@@ -55,76 +55,139 @@ def edit(old, new, base=GOOD):
 # "{tmp}" stands for the test's folder
 BAD = {
     # 1. a name is a file name: no climbing out of outputs/, no nesting, no hidden folder
-    "name-parent": ('name = "../escaped"\n' + GOOD, [], ["field 'name'", "'../escaped'",
-                                                        "letters, digits"]),
+    "name-parent": (
+        'name = "../escaped"\n' + GOOD,
+        [],
+        ["field 'name'", "'../escaped'", "letters, digits"],
+    ),
     "name-absolute": ('name = "{tmp}/abs"\n' + GOOD, [], ["field 'name'", "file name"]),
     "name-nested": ('name = "a/b"\n' + GOOD, [], ["field 'name'", "'a/b'"]),
     "name-hidden": ('name = ".hidden"\n' + GOOD, [], ["field 'name'", "not starting with '.'"]),
     "name-nul": ('name = "a\\u0000b"\n' + GOOD, [], ["field 'name'", "\\x00"]),
-    "name-long": (f'name = "{"n" * 300}"\n' + GOOD, [], ["field 'name'", "300 characters",
-                                                         "at most 100"]),
-    "name-set": (GOOD, ["--set", "name=../../x"], ["field 'name' (set with --set)",
-                                                  "'../../x'"]),
+    "name-long": (
+        f'name = "{"n" * 300}"\n' + GOOD,
+        [],
+        ["field 'name'", "300 characters", "at most 100"],
+    ),
+    "name-set": (GOOD, ["--set", "name=../../x"], ["field 'name' (set with --set)", "'../../x'"]),
     # 5. sizes that cannot fit are refused before anything is built
-    "huge-ring": (edit('kind = "complete"', 'kind = "ring"\nn = 1_000_000_000').replace(
-        'players = ["all_d", "tit_for_tat", "random"]',
-        'mix = [{ policy = "all_d", share = 1.0 }]'), [],
-        ["field 'graph.n'", "GiB of memory", "1,000,000,000 nodes", "ABM_MEMORY_LIMIT_GB"]),
-    "huge-grid": (edit('kind = "complete"', 'kind = "grid"\nrows = 100_000\ncols = 100_000')
-                  .replace('players = ["all_d", "tit_for_tat", "random"]',
-                           'mix = [{ policy = "all_d", share = 1.0 }]'), [],
-                  ["field 'graph.rows'", "10,000,000,000 nodes"]),
-    "endless-matches": (edit("rounds = 3", "continuation_probability = 0.9999999"), [],
-                        ["field 'match.continuation_probability'", "GiB of memory",
-                         "quantile"]),
+    "huge-ring": (
+        edit('kind = "complete"', 'kind = "ring"\nn = 1_000_000_000').replace(
+            'players = ["all_d", "tit_for_tat", "random"]',
+            'mix = [{ policy = "all_d", share = 1.0 }]',
+        ),
+        [],
+        ["field 'graph.n'", "GiB of memory", "1,000,000,000 nodes", "ABM_MEMORY_LIMIT_GB"],
+    ),
+    "huge-grid": (
+        edit('kind = "complete"', 'kind = "grid"\nrows = 100_000\ncols = 100_000').replace(
+            'players = ["all_d", "tit_for_tat", "random"]',
+            'mix = [{ policy = "all_d", share = 1.0 }]',
+        ),
+        [],
+        ["field 'graph.rows'", "10,000,000,000 nodes"],
+    ),
+    "endless-matches": (
+        edit("rounds = 3", "continuation_probability = 0.9999999"),
+        [],
+        ["field 'match.continuation_probability'", "GiB of memory", "quantile"],
+    ),
     # 6. Axelrod parameters are checked when the scenario loads
-    "axelrod-p": (edit('"random"]', '{ name = "axelrod", strategy = "Random", p = 7 }]'), [],
-                  ["field 'population.players[2]'", "'p' is a probability", "got 7"]),
-    "axelrod-vector": (edit('"random"]', '{ name = "axelrod", strategy = "MemoryOnePlayer", '
-                                         'four_vector = [1, 0, 0, 2] }]'), [],
-                       ["field 'population.players[2]'", "four_vector", "[1, 0, 0, 2]"]),
-    "axelrod-constructor": (edit('"random"]',
-                                 '{ name = "axelrod", strategy = "ZDExtort2", phi = 5 }]'), [],
-                            ["field 'population.players[2]'", "does not take these parameters",
-                             "phi = 5"]),
+    "axelrod-p": (
+        edit('"random"]', '{ name = "axelrod", strategy = "Random", p = 7 }]'),
+        [],
+        ["field 'population.players[2]'", "'p' is a probability", "got 7"],
+    ),
+    "axelrod-vector": (
+        edit(
+            '"random"]',
+            '{ name = "axelrod", strategy = "MemoryOnePlayer", four_vector = [1, 0, 0, 2] }]',
+        ),
+        [],
+        ["field 'population.players[2]'", "four_vector", "[1, 0, 0, 2]"],
+    ),
+    "axelrod-constructor": (
+        edit('"random"]', '{ name = "axelrod", strategy = "ZDExtort2", phi = 5 }]'),
+        [],
+        ["field 'population.players[2]'", "does not take these parameters", "phi = 5"],
+    ),
     # 13. strict types, finite numbers
-    "rounds-bool": (edit("rounds = 3", "rounds = true"), [],
-                    ["field 'match.rounds'", "valid integer", "got true"]),
-    "self-loops-string": (edit("self_loops = true", 'self_loops = "yes"'), [],
-                          ["field 'graph.self_loops'", "valid boolean", "'yes'"]),
+    "rounds-bool": (
+        edit("rounds = 3", "rounds = true"),
+        [],
+        ["field 'match.rounds'", "valid integer", "got true"],
+    ),
+    "self-loops-string": (
+        edit("self_loops = true", 'self_loops = "yes"'),
+        [],
+        ["field 'graph.self_loops'", "valid boolean", "'yes'"],
+    ),
     "seed-bool": (edit("seed = 1", "seed = true"), [], ["field 'seed'", "valid integer"]),
-    "payoff-nan": (edit("noise = 0.0", 'kind = "custom"\nR = nan'), [],
-                   ["field 'game.R'", "finite number", "nan"]),
-    "payoff-inf": (edit("noise = 0.0", 'kind = "custom"\nT = inf'), [],
-                   ["field 'game.T'", "finite number", "inf"]),
+    "payoff-nan": (
+        edit("noise = 0.0", 'kind = "custom"\nR = nan'),
+        [],
+        ["field 'game.R'", "finite number", "nan"],
+    ),
+    "payoff-inf": (
+        edit("noise = 0.0", 'kind = "custom"\nT = inf'),
+        [],
+        ["field 'game.T'", "finite number", "inf"],
+    ),
     "noise-nan": (edit("noise = 0.0", "noise = nan"), [], ["field 'game.noise'"]),
-    "policy-param-bool": (edit('"random"]', '{ name = "random", p = true }]'), [],
-                          ["field 'population.players[2]'", "p: Input should be a valid number"]),
-    "label-number": (edit('"random"]', '{ name = "random", label = 5 }]'), [],
-                     ["field 'population.players[2].label'", "valid string"]),
+    "policy-param-bool": (
+        edit('"random"]', '{ name = "random", p = true }]'),
+        [],
+        ["field 'population.players[2]'", "p: Input should be a valid number"],
+    ),
+    "label-number": (
+        edit('"random"]', '{ name = "random", label = 5 }]'),
+        [],
+        ["field 'population.players[2].label'", "valid string"],
+    ),
     # 19. every policy that can play must fit the memory window
-    "mutant-window": (EVOLVING, [], ["field 'memory.window'", "'tit_for_two_tats'",
-                                     "evolution.mutants[1]", "2 rounds"]),
-    "mix-window": (edit("rounds = 3", "rounds = 3\n[memory]\nwindow = 1").replace(
-        "self_loops = true", "n = 3").replace(
-        'players = ["all_d", "tit_for_tat", "random"]',
-        'mix = [{ policy = "all_d", share = 0.999 }, '
-        '{ policy = "tit_for_two_tats", share = 0.001 }]'), [],
-        ["field 'memory.window'", "population.mix[1].policy"]),
+    "mutant-window": (
+        EVOLVING,
+        [],
+        ["field 'memory.window'", "'tit_for_two_tats'", "evolution.mutants[1]", "2 rounds"],
+    ),
+    "mix-window": (
+        edit("rounds = 3", "rounds = 3\n[memory]\nwindow = 1")
+        .replace("self_loops = true", "n = 3")
+        .replace(
+            'players = ["all_d", "tit_for_tat", "random"]',
+            'mix = [{ policy = "all_d", share = 0.999 }, '
+            '{ policy = "tit_for_two_tats", share = 0.001 }]',
+        ),
+        [],
+        ["field 'memory.window'", "population.mix[1].policy"],
+    ),
     # 21. an LLM model error names the file once and the whole field path once
-    "llm-model": (edit('"random"]', '{ name = "llm", model = "./no-such-model" }]'), [],
-                  ["field 'population.players[2].model'", "no such model folder",
-                   "{tmp}/no-such-model"]),
+    "llm-model": (
+        edit('"random"]', '{ name = "llm", model = "./no-such-model" }]'),
+        [],
+        ["field 'population.players[2].model'", "no such model folder", "{tmp}/no-such-model"],
+    ),
     # 26. --set key paths with list indices, and their errors
-    "set-index": (GOOD, ["--set", "population.players[7].p=0.3"],
-                  ["--set 'population.players[7].p=0.3'", "field 'population.players[7].p'",
-                   "has 3 elements, so there is no [7]"]),
-    "set-into-value": (GOOD, ["--set", "game.noise.level=1"],
-                       ["field 'game.noise.level'", "game.noise is a value, not a table"]),
-    "set-bad-key": (GOOD, ["--set", "population.players[x].p=1"],
-                    ["is not a key path"]),
-    "set-bad-value": (GOOD, ["--set", "population.players[2].p=2"],
-                      ["field 'population.players[2]' (set with --set)", "less than or equal"]),
+    "set-index": (
+        GOOD,
+        ["--set", "population.players[7].p=0.3"],
+        [
+            "--set 'population.players[7].p=0.3'",
+            "field 'population.players[7].p'",
+            "has 3 elements, so there is no [7]",
+        ],
+    ),
+    "set-into-value": (
+        GOOD,
+        ["--set", "game.noise.level=1"],
+        ["field 'game.noise.level'", "game.noise is a value, not a table"],
+    ),
+    "set-bad-key": (GOOD, ["--set", "population.players[x].p=1"], ["is not a key path"]),
+    "set-bad-value": (
+        GOOD,
+        ["--set", "population.players[2].p=2"],
+        ["field 'population.players[2]' (set with --set)", "less than or equal"],
+    ),
 }
 
 
@@ -134,8 +197,9 @@ def tree(root: Path) -> set[str]:
 
 @pytest.mark.parametrize("with_out", [False, True], ids=["default-folder", "out"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_clear_error_and_leaves_nothing(case, with_out, tmp_path, capsys,
-                                                         monkeypatch):
+def test_bad_input_is_one_clear_error_and_leaves_nothing(
+    case, with_out, tmp_path, capsys, monkeypatch
+):
     text, extra, fragments = BAD[case]
     monkeypatch.setenv("ABM_MEMORY_LIMIT_GB", "4")  # the same limit on any machine
     # the run's working folder lies two levels down, so that "../escaped" or "../../x"
@@ -186,10 +250,14 @@ def test_big_benchmark_still_fits(monkeypatch):
     from abm.model import check_size
 
     # benchmarks/scale.py: 10^6 agents on Barabasi-Albert m = 2, 5 rounds (3.5 GiB measured)
-    scenario = validate_scenario({
-        "graph": {"kind": "barabasi_albert", "n": 1_000_000, "m": 2},
-        "population": {"mix": [{"policy": "all_d", "share": 1.0}]},
-        "match": {"rounds": 5}, "output": {"rounds": False}})
+    scenario = validate_scenario(
+        {
+            "graph": {"kind": "barabasi_albert", "n": 1_000_000, "m": 2},
+            "population": {"mix": [{"policy": "all_d", "share": 1.0}]},
+            "match": {"rounds": 5},
+            "output": {"rounds": False},
+        }
+    )
     nodes, edges, field = graph_size(scenario.graph)
     assert (nodes, edges, field) == (1_000_000, 1_999_996, "n")
     # whatever this machine has free now: say 64 GiB, capped at 4 by the variable
@@ -213,9 +281,13 @@ def test_memory_limit_variable_must_be_a_number(tmp_path, monkeypatch, capsys):
 def test_geometric_length_quantile():
     from abm.model import longest_match
 
-    scenario = validate_scenario({"graph": {"kind": "complete", "n": 2},
-                                  "population": {"mix": [{"policy": "all_d", "share": 1.0}]},
-                                  "match": {"continuation_probability": 0.9}})
+    scenario = validate_scenario(
+        {
+            "graph": {"kind": "complete", "n": 2},
+            "population": {"mix": [{"policy": "all_d", "share": 1.0}]},
+            "match": {"continuation_probability": 0.9},
+        }
+    )
     # P(L > l) = 0.9^l <= 1e-6 from l = 132
     assert longest_match(scenario.match, 1) == 132
     # with 10^7 matches, the median of the longest is the larger one
@@ -229,9 +301,16 @@ def test_axelrod_list_parameter_plays():
     pytest.importorskip("axelrod")
     # a list parameter once raised "unhashable type: list" when the policies were keyed
     spec = {"name": "axelrod", "strategy": "MemoryOnePlayer", "four_vector": [1, 0, 0, 0]}
-    model = DilemmaModel(validate_scenario({
-        "seed": 1, "match": {"rounds": 4}, "graph": {"kind": "complete"},
-        "population": {"players": [spec, "alternator"]}}))
+    model = DilemmaModel(
+        validate_scenario(
+            {
+                "seed": 1,
+                "match": {"rounds": 4},
+                "graph": {"kind": "complete"},
+                "population": {"players": [spec, "alternator"]},
+            }
+        )
+    )
     model.step()
     # four_vector = (1, 0, 0, 0) cooperates only after mutual C; alternator C D C D
     assert "".join("CD"[a] for a in model.last_result.actual[:, 0]) == "CCDD"
@@ -245,14 +324,22 @@ def test_paths_are_relative_to_the_scenario_for_mutants_and_models(tmp_path, mon
     (folder / "models" / "tiny").mkdir(parents=True)
     (folder / "local-model").mkdir()
     monkeypatch.chdir(tmp_path)  # not the scenario's folder
-    llm = ('{ name = "llm", framing = "custom", template = "prompts/t.txt", '
-           'labels = ["A", "B"], chat_template = "%s", model = "%s" }')
+    llm = (
+        '{ name = "llm", framing = "custom", template = "prompts/t.txt", '
+        'labels = ["A", "B"], chat_template = "%s", model = "%s" }'
+    )
     text = EVOLVING.replace("window = 1", "window = 2").replace(
         'mutants = ["all_d", "tit_for_two_tats"]',
-        "mutants = [" + llm % ("vicuna", "./models/tiny") + ", "
-        + llm % ("chat/t.jinja", "local-model") + ", "
-        + llm % ("plain", "lmsys/vicuna-7b-v1.5-16k") + ", "
-        + llm % ("plain", "~/weights/m.gguf") + "]")
+        "mutants = ["
+        + llm % ("vicuna", "./models/tiny")
+        + ", "
+        + llm % ("chat/t.jinja", "local-model")
+        + ", "
+        + llm % ("plain", "lmsys/vicuna-7b-v1.5-16k")
+        + ", "
+        + llm % ("plain", "~/weights/m.gguf")
+        + "]",
+    )
     path = folder / "evolve.toml"
     path.write_text(text, encoding="utf-8")
     first, second, hub, home = [m.params for m in load_scenario(path).mutants()]
@@ -270,8 +357,7 @@ def test_set_values_for_players_paths_are_resolved_too(tmp_path, monkeypatch):
     (tmp_path / "s").mkdir()
     path = tmp_path / "s" / "x.toml"
     path.write_text(GOOD, encoding="utf-8")
-    scenario = load_scenario(path, ['population.players[2]={ name = "llm", '
-                                    'model = "./m.gguf" }'])
+    scenario = load_scenario(path, ['population.players[2]={ name = "llm", model = "./m.gguf" }'])
     assert scenario.population.players[2].params["model"] == str(tmp_path / "s" / "m.gguf")
 
 
@@ -279,10 +365,17 @@ def test_set_values_for_players_paths_are_resolved_too(tmp_path, monkeypatch):
 
 
 def test_llm_records_are_handed_out_per_step_and_not_kept(fake):
-    model = DilemmaModel(validate_scenario({
-        "seed": 3, "match": {"rounds": 2}, "graph": {"kind": "complete"},
-        "population": {"players": [{"name": "llm", "label": "LLM"}, "all_d", "all_c"]},
-        "pairing": {"steps": 4}}))
+    model = DilemmaModel(
+        validate_scenario(
+            {
+                "seed": 3,
+                "match": {"rounds": 2},
+                "graph": {"kind": "complete"},
+                "population": {"players": [{"name": "llm", "label": "LLM"}, "all_d", "all_c"]},
+                "pairing": {"steps": 4},
+            }
+        )
+    )
     policy = model.llm_policies[0]
     assert model.last_exchanges == []
     for step in range(4):
@@ -303,9 +396,18 @@ def test_set_reaches_into_lists(tmp_path, capsys):
     path = tmp_path / "s.toml"
     path.write_text(GOOD, encoding="utf-8")
     out = tmp_path / "out"
-    code = main([str(path), "--quiet", "--out", str(out),
-                 "--set", "population.players[2].p=0.25",
-                 "--set", 'population.players[1]="all_c"'])
+    code = main(
+        [
+            str(path),
+            "--quiet",
+            "--out",
+            str(out),
+            "--set",
+            "population.players[2].p=0.25",
+            "--set",
+            'population.players[1]="all_c"',
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["population"]["players"] == ["all_d", "all_c", {"name": "random", "p": 0.25}]
@@ -323,22 +425,29 @@ def test_sweep_overrides_still_apply(tmp_path):
 
 
 def test_strict_types_keep_floats_taking_integers():
-    scenario = validate_scenario(tomllib.loads(edit("noise = 0.0", 'kind = "custom"\nR = 3\n'
-                                                    "S = 0\nT = 5\nP = 1\nnoise = 0")))
+    scenario = validate_scenario(
+        tomllib.loads(edit("noise = 0.0", 'kind = "custom"\nR = 3\nS = 0\nT = 5\nP = 1\nnoise = 0'))
+    )
     assert scenario.game.R == 3.0 and isinstance(scenario.game.R, float)
     assert np.isclose(scenario.game.noise, 0.0)
 
 
-@pytest.mark.parametrize("target, message", [
-    ("folder", "is a folder; give a graph file"),
-    ("/dev/zero", "is not a regular file"),
-])
-def test_a_graph_path_that_is_no_file_says_what_it_is(scenario_file, tmp_path, capsys,
-                                                      target, message):
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("folder", "is a folder; give a graph file"),
+        ("/dev/zero", "is not a regular file"),
+    ],
+)
+def test_a_graph_path_that_is_no_file_says_what_it_is(
+    scenario_file, tmp_path, capsys, target, message
+):
     from abm.run import main
+
     (tmp_path / "folder").mkdir()
-    path = scenario_file(f'[graph]\nkind = "file"\npath = "{target}"\n'
-                         '[population]\nplayers = ["all_c", "all_d"]\n')
+    path = scenario_file(
+        f'[graph]\nkind = "file"\npath = "{target}"\n[population]\nplayers = ["all_c", "all_d"]\n'
+    )
     assert main([str(path), "--quiet", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "field 'graph.path'" in err and message in err and "no such file" not in err
@@ -347,9 +456,11 @@ def test_a_graph_path_that_is_no_file_says_what_it_is(scenario_file, tmp_path, c
 @pytest.mark.parametrize("name", ["..", ".hidden", "a/b", "../up"])
 def test_sweep_names_follow_the_scenario_name_rule(tmp_path, capsys, name):
     from abm.batch.__main__ import main
+
     (tmp_path / "base.toml").write_text(GOOD)
-    (tmp_path / "sweep.toml").write_text(f'name = "{name}"\nscenario = "base.toml"\n'
-                                         '[sweep]\ngame.noise = [0.0, 0.1]\n')
+    (tmp_path / "sweep.toml").write_text(
+        f'name = "{name}"\nscenario = "base.toml"\n[sweep]\ngame.noise = [0.0, 0.1]\n'
+    )
     assert main([str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "field 'name'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

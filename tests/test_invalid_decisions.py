@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from abm.tally import Tally
 from abm.engine import Engine
-from abm.game import C, D, EMPTY, INVALID, PayoffMatrix, apply_noise
+from abm.game import EMPTY, INVALID, C, D, PayoffMatrix, apply_noise
 from abm.policies import make
 from abm.policies.base import Decisions
 from abm.population import Population
-from abm.table_writer import TableWriter
 from abm.seeding import stream
+from abm.table_writer import TableWriter
+from abm.tally import Tally
 
 GAME = PayoffMatrix()  # R=9, S=0, T=10, P=5
 
@@ -33,7 +33,7 @@ class Scripted:
     def decide(self, view, rng):
         r = int(view.round[0])
         code = {"C": C, "D": D, "X": INVALID}[self.moves[r]]
-        flagged = self.fallback[r:r + 1] == "f"
+        flagged = self.fallback[r : r + 1] == "f"
         return Decisions(np.full(len(view), code, np.int8), np.full(len(view), flagged))
 
 
@@ -41,11 +41,17 @@ def engine(scripted, opponent="tit_for_tat", rounds=5, scope="match", window=Non
     """Node 0 (scripted) against node 1, and node 2 (the same script) against node 3
     (All-C); edge 0 and edge 1."""
     policies = [scripted, make(opponent, {}, GAME), make("all_c", {}, GAME)]
-    return Engine(game=GAME, noise=0.0,
-                  population=Population.of_policies(policies, np.array([0, 1, 0, 2])),
-                  edges=np.array([[0, 1], [2, 3]]), window=window, scope=scope, rounds=rounds,
-                  continuation_probability=None,
-                  rngs={p: stream(1, p) for p in ("noise", "policy", "match_length")})
+    return Engine(
+        game=GAME,
+        noise=0.0,
+        population=Population.of_policies(policies, np.array([0, 1, 0, 2])),
+        edges=np.array([[0, 1], [2, 3]]),
+        window=window,
+        scope=scope,
+        rounds=rounds,
+        continuation_probability=None,
+        rngs={p: stream(1, p) for p in ("noise", "policy", "match_length")},
+    )
 
 
 def play(scripted, **options):
@@ -66,8 +72,12 @@ def test_an_unreadable_answer_stops_its_match_and_nothing_is_played():
     sides = {"scripted": 0, "tft": 2}  # sides are [first ends..., second ends...]
     assert list(r.length) == [2, 2]  # both matches: the script is the same in both
     assert list(r.void) == [True, True]
-    assert "".join({C: "C", D: "D", INVALID: "X", EMPTY: "-"}[v]
-                   for v in r.intended[:, sides["scripted"]]) == "CDX--"
+    assert (
+        "".join(
+            {C: "C", D: "D", INVALID: "X", EMPTY: "-"}[v] for v in r.intended[:, sides["scripted"]]
+        )
+        == "CDX--"
+    )
     assert list(r.intended[:, sides["tft"]]) == [C, C, D, EMPTY, EMPTY]
     # nothing is played in round 3, for either side
     assert list(r.actual[:, sides["scripted"]]) == [C, D, EMPTY, EMPTY, EMPTY]
@@ -134,8 +144,7 @@ def test_fallback_actions_are_played_and_flagged():
 def test_records_mark_invalid_and_fallback_decisions(tmp_path):
     labels = ["LLM", "TFT", "All-C"]
     label_of_node = np.array([0, 1, 0, 2])
-    population = Population(labels, label_of_node,
-                            policy_names=["llm", "tit_for_tat", "all_c"])
+    population = Population(labels, label_of_node, policy_names=["llm", "tit_for_tat", "all_c"])
     writer = TableWriter(tmp_path, population)
     tally = Tally(population)
     for step, script in enumerate([Scripted("CDX"), Scripted("DCC", fallback="f")]):
@@ -182,8 +191,7 @@ def test_heatmap_marks_unread_cells_and_greys_cells_without_data():
     values = pd.DataFrame([[np.nan, 20.0], [np.nan, 45.0]], index=index, columns=labels)
     unread = pd.DataFrame([[1.0, 0.2], [0.0, 0.0]], index=index, columns=labels)
     spec = charts.heatmap(values, "payoff", "payoff", unread=unread).to_dict()
-    rows = {(r["player"], r["opponent"]): r for r in
-            next(iter(spec["datasets"].values()))}
+    rows = {(r["player"], r["opponent"]): r for r in next(iter(spec["datasets"].values()))}
     # a value with some unread decisions gets a "*"; a cell with decisions but no
     # complete match reads "no data"; a clean cell is just its number
     assert rows[("LLM", "TFT")]["text"] == "20*" and rows[("LLM", "TFT")]["marked"]

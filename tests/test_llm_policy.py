@@ -6,21 +6,26 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import SCENARIOS
+from test_round_robin import DEFECTIONS, PAYOFF, PLAYERS
 
 from abm.export import main as export_main
 from abm.model import DilemmaModel
 from abm.run import run_scenario
 from abm.scenario import validate_scenario
-from conftest import SCENARIOS
-from test_round_robin import DEFECTIONS, PAYOFF, PLAYERS
 
 
 def scenario(llm: dict, others=("all_d",), rounds=3, memory=None, steps=1):
-    return validate_scenario({
-        "seed": 3, "match": {"rounds": rounds}, "memory": memory or {},
-        "graph": {"kind": "complete", "self_loops": False},
-        "population": {"players": [{"name": "llm", "label": "LLM", **llm}, *others]},
-        "pairing": {"scheme": "all_edges", "steps": steps}})
+    return validate_scenario(
+        {
+            "seed": 3,
+            "match": {"rounds": rounds},
+            "memory": memory or {},
+            "graph": {"kind": "complete", "self_loops": False},
+            "population": {"players": [{"name": "llm", "label": "LLM", **llm}, *others]},
+            "pairing": {"scheme": "all_edges", "steps": steps},
+        }
+    )
 
 
 def play(model):
@@ -46,8 +51,7 @@ def test_score_mode_reads_the_history_and_acts_greedily(fake):
 
 
 def test_prompt_shows_only_the_memory_window(fake):
-    model = play(DilemmaModel(scenario({}, others=("alternator",), rounds=4,
-                                       memory={"window": 2})))
+    model = play(DilemmaModel(scenario({}, others=("alternator",), rounds=4, memory={"window": 2})))
     records = model.llm_policies[0].drain()
     last = records[-1]["prompt"][-1]["content"]
     assert "This is interrogation 4 of 4." in last
@@ -80,8 +84,9 @@ def test_generate_mode_retries_then_falls_back(fake):
         return "I will not testify."
 
     fake.script = script
-    model = DilemmaModel(scenario({"mode": "generate", "fallback": "defect"}, others=("all_c",),
-                                  rounds=1))
+    model = DilemmaModel(
+        scenario({"mode": "generate", "fallback": "defect"}, others=("all_c",), rounds=1)
+    )
     play(model)
     record = model.llm_policies[0].drain()[0]
     assert record["first_answer"] == "I will not testify."
@@ -92,8 +97,11 @@ def test_generate_mode_retries_then_falls_back(fake):
 @pytest.mark.parametrize("fallback, expected", [("cooperate", "C"), ("defect", "D")])
 def test_invalid_twice_uses_the_fallback_and_is_counted(fake, fallback, expected):
     fake.script = lambda text: "Maybe."
-    model = play(DilemmaModel(scenario({"mode": "generate", "fallback": fallback},
-                                       others=("all_c",), rounds=2)))
+    model = play(
+        DilemmaModel(
+            scenario({"mode": "generate", "fallback": fallback}, others=("all_c",), rounds=2)
+        )
+    )
     policy = model.llm_policies[0]
     records = policy.drain()
     assert [r["action"] for r in records] == [expected, expected]
@@ -104,8 +112,11 @@ def test_invalid_twice_uses_the_fallback_and_is_counted(fake, fallback, expected
 def test_repeat_last_fallback_repeats_the_previous_actual_action(fake):
     answers = iter(["I want to testify."] + ["?"] * 10)
     fake.script = lambda text: next(answers)
-    model = play(DilemmaModel(scenario({"mode": "generate", "fallback": "repeat_last"},
-                                       others=("all_c",), rounds=3)))
+    model = play(
+        DilemmaModel(
+            scenario({"mode": "generate", "fallback": "repeat_last"}, others=("all_c",), rounds=3)
+        )
+    )
     assert moves(model, 0) == "DDD"
 
 
@@ -113,10 +124,14 @@ def test_reflections_follow_each_round_and_feed_the_next_prompt(fake):
     model = play(DilemmaModel(scenario({"reflection": True}, others=("all_d",), rounds=2)))
     first, second = model.llm_policies[0].drain()
     assert first["reflection"] == "I think it went as planned."
-    assert "Suspect2 testified against the other, while Suspect1 remained silent" in \
-        first["reflection_prompt"]
-    assert "Your reflection after the last interrogation: I think it went as planned." in \
-        second["prompt"][-1]["content"]
+    assert (
+        "Suspect2 testified against the other, while Suspect1 remained silent"
+        in first["reflection_prompt"]
+    )
+    assert (
+        "Your reflection after the last interrogation: I think it went as planned."
+        in second["prompt"][-1]["content"]
+    )
 
 
 def test_run_writes_transcripts_and_llm_summary(fake, tmp_path):
@@ -125,10 +140,34 @@ def test_run_writes_transcripts_and_llm_summary(fake, tmp_path):
     rounds = pq.read_table(out / "rounds.parquet").to_pandas()
     llm_rows = rounds[rounds["player"] == "LLM"]
     assert len(lines) == len(llm_rows) == 7 * 5  # 5 rule opponents + 2 self-play sides
-    keys = {"step", "match", "round", "agent", "opponent", "player", "opponent_player",
-            "prompt", "answer", "response", "action", "p_cooperate", "p_defect", "valid",
-            "retries", "reflection", "latency_s", "model", "revision", "actual", "payoff",
-            "input", "input_tokens", "labels", "option_order", "label_mass"}
+    keys = {
+        "step",
+        "match",
+        "round",
+        "agent",
+        "opponent",
+        "player",
+        "opponent_player",
+        "prompt",
+        "answer",
+        "response",
+        "action",
+        "p_cooperate",
+        "p_defect",
+        "valid",
+        "retries",
+        "reflection",
+        "latency_s",
+        "model",
+        "revision",
+        "actual",
+        "payoff",
+        "input",
+        "input_tokens",
+        "labels",
+        "option_order",
+        "label_mass",
+    }
     assert keys <= set(lines[0])
     assert lines[0]["prompt"][-1]["role"] == "user"
     by_key = {(ln["match"], ln["agent"], ln["round"], ln["opponent"]): ln["actual"] for ln in lines}
@@ -157,7 +196,10 @@ def test_sft_export(fake, tmp_path, capsys):
     roles = [m["role"] for m in examples[0]["messages"]]
     assert roles == ["user", "assistant", "user", "assistant"]
     assert examples[0]["messages"][1]["content"].startswith("Suspect1: I want to")
-    assert export_main([str(out), "--model", "other-model", "--out", str(tmp_path / "none.jsonl")]) == 0
+    assert (
+        export_main([str(out), "--model", "other-model", "--out", str(tmp_path / "none.jsonl")])
+        == 0
+    )
     assert (tmp_path / "none.jsonl").read_text() == ""
     assert export_main([str(tmp_path)]) == 2
     assert "no transcripts.jsonl" in capsys.readouterr().err
@@ -167,9 +209,12 @@ def test_sft_export(fake, tmp_path, capsys):
 def test_rule_only_runs_do_not_import_torch(tmp_path):
     import subprocess
     import sys
-    code = ("import sys; from abm.run import main; main(['%s', '--quiet', '--out', '%s']); "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)"
-            % (SCENARIOS / "round_robin_rules.toml", tmp_path / "o"))
+
+    scenario, out_dir = SCENARIOS / "round_robin_rules.toml", tmp_path / "o"
+    code = (
+        f"import sys; from abm.run import main; main(['{scenario}', '--quiet', '--out', "
+        f"'{out_dir}']); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().splitlines()[-1] == "False False"
 
@@ -185,27 +230,38 @@ def custom_scenario(scenario_file, tmp_path, template: str, extra: str = ""):
     return scenario_file(
         'seed = 1\n[match]\nrounds = 2\n[graph]\nkind = "complete"\n[population]\n'
         'players = ["all_d", { name = "llm", framing = "custom", template = "prompts/trade.txt",'
-        f' labels = ["HOLD", "BUY"]{extra} }}]\n')
+        f' labels = ["HOLD", "BUY"]{extra} }}]\n'
+    )
 
 
 def test_custom_template_relative_to_the_scenario(fake, scenario_file, tmp_path):
     model = play(DilemmaModel(custom_scenario(scenario_file, tmp_path, CUSTOM)))
     first, second = model.llm_policies[0].drain()
     text = first["prompt"][-1]["content"]
-    assert text.startswith("Two traders each pick BUY or HOLD. There will be 2 rounds. "
-                           "Points: both HOLD: 9.")
+    assert text.startswith(
+        "Two traders each pick BUY or HOLD. There will be 2 rounds. Points: both HOLD: 9."
+    )
     assert "Trade 1 of 2. Nothing has happened yet. Points so far: 0. Say HOLD or BUY." in text
-    assert "- you: HOLD; the other player: BUY (you got 0 points)" in \
-        second["prompt"][-1]["content"]
+    assert (
+        "- you: HOLD; the other player: BUY (you got 0 points)" in second["prompt"][-1]["content"]
+    )
 
 
-@pytest.mark.parametrize("template, extra, message", [
-    (CUSTOM.replace("{score}", "{points}"), "", "uses {points}, which is not a template variable"),
-    (CUSTOM.replace("\n---\n", "\n"), "", "needs a line '---'"),
-    (CUSTOM, ', answer_prefix = "I say"', None),
-])
+@pytest.mark.parametrize(
+    "template, extra, message",
+    [
+        (
+            CUSTOM.replace("{score}", "{points}"),
+            "",
+            "uses {points}, which is not a template variable",
+        ),
+        (CUSTOM.replace("\n---\n", "\n"), "", "needs a line '---'"),
+        (CUSTOM, ', answer_prefix = "I say"', None),
+    ],
+)
 def test_custom_template_errors(fake, scenario_file, tmp_path, capsys, template, extra, message):
     from abm.run import main
+
     path = custom_scenario(scenario_file, tmp_path, template, extra)
     code = main([str(path), "--quiet", "--out", str(tmp_path / "out")])
     if message is None:
@@ -218,8 +274,11 @@ def test_custom_template_errors(fake, scenario_file, tmp_path, capsys, template,
 
 def test_police_framing_refuses_labels(scenario_file, capsys):
     from abm.run import main
-    path = scenario_file('[graph]\nkind = "complete"\n[population]\n'
-                         'players = ["all_d", { name = "llm", labels = ["a", "b"] }]\n')
+
+    path = scenario_file(
+        '[graph]\nkind = "complete"\n[population]\n'
+        'players = ["all_d", { name = "llm", labels = ["a", "b"] }]\n'
+    )
     assert main([str(path), "--quiet"]) == 2
     assert "labels are for the neutral and custom framings" in capsys.readouterr().err
 
@@ -237,8 +296,12 @@ def test_summary_counts_only_this_runs_work(fake, tmp_path):
     fake.score_phrasings = counted
     summaries = []
     for name in ("a", "b"):
-        out = run_scenario(SCENARIOS / "round_robin.toml", out=tmp_path / name, quiet=True,
-                           overrides=["output.charts=false"])
+        out = run_scenario(
+            SCENARIOS / "round_robin.toml",
+            out=tmp_path / name,
+            quiet=True,
+            overrides=["output.charts=false"],
+        )
         summaries.append(json.loads((out / "summary.json").read_text())["llm"][0])
     # the same seeded run twice does the same work, counted from zero each time
     assert summaries[0]["tokens"] == summaries[1]["tokens"] > 0

@@ -21,19 +21,21 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
+from conftest import SCENARIOS
+from fake_llm import FakeBackend, labels_in, last_history_line
+from test_round_robin import DEFECTIONS, PAYOFF, PLAYERS
 
 import abm.policies.llm as llm_module
 from abm.llm.reflections import clean_reflection
 from abm.model import DilemmaModel
 from abm.run import main, run_scenario
 from abm.scenario import validate_scenario
-from conftest import SCENARIOS
-from fake_llm import FakeBackend, labels_in, last_history_line
-from test_round_robin import DEFECTIONS, PAYOFF, PLAYERS
 
 TFT = PLAYERS.index("Tit-for-tat")
-OPTIONS = {0: ("remain silent", "Remaining silent", "Silence"),
-           1: ("testify", "Testifying", "Testimony")}
+OPTIONS = {
+    0: ("remain silent", "Remaining silent", "Silence"),
+    1: ("testify", "Testifying", "Testimony"),
+}
 
 
 def tft_move(text: str) -> int:
@@ -57,7 +59,8 @@ class Speaker:
         if remembered_opponent_moves(text.split("<assistant>")[0]) == "DC":
             self.garbage += 1
             return ["The weather is nice today.", "Maybe. I am not sure, officer."][
-                "could not be read" in text]
+                "could not be read" in text
+            ]
         move = tft_move(text)
         opt, ing, noun = OPTIONS[move]
         past = "testified" if "Suspect2: testify" in last_history_line(text) else "remained silent"
@@ -92,8 +95,10 @@ def experiment(tmp_path, fake, name="rr", **llm):
 
 
 def tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return (pd.read_csv(out / "payoff_matrix.csv", index_col="player"),
-            pd.read_csv(out / "defections.csv", index_col="player"))
+    return (
+        pd.read_csv(out / "payoff_matrix.csv", index_col="player"),
+        pd.read_csv(out / "defections.csv", index_col="player"),
+    )
 
 
 def assert_tft_row(payoff, defections, skip=()):
@@ -212,8 +217,9 @@ def test_scoring_only_the_labels_would_tilt_the_measurement(fake, tmp_path):
     # the same model read through the two labels alone prefers testify (0.20 > 0.05)
     # even where its paraphrases say C: the default phrasings are what fixes that
     fake.phrase_probs = Paraphraser()
-    out = experiment(tmp_path, fake, phrasings={"cooperate": ["remain silent"],
-                                                "defect": ["testify"]})
+    out = experiment(
+        tmp_path, fake, phrasings={"cooperate": ["remain silent"], "defect": ["testify"]}
+    )
     payoff, defections = tables(out)
     assert defections.loc["LLM", "All-C"] == 5
 
@@ -225,8 +231,11 @@ def test_option_order_is_counterbalanced_and_recorded(fake, tmp_path):
     orders = {ln["option_order"] for ln in lines}
     assert orders == {"CD", "DC"}
     for ln in lines:
-        question = ("Will you testify or remain silent?" if ln["option_order"] == "DC"
-                    else "Will you remain silent or testify?")
+        question = (
+            "Will you testify or remain silent?"
+            if ln["option_order"] == "DC"
+            else "Will you remain silent or testify?"
+        )
         assert question in ln["input"]
         first = "testify" if ln["option_order"] == "DC" else "remain silent"
         assert f"you either {first} or" in ln["input"]
@@ -236,8 +245,14 @@ def test_option_order_is_counterbalanced_and_recorded(fake, tmp_path):
 
 
 def test_neutral_labels_can_be_reassigned_per_decision(fake, tmp_path):
-    out = experiment(tmp_path, fake, framing="neutral", mode="generate",
-                     label_assignment="random", option_order="random")
+    out = experiment(
+        tmp_path,
+        fake,
+        framing="neutral",
+        mode="generate",
+        label_assignment="random",
+        option_order="random",
+    )
     assert_tft_row(*tables(out))
     lines = [json.loads(ln) for ln in (out / "transcripts.jsonl").read_text().splitlines()]
     assert {tuple(ln["labels"]) for ln in lines} == {("J", "F"), ("F", "J")}
@@ -255,11 +270,15 @@ def test_history_echoes_are_not_decisions(fake, tmp_path):
 
 
 def scenario(llm: dict, others=("all_c", "all_c", "all_c"), rounds=2):
-    return validate_scenario({
-        "seed": 3, "match": {"rounds": rounds},
-        "graph": {"kind": "complete", "self_loops": False},
-        "population": {"players": [{"name": "llm", "label": "LLM", **llm}, *others]},
-        "pairing": {"scheme": "all_edges", "steps": 1}})
+    return validate_scenario(
+        {
+            "seed": 3,
+            "match": {"rounds": rounds},
+            "graph": {"kind": "complete", "self_loops": False},
+            "population": {"players": [{"name": "llm", "label": "LLM", **llm}, *others]},
+            "pairing": {"scheme": "all_edges", "steps": 1},
+        }
+    )
 
 
 def run(model):
@@ -281,8 +300,14 @@ def test_sampled_answers_are_drawn_per_decision(fake, monkeypatch):
 
 def test_reflections_have_their_own_temperature_and_are_cleaned(fake):
     fake.script = None
-    model = run(DilemmaModel(scenario({"mode": "generate", "reflection": True,
-                                       "reflection_temperature": 0.9}, others=("all_d",))))
+    model = run(
+        DilemmaModel(
+            scenario(
+                {"mode": "generate", "reflection": True, "reflection_temperature": 0.9},
+                others=("all_d",),
+            )
+        )
+    )
     # decisions greedy (0.0), reflections sampled (0.9)
     assert set(fake.generate_temperatures) == {0.0, 0.9}
     record = model.llm_policies[0].drain()[0]
@@ -295,16 +320,24 @@ def test_sampled_reflections_follow_the_run_seed(fake):
     for seed in (1, 2, 1):
         fake.generate_seeds.clear()
         fake.generate_temperatures.clear()
-        spec = scenario({"mode": "generate", "reflection": True,
-                         "reflection_temperature": 0.9}, others=("all_d",))
+        spec = scenario(
+            {"mode": "generate", "reflection": True, "reflection_temperature": 0.9},
+            others=("all_d",),
+        )
         run(DilemmaModel(spec.model_copy(update={"seed": seed})))
-        seeds.append([s for s, t in zip(fake.generate_seeds, fake.generate_temperatures)
-                      if t == 0.9])
+        seeds.append(
+            [
+                s
+                for s, t in zip(fake.generate_seeds, fake.generate_temperatures, strict=True)
+                if t == 0.9
+            ]
+        )
     assert seeds[0] == seeds[2] and seeds[0] != seeds[1]
 
 
 def test_stopped_matches_are_not_fitness(fake, monkeypatch):
     from abm.evolution import Evolution
+
     seen = {}
     real = Evolution.fitness
 
@@ -315,12 +348,18 @@ def test_stopped_matches_are_not_fitness(fake, monkeypatch):
     monkeypatch.setattr(Evolution, "fitness", spy)
     # the LLM (node 0) answers round 1 and then garbage: its matches stop in round 2
     fake.script = lambda text: "Answer: testify" if "Nothing has happened" in text else "Hm."
-    spec = validate_scenario({
-        "seed": 3, "match": {"rounds": 3}, "graph": {"kind": "complete", "self_loops": False},
-        "population": {"players": [{"name": "llm", "label": "LLM", "mode": "generate"},
-                                   "all_c", "all_c"]},
-        "pairing": {"scheme": "all_edges", "steps": 1},
-        "evolution": {"rule": "imitate_best"}})
+    spec = validate_scenario(
+        {
+            "seed": 3,
+            "match": {"rounds": 3},
+            "graph": {"kind": "complete", "self_loops": False},
+            "population": {
+                "players": [{"name": "llm", "label": "LLM", "mode": "generate"}, "all_c", "all_c"]
+            },
+            "pairing": {"scheme": "all_edges", "steps": 1},
+            "evolution": {"rule": "imitate_best"},
+        }
+    )
     run(DilemmaModel(spec))
     # node 0's two matches stopped; nodes 1 and 2 keep only their match with each other
     assert seen["matches"].tolist() == [0, 1, 1]
@@ -328,23 +367,33 @@ def test_stopped_matches_are_not_fitness(fake, monkeypatch):
 
 
 def test_the_exact_model_input_is_recorded(fake):
-    model = run(DilemmaModel(scenario({"system_prompt": "You are a careful suspect."},
-                                      others=("all_d",), rounds=1)))
+    model = run(
+        DilemmaModel(
+            scenario({"system_prompt": "You are a careful suspect."}, others=("all_d",), rounds=1)
+        )
+    )
     record = model.llm_policies[0].drain()[0]
     assert record["input"] == fake.render(record["prompt"], "Suspect1: I want to")
     assert record["input"].startswith("<system>\nYou are a careful suspect.\n<user>\n")
     assert record["input_tokens"] == len(record["input"])
 
 
-@pytest.mark.parametrize("raw, want", [
-    ("I stayed silent because cooperation pays. USER: Will you", "I stayed silent because "
-     "cooperation pays."),
-    ("Suspect1: It worked. Police: Next question", "It worked."),
-    ("I think it went well. Next time I might testify, but only if the", "I think it went "
-     "well."),
-    ("No sentence end at all", "No sentence end at all"),
-    ("Fine! <|im_start|>user", "Fine!"),
-])
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        (
+            "I stayed silent because cooperation pays. USER: Will you",
+            "I stayed silent because cooperation pays.",
+        ),
+        ("Suspect1: It worked. Police: Next question", "It worked."),
+        (
+            "I think it went well. Next time I might testify, but only if the",
+            "I think it went well.",
+        ),
+        ("No sentence end at all", "No sentence end at all"),
+        ("Fine! <|im_start|>user", "Fine!"),
+    ],
+)
 def test_clean_reflection(raw, want):
     assert clean_reflection(raw, ("Suspect1", "Suspect2", "Police")) == want
 

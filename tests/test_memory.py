@@ -34,24 +34,33 @@ def test_repeated_slots_append_in_order():
     mem = Memory(3, 4)
     mem.push(np.array([2]), np.array([0], np.int8), np.array([0], np.int8))
     # slot 2 gets three rounds in one push, slot 0 one; order within a slot is kept
-    mem.push(np.array([2, 0, 2, 2]), np.array([1, 1, 0, 1], np.int8),
-             np.array([0, 1, 1, 1], np.int8), unique=False)
+    mem.push(
+        np.array([2, 0, 2, 2]),
+        np.array([1, 1, 0, 1], np.int8),
+        np.array([0, 1, 1, 1], np.int8),
+        unique=False,
+    )
     assert mem.mine[2].tolist() == [0, 1, 0, 1]
     assert mem.theirs[2].tolist() == [0, 0, 1, 1]
     assert mem.mine[0].tolist() == [-1, -1, -1, 1]
     assert mem.length.tolist() == [1, 0, 4]
     # more new rounds than the window: only the last four stay
-    mem.push(np.array([0] * 6), np.arange(6).astype(np.int8) % 2,
-             np.zeros(6, np.int8), unique=False)
+    mem.push(
+        np.array([0] * 6), np.arange(6).astype(np.int8) % 2, np.zeros(6, np.int8), unique=False
+    )
     assert mem.mine[0].tolist() == [0, 1, 0, 1]
     assert mem.length[0] == 4
 
 
 def tft_vs_alld(scope: str, window: int | None, steps: int = 2) -> pd.DataFrame:
-    data = {"seed": 1, "match": {"rounds": 2},
-            "memory": {"scope": scope, **({"window": window} if window else {})},
-            "graph": {"kind": "complete"}, "population": {"players": ["tit_for_tat", "all_d"]},
-            "pairing": {"scheme": "all_edges", "steps": steps}}
+    data = {
+        "seed": 1,
+        "match": {"rounds": 2},
+        "memory": {"scope": scope, **({"window": window} if window else {})},
+        "graph": {"kind": "complete"},
+        "population": {"players": ["tit_for_tat", "all_d"]},
+        "pairing": {"scheme": "all_edges", "steps": steps},
+    }
     model = DilemmaModel(validate_scenario(data))
     moves = []
     while model.running:
@@ -80,15 +89,23 @@ def hub_moves(scope: str) -> dict[int, str]:
     Complete graph on 3 nodes, every edge plays a 1-round match each step for
     3 steps, memory window 1.
     """
-    data = {"seed": 1, "match": {"rounds": 1}, "memory": {"scope": scope, "window": 1},
-            "graph": {"kind": "complete", "n": 3},
-            "population": {"players": ["tit_for_tat", "all_d", "all_c"]},
-            "pairing": {"scheme": "all_edges", "steps": 3}}
+    data = {
+        "seed": 1,
+        "match": {"rounds": 1},
+        "memory": {"scope": scope, "window": 1},
+        "graph": {"kind": "complete", "n": 3},
+        "population": {"players": ["tit_for_tat", "all_d", "all_c"]},
+        "pairing": {"scheme": "all_edges", "steps": 3},
+    }
     model = DilemmaModel(validate_scenario(data))
     while model.running:
         model.step()
     r = model.last_result
-    return {int(o): "CD"[a] for a, o, ag in zip(r.actual[0], r.opponent, r.agent) if ag == 0}
+    return {
+        int(o): "CD"[a]
+        for a, o, ag in zip(r.actual[0], r.opponent, r.agent, strict=True)
+        if ag == 0
+    }
 
 
 def test_opponent_scope_keeps_opponents_apart():
@@ -104,9 +121,14 @@ def test_all_scope_mixes_opponents():
 
 def test_self_play_twin_has_its_own_memory():
     # Alternator against itself: both copies start with C and alternate independently
-    data = {"seed": 1, "match": {"rounds": 4}, "memory": {"scope": "all", "window": 2},
-            "graph": {"kind": "complete", "self_loops": True},
-            "population": {"players": ["alternator"]}, "pairing": {"steps": 2}}
+    data = {
+        "seed": 1,
+        "match": {"rounds": 4},
+        "memory": {"scope": "all", "window": 2},
+        "graph": {"kind": "complete", "self_loops": True},
+        "population": {"players": ["alternator"]},
+        "pairing": {"steps": 2},
+    }
     model = DilemmaModel(validate_scenario(data))
     model.step()
     first = model.last_result.actual.T.tolist()

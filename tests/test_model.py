@@ -2,20 +2,29 @@
 
 import numpy as np
 import pytest
+from conftest import SCENARIOS
 
 from abm.model import DilemmaModel
 from abm.scenario import validate_scenario
-from conftest import SCENARIOS
 
-MIX = {"mix": [{"policy": "tit_for_tat", "share": 0.5},
-               {"policy": {"name": "random", "p": 0.3}, "share": 0.3},
-               {"policy": "all_d", "share": 0.2}]}
+MIX = {
+    "mix": [
+        {"policy": "tit_for_tat", "share": 0.5},
+        {"policy": {"name": "random", "p": 0.3}, "share": 0.3},
+        {"policy": "all_d", "share": 0.2},
+    ]
+}
 
 
 def small_world(seed=3, **extra):
-    data = {"seed": seed, "game": {"noise": 0.05},
-            "graph": {"kind": "watts_strogatz", "n": 30, "k": 4, "p": 0.2},
-            "population": MIX, "pairing": {"scheme": "random_matching", "steps": 6}, **extra}
+    data = {
+        "seed": seed,
+        "game": {"noise": 0.05},
+        "graph": {"kind": "watts_strogatz", "n": 30, "k": 4, "p": 0.2},
+        "population": MIX,
+        "pairing": {"scheme": "random_matching", "steps": 6},
+        **extra,
+    }
     return DilemmaModel(validate_scenario(data))
 
 
@@ -94,8 +103,10 @@ def test_seed_argument_overrides_scenario_and_is_recorded():
 
 
 def test_missing_seed_is_drawn_and_recorded():
-    data = {"graph": {"kind": "complete", "self_loops": True},
-            "population": {"players": ["random"]}}
+    data = {
+        "graph": {"kind": "complete", "self_loops": True},
+        "population": {"players": ["random"]},
+    }
     model = DilemmaModel(validate_scenario(data))
     assert isinstance(model.master_seed, int) and model.scenario.seed == model.master_seed
 
@@ -103,9 +114,13 @@ def test_missing_seed_is_drawn_and_recorded():
 @pytest.mark.slow
 def test_geometric_match_lengths():
     delta = 0.8
-    data = {"seed": 5, "match": {"continuation_probability": delta},
-            "graph": {"kind": "complete", "n": 2}, "population": {"players": ["tit_for_tat", "all_d"]},
-            "pairing": {"steps": 4000}}
+    data = {
+        "seed": 5,
+        "match": {"continuation_probability": delta},
+        "graph": {"kind": "complete", "n": 2},
+        "population": {"players": ["tit_for_tat", "all_d"]},
+        "pairing": {"steps": 4000},
+    }
     model = run(DilemmaModel(validate_scenario(data)))
     lengths = np.array([s["decisions"] // 2 for s in model.tally.steps])
     # P(L = l) = delta^(l-1) (1 - delta): mean 1 / (1 - delta) = 5, sd sqrt(delta)/(1-delta) ~ 4.47
@@ -115,9 +130,13 @@ def test_geometric_match_lengths():
 
 
 def test_geometric_matches_stop_at_their_own_length():
-    data = {"seed": 2, "match": {"continuation_probability": 0.7},
-            "graph": {"kind": "complete", "n": 40}, "population": {"players": ["all_c"] * 40},
-            "pairing": {"scheme": "all_edges"}}
+    data = {
+        "seed": 2,
+        "match": {"continuation_probability": 0.7},
+        "graph": {"kind": "complete", "n": 40},
+        "population": {"players": ["all_c"] * 40},
+        "pairing": {"scheme": "all_edges"},
+    }
     model = run(DilemmaModel(validate_scenario(data)))
     r = model.last_result
     played = (r.actual != -1).sum(axis=0)
@@ -128,9 +147,12 @@ def test_geometric_matches_stop_at_their_own_length():
 
 def test_collect_agents_is_off_for_huge_runs_by_default():
     # the limit is on agents x steps: 10,001 agents for 100 steps pass 1,000,000 rows
-    data = {"seed": 1, "graph": {"kind": "ring", "n": 10_001},
-            "population": {"mix": [{"policy": "all_c", "share": 1.0}]},
-            "pairing": {"steps": 100}}
+    data = {
+        "seed": 1,
+        "graph": {"kind": "ring", "n": 10_001},
+        "population": {"mix": [{"policy": "all_c", "share": 1.0}]},
+        "pairing": {"steps": 100},
+    }
     big = DilemmaModel(validate_scenario(data))
     big.step()
     assert not big.datacollector.agent_reporters
@@ -143,7 +165,9 @@ def test_collect_agents_is_off_for_huge_runs_by_default():
 
 def test_resolved_scenario_round_trips(tmp_path):
     import tomli_w
+
     from abm.scenario import load_scenario
+
     model = DilemmaModel(SCENARIOS / "small_world_rules.toml")
     path = tmp_path / "config.toml"
     path.write_text(tomli_w.dumps(model.scenario.to_toml_dict()))
@@ -153,12 +177,16 @@ def test_resolved_scenario_round_trips(tmp_path):
 
 def test_population_from_a_graphml_attribute(tmp_path, scenario_file):
     import networkx as nx
+
     g = nx.cycle_graph(["a", "b", "c", "d"])
-    nx.set_node_attributes(g, {"a": "all_d", "b": "tit_for_tat", "c": "grim", "d": "all_c"},
-                           "strategy")
+    nx.set_node_attributes(
+        g, {"a": "all_d", "b": "tit_for_tat", "c": "grim", "d": "all_c"}, "strategy"
+    )
     nx.write_graphml(g, tmp_path / "net.graphml")
-    path = scenario_file('seed = 1\n[graph]\nkind = "file"\npath = "net.graphml"\n'
-                         '[population]\nattribute = "strategy"\n')
+    path = scenario_file(
+        'seed = 1\n[graph]\nkind = "file"\npath = "net.graphml"\n'
+        '[population]\nattribute = "strategy"\n'
+    )
     model = run(DilemmaModel(path))
     assert model.policy_names == ["all_d", "tit_for_tat", "trigger", "all_c"]
     # a-b, b-c, c-d, d-a each play one 5-round match; All-D (a) meets TFT (b) and All-C (d):
@@ -168,11 +196,16 @@ def test_population_from_a_graphml_attribute(tmp_path, scenario_file):
 
 def test_bad_attribute_value_is_explained(tmp_path, scenario_file):
     import networkx as nx
+
     from abm.errors import ScenarioError
+
     g = nx.path_graph(["a", "b"])
     nx.set_node_attributes(g, {"a": "all_d", "b": "tft"}, "strategy")
     nx.write_graphml(g, tmp_path / "net.graphml")
-    path = scenario_file('[graph]\nkind = "file"\npath = "net.graphml"\n'
-                         '[population]\nattribute = "strategy"\n')
-    with pytest.raises(ScenarioError, match=r"population\.attribute.*node 'b'.*unknown policy 'tft'"):
+    path = scenario_file(
+        '[graph]\nkind = "file"\npath = "net.graphml"\n[population]\nattribute = "strategy"\n'
+    )
+    with pytest.raises(
+        ScenarioError, match=r"population\.attribute.*node 'b'.*unknown policy 'tft'"
+    ):
         DilemmaModel(path)

@@ -25,16 +25,21 @@ M = 2000  # matches (edges)
 ROUNDS = 50
 
 
-def population(a: str, b: str, *, noise: float, seed: int = 1, m: int = M,
-               rounds: int = ROUNDS):
+def population(a: str, b: str, *, noise: float, seed: int = 1, m: int = M, rounds: int = ROUNDS):
     """m disjoint matches, node i (policy a) against node m + i (policy b)."""
     pols = [make(a, {}, GAME), make(b, {}, GAME)]
     edges = np.stack([np.arange(m), np.arange(m, 2 * m)], axis=1)
-    eng = Engine(game=GAME, noise=noise,
-                 population=Population.of_policies(pols, np.repeat([0, 1], m)),
-                 edges=edges, window=None, scope="match", rounds=rounds,
-                 continuation_probability=None,
-                 rngs={p: stream(seed, p) for p in PURPOSES})
+    eng = Engine(
+        game=GAME,
+        noise=noise,
+        population=Population.of_policies(pols, np.repeat([0, 1], m)),
+        edges=edges,
+        window=None,
+        scope="match",
+        rounds=rounds,
+        continuation_probability=None,
+        rngs={p: stream(seed, p) for p in PURPOSES},
+    )
     return eng.play(0, np.arange(m))
 
 
@@ -48,6 +53,7 @@ def expected_flips(seed: int, noise: float, rounds: int, sides: int) -> np.ndarr
 # --------------------------------------------------------------------------------------
 # engine
 # --------------------------------------------------------------------------------------
+
 
 def test_noise_flip_rate_all_c_population():
     noise = 0.1
@@ -141,6 +147,7 @@ def test_flips_are_nested_across_noise_levels():
 # --------------------------------------------------------------------------------------
 # apply_noise directly
 # --------------------------------------------------------------------------------------
+
 
 def test_apply_noise_zero_and_one():
     rng = np.random.default_rng(0)

@@ -20,7 +20,9 @@ def complete(n: int, loops: bool) -> np.ndarray:
 
 
 def is_matching(edges: np.ndarray, chosen: np.ndarray) -> bool:
-    ends = np.concatenate([edges[chosen, 0], edges[chosen[edges[chosen, 0] != edges[chosen, 1]], 1]])
+    ends = np.concatenate(
+        [edges[chosen, 0], edges[chosen[edges[chosen, 0] != edges[chosen, 1]], 1]]
+    )
     return len(ends) == len(set(ends.tolist()))
 
 
@@ -48,7 +50,9 @@ def test_round_robin_on_complete_graphs(n, loops):
         played += chosen.tolist()
     assert sorted(played) == list(range(len(edges)))  # every edge exactly once
     # the cycle starts again afterwards
-    assert pairing.matches(pairing.default_steps, None).tolist() == pairing.matches(0, None).tolist()
+    assert (
+        pairing.matches(pairing.default_steps, None).tolist() == pairing.matches(0, None).tolist()
+    )
 
 
 def test_round_robin_greedy_on_other_graphs():

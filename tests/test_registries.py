@@ -45,12 +45,12 @@ def toml_value(value) -> str:
 def scenario_text(graph: dict, evolution: dict | None = None, players: str | None = None) -> str:
     table = "".join(f"{k} = {toml_value(v)}\n" for k, v in graph.items())
     text = f"seed = 4\n[match]\nrounds = 2\n[graph]\n{table}[population]\n"
-    text += players or ('mix = [{ policy = "all_c", share = 0.5 }, '
-                        '{ policy = "all_d", share = 0.5 }]\n')
+    text += players or (
+        'mix = [{ policy = "all_c", share = 0.5 }, { policy = "all_d", share = 0.5 }]\n'
+    )
     text += "[pairing]\nsteps = 2\n"
     if evolution:
-        text += "[evolution]\n" + "".join(f"{k} = {toml_value(v)}\n"
-                                          for k, v in evolution.items())
+        text += "[evolution]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in evolution.items())
     return text
 
 
@@ -96,13 +96,15 @@ def test_every_graph_kind_knows_its_size_before_it_is_built(kind, tmp_path):
 
 def test_graph_kind_sizes_by_hand():
     def size(table):
-        return graph_size(validate_scenario({"graph": table,
-                                             "population": {"players": ["all_c"]}}).graph)
+        return graph_size(
+            validate_scenario({"graph": table, "population": {"players": ["all_c"]}}).graph
+        )
 
     # 3 x 4 torus, von Neumann: 12 nodes, 2 links each; 5 copies, each with 12 self-loops;
     # the longer side names the size
-    assert size({"kind": "grid", "rows": 3, "cols": 4, "torus": True, "copies": 5,
-                 "self_loops": True}) == (60, 5 * (24 + 12), "cols")
+    assert size(
+        {"kind": "grid", "rows": 3, "cols": 4, "torus": True, "copies": 5, "self_loops": True}
+    ) == (60, 5 * (24 + 12), "cols")
     # ring of 8 with 2 on each side: 16 links; 10 copies of 8 nodes: the copies are big
     assert size({"kind": "ring", "n": 8, "k": 2, "copies": 10}) == (80, 160, "copies")
     # Barabasi-Albert: (n - m) new nodes bring m links each
@@ -135,7 +137,8 @@ def test_every_page_graph_family_builds_on_the_page(kind):
 
 
 def test_the_page_offers_every_kind_but_a_file_which_only_its_own_scenario_shows(
-        scenario_file, tmp_path):
+    scenario_file, tmp_path
+):
     assert graph_families() == [k for k in GRAPH_KINDS if k != "file"]
     (tmp_path / "edges.txt").write_text(EDGES)
     model = VizModel(scenario=str(scenario_file(scenario_text(GRAPH_EXAMPLES["file"]))))
@@ -145,13 +148,21 @@ def test_the_page_offers_every_kind_but_a_file_which_only_its_own_scenario_shows
 def test_page_defaults_of_a_new_family(scenario_file):
     # from a ring of 8 with self-loops: the grid's defaults, a near-square lattice
     base = {"kind": "ring", "n": 8, "k": 2, "self_loops": True}
-    assert graph_table("grid", 10, base) == {"kind": "grid", "rows": 3, "cols": 4,
-                                             "torus": True, "self_loops": True}
-    assert graph_table("erdos_renyi", 12, base) == {"kind": "erdos_renyi", "n": 12, "p": 0.5,
-                                                    "self_loops": True}
+    assert graph_table("grid", 10, base) == {
+        "kind": "grid",
+        "rows": 3,
+        "cols": 4,
+        "torus": True,
+        "self_loops": True,
+    }
+    assert graph_table("erdos_renyi", 12, base) == {
+        "kind": "erdos_renyi",
+        "n": 12,
+        "p": 0.5,
+        "self_loops": True,
+    }
     # the same family keeps the scenario's own keys and takes the new size
-    assert graph_table("ring", 20, base) == {"kind": "ring", "n": 20, "k": 2,
-                                             "self_loops": True}
+    assert graph_table("ring", 20, base) == {"kind": "ring", "n": 20, "k": 2, "self_loops": True}
 
 
 class PathGraph(GraphKind):
@@ -180,7 +191,15 @@ def test_a_new_graph_kind_appears_in_the_page_selector(monkeypatch):
     config = PathGraph(kind="path", n=5, copies=2)
     assert config.size() == (10, 8, "n")
     assert sorted(build_graph(config, np.random.default_rng(0)).edges) == [
-        (0, 1), (1, 2), (2, 3), (3, 4), (5, 6), (6, 7), (7, 8), (8, 9)]
+        (0, 1),
+        (1, 2),
+        (2, 3),
+        (3, 4),
+        (5, 6),
+        (6, 7),
+        (7, 8),
+        (8, 9),
+    ]
 
 
 # ------------------------------------------------------------------ update rules
@@ -200,8 +219,9 @@ def test_every_update_rule_runs_from_the_command_line(rule, scenario_file, tmp_p
 
 @pytest.mark.parametrize("rule", list(UPDATE_RULES))
 def test_every_update_rule_plays_on_the_page(rule, scenario_file):
-    model = VizModel(scenario=str(scenario_file(scenario_text(GRAPH_EXAMPLES["ring"],
-                                                              {"rule": rule}))))
+    model = VizModel(
+        scenario=str(scenario_file(scenario_text(GRAPH_EXAMPLES["ring"], {"rule": rule})))
+    )
     model.step()
     assert model.evolution.rule is UPDATE_RULES[rule]
     assert model.viz_error is None and model.played_steps == 1
@@ -221,15 +241,23 @@ def test_a_rule_takes_its_own_parameters_with_their_defaults():
     # another rule's parameter stays unset, so a resolved scenario reads back as it was
     config = EvolutionConfig(rule="imitate_best")
     assert config.temperature is None and config.intensity is None
-    scenario = validate_scenario({"graph": {"kind": "ring", "n": 5},
-                                  "population": {"players": ["all_c"]},
-                                  "evolution": {"rule": "fermi"}})
+    scenario = validate_scenario(
+        {
+            "graph": {"kind": "ring", "n": 5},
+            "population": {"players": ["all_c"]},
+            "evolution": {"rule": "fermi"},
+        }
+    )
     again = validate_scenario(scenario.to_toml_dict())
     assert again.evolution == scenario.evolution
 
 
-OTHERS_PARAMS = [(rule, param) for rule in UPDATE_RULES for param in RULE_PARAMS
-                 if param not in UPDATE_RULES[rule].params]
+OTHERS_PARAMS = [
+    (rule, param)
+    for rule in UPDATE_RULES
+    for param in RULE_PARAMS
+    if param not in UPDATE_RULES[rule].params
+]
 
 
 def test_rule_parameters_are_the_fermi_temperature_and_the_selection_intensity():
@@ -245,10 +273,13 @@ def test_a_parameter_of_another_rule_is_refused(rule, param, scenario_file, tmp_
     assert code == 2
     err = capsys.readouterr().err
     own = ", ".join(UPDATE_RULES[rule].params) or "no parameter of its own"
-    owners = " or ".join(f'rule = "{name}"' for name, r in UPDATE_RULES.items()
-                         if param in r.params)
-    assert (f"{path}: field 'evolution.{param}': {param} is a parameter of {owners} only; "
-            f'rule = "{rule}" takes {own} (got 0.5)') in err
+    owners = " or ".join(
+        f'rule = "{name}"' for name, r in UPDATE_RULES.items() if param in r.params
+    )
+    assert (
+        f"{path}: field 'evolution.{param}': {param} is a parameter of {owners} only; "
+        f'rule = "{rule}" takes {own} (got 0.5)'
+    ) in err
 
 
 # ------------------------------------------------------------------ framings
@@ -261,15 +292,18 @@ Trade {round}{of_rounds}. {history} Say {first} or {second}."""
 def llm_player(framing: str, tmp_path) -> dict:
     if framing == "custom":
         (tmp_path / "trade.txt").write_text(TEMPLATE)
-        return {"name": "llm", "framing": "custom", "template": str(tmp_path / "trade.txt"),
-                "labels": ["SHARE", "KEEP"]}
+        return {
+            "name": "llm",
+            "framing": "custom",
+            "template": str(tmp_path / "trade.txt"),
+            "labels": ["SHARE", "KEEP"],
+        }
     return {"name": "llm", "framing": framing}
 
 
 def llm_scenario_text(player: dict) -> str:
     table = ", ".join(f"{k} = {toml_value(v)}" for k, v in player.items())
-    return scenario_text({"kind": "complete"},
-                         players=f'players = [{{ {table} }}, "all_d"]\n')
+    return scenario_text({"kind": "complete"}, players=f'players = [{{ {table} }}, "all_d"]\n')
 
 
 def test_every_framing_is_a_keyword_built_framing():
@@ -288,8 +322,7 @@ def test_every_framing_runs_from_the_command_line(framing, fake, scenario_file, 
 
 @pytest.mark.parametrize("framing", list(FRAMINGS))
 def test_every_framing_plays_on_the_page(framing, fake, scenario_file, tmp_path):
-    model = VizModel(scenario=str(scenario_file(llm_scenario_text(llm_player(framing,
-                                                                             tmp_path)))))
+    model = VizModel(scenario=str(scenario_file(llm_scenario_text(llm_player(framing, tmp_path)))))
     model.step()
     assert model.viz_error is None
     assert {r["framing"] for r in model.llm_log} == {framing}
@@ -298,38 +331,75 @@ def test_every_framing_plays_on_the_page(framing, fake, scenario_file, tmp_path)
 def test_a_custom_framing_sets_every_part(fake, tmp_path):
     # every text of a Framing is set by the template, the labels, the answer prefix, the
     # phrasings or one of the parts
-    elsewhere = {"name", "words", "rules", "turn", "label_c", "label_d", "answer_prefix",
-                 "phrasings"}
+    elsewhere = {
+        "name",
+        "words",
+        "rules",
+        "turn",
+        "label_c",
+        "label_d",
+        "answer_prefix",
+        "phrasings",
+    }
     texts = {f.name for f in dataclasses.fields(Framing)} - elsewhere
     assert texts == set(FramingParts.model_fields)
-    player = {**llm_player("custom", tmp_path), "label": "LLM", "reflection": True,
-              "parts": {"you": "Ann", "other": "Bob", "round_word": "deal",
-                        "reflect": "Bob {theirs}; Ann {mine}. Please reflect on your "
-                                   "decision-making.",
-                        "did": ["shared", "kept"], "speaker": "Host: "}}
-    model = DilemmaModel(validate_scenario({
-        "seed": 1, "match": {"rounds": 2}, "graph": {"kind": "complete"},
-        "population": {"players": [player, "all_d"]}, "pairing": {"steps": 1}}))
+    player = {
+        **llm_player("custom", tmp_path),
+        "label": "LLM",
+        "reflection": True,
+        "parts": {
+            "you": "Ann",
+            "other": "Bob",
+            "round_word": "deal",
+            "reflect": "Bob {theirs}; Ann {mine}. Please reflect on your decision-making.",
+            "did": ["shared", "kept"],
+            "speaker": "Host: ",
+        },
+    }
+    model = DilemmaModel(
+        validate_scenario(
+            {
+                "seed": 1,
+                "match": {"rounds": 2},
+                "graph": {"kind": "complete"},
+                "population": {"players": [player, "all_d"]},
+                "pairing": {"steps": 1},
+            }
+        )
+    )
     while model.running:
         model.step()
     policy = model.llm_policies[0]
     first, second = policy.drain()
     assert "There will be 2 deals." in first["prompt"][-1]["content"]
-    assert ("What you remember of the last 1 deal (oldest first):\n"
-            "- Ann: SHARE; Bob: KEEP (Ann got 0 points)") in second["prompt"][-1]["content"]
-    assert first["reflection_prompt"] == ("Bob kept; Ann shared. Please reflect on your "
-                                          "decision-making.")
+    assert (
+        "What you remember of the last 1 deal (oldest first):\n"
+        "- Ann: SHARE; Bob: KEEP (Ann got 0 points)"
+    ) in second["prompt"][-1]["content"]
+    assert first["reflection_prompt"] == (
+        "Bob kept; Ann shared. Please reflect on your decision-making."
+    )
     assert policy.framing.reminder("generate", "SHARE", "KEEP").startswith(
-        "Host: Your reply could not be read.")
+        "Host: Your reply could not be read."
+    )
 
 
-@pytest.mark.parametrize("parts, message", [
-    ({"yuo": "Ann"}, "unknown framing part 'yuo'; the parts a custom framing sets are you, "
-                     "other, round_word, reflect, did, speaker"),
-    ({"did": ["only one"]}, "parts.did"),
-    ({"reflect": "{who} chose {theirs}"}, "the reflection question uses {who}, which is not a "
-                                          "template variable; allowed: you, other, mine, theirs"),
-])
+@pytest.mark.parametrize(
+    "parts, message",
+    [
+        (
+            {"yuo": "Ann"},
+            "unknown framing part 'yuo'; the parts a custom framing sets are you, "
+            "other, round_word, reflect, did, speaker",
+        ),
+        ({"did": ["only one"]}, "parts.did"),
+        (
+            {"reflect": "{who} chose {theirs}"},
+            "the reflection question uses {who}, which is not a "
+            "template variable; allowed: you, other, mine, theirs",
+        ),
+    ],
+)
 def test_custom_framing_parts_errors(parts, message, fake, scenario_file, tmp_path, capsys):
     path = scenario_file(llm_scenario_text({**llm_player("custom", tmp_path), "parts": parts}))
     code, _ = run_cli(path, tmp_path)
@@ -339,20 +409,28 @@ def test_custom_framing_parts_errors(parts, message, fake, scenario_file, tmp_pa
 
 
 def test_parts_belong_to_a_custom_framing(fake, scenario_file, tmp_path, capsys):
-    path = scenario_file(llm_scenario_text({"name": "llm", "framing": "neutral",
-                                            "parts": {"you": "Ann"}}))
+    path = scenario_file(
+        llm_scenario_text({"name": "llm", "framing": "neutral", "parts": {"you": "Ann"}})
+    )
     code, _ = run_cli(path, tmp_path)
     assert code == 2
     assert 'parts set the texts of framing = "custom"' in capsys.readouterr().err
 
 
 def played(llm: dict):
-    model = DilemmaModel(validate_scenario({
-        "seed": 1, "match": {"rounds": 3},
-        "graph": {"kind": "complete"},
-        "population": {"players": [{"name": "llm", "label": "LLM", "reflection": True, **llm},
-                                   "all_d"]},
-        "pairing": {"steps": 1}}))
+    model = DilemmaModel(
+        validate_scenario(
+            {
+                "seed": 1,
+                "match": {"rounds": 3},
+                "graph": {"kind": "complete"},
+                "population": {
+                    "players": [{"name": "llm", "label": "LLM", "reflection": True, **llm}, "all_d"]
+                },
+                "pairing": {"steps": 1},
+            }
+        )
+    )
     while model.running:
         model.step()
     return model.llm_policies[0].drain()
@@ -361,30 +439,37 @@ def played(llm: dict):
 def test_the_police_prompt_is_as_written(fake):
     # police.txt filled in by hand: round 2 of 3 after (remain silent, testify)
     record = played({})[1]
-    assert record["prompt"] == [{"role": "user", "content": (
-        "You are Suspect1. You and Suspect2 have been arrested and are questioned by the "
-        "Police in separate rooms. There will be 3 interrogations. In each interrogation you "
-        "either remain silent or testify, and Suspect2 faces the same choice without knowing "
-        "yours. To testify means to testify against Suspect2; to remain silent means to say "
-        "nothing.\n"
-        "Your points in one interrogation:\n"
-        "- you both remain silent: you get 9, Suspect2 gets 9\n"
-        "- you remain silent and Suspect2 testifies: you get 0, Suspect2 gets 10\n"
-        "- you testify and Suspect2 remains silent: you get 10, Suspect2 gets 0\n"
-        "- you both testify: you get 5, Suspect2 gets 5\n"
-        "Your goal is to get as many points as possible.\n"
-        "\n"
-        "This is interrogation 2 of 3.\n"
-        "What you remember of the last 1 interrogation (oldest first):\n"
-        "- Suspect1: remain silent; Suspect2: testify (Suspect1 got 0 points)\n"
-        "Your points in the interrogations you remember: 0.\n"
-        "Your reflection after the last interrogation: I think it went as planned.\n"
-        "Police: Will you remain silent or testify? "
-        "Answer with \"remain silent\" or \"testify\".")}]
+    assert record["prompt"] == [
+        {
+            "role": "user",
+            "content": (
+                "You are Suspect1. You and Suspect2 have been arrested and are questioned by the "
+                "Police in separate rooms. There will be 3 interrogations. In each interrogation you "
+                "either remain silent or testify, and Suspect2 faces the same choice without knowing "
+                "yours. To testify means to testify against Suspect2; to remain silent means to say "
+                "nothing.\n"
+                "Your points in one interrogation:\n"
+                "- you both remain silent: you get 9, Suspect2 gets 9\n"
+                "- you remain silent and Suspect2 testifies: you get 0, Suspect2 gets 10\n"
+                "- you testify and Suspect2 remains silent: you get 10, Suspect2 gets 0\n"
+                "- you both testify: you get 5, Suspect2 gets 5\n"
+                "Your goal is to get as many points as possible.\n"
+                "\n"
+                "This is interrogation 2 of 3.\n"
+                "What you remember of the last 1 interrogation (oldest first):\n"
+                "- Suspect1: remain silent; Suspect2: testify (Suspect1 got 0 points)\n"
+                "Your points in the interrogations you remember: 0.\n"
+                "Your reflection after the last interrogation: I think it went as planned.\n"
+                "Police: Will you remain silent or testify? "
+                'Answer with "remain silent" or "testify".'
+            ),
+        }
+    ]
     assert record["reflection_prompt"] == (
         "Police: In this simulation, Suspect2 testified against the other, while Suspect1 "
         "testified against the other. Based on this outcome, please reflect on your "
-        "decision-making in this simulation.")
+        "decision-making in this simulation."
+    )
 
 
 def test_the_neutral_prompt_is_as_written(fake):
@@ -406,8 +491,10 @@ def test_the_neutral_prompt_is_as_written(fake):
         "- you: J; the other player: F (you got 0 points)\n"
         "Your points in the rounds you remember: 0.\n"
         "Your reflection after the last round: I think it went as planned.\n"
-        "Which option do you choose, J or F? Reply with one line: \"Answer: J\" or "
-        "\"Answer: F\".")
+        'Which option do you choose, J or F? Reply with one line: "Answer: J" or '
+        '"Answer: F".'
+    )
     assert record["reflection_prompt"] == (
         "In this round, the other player chose F, while you chose F. Based on this outcome, "
-        "please reflect on your decision-making in this game.")
+        "please reflect on your decision-making in this game."
+    )

@@ -2,10 +2,10 @@
 
 import pandas as pd
 import pytest
+from conftest import SCENARIOS
 
 from abm.model import DilemmaModel
 from abm.run import run_scenario
-from conftest import SCENARIOS
 
 PLAYERS = ["All-D", "All-C", "Defect Once", "Trigger", "Tit-for-tat"]
 
@@ -51,8 +51,7 @@ DEFECTIONS = [
 
 
 def expected(table):
-    return pd.DataFrame(table, index=pd.Index(PLAYERS, name="player"), columns=PLAYERS,
-                        dtype=float)
+    return pd.DataFrame(table, index=pd.Index(PLAYERS, name="player"), columns=PLAYERS, dtype=float)
 
 
 def test_model_tables_equal_hand_computation():
@@ -71,7 +70,10 @@ def test_round_robin_takes_five_steps_each_a_matching():
         model.step()
         r = model.last_result
         # each player plays exactly once per step (self-play counts once)
-        assert sorted(r.agent[: r.n_matches].tolist() + r.agent[r.n_matches:][~r.twin[r.n_matches:]].tolist()) == list(range(5))
+        assert sorted(
+            r.agent[: r.n_matches].tolist()
+            + r.agent[r.n_matches :][~r.twin[r.n_matches :]].tolist()
+        ) == list(range(5))
         seen += r.edge.tolist()
     assert sorted(seen) == list(range(15))  # 10 pairs + 5 self-loops, each exactly once
 
@@ -87,6 +89,7 @@ def test_cli_csv_files_equal_hand_computation(tmp_path):
 @pytest.mark.parametrize("scheme", ["all_edges", "round_robin"])
 def test_pairing_scheme_does_not_change_match_scope_results(scheme):
     from abm.scenario import load_scenario
+
     scenario = load_scenario(SCENARIOS / "round_robin_rules.toml", [f"pairing.scheme={scheme}"])
     model = DilemmaModel(scenario)
     while model.running:

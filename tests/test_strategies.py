@@ -21,20 +21,29 @@ from abm.population import Population
 from abm.seeding import stream
 
 # the rule strategies; the LLM policy and the Axelrod adapter have tests of their own
-RULES = {name: info for name, info in REGISTRY.items()
-         if info.factory.__module__ == "abm.policies.rules"}
+RULES = {
+    name: info for name, info in REGISTRY.items() if info.factory.__module__ == "abm.policies.rules"
+}
 
 GAME = PayoffMatrix()  # R=9, S=0, T=10, P=5
 PURPOSES = ("noise", "policy", "match_length")
 
 
-def _engine(policies, policy_of_node, edges, n_nodes, rounds, *, noise=0.0, window=None,
-            seed=1, game=GAME):
+def _engine(
+    policies, policy_of_node, edges, n_nodes, rounds, *, noise=0.0, window=None, seed=1, game=GAME
+):
     assert len(policy_of_node) == n_nodes
-    return Engine(game=game, noise=noise,
-                  population=Population.of_policies(policies, np.asarray(policy_of_node)),
-                  edges=np.asarray(edges), window=window, scope="match", rounds=rounds,
-                  continuation_probability=None, rngs={p: stream(seed, p) for p in PURPOSES})
+    return Engine(
+        game=game,
+        noise=noise,
+        population=Population.of_policies(policies, np.asarray(policy_of_node)),
+        edges=np.asarray(edges),
+        window=window,
+        scope="match",
+        rounds=rounds,
+        continuation_probability=None,
+        rngs={p: stream(seed, p) for p in PURPOSES},
+    )
 
 
 def play(a, b, rounds=5, *, params_a=None, params_b=None, window=None, seed=1, game=GAME):
@@ -135,14 +144,16 @@ GOLDEN = [
 ]
 
 
-@pytest.mark.parametrize(("a", "b", "seq_a", "seq_b"), GOLDEN,
-                         ids=[f"{a}-vs-{b}" for a, b, *_ in GOLDEN])
+@pytest.mark.parametrize(
+    ("a", "b", "seq_a", "seq_b"), GOLDEN, ids=[f"{a}-vs-{b}" for a, b, *_ in GOLDEN]
+)
 def test_golden_sequences(a, b, seq_a, seq_b):
     versus(a, b, seq_a, seq_b)
 
 
-@pytest.mark.parametrize(("a", "b", "seq_a", "seq_b"), GOLDEN,
-                         ids=[f"{b}-vs-{a}" for a, b, *_ in GOLDEN])
+@pytest.mark.parametrize(
+    ("a", "b", "seq_a", "seq_b"), GOLDEN, ids=[f"{b}-vs-{a}" for a, b, *_ in GOLDEN]
+)
 def test_golden_sequences_with_sides_swapped(a, b, seq_a, seq_b):
     # which end of the edge a player sits on must not matter
     versus(b, a, seq_b, seq_a)
@@ -191,6 +202,7 @@ def test_self_play_payoffs_are_symmetric():
 # --------------------------------------------------------------------------------------
 # payoffs and totals, by hand
 # --------------------------------------------------------------------------------------
+
 
 def test_payoffs_all_c_vs_all_d():
     res = versus("all_c", "all_d", "CCCCC", "DDDDD")
@@ -251,6 +263,7 @@ def test_payoffs_follow_a_custom_game():
 # memory windows
 # --------------------------------------------------------------------------------------
 
+
 def test_trigger_with_two_round_window_forgives():
     # defect_once plays D C C C C C. With window=2 the trigger decides on (at most) the
     # opponent's last two moves:
@@ -281,6 +294,7 @@ def test_tit_for_two_tats_with_window_two_still_counts_two_defections():
 # generous tit for tat
 # --------------------------------------------------------------------------------------
 
+
 def test_generous_default_g_from_payoffs():
     pol = make("generous_tit_for_tat", {}, GAME)
     assert isinstance(pol, GenerousTitForTat)
@@ -296,21 +310,25 @@ def test_generous_explicit_g_is_kept():
     assert make("generous_tit_for_tat", {"g": 0.25}, GAME).g == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize(("opponent", "seq_a", "seq_b"), [
-    ("all_d", "CDDDDD", "DDDDDD"),
-    ("alternator", "CCDCDC", "CDCDCD"),
-    ("suspicious_tit_for_tat", "CDCDCD", "DCDCDC"),
-    ("defect_once", "CDCCCC", "DCCCCC"),
-    ("all_c", "CCCCCC", "CCCCCC"),
-])
+@pytest.mark.parametrize(
+    ("opponent", "seq_a", "seq_b"),
+    [
+        ("all_d", "CDDDDD", "DDDDDD"),
+        ("alternator", "CCDCDC", "CDCDCD"),
+        ("suspicious_tit_for_tat", "CDCDCD", "DCDCDC"),
+        ("defect_once", "CDCCCC", "DCCCCC"),
+        ("all_c", "CCCCCC", "CCCCCC"),
+    ],
+)
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_generous_with_g0_is_tit_for_tat(opponent, seq_a, seq_b, seed):
     versus("generous_tit_for_tat", opponent, seq_a, seq_b, params_a={"g": 0.0}, seed=seed)
     versus("tit_for_tat", opponent, seq_a, seq_b, seed=seed)
 
 
-@pytest.mark.parametrize("opponent", ["all_d", "alternator", "suspicious_tit_for_tat",
-                                      "defect_once"])
+@pytest.mark.parametrize(
+    "opponent", ["all_d", "alternator", "suspicious_tit_for_tat", "defect_once"]
+)
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_generous_with_g1_never_defects(opponent, seed):
     res = play("generous_tit_for_tat", opponent, rounds=20, params_a={"g": 1.0}, seed=seed)
@@ -340,6 +358,7 @@ def test_generous_forgives_at_rate_g():
 # random
 # --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("opponent", ["all_c", "all_d", "tit_for_tat"])
 def test_random_p1_always_cooperates(opponent):
     res = play("random", opponent, rounds=30, params_a={"p": 1.0})
@@ -364,8 +383,7 @@ def test_random_p03_cooperation_share():
     m, rounds = 2000, 10
     pols = [make("random", {"p": 0.3}, GAME), make("all_c", {}, GAME)]
     edges = np.stack([np.arange(m), np.arange(m, 2 * m)], axis=1)
-    res = _engine(pols, np.repeat([0, 1], m), edges, 2 * m, rounds, seed=11).play(
-        0, np.arange(m))
+    res = _engine(pols, np.repeat([0, 1], m), edges, 2 * m, rounds, seed=11).play(0, np.arange(m))
     share_c = (res.actual[:, :m] == C).mean()
     sd = math.sqrt(0.3 * 0.7 / (m * rounds))
     assert abs(share_c - 0.3) < 5 * sd
@@ -398,9 +416,16 @@ def random_view(rng: np.random.Generator, n: int, window: int = WINDOW) -> View:
     mine[empty] = -1
     theirs[empty] = -1
     rounds = (length + rng.integers(0, 5, size=n)).astype(np.int32)
-    return View(mine=mine, theirs=theirs, length=length, round=rounds,
-                agent=np.arange(n), opponent=np.arange(n)[::-1].copy(),
-                match=np.arange(n), step=0)
+    return View(
+        mine=mine,
+        theirs=theirs,
+        length=length,
+        round=rounds,
+        agent=np.arange(n),
+        opponent=np.arange(n)[::-1].copy(),
+        match=np.arange(n),
+        step=0,
+    )
 
 
 def full_histories(window: int = WINDOW) -> tuple[np.ndarray, np.ndarray]:
@@ -414,8 +439,16 @@ def view_of(mine, theirs, length=None, rnd=None) -> View:
     n, window = mine.shape
     length = np.full(n, window, np.int32) if length is None else length
     rnd = np.full(n, 7, np.int32) if rnd is None else rnd
-    return View(mine=mine, theirs=theirs, length=length, round=rnd, agent=np.zeros(n, int),
-                opponent=np.ones(n, int), match=np.arange(n), step=0)
+    return View(
+        mine=mine,
+        theirs=theirs,
+        length=length,
+        round=rnd,
+        agent=np.zeros(n, int),
+        opponent=np.ones(n, int),
+        match=np.arange(n),
+        step=0,
+    )
 
 
 ALL_NAMES = sorted(RULES)
@@ -439,15 +472,21 @@ def test_policy_accepts_an_empty_memory_window(name):
     # zero-column memory (round 0 of a match, nothing remembered)
     n = 5
     empty = np.empty((n, 0), np.int8)
-    view = View(mine=empty, theirs=empty, length=np.zeros(n, np.int32),
-                round=np.zeros(n, np.int32), agent=np.arange(n), opponent=np.arange(n),
-                match=np.arange(n), step=0)
+    view = View(
+        mine=empty,
+        theirs=empty,
+        length=np.zeros(n, np.int32),
+        round=np.zeros(n, np.int32),
+        agent=np.arange(n),
+        opponent=np.arange(n),
+        match=np.arange(n),
+        step=0,
+    )
     out = make(name, {}, GAME).decide(view, np.random.default_rng(0))
     assert out.dtype == np.int8 and out.shape == (n,)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL_NAMES
-                                  if not math.isinf(REGISTRY[n].memory_depth)])
+@pytest.mark.parametrize("name", [n for n in ALL_NAMES if not math.isinf(REGISTRY[n].memory_depth)])
 def test_memory_depth_is_respected(name):
     """A policy of memory depth d decides the same whatever happened before the last d
     rounds. Stochastic policies are called with identically seeded generators, so row i
@@ -477,8 +516,9 @@ def test_memory_depth_is_respected(name):
         np.testing.assert_array_equal(out, base)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL_NAMES if not REGISTRY[n].stochastic
-                                  and REGISTRY[n].memory_depth != 0])
+@pytest.mark.parametrize(
+    "name", [n for n in ALL_NAMES if not REGISTRY[n].stochastic and REGISTRY[n].memory_depth != 0]
+)
 def test_memory_depth_is_not_overstated(name):
     """A deterministic policy that claims depth d really looks d rounds back: changing the
     round d back (or the oldest remembered round, for unbounded memory) changes some
@@ -529,6 +569,7 @@ def test_defect_once_depends_on_round_only():
 # names, aliases, parameters
 # --------------------------------------------------------------------------------------
 
+
 def test_aliases_resolve():
     assert isinstance(make("grim", {}, GAME), Trigger)
     assert isinstance(make("pavlov", {}, GAME), WinStayLoseShift)
@@ -539,12 +580,15 @@ def test_aliases_resolve():
     assert "grim" not in REGISTRY and "pavlov" not in REGISTRY
 
 
-@pytest.mark.parametrize(("typo", "meant"), [
-    ("tit_for_tatt", "tit_for_tat"),
-    ("grimm", "grim"),
-    ("alternater", "alternator"),
-    ("pavlof", "pavlov"),
-])
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("tit_for_tatt", "tit_for_tat"),
+        ("grimm", "grim"),
+        ("alternater", "alternator"),
+        ("pavlof", "pavlov"),
+    ],
+)
 def test_unknown_name_suggests_a_close_match(typo, meant):
     with pytest.raises(ValueError, match=f"did you mean '{meant}'"):
         make(typo, {}, GAME)
@@ -560,13 +604,16 @@ def test_unknown_name_without_close_match_lists_known_names():
         assert name in text
 
 
-@pytest.mark.parametrize(("name", "params"), [
-    ("random", {"p": 1.5}),
-    ("random", {"p": -0.1}),
-    ("random", {"q": 0.5}),
-    ("generous_tit_for_tat", {"g": 2}),
-    ("tit_for_tat", {"g": 0.5}),
-])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("random", {"p": 1.5}),
+        ("random", {"p": -0.1}),
+        ("random", {"q": 0.5}),
+        ("generous_tit_for_tat", {"g": 2}),
+        ("tit_for_tat", {"g": 0.5}),
+    ],
+)
 def test_bad_parameters_raise_value_error(name, params):
     with pytest.raises(ValueError, match="bad parameters"):
         make(name, params, GAME)

@@ -14,10 +14,10 @@ from conftest import SCENARIOS
 
 from abm.viz import layout as viz_layout
 from abm.viz.app import Page
-from abm.viz.server import main as viz_main
 from abm.viz.components import selected
 from abm.viz.draw import heatmaps_png, network_png, timeseries_png
 from abm.viz.model import VizModel, apply_controls
+from abm.viz.server import main as viz_main
 
 # Mesa's ComponentsView warns about its early return when the page brings its own components
 pytestmark = pytest.mark.filterwarnings("ignore:.*ComponentsView")
@@ -34,8 +34,7 @@ def no_selection():
 
 
 def render(scenario):
-    _, rc = solara.render(solara.AppLayout(children=[Page(scenario=scenario)]),
-                          handle_error=False)
+    _, rc = solara.render(solara.AppLayout(children=[Page(scenario=scenario)]), handle_error=False)
     return rc
 
 
@@ -52,8 +51,13 @@ def image(rc, css):
 
 def test_controls_override_the_scenario_file():
     s = apply_controls(SMALL_WORLD, noise=0.2, rounds=3, window=2, seed=5, steps=4)
-    assert (s.game.noise, s.match.rounds, s.memory.window, s.seed, s.pairing.steps) == \
-        (0.2, 3, 2, 5, 4)
+    assert (s.game.noise, s.match.rounds, s.memory.window, s.seed, s.pairing.steps) == (
+        0.2,
+        3,
+        2,
+        5,
+        4,
+    )
     assert s.graph.kind == "watts_strogatz" and s.graph.n == 100  # untouched
     same = apply_controls(SMALL_WORLD, noise=0.05, rounds=5, window=3, n="100")
     assert same == apply_controls(SMALL_WORLD)  # values equal to the file change nothing
@@ -68,8 +72,13 @@ def test_graph_controls_resize_and_change_family():
     bigger = apply_controls(RULES, n=50)
     assert bigger.population.players is None
     assert [m.share for m in bigger.population.mix] == [0.2] * 5
-    assert [m.policy.display for m in bigger.population.mix] == \
-        ["All-D", "All-C", "Defect Once", "Trigger", "Tit-for-tat"]
+    assert [m.policy.display for m in bigger.population.mix] == [
+        "All-D",
+        "All-C",
+        "Defect Once",
+        "Trigger",
+        "Tit-for-tat",
+    ]
     model = VizModel(scenario=RULES, n=50)
     assert model.n_nodes == 50 and np.bincount(model.label_of_node).tolist() == [10] * 5
 
@@ -183,10 +192,20 @@ def test_page_builds_and_a_step_updates_the_plots():
     assert text_of(rc, "abm-step") == "Step 0 of 50"
     rc.find(v.Btn, children=["Reset"]).assert_single()
     rc.find(v.Btn, children=["▶"]).assert_single()
-    labels = {w.label for w in rc.find(v.Slider).widgets} | \
-        {w.label for w in rc.find(v.TextField).widgets} | {w.label for w in rc.find(v.Select).widgets}
-    assert {"Noise (flip probability)", "Rounds per match", "Memory window (0 = whole match)",
-            "Graph family", "Graph size (agents)", "Seed", "Steps"} <= labels
+    labels = (
+        {w.label for w in rc.find(v.Slider).widgets}
+        | {w.label for w in rc.find(v.TextField).widgets}
+        | {w.label for w in rc.find(v.Select).widgets}
+    )
+    assert {
+        "Noise (flip probability)",
+        "Rounds per match",
+        "Memory window (0 = whole match)",
+        "Graph family",
+        "Graph size (agents)",
+        "Seed",
+        "Steps",
+    } <= labels
     plots = image(rc, "abm-timeseries"), image(rc, "abm-heatmaps")
     network = rc.find(v.Html, class_="abm-network").widget.attributes["src"]
     step = rc.find(v.Btn, children=["Step"])

@@ -21,15 +21,25 @@ from abm.viz.model import VizModel
 CHROMIUM = Path("/usr/bin/chromium")
 # flags that keep Chromium quiet and self-contained on CI machines (no sandbox as root,
 # no GPU, no background connections that otherwise get refused in bulk)
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCENARIO = SCENARIOS / "small_world_rules.toml"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(),
-                                 reason="needs Debian's chromium at /usr/bin/chromium "
-                                        "(apt-get install chromium; .ci/run installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian's chromium at /usr/bin/chromium "
+        "(apt-get install chromium; .ci/run installs it)",
+    ),
+]
 
 
 def free_port() -> int:
@@ -52,10 +62,15 @@ def fetch(url: str) -> tuple[int, bytes]:
 def server(tmp_path):
     """`python -m abm.viz` on a free port; yields (url, process); stops it afterwards."""
     port = free_port()
-    log = open(tmp_path / "server.log", "w+")
+    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 (the server writes it until stopped)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "abm.viz", str(SCENARIO), "--port", str(port)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "abm.viz", str(SCENARIO), "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -81,8 +96,13 @@ def test_step_in_a_real_browser(server, tmp_path):
     url, proc = server
     # the address is printed, and a second server on the same port is refused in one line
     port = url.rsplit(":", 1)[1]
-    second = subprocess.run([sys.executable, "-m", "abm.viz", "--port", port], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    second = subprocess.run(
+        [sys.executable, "-m", "abm.viz", "--port", port],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert second.returncode == 2 and "already in use" in second.stderr
     assert "Traceback" not in second.stderr
     # Solara serves its front end from /_solara/cdn: from the solara-assets package
@@ -93,7 +113,8 @@ def test_step_in_a_real_browser(server, tmp_path):
         assert status == 200, (
             f"the server cannot serve {asset} (HTTP {status}): offline, Solara's front end "
             "comes from the solara-assets package, which needs ipyvuetify < 2 "
-            "(pip install 'ipyvuetify<2' solara-assets)")
+            "(pip install 'ipyvuetify<2' solara-assets)"
+        )
 
     # the same model in this process gives the pixel position of an agent to click
     model = VizModel(scenario=str(SCENARIO))
@@ -102,8 +123,9 @@ def test_step_in_a_real_browser(server, tmp_path):
     x, y = (float(c) for c in hits.xy[target])
 
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                    headless=True)
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1300})
             page.goto(url + "/")

@@ -15,5 +15,13 @@ from abm.batch.report import aggregate, write_report
 from abm.batch.runner import SweepResult, run_sweep
 from abm.batch.sweep import Run, Sweep, derive_seed, load_sweep
 
-__all__ = ["Run", "Sweep", "SweepResult", "aggregate", "derive_seed", "load_sweep",
-           "run_sweep", "write_report"]
+__all__ = [
+    "Run",
+    "Sweep",
+    "SweepResult",
+    "aggregate",
+    "derive_seed",
+    "load_sweep",
+    "run_sweep",
+    "write_report",
+]

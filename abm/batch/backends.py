@@ -66,12 +66,12 @@ def execute(task: Task) -> dict[str, Any]:
         if task.force and final.exists():
             shutil.rmtree(final)
         if not (final / "summary.json").is_file():  # another attempt may have finished it
-            run_scenario(task.base, out=final, seed=task.seed,
-                         overrides=list(task.overrides), quiet=True)
+            run_scenario(
+                task.base, out=final, seed=task.seed, overrides=list(task.overrides), quiet=True
+            )
         result: dict[str, Any] = {"status": "ok", "error": None, **read_metrics(final)}
     except Exception as exc:  # a failed run is a result; KeyboardInterrupt is not
-        result = {"status": "failed", "error": _one_line(exc),
-                  "traceback": traceback.format_exc()}
+        result = {"status": "failed", "error": _one_line(exc), "traceback": traceback.format_exc()}
     result["run_id"] = task.run_id
     result["run_seconds"] = time.perf_counter() - started
     result["worker"] = f"{socket.gethostname()}:{os.getpid()}"
@@ -116,8 +116,12 @@ def run_local(tasks: list[Task], on_result: OnResult, workers: int) -> None:
     """
     context = multiprocessing.get_context(start_method())
     threads = max(1, default_workers() // workers)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                               initializer=_init_worker, initargs=(threads, os.getpid()))
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(threads, os.getpid()),
+    )
     pending: dict[Any, Task] = {}
     queue = list(reversed(tasks))
     try:

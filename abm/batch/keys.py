@@ -25,8 +25,10 @@ _SEGMENT = re.compile(r"^([A-Za-z0-9_-]+)((?:\[\d+\])*)$")
 # ------------------------------------------------------------------ key paths
 
 
-NOT_A_KEY_PATH = ("not a key path; write dotted keys such as game.noise, with [i] to pick "
-                  "a list element, as in \"population.players[5].framing\"")
+NOT_A_KEY_PATH = (
+    "not a key path; write dotted keys such as game.noise, with [i] to pick "
+    'a list element, as in "population.players[5].framing"'
+)
 
 
 def key_path(text: str) -> Path_ | None:
@@ -123,7 +125,7 @@ def toml_value(value: Any) -> str:
         return "{" + items + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return tomli_w.dumps({"v": value}).strip()[len("v = "):]
+    return tomli_w.dumps({"v": value}).strip()[len("v = ") :]
 
 
 def _toml_key(key: str) -> str:
@@ -155,24 +157,34 @@ def _set_path(data: dict[str, Any], path: Path_, value: Any, where: str) -> None
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
                 size = len(node) if isinstance(node, list) else 0
-                raise ScenarioError(f"{where}: field '{dotted(path)}': {dotted(path[:i])} "
-                                    f"has {size} elements, so there is no [{part}]")
+                raise ScenarioError(
+                    f"{where}: field '{dotted(path)}': {dotted(path[:i])} "
+                    f"has {size} elements, so there is no [{part}]"
+                )
             if node[part] is None or (not isinstance(node[part], (dict, list))):
                 if isinstance(nxt, str) and isinstance(node[part], str):
                     node[part] = {"name": node[part]}  # a bare policy name becomes a table
                 else:
-                    raise ScenarioError(f"{where}: field '{dotted(path)}': {here} is a "
-                                        "value, not a table")
+                    raise ScenarioError(
+                        f"{where}: field '{dotted(path)}': {here} is a value, not a table"
+                    )
             node = node[part]
             continue
         if not isinstance(node, dict):
-            raise ScenarioError(f"{where}: field '{dotted(path)}': "
-                                f"{dotted(path[:i]) or 'the scenario'} is "
-                                f"{'a list; pick an element with [i]' if isinstance(node, list) else 'a value, not a table'}")
+            what = (
+                "a list; pick an element with [i]"
+                if isinstance(node, list)
+                else "a value, not a table"
+            )
+            raise ScenarioError(
+                f"{where}: field '{dotted(path)}': {dotted(path[:i]) or 'the scenario'} is {what}"
+            )
         if isinstance(nxt, int):
             if not isinstance(node.get(part), list):
-                raise ScenarioError(f"{where}: field '{dotted(path)}': {here} is not a list "
-                                    "in the base scenario, so it has no elements to pick")
+                raise ScenarioError(
+                    f"{where}: field '{dotted(path)}': {here} is not a list "
+                    "in the base scenario, so it has no elements to pick"
+                )
         else:
             if part not in node:
                 node[part] = {}
@@ -187,8 +199,8 @@ def _set_path(data: dict[str, Any], path: Path_, value: Any, where: str) -> None
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ScenarioError(f"{where}: field '{dotted(path)}': {dotted(path[:-1])} is a "
-                            f"{'list; pick an element with [i]' if isinstance(node, list) else 'value, not a table'}")
+        what = "list; pick an element with [i]" if isinstance(node, list) else "value, not a table"
+        raise ScenarioError(f"{where}: field '{dotted(path)}': {dotted(path[:-1])} is a {what}")
 
 
 def _get_path(data: Any, path: Path_) -> Any:

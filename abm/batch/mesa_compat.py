@@ -30,9 +30,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from abm.batch.keys import toml_value
 from abm.model import DilemmaModel
 from abm.scenario import load_scenario
-from abm.batch.keys import toml_value
 
 
 class SweepModel(DilemmaModel):
@@ -46,11 +46,16 @@ class SweepModel(DilemmaModel):
             ``game__noise``), applied as ``--set`` applies them.
     """
 
-    def __init__(self, scenario: str | Path, seed: int | None = None, *,
-                 collect_agents: bool | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        scenario: str | Path,
+        seed: int | None = None,
+        *,
+        collect_agents: bool | None = None,
+        **overrides: Any,
+    ) -> None:
         """Load the scenario with the overrides and add the run-wide reporter."""
-        sets = [f"{key.replace('__', '.')}={toml_value(value)}"
-                for key, value in overrides.items()]
+        sets = [f"{key.replace('__', '.')}={toml_value(value)}" for key, value in overrides.items()]
         self.overrides = sets
         loaded = load_scenario(scenario, sets, seed)
         super().__init__(loaded, seed=seed, collect_agents=collect_agents, source=str(scenario))
@@ -59,8 +64,7 @@ class SweepModel(DilemmaModel):
         agents = self.datacollector.agent_reporters or None
         import mesa
 
-        self.datacollector = mesa.DataCollector(model_reporters=reporters,
-                                                agent_reporters=agents)
+        self.datacollector = mesa.DataCollector(model_reporters=reporters, agent_reporters=agents)
 
     def step(self) -> None:
         """Play a step, then file its agent rows under the model rows' step index."""

@@ -35,9 +35,11 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ScenarioError("--backend ray needs Ray, which is not installed; install it from "
-                            "the clone of abm with: pip install -e \".[ray]\" (or: pip install "
-                            "\"ray>=2.40\")") from None
+        raise ScenarioError(
+            "--backend ray needs Ray, which is not installed; install it from "
+            'the clone of abm with: pip install -e ".[ray]" (or: pip install '
+            '"ray>=2.40")'
+        ) from None
     return ray
 
 
@@ -55,8 +57,12 @@ class LLMWorker:
 
 def model_key(task: Task) -> tuple:
     """Runs that can share an actor: the same models on the same devices."""
-    return tuple(sorted((p.get("model", DEFAULT_MODEL), p.get("device", "auto"),
-                         p.get("dtype", "auto")) for p in task.llm))
+    return tuple(
+        sorted(
+            (p.get("model", DEFAULT_MODEL), p.get("device", "auto"), p.get("dtype", "auto"))
+            for p in task.llm
+        )
+    )
 
 
 def gpus_for(task: Task, cluster_gpus: float) -> int:
@@ -97,8 +103,11 @@ def connect(address: str | None, workers: int | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and flag is None:
         flag = f"RAY_ADDRESS={address}"
-    options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                               "log_to_driver": False}
+    options: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,
+    }
     if address:
         check_reachable(address, str(flag))
     try:
@@ -106,13 +115,15 @@ def connect(address: str | None, workers: int | None) -> bool:
             ray.init(address=address, **options)
         else:
             with _loopback_only():
-                ray.init(num_cpus=workers or default_workers(), _node_ip_address=LOOPBACK,
-                         **options)
+                ray.init(
+                    num_cpus=workers or default_workers(), _node_ip_address=LOOPBACK, **options
+                )
     except (ConnectionError, ValueError, RuntimeError, TimeoutError, SystemExit) as exc:
         # SystemExit: what ray.init raises when a reachable address never answers as Ray
         where = f"the Ray cluster at {flag}" if address else "a local Ray instance"
-        raise ScenarioError(f"--backend ray: cannot start or join {where}: "
-                            f"{_one_line(exc)}") from None
+        raise ScenarioError(
+            f"--backend ray: cannot start or join {where}: {_one_line(exc)}"
+        ) from None
     return True
 
 
@@ -135,19 +146,23 @@ def check_reachable(address: str, flag: str, timeout: float = CONNECT_TIMEOUT) -
     host, colon, port = target.rpartition(":")
     host = host.strip("[]")  # [::1]:6379
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ScenarioError(f"{flag}: not the address of a Ray cluster; allowed: HOST:PORT "
-                            "(the head node's port, 6379 unless `ray start --head --port` "
-                            "chose another, e.g. 10.0.0.5:6379), ray://HOST:PORT (Ray Client) "
-                            "or auto (the cluster started on this machine)")
+        raise ScenarioError(
+            f"{flag}: not the address of a Ray cluster; allowed: HOST:PORT "
+            "(the head node's port, 6379 unless `ray start --head --port` "
+            "chose another, e.g. 10.0.0.5:6379), ray://HOST:PORT (Ray Client) "
+            "or auto (the cluster started on this machine)"
+        )
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise ScenarioError(f"{flag}: no Ray cluster answers there ({reason}, within "
-                            f"{timeout:g} s); start one with `ray start --head` on that "
-                            "machine, correct the address, or leave --address out (and unset "
-                            "RAY_ADDRESS) to start a local Ray instance") from None
+        raise ScenarioError(
+            f"{flag}: no Ray cluster answers there ({reason}, within "
+            f"{timeout:g} s); start one with `ray start --head` on that "
+            "machine, correct the address, or leave --address out (and unset "
+            "RAY_ADDRESS) to start a local Ray instance"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -179,8 +194,13 @@ def _loopback_only() -> Iterator[None]:
             ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-def run_ray(tasks: list[Task], on_result: OnResult, workers: int | None = None,
-            address: str | None = None, connected: bool | None = None) -> None:
+def run_ray(
+    tasks: list[Task],
+    on_result: OnResult,
+    workers: int | None = None,
+    address: str | None = None,
+    connected: bool | None = None,
+) -> None:
     """Run every task on Ray, handing each row to ``on_result`` as its run finishes.
 
     Args:
@@ -211,8 +231,9 @@ def run_ray(tasks: list[Task], on_result: OnResult, workers: int | None = None,
             ray.shutdown()
 
 
-def _schedule(ray: Any, tasks: list[Task], on_result: OnResult, workers: int | None,
-              in_flight: int) -> None:
+def _schedule(
+    ray: Any, tasks: list[Task], on_result: OnResult, workers: int | None, in_flight: int
+) -> None:
     resources = ray.cluster_resources()
     cpus = max(1, int(resources.get("CPU", 1)))
     gpus = float(resources.get("GPU", 0))
@@ -242,8 +263,12 @@ def _schedule(ray: Any, tasks: list[Task], on_result: OnResult, workers: int | N
                 (_, need_gpus), current = waiting.popleft()
                 if need_gpus and gpus == 0:
                     for task in current:  # a CUDA model on a cluster without GPUs
-                        on_result(task, _failed(task, "the run's LLM asks for CUDA but the Ray "
-                                                "cluster has no GPU"))
+                        on_result(
+                            task,
+                            _failed(
+                                task, "the run's LLM asks for CUDA but the Ray cluster has no GPU"
+                            ),
+                        )
                     current = deque()
                     continue
                 n = min(len(current), limit, int(gpus) if need_gpus else cpus)

@@ -37,9 +37,18 @@ class SweepResult:
         return not self.failed
 
 
-def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "local", workers: int | None = None,
-              force: bool = False, address: str | None = None, quiet: bool = True,
-              report: bool = True, charts: bool = True) -> SweepResult:
+def run_sweep(
+    sweep: Sweep,
+    out: str | Path,
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    force: bool = False,
+    address: str | None = None,
+    quiet: bool = True,
+    report: bool = True,
+    charts: bool = True,
+) -> SweepResult:
     """Run every run of ``sweep`` that is not complete in ``out``, recording results as they come.
 
     Each finished run is added to results.parquet at once, so an interrupted sweep
@@ -100,24 +109,42 @@ def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "local", workers:
                 store.rows.pop(run.run_id, None)
         result.recovered = store.recover(skip={run.run_id for run in todo})
         result.orphans = store.orphans()
-        tasks = [Task(run_id=run.run_id, base=str(sweep.base), overrides=run.overrides,
-                      seed=run.seed, out=str(store.folder(run)), force=force, llm=run.llm)
-                 for run in todo]
+        tasks = [
+            Task(
+                run_id=run.run_id,
+                base=str(sweep.base),
+                overrides=run.overrides,
+                seed=run.seed,
+                out=str(store.folder(run)),
+                force=force,
+                llm=run.llm,
+            )
+            for run in todo
+        ]
         runs = {run.run_id: run for run in todo}
         n_workers = min(workers or default_workers(), max(1, len(tasks)))
         if not quiet:
-            where = {"serial": "in this process",
-                     "local": (f"on {n_workers} local worker processes" if n_workers > 1
-                               else "in this process"),
-                     "ray": "on Ray"}[backend]
-            print(f"{sweep.name}: {len(sweep.runs)} runs ({len(sweep.points)} points x "
-                  f"{sweep.replicates} replicates); {result.skipped} complete, "
-                  f"{len(tasks)} to run {where}", flush=True)
+            where = {
+                "serial": "in this process",
+                "local": (
+                    f"on {n_workers} local worker processes" if n_workers > 1 else "in this process"
+                ),
+                "ray": "on Ray",
+            }[backend]
+            print(
+                f"{sweep.name}: {len(sweep.runs)} runs ({len(sweep.points)} points x "
+                f"{sweep.replicates} replicates); {result.skipped} complete, "
+                f"{len(tasks)} to run {where}",
+                flush=True,
+            )
             if result.orphans:
-                print(f"note: {len(result.orphans)} folders in {out / 'runs'} belong to no run "
-                      "of this sweep (the sweep or its base scenario changed); left alone")
-        bar = tqdm(total=len(tasks), desc=sweep.name, unit="run", disable=quiet or not tasks,
-                   smoothing=0.1)
+                print(
+                    f"note: {len(result.orphans)} folders in {out / 'runs'} belong to no run "
+                    "of this sweep (the sweep or its base scenario changed); left alone"
+                )
+        bar = tqdm(
+            total=len(tasks), desc=sweep.name, unit="run", disable=quiet or not tasks, smoothing=0.1
+        )
 
         def on_result(task: Task, row: dict[str, Any]) -> None:
             store.add(runs[task.run_id], row)
@@ -136,8 +163,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, backend: str = "local", workers:
             elif backend == "ray":
                 from abm.batch.ray_backend import run_ray
 
-                run_ray(tasks, on_result, workers=workers, address=address,
-                        connected=ray_connected)
+                run_ray(tasks, on_result, workers=workers, address=address, connected=ray_connected)
             elif backend == "serial" or n_workers == 1:
                 run_serial(tasks, on_result)
             else:

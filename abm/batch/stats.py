@@ -89,5 +89,11 @@ def mean_ci(values: list[float], level: float = 0.95) -> dict[str, float]:
     std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     sem = std / math.sqrt(n)
     half = t_quantile(0.5 + level / 2, n - 1) * sem
-    return {"n": n, "mean": mean, "std": std, "sem": sem, "ci_low": mean - half,
-            "ci_high": mean + half}
+    return {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "sem": sem,
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+    }

@@ -47,25 +47,32 @@ def read_metrics(folder: Path) -> dict[str, Any]:
     llm_fallbacks.
     """
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    out: dict[str, Any] = {key: summary.get(key) for key in
-                           ("agents", "edges", "steps", "matches", "decisions",
-                            "cooperation_rate")}
+    out: dict[str, Any] = {
+        key: summary.get(key)
+        for key in ("agents", "edges", "steps", "matches", "decisions", "cooperation_rate")
+    }
     steps = pd.read_csv(folder / "steps.csv")
     decisions = steps["decisions"].to_numpy(float)
     total = decisions.sum()
-    out["mean_payoff"] = (float((steps["mean_payoff"].fillna(0) * decisions).sum() / total)
-                          if total else float("nan"))
-    out["final_cooperation_rate"] = (float(steps["cooperation_rate"].iloc[-1])
-                                     if len(steps) else float("nan"))
+    out["mean_payoff"] = (
+        float((steps["mean_payoff"].fillna(0) * decisions).sum() / total) if total else float("nan")
+    )
+    out["final_cooperation_rate"] = (
+        float(steps["cooperation_rate"].iloc[-1]) if len(steps) else float("nan")
+    )
     for row in summary.get("ranking", []):
         out[f"payoff[{row['player']}]"] = row["mean_payoff"]
     agents = pd.read_csv(folder / "agents.csv")
-    coop = (agents["cooperation_rate"].fillna(0) * agents["decisions"]).groupby(
-        agents["player"], sort=False).sum()
+    coop = (
+        (agents["cooperation_rate"].fillna(0) * agents["decisions"])
+        .groupby(agents["player"], sort=False)
+        .sum()
+    )
     made = agents.groupby("player", sort=False)["decisions"].sum()
     for player in made.index:
-        out[f"cooperation[{player}]"] = (float(coop[player] / made[player]) if made[player]
-                                         else float("nan"))
+        out[f"cooperation[{player}]"] = (
+            float(coop[player] / made[player]) if made[player] else float("nan")
+        )
     evolution = summary.get("evolution") or {}
     for player, share in evolution.get("final_shares", {}).items():
         out[f"final_share[{player}]"] = share
@@ -75,8 +82,9 @@ def read_metrics(folder: Path) -> dict[str, Any]:
     if llm:
         decided = sum(s.get("decisions", 0) for s in llm)
         out["llm_decisions"] = decided
-        out["llm_invalid_rate"] = (sum(s.get("invalid", 0) for s in llm) / decided
-                                   if decided else 0.0)
+        out["llm_invalid_rate"] = (
+            sum(s.get("invalid", 0) for s in llm) / decided if decided else 0.0
+        )
         out["llm_fallbacks"] = sum(s.get("fallbacks", 0) for s in llm)
     return {k: (float("nan") if v is None else v) for k, v in out.items()}
 
@@ -129,21 +137,29 @@ class Store:
         try:
             holds_something = out.is_dir() and any(out.iterdir())
         except OSError as exc:
-            raise ScenarioError(f"{where}: cannot read the folder ({_reason(exc)}); choose a "
-                                "folder you can read and write") from None
+            raise ScenarioError(
+                f"{where}: cannot read the folder ({_reason(exc)}); choose a "
+                "folder you can read and write"
+            ) from None
         if holds_something:
             if not marker.is_file():
-                raise ScenarioError(f"{where}: exists, is not empty and holds no sweep "
-                                    f"({SWEEP_JSON} is missing); choose another folder")
+                raise ScenarioError(
+                    f"{where}: exists, is not empty and holds no sweep "
+                    f"({SWEEP_JSON} is missing); choose another folder"
+                )
             old = read_sweep_json(marker, where)
             if old["name"] != self.sweep.name:
-                raise ScenarioError(f"{where}: holds the sweep {old['name']!r}, not "
-                                    f"{self.sweep.name!r}; choose another folder")
+                raise ScenarioError(
+                    f"{where}: holds the sweep {old['name']!r}, not "
+                    f"{self.sweep.name!r}; choose another folder"
+                )
         results = out / RESULTS
         if results.exists() and not results.is_file():
-            raise ScenarioError(f"{where}: {results} is not a file; move it away and run the "
-                                "same command again (the results are rebuilt from the run "
-                                "folders)")
+            raise ScenarioError(
+                f"{where}: {results} is not a file; move it away and run the "
+                "same command again (the results are rebuilt from the run "
+                "folders)"
+            )
         if results.is_file():
             skip = set(BOOKKEEPING) | set(old.get("keys", [])) | set(self.sweep.keys)
             for row in read_results(results, where).to_dict("records"):
@@ -151,8 +167,15 @@ class Store:
                 if run is None or row.get("status") != "ok" or not self.complete(run):
                     continue  # not in this sweep, failed (run again), or its folder is gone
                 metrics = {k: _py(v) for k, v in row.items() if k not in skip and not _missing(v)}
-                self.add(run, {"status": "ok", "error": None,
-                               "run_seconds": _py(row.get("run_seconds")), **metrics})
+                self.add(
+                    run,
+                    {
+                        "status": "ok",
+                        "error": None,
+                        "run_seconds": _py(row.get("run_seconds")),
+                        **metrics,
+                    },
+                )
 
     def create(self) -> None:
         """Make the folder, take the lock, clear what killed runs left, write sweep.json.
@@ -172,8 +195,10 @@ class Store:
             self._lock()
             for partial in self.runs_dir.glob(".*.partial-*"):
                 shutil.rmtree(partial, ignore_errors=True)  # a run killed half way
-            _write_atomic(out / SWEEP_JSON, json.dumps({**self.sweep.to_json(), "abm_batch": 1},
-                                                       indent=2).encode() + b"\n")
+            _write_atomic(
+                out / SWEEP_JSON,
+                json.dumps({**self.sweep.to_json(), "abm_batch": 1}, indent=2).encode() + b"\n",
+            )
             _write_atomic(out / "sweep.toml", self.sweep.text.encode())
         except OSError as exc:
             self._unlock()
@@ -189,21 +214,26 @@ class Store:
                         break
                     if folder == made:
                         break
-            raise ScenarioError(f"--out {out}: cannot write there ({_reason(exc)}); choose a "
-                                "folder you can write to, e.g. --out outputs/NAME") from None
+            raise ScenarioError(
+                f"--out {out}: cannot write there ({_reason(exc)}); choose a "
+                "folder you can write to, e.g. --out outputs/NAME"
+            ) from None
 
     def _lock(self) -> None:
         try:
             import fcntl
         except ImportError:  # no advisory locks here: trust the user
             return
-        handle = open(self.out / ".lock", "w")
+        # held open for the sweep's lifetime: closing it releases the lock
+        handle = open(self.out / ".lock", "w")  # noqa: SIM115
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
-            raise ScenarioError(f"--out {self.out}: another sweep is writing to this folder "
-                                "right now; wait for it or choose another folder") from None
+            raise ScenarioError(
+                f"--out {self.out}: another sweep is writing to this folder "
+                "right now; wait for it or choose another folder"
+            ) from None
         self._lock_file = handle
 
     def close(self) -> None:
@@ -228,8 +258,11 @@ class Store:
 
     def orphans(self) -> list[str]:
         """Run folders that belong to no run of this sweep (an edited sweep or base)."""
-        return sorted(p.name for p in self.runs_dir.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and p.name not in self.by_id)
+        return sorted(
+            p.name
+            for p in self.runs_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name not in self.by_id
+        )
 
     def recover(self, skip: set[str] = frozenset()) -> int:
         """Add rows, read from their folders, for complete runs that have none yet.
@@ -243,8 +276,7 @@ class Store:
         n = 0
         for run in self.sweep.runs:
             if run.run_id not in self.rows and run.run_id not in skip and self.complete(run):
-                self.add(run, {"status": "ok", "error": None,
-                               **read_metrics(self.folder(run))})
+                self.add(run, {"status": "ok", "error": None, **read_metrics(self.folder(run))})
                 n += 1
         return n
 
@@ -260,21 +292,31 @@ class Store:
             The row: the run's id, point, replicate, seed and parameters, then status,
             error, ``out`` (its folder, when it succeeded), run_seconds and metrics.
         """
-        row: dict[str, Any] = {"run_id": run.run_id, "point": run.point,
-                               "replicate": run.replicate, "seed": run.seed}
+        row: dict[str, Any] = {
+            "run_id": run.run_id,
+            "point": run.point,
+            "replicate": run.replicate,
+            "seed": run.seed,
+        }
         row.update(run.params)
         row["status"] = result.get("status", "ok")
         row["error"] = result.get("error")
         row["out"] = f"{RUNS}/{run.run_id}" if row["status"] == "ok" else None
         row["run_seconds"] = result.get("run_seconds", float("nan"))
-        row.update({k: v for k, v in result.items()
-                    if k not in ("status", "error", "run_seconds", "traceback", "run_id",
-                                 "worker")})
+        row.update(
+            {
+                k: v
+                for k, v in result.items()
+                if k not in ("status", "error", "run_seconds", "traceback", "run_id", "worker")
+            }
+        )
         self.rows[run.run_id] = row
         if row["status"] != "ok" and result.get("traceback"):
             with open(self.out / ERRORS, "a", encoding="utf-8") as log:
-                log.write(f"=== {run.run_id} (seed {run.seed}, "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n{result['traceback']}\n")
+                log.write(
+                    f"=== {run.run_id} (seed {run.seed}, "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n{result['traceback']}\n"
+                )
         self._dirty = True
         return row
 
@@ -315,8 +357,7 @@ def results_frame(sweep: Sweep, rows: list[dict[str, Any]]) -> pd.DataFrame:
         The table results.parquet holds.
     """
     keys = sweep.keys
-    first = ["run_id", "point", "replicate", "seed", *keys, "status", "error", "out",
-             "run_seconds"]
+    first = ["run_id", "point", "replicate", "seed", *keys, "status", "error", "out", "run_seconds"]
     # columns in the order rows of the sweep name them, whatever order runs finished in
     frame = pd.DataFrame(sorted(rows, key=lambda r: (r["point"], r["replicate"])))
     for column in first:
@@ -345,8 +386,11 @@ def _param_column(values: pd.Series) -> pd.Series:
         if all(isinstance(v, int) for v in items):
             return pd.Series(items, index=values.index, dtype="int64")
         return pd.Series(items, index=values.index, dtype="float64")
-    return pd.Series([str(label(v)) if not isinstance(v, str) else v for v in items],
-                     index=values.index, dtype=object)
+    return pd.Series(
+        [str(label(v)) if not isinstance(v, str) else v for v in items],
+        index=values.index,
+        dtype=object,
+    )
 
 
 def _py(value: Any) -> Any:
@@ -382,8 +426,10 @@ def _first_missing(path: Path) -> Path | None:
 
 # ------------------------------------------------------------------ reading a sweep folder
 
-_SHAPE = ("a JSON object with 'name' (a string) and 'keys', 'metrics' and 'axes' (lists of "
-          "names), as python -m abm.batch writes it")
+_SHAPE = (
+    "a JSON object with 'name' (a string) and 'keys', 'metrics' and 'axes' (lists of "
+    "names), as python -m abm.batch writes it"
+)
 
 
 def read_sweep_json(path: Path, where: str) -> dict[str, Any]:
@@ -400,28 +446,36 @@ def read_sweep_json(path: Path, where: str) -> dict[str, Any]:
         ScenarioError: It cannot be read, is not JSON or is not a sweep's description
             (the file is left as it is).
     """
-    advice = ("it is left as it is: restore it (it is written when the sweep starts), or "
-              "choose another folder")
+    advice = (
+        "it is left as it is: restore it (it is written when the sweep starts), or "
+        "choose another folder"
+    )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ScenarioError(f"{where}: cannot read {path} ({_reason(exc)}); {advice}") from None
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ScenarioError(f"{where}: {path} is not valid JSON ({_reason(exc)}); "
-                            f"{advice}") from None
+        raise ScenarioError(
+            f"{where}: {path} is not valid JSON ({_reason(exc)}); {advice}"
+        ) from None
 
     def names(value: Any) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
-    ok = (isinstance(data, dict) and isinstance(data.get("name"), str)
-          and names(data.get("keys", [])) and names(data.get("metrics", []))
-          and isinstance(data.get("axes", []), list)
-          and all(names(axis) for axis in data.get("axes", [])))
+    ok = (
+        isinstance(data, dict)
+        and isinstance(data.get("name"), str)
+        and names(data.get("keys", []))
+        and names(data.get("metrics", []))
+        and isinstance(data.get("axes", []), list)
+        and all(names(axis) for axis in data.get("axes", []))
+    )
     if not ok:
         shown = json.dumps(data)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise ScenarioError(f"{where}: {path} is not a sweep description (expected {_SHAPE}; "
-                            f"got {shown}); {advice}")
+        raise ScenarioError(
+            f"{where}: {path} is not a sweep description (expected {_SHAPE}; got {shown}); {advice}"
+        )
     return data
 
 
@@ -439,17 +493,21 @@ def read_results(path: Path, where: str) -> pd.DataFrame:
         ScenarioError: It cannot be read, or lacks the columns every results table has
             (run_id, point, status).
     """
-    advice = (f"it is left as it is; to rebuild it from the run folders, move it aside (e.g. "
-              f"rename it to {RESULTS}.bad) and run the sweep command again with the same "
-              "--out: complete runs are not run again")
+    advice = (
+        f"it is left as it is; to rebuild it from the run folders, move it aside (e.g. "
+        f"rename it to {RESULTS}.bad) and run the sweep command again with the same "
+        "--out: complete runs are not run again"
+    )
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow's errors, OSError, ValueError: any unreadable file
-        raise ScenarioError(f"{where}: {path} cannot be read as a results table "
-                            f"({_reason(exc)}); {advice}") from None
+        raise ScenarioError(
+            f"{where}: {path} cannot be read as a results table ({_reason(exc)}); {advice}"
+        ) from None
     missing = [c for c in ("run_id", "point", "status") if c not in frame.columns]
     if missing:
-        raise ScenarioError(f"{where}: {path} is not a sweep's results table (no column "
-                            f"{', '.join(repr(c) for c in missing)}); {advice}")
+        raise ScenarioError(
+            f"{where}: {path} is not a sweep's results table (no column "
+            f"{', '.join(repr(c) for c in missing)}); {advice}"
+        )
     return frame
-

@@ -18,11 +18,28 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      TypeAdapter, ValidationError, field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from abm.batch.keys import (NOT_A_KEY_PATH, canonical, canonical_text, joined, key_path, label,
-                            overrides_for, toml_value)
+from abm.batch.keys import (
+    NOT_A_KEY_PATH,
+    canonical,
+    canonical_text,
+    joined,
+    key_path,
+    label,
+    overrides_for,
+    toml_value,
+)
 from abm.errors import ScenarioError
 from abm.scenario import Scenario, load_scenario, name_problem, parse_override, safe_name
 from abm.validation import INLINE, did_you_mean, dotted, explain, field_error, read_toml
@@ -75,27 +92,34 @@ def swept_key(text: str) -> str:
         raise ValueError(NOT_A_KEY_PATH)
     fields = list(Scenario.model_fields)
     if path[0] not in fields:
-        raise ValueError(f"unknown key path '{dotted(path)}'{did_you_mean(path[0], fields)}; "
-                         f"a key path starts with one of: {', '.join(fields)}")
+        raise ValueError(
+            f"unknown key path '{dotted(path)}'{did_you_mean(path[0], fields)}; "
+            f"a key path starts with one of: {', '.join(fields)}"
+        )
     if path == ("seed",):
-        raise ValueError("'seed' cannot be swept or set: each run's seed is derived from the "
-                         "sweep's seed and the replicate; set the top-level seed and [sweep] "
-                         "replicates instead")
+        raise ValueError(
+            "'seed' cannot be swept or set: each run's seed is derived from the "
+            "sweep's seed and the replicate; set the top-level seed and [sweep] "
+            "replicates instead"
+        )
     return dotted(path)
 
 
 def _swept_values(value: Any) -> list[Any]:
     if not isinstance(value, list):
-        raise ValueError("expected a list of values to sweep, such as [0, 0.01, 0.05] (a "
-                         "single value goes in [set])")
+        raise ValueError(
+            "expected a list of values to sweep, such as [0, 0.01, 0.05] (a "
+            "single value goes in [set])"
+        )
     if not value:
         raise ValueError("empty list; give at least one value")
     seen: set[str] = set()
     for v in value:
         text = canonical_text(v)
         if text in seen:
-            raise ValueError(f"the value {toml_value(v)} is listed twice; each value must "
-                             "appear once")
+            raise ValueError(
+                f"the value {toml_value(v)} is listed twice; each value must appear once"
+            )
         seen.add(text)
     return value
 
@@ -148,8 +172,10 @@ class SweepTable(_Table):
         if isinstance(value, dict):  # [sweep.zip] rather than [[sweep.zip]]: one group
             value = [value]
         if not isinstance(value, list) or not all(isinstance(group, dict) for group in value):
-            raise ValueError("must be tables of lists of the same length ([[sweep.zip]]), "
-                             "each varied together as one dimension")
+            raise ValueError(
+                "must be tables of lists of the same length ([[sweep.zip]]), "
+                "each varied together as one dimension"
+            )
         return value
 
 
@@ -162,8 +188,10 @@ class ReportTable(_Table):
     @classmethod
     def _some(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("give at least one metric name (a column of results.parquet), "
-                             "e.g. [\"cooperation_rate\"]")
+            raise ValueError(
+                "give at least one metric name (a column of results.parquet), "
+                'e.g. ["cooperation_rate"]'
+            )
         return value
 
 
@@ -189,9 +217,9 @@ class SweepFile(_Table):
 
 REQUIRED = {
     "scenario": "the base scenario file, relative to the sweep file, e.g. scenario = "
-                "\"round_robin_rules.toml\"",
+    '"round_robin_rules.toml"',
     "seed": "the master seed every run's seed is derived from, when the base scenario has "
-            "no seed; e.g. seed = 1",
+    "no seed; e.g. seed = 1",
 }
 _SEED = TypeAdapter(Annotated[int, SEED_RULE], config=ConfigDict(strict=True))
 
@@ -261,8 +289,9 @@ def _validated(path: Path) -> tuple[SweepFile, str]:
     try:
         return SweepFile.model_validate(data), text
     except ValidationError as exc:
-        raise ScenarioError(explain(exc, str(path), SweepFile, required=REQUIRED,
-                                    whole="the sweep file")) from None
+        raise ScenarioError(
+            explain(exc, str(path), SweepFile, required=REQUIRED, whole="the sweep file")
+        ) from None
 
 
 def _command_line(src: str, overrides: list[str]) -> dict[str, tuple[Any, str]]:
@@ -285,8 +314,9 @@ def _base_seed(src: str, base: Path, base_raw: dict[str, Any]) -> int:
     try:
         return _SEED.validate_python(seed)
     except ValidationError as exc:
-        raise ScenarioError(explain(exc, f"{src}: base scenario {base.name}", SweepFile,
-                                    whole="field 'seed'")) from None
+        raise ScenarioError(
+            explain(exc, f"{src}: base scenario {base.name}", SweepFile, whole="field 'seed'")
+        ) from None
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -317,20 +347,24 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
     # the grid: each key swept once, in [sweep] or in one zipped group
     axes = [Axis((key,), tuple((v,) for v in values)) for key, values in spec.sweep.grid.items()]
-    axes += [Axis(tuple(group), tuple(zip(*group.values()))) for group in spec.sweep.zip]
+    axes += [
+        Axis(tuple(group), tuple(zip(*group.values(), strict=True))) for group in spec.sweep.zip
+    ]
     where: dict[str, tuple[str | int, ...]] = {}
     places = [("sweep", key) for key in spec.sweep.grid]
-    places += [("sweep", "zip", i, key) for i, group in enumerate(spec.sweep.zip)
-               for key in group]
+    places += [("sweep", "zip", i, key) for i, group in enumerate(spec.sweep.zip) for key in group]
     for place in places:
         key = str(place[-1])
         if key in where:
-            raise field_error(src, place, f"swept twice (also at '{dotted(where[key])}'); "
-                              "sweep each key once")
+            raise field_error(
+                src, place, f"swept twice (also at '{dotted(where[key])}'); sweep each key once"
+            )
         where[key] = place
         if key in typed:
-            raise ScenarioError(f"{src}: --set {typed[key][1]!r}: '{key}' is also swept (at "
-                                f"'{dotted(place)}'); keep one")
+            raise ScenarioError(
+                f"{src}: --set {typed[key][1]!r}: '{key}' is also swept (at "
+                f"'{dotted(place)}'); keep one"
+            )
         if key in spec.set:
             raise field_error(src, ("set", key), f"also swept (at '{dotted(place)}'); keep one")
 
@@ -340,10 +374,19 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         raise field_error(src, ("scenario",), f"cannot read the base scenario: {exc}") from None
     seed = spec.seed if spec.seed is not None else _base_seed(src, base, base_raw)
 
-    sweep = Sweep(path=path, name=spec.name or safe_name(path.stem),  # a stem need not be a name
-                  description=spec.description, base=base, seed=seed,
-                  replicates=spec.sweep.replicates, keys=list(where), axes=axes, fixed=fixed,
-                  metrics=list(spec.report.metrics), text=text)
+    sweep = Sweep(
+        path=path,
+        name=spec.name or safe_name(path.stem),  # a stem need not be a name
+        description=spec.description,
+        base=base,
+        seed=seed,
+        replicates=spec.sweep.replicates,
+        keys=list(where),
+        axes=axes,
+        fixed=fixed,
+        metrics=list(spec.report.metrics),
+        text=text,
+    )
     _expand(sweep, base_raw)
     return sweep
 
@@ -357,8 +400,8 @@ def _expand(sweep: Sweep, base_raw: dict[str, Any]) -> None:
     points: list[dict[str, Any]] = []
     for combo in combos:
         point: dict[str, Any] = {}
-        for axis, j in zip(sweep.axes, combo):
-            point.update(zip(axis.keys, axis.values[j]))
+        for axis, j in zip(sweep.axes, combo, strict=True):
+            point.update(zip(axis.keys, axis.values[j], strict=True))
         points.append({key: point[key] for key in sweep.keys})
     scenarios: list[tuple[list[str], Scenario]] = []
     failures: list[str] = []
@@ -382,16 +425,24 @@ def _expand(sweep: Sweep, base_raw: dict[str, Any]) -> None:
     sweep.points = points
     runs_by_replicate = []
     for replicate in range(sweep.replicates):
-        for index, (point, (overrides, scenario)) in enumerate(zip(points, scenarios)):
+        for index, (point, (overrides, scenario)) in enumerate(zip(points, scenarios, strict=True)):
             seed = derive_seed(sweep.seed, point, replicate)
             resolved = scenario.model_copy(update={"seed": seed}).to_toml_dict()
             digest = hashlib.sha256(canonical_text(resolved).encode()).hexdigest()[:8]
-            llm = tuple(dict(spec.params) for spec in _named_policies(scenario)
-                        if spec.name == "llm")
-            runs_by_replicate.append(Run(
-                run_id=f"{_slug(point)}-r{replicate}-{digest}", point=index,
-                replicate=replicate, seed=seed, params=point, overrides=tuple(overrides),
-                llm=llm))
+            llm = tuple(
+                dict(spec.params) for spec in _named_policies(scenario) if spec.name == "llm"
+            )
+            runs_by_replicate.append(
+                Run(
+                    run_id=f"{_slug(point)}-r{replicate}-{digest}",
+                    point=index,
+                    replicate=replicate,
+                    seed=seed,
+                    params=point,
+                    overrides=tuple(overrides),
+                    llm=llm,
+                )
+            )
     sweep.runs = runs_by_replicate  # replicate-major: early results cover every point
 
 

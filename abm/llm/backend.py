@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from abm.errors import ScenarioError
 from abm.llm.models import ModelSource
+
 # kept importable from here; it lives in a torch-free module
 from abm.llm.stats import BackendStats as BackendStats
 
@@ -35,8 +36,10 @@ def _pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ScenarioError(f"device {device!r} was asked for but torch sees no CUDA GPU; "
-                            "use device = \"auto\" or \"cpu\"")
+        raise ScenarioError(
+            f"device {device!r} was asked for but torch sees no CUDA GPU; "
+            'use device = "auto" or "cpu"'
+        )
     return device
 
 
@@ -45,8 +48,7 @@ def _pick_dtype(dtype: str, device: str) -> torch.dtype:
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"float32": torch.float32, "float16": torch.float16,
-            "bfloat16": torch.bfloat16}[dtype]
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 class Backend:
@@ -71,8 +73,15 @@ class Backend:
             on device "auto", or a model that cannot be loaded or downloaded.
     """
 
-    def __init__(self, source: ModelSource, *, device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False, prefix_cache: bool = True) -> None:
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        prefix_cache: bool = True,
+    ) -> None:
         """Load the model and tokenizer onto the device."""
         self.source = source
         self.device = _pick_device(device)
@@ -83,14 +92,24 @@ class Backend:
         started = time.perf_counter()
         self.tokenizer, self.model = _load(source, self.dtype, trust_remote_code)
         self.model.to(self.device).eval()
-        self.revision = (source.revision or getattr(self.model.config, "_commit_hash", None)
-                         or source.location)
+        self.revision = (
+            source.revision or getattr(self.model.config, "_commit_hash", None) or source.location
+        )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self._cache_arg = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
-                           else "past_key_values")
-        self._keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep")
-                               if a in inspect.signature(self.model.forward).parameters), None)
+        self._cache_arg = (
+            "cache"
+            if "cache" in inspect.signature(self.model.forward).parameters
+            else "past_key_values"
+        )
+        self._keep_arg = next(
+            (
+                a
+                for a in ("logits_to_keep", "num_logits_to_keep")
+                if a in inspect.signature(self.model.forward).parameters
+            ),
+            None,
+        )
         eos = self.model.generation_config.eos_token_id
         self._stop_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
         self._stop_ids.discard(None)
@@ -106,8 +125,9 @@ class Backend:
         """Whether the tokenizer brings a chat template of its own."""
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def render(self, messages: Messages, answer_prefix: str = "",
-               chat_template: str | None = None) -> str:
+    def render(
+        self, messages: Messages, answer_prefix: str = "", chat_template: str | None = None
+    ) -> str:
         """The exact text the model reads.
 
         Args:
@@ -123,14 +143,19 @@ class Backend:
         template = chat_template
         if template is None and not self.has_chat_template:
             from abm.llm.chat_formats import NAMED
+
             if not self._warned_template:
-                print(f"abm: warning: {self.source.name} has no chat template; using the "
-                      "\"plain\" format. Set chat_template (e.g. \"vicuna\", \"llama-2\") "
-                      "to the format the model was trained with.", file=sys.stderr)
+                print(
+                    f"abm: warning: {self.source.name} has no chat template; using the "
+                    '"plain" format. Set chat_template (e.g. "vicuna", "llama-2") '
+                    "to the format the model was trained with.",
+                    file=sys.stderr,
+                )
                 self._warned_template = True
             template = NAMED["plain"]
         text = self.tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
         if answer_prefix:
             # "ASSISTANT:" + "Suspect1: ..." needs the space a human turn would have
             joined = text[-1:].isspace() or answer_prefix[:1].isspace()
@@ -141,8 +166,9 @@ class Backend:
         """Token ids of rendered text; templates write their own special tokens."""
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
-    def encode(self, messages: Messages, answer_prefix: str = "",
-               chat_template: str | None = None) -> list[int]:
+    def encode(
+        self, messages: Messages, answer_prefix: str = "", chat_template: str | None = None
+    ) -> list[int]:
         """Token ids of a conversation ready for the assistant's answer."""
         return self.tokenize(self.render(messages, answer_prefix, chat_template))
 
@@ -161,8 +187,7 @@ class Backend:
             tail = whole[n:]
         else:  # the joined text merges across the boundary: tokenize the text alone,
             tail = self.tokenize(text)  # without the lone word-start marker it gets
-            if len(tail) > 1 and text[:1].isspace() and not self.tokenizer.decode(
-                    tail[:1]).strip():
+            if len(tail) > 1 and text[:1].isspace() and not self.tokenizer.decode(tail[:1]).strip():
                 tail = tail[1:]
         if not tail:
             raise ScenarioError(f"the answer phrasing {text!r} is empty after tokenization")
@@ -186,13 +211,18 @@ class Backend:
 
     # ---------------------------------------------------------------- scoring
 
-    def score(self, prompts: list[list[int]], labels: tuple[list[int], list[int]],
-              max_batch_size: int = 16) -> np.ndarray:
+    def score(
+        self,
+        prompts: list[list[int]],
+        labels: tuple[list[int], list[int]],
+        max_batch_size: int = 16,
+    ) -> np.ndarray:
         """Log-probability of each label's full token sequence after each prompt, (n, 2)."""
         return self.score_phrasings(prompts, list(labels), max_batch_size)
 
-    def score_phrasings(self, prompts: list[list[int]], phrasings: list[list[int]],
-                        max_batch_size: int = 16) -> np.ndarray:
+    def score_phrasings(
+        self, prompts: list[list[int]], phrasings: list[list[int]], max_batch_size: int = 16
+    ) -> np.ndarray:
         """Log P(phrasing | prompt) for every prompt and phrasing, shape (n, len(phrasings)).
 
         The phrasings form a trie: one prefill gives every first token's
@@ -205,7 +235,7 @@ class Backend:
             levels.append(sorted({tuple(p[:depth]) for p in phrasings if len(p) > depth}))
         out = np.empty((len(prompts), len(phrasings)))
         for start in range(0, len(prompts), max_batch_size):
-            batch = prompts[start:start + max_batch_size]
+            batch = prompts[start : start + max_batch_size]
             logits, state = self._prefill(batch, 1)
             logp = {(): torch.log_softmax(logits[:, -1].float(), dim=-1)}
             started = time.perf_counter()
@@ -213,15 +243,23 @@ class Backend:
             parents: list[tuple[int, ...]] = [()]
             for level in levels:
                 parent_row = {node: i for i, node in enumerate(parents)}
-                rows = torch.tensor([b * len(parents) + parent_row[node[:-1]]
-                                     for b in range(len(batch)) for node in level],
-                                    device=self.device)
+                rows = torch.tensor(
+                    [
+                        b * len(parents) + parent_row[node[:-1]]
+                        for b in range(len(batch))
+                        for node in level
+                    ],
+                    device=self.device,
+                )
                 cache.reorder_cache(rows)
-                mask = torch.cat([mask[rows], torch.ones((len(rows), 1), dtype=mask.dtype,
-                                                         device=self.device)], dim=1)
+                mask = torch.cat(
+                    [mask[rows], torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)],
+                    dim=1,
+                )
                 position = position[rows]
-                tokens = torch.tensor([node[-1] for _ in batch for node in level],
-                                      device=self.device)
+                tokens = torch.tensor(
+                    [node[-1] for _ in batch for node in level], device=self.device
+                )
                 step = self._forward(tokens, mask, position, cache)
                 self.stats.tokens += len(rows)
                 position = position + 1
@@ -231,16 +269,25 @@ class Backend:
                 parents = level
             rows = slice(start, start + len(batch))
             for k, phrase in enumerate(phrasings):
-                out[rows, k] = sum(logp[tuple(phrase[:t])][:, token]
-                                   for t, token in enumerate(phrase)).cpu().numpy()
+                out[rows, k] = (
+                    sum(logp[tuple(phrase[:t])][:, token] for t, token in enumerate(phrase))
+                    .cpu()
+                    .numpy()
+                )
             self.stats.seconds += time.perf_counter() - started
         return out
 
-    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
-                 cache: Any) -> torch.Tensor:
+    def _forward(
+        self, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
         """One new token per row on top of ``cache``; the next-token logits (B, V)."""
-        kwargs = {"input_ids": tokens[:, None], "attention_mask": mask,
-                  "position_ids": position[:, None], "use_cache": True, self._cache_arg: cache}
+        kwargs = {
+            "input_ids": tokens[:, None],
+            "attention_mask": mask,
+            "position_ids": position[:, None],
+            "use_cache": True,
+            self._cache_arg: cache,
+        }
         with torch.inference_mode():
             logits = self.model(**kwargs).logits[:, -1]
         self.stats.forward_passes += 1
@@ -269,22 +316,28 @@ class Backend:
         lengths = [len(s) for s in suffixes]
         width = max(lengths)
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - n) + s for s, n in zip(suffixes, lengths)],
-                           device=self.device)
+        ids = torch.tensor(
+            [[pad] * (width - n) + s for s, n in zip(suffixes, lengths, strict=True)],
+            device=self.device,
+        )
         mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long, device=self.device)
         mask[:, :prefix_len] = 1
         positions = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
         for i, n in enumerate(lengths):
-            mask[i, prefix_len + width - n:] = 1
-            positions[i, width - n:] = prefix_len + torch.arange(n, device=self.device)
+            mask[i, prefix_len + width - n :] = 1
+            positions[i, width - n :] = prefix_len + torch.arange(n, device=self.device)
         if cache is None:
             cache = self._new_cache()
         else:
             cache = copy.deepcopy(cache)
             cache.batch_repeat_interleave(len(seqs))
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
-                                  "position_ids": positions, "use_cache": True,
-                                  self._cache_arg: cache}
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+            self._cache_arg: cache,
+        }
         if self._keep_arg:
             kwargs[self._keep_arg] = k
         with torch.inference_mode():
@@ -292,13 +345,16 @@ class Backend:
         self.stats.forward_passes += 1
         self.stats.tokens += sum(lengths)
         self.stats.seconds += time.perf_counter() - started
-        state = {"cache": cache, "mask": mask,
-                 "next_position": torch.tensor([prefix_len + n for n in lengths],
-                                               device=self.device)}
+        state = {
+            "cache": cache,
+            "mask": mask,
+            "next_position": torch.tensor([prefix_len + n for n in lengths], device=self.device),
+        }
         return logits, state
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
+
         try:
             return DynamicCache(config=self.model.config)
         except TypeError:  # older releases take no config
@@ -321,8 +377,16 @@ class Backend:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, prompts: list[list[int]], *, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 32, seed: int = 0, max_batch_size: int = 16) -> list[str]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 32,
+        seed: int = 0,
+        max_batch_size: int = 16,
+    ) -> list[str]:
         """Free-text answers, batched, on top of the shared-prefix cache.
 
         Greedy when ``temperature`` is 0; otherwise temperature and nucleus
@@ -331,13 +395,19 @@ class Backend:
         """
         answers: list[str] = []
         for start in range(0, len(prompts), max_batch_size):
-            batch = prompts[start:start + max_batch_size]
+            batch = prompts[start : start + max_batch_size]
             generator = torch.Generator(device=self.device).manual_seed(seed + start)
             answers += self._decode(batch, temperature, top_p, max_new_tokens, generator)
         return answers
 
-    def _decode(self, batch: list[list[int]], temperature: float, top_p: float,
-                max_new_tokens: int, generator: torch.Generator) -> list[str]:
+    def _decode(
+        self,
+        batch: list[list[int]],
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        generator: torch.Generator,
+    ) -> list[str]:
         logits, state = self._prefill(batch, 1)
         started = time.perf_counter()
         stop = torch.tensor(sorted(self._stop_ids), device=self.device)
@@ -351,20 +421,26 @@ class Backend:
             done |= torch.isin(token, stop)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype,
-                                               device=self.device)], dim=1)
+            mask = torch.cat(
+                [mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=self.device)], dim=1
+            )
             logits = self._forward(token, mask, position, cache)[:, None]
             position = position + 1
         rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in batch]
         self.stats.generate_calls += 1
         self.stats.tokens += sum(len(r) for r in rows)
         self.stats.seconds += time.perf_counter() - started
-        return [self.tokenizer.decode(_until_stop(row, self._stop_ids),
-                                      skip_special_tokens=True).strip() for row in rows]
+        return [
+            self.tokenizer.decode(
+                _until_stop(row, self._stop_ids), skip_special_tokens=True
+            ).strip()
+            for row in rows
+        ]
 
     @staticmethod
-    def _pick(logits: torch.Tensor, temperature: float, top_p: float,
-              generator: torch.Generator) -> torch.Tensor:
+    def _pick(
+        logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+    ) -> torch.Tensor:
         if temperature <= 0:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / temperature, dim=-1)
@@ -415,12 +491,16 @@ def _check_size(source: ModelSource, asked: str, device: str, dtype: torch.dtype
     size = params * torch.empty(0, dtype=dtype).element_size()
     if size <= CPU_WEIGHT_LIMIT:
         return
-    what = (f"{source.name} has about {params / 1e9:.1f} billion parameters, about "
-            f"{size / 2**30:.0f} GiB in {str(dtype).removeprefix('torch.')} on the CPU")
+    what = (
+        f"{source.name} has about {params / 1e9:.1f} billion parameters, about "
+        f"{size / 2**30:.0f} GiB in {str(dtype).removeprefix('torch.')} on the CPU"
+    )
     if asked == "auto":
-        raise ScenarioError(f"{what}, and torch sees no CUDA GPU, so device = \"auto\" would "
-                            "run it on the CPU (slowly, if it fits in memory at all); run on a "
-                            "machine with a GPU, or set device = \"cpu\" to insist")
+        raise ScenarioError(
+            f'{what}, and torch sees no CUDA GPU, so device = "auto" would '
+            "run it on the CPU (slowly, if it fits in memory at all); run on a "
+            'machine with a GPU, or set device = "cpu" to insist'
+        )
     print(f"abm: warning: {what}; expect minutes per round", file=sys.stderr)
 
 
@@ -435,6 +515,7 @@ def _parameter_count(source: ModelSource) -> int | None:
     elif source.hub:
         try:
             from huggingface_hub import snapshot_download
+
             folder = Path(snapshot_download(source.location, local_files_only=True))
         except Exception:  # not cached: the load will say so
             return None
@@ -444,6 +525,7 @@ def _parameter_count(source: ModelSource) -> int | None:
     index = folder / "model.safetensors.index.json" if folder is not None else None
     if index is not None and index.is_file():  # sharded: only the shards the index names
         import json
+
         shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         files = [f for f in files if f.name in shards]
     if not files:
@@ -453,7 +535,7 @@ def _parameter_count(source: ModelSource) -> int | None:
     total = 0
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safetensors file, not a dict)
                 total += int(np.prod(handle.get_slice(key).get_shape()))
     return total
 
@@ -486,38 +568,54 @@ def _load(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> t
     if source.converted is not None:
         with _conversion_lock(source.converted):
             if not (source.converted / "config.json").is_file():
-                print(f"abm: converting {source.name} from GGUF once (about 20 s); the copy "
-                      f"is kept in {source.converted}", file=sys.stderr)
-                tokenizer = AutoTokenizer.from_pretrained(source.location,
-                                                          gguf_file=source.gguf_file)
+                print(
+                    f"abm: converting {source.name} from GGUF once (about 20 s); the copy "
+                    f"is kept in {source.converted}",
+                    file=sys.stderr,
+                )
+                tokenizer = AutoTokenizer.from_pretrained(
+                    source.location, gguf_file=source.gguf_file
+                )
                 model = AutoModelForCausalLM.from_pretrained(
-                    source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+                    source.location, gguf_file=source.gguf_file, dtype=torch.float32
+                )
                 _save_converted(tokenizer, model, source.converted)
                 return tokenizer, model.to(dtype)
-        return (AutoTokenizer.from_pretrained(source.converted),
-                AutoModelForCausalLM.from_pretrained(source.converted, dtype=dtype))
+        return (
+            AutoTokenizer.from_pretrained(source.converted),
+            AutoModelForCausalLM.from_pretrained(source.converted, dtype=dtype),
+        )
     options = {"trust_remote_code": trust_remote_code}
     try:
-        return (AutoTokenizer.from_pretrained(source.location, local_files_only=True, **options),
-                AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype,
-                                                     local_files_only=True, **options))
+        return (
+            AutoTokenizer.from_pretrained(source.location, local_files_only=True, **options),
+            AutoModelForCausalLM.from_pretrained(
+                source.location, dtype=dtype, local_files_only=True, **options
+            ),
+        )
     except (OSError, ValueError):  # ValueError: a folder with no tokenizer files at all
         if not source.hub:
-            raise ScenarioError(f"cannot load a model from {source.location}: it needs "
-                                "config.json, tokenizer files and weights") from None
+            raise ScenarioError(
+                f"cannot load a model from {source.location}: it needs "
+                "config.json, tokenizer files and weights"
+            ) from None
     why = _hub_unreachable()
     if why:  # transformers would retry for a minute before saying the same
         raise ScenarioError(
             f"model {source.name!r} is not in the local Hugging Face cache and {why}; "
             f"download it where the hub is reachable (huggingface-cli download {source.name}) "
-            "and copy the cache (~/.cache/huggingface), or give a local folder as model")
+            "and copy the cache (~/.cache/huggingface), or give a local folder as model"
+        )
     try:
-        return (AutoTokenizer.from_pretrained(source.location, **options),
-                AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **options))
+        return (
+            AutoTokenizer.from_pretrained(source.location, **options),
+            AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **options),
+        )
     except OSError as exc:
         raise ScenarioError(
             f"model {source.name!r} is not in the local Hugging Face cache and could not be "
-            f"downloaded (offline, or no such model?): {str(exc).splitlines()[0]}") from None
+            f"downloaded (offline, or no such model?): {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _save_converted(tokenizer: Any, model: Any, folder) -> None:
@@ -552,7 +650,7 @@ def _conversion_lock(folder: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # no advisory locks here: per-process partial folders still keep
-        yield            # concurrent conversions from clashing
+        yield  # concurrent conversions from clashing
         return
     with open(folder.with_name(f"{folder.name}.lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -54,24 +54,40 @@ _CHECK = r"""
     {%- if m['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}
         {{- raise_exception('Chat messages must be an optional system message, then user and '
             ~ 'assistant messages alternating, starting with user; message '
-            ~ (messages|length - turns|length + loop.index0) ~ ' has the role "' ~ m['role'] ~ '"') -}}
+            ~ (messages|length - turns|length + loop.index0)
+            ~ ' has the role "' ~ m['role'] ~ '"') -}}
     {%- endif -%}
 """
 
 
 # a tokenizer without a bos or eos token passes None (or nothing): render it as ""
-_TOKENS = ("{%- set bos_token = bos_token if bos_token is defined and bos_token else '' -%}\n"
-           "{%- set eos_token = eos_token if eos_token is defined and eos_token else '' -%}\n")
+_TOKENS = (
+    "{%- set bos_token = bos_token if bos_token is defined and bos_token else '' -%}\n"
+    "{%- set eos_token = eos_token if eos_token is defined and eos_token else '' -%}\n"
+)
 
 
 def _build(head: str, user: str, assistant: str, prompt: str, default: str = "none") -> str:
     """Jinja source from Jinja expressions for the start, each turn and the generation prompt."""
-    return (_TOKENS + _SPLIT.replace("DEFAULT", default) + "{{- " + head + " -}}\n"
-            + "{%- for m in turns -%}" + _CHECK
-            + "    {%- if m['role'] == 'user' -%}{{- " + user + " -}}\n"
-            + "    {%- else -%}{{- " + assistant + " -}}{%- endif -%}\n"
-            + "{%- endfor -%}\n"
-            + "{%- if add_generation_prompt -%}{{- " + prompt + " -}}{%- endif -%}\n")
+    return (
+        _TOKENS
+        + _SPLIT.replace("DEFAULT", default)
+        + "{{- "
+        + head
+        + " -}}\n"
+        + "{%- for m in turns -%}"
+        + _CHECK
+        + "    {%- if m['role'] == 'user' -%}{{- "
+        + user
+        + " -}}\n"
+        + "    {%- else -%}{{- "
+        + assistant
+        + " -}}{%- endif -%}\n"
+        + "{%- endfor -%}\n"
+        + "{%- if add_generation_prompt -%}{{- "
+        + prompt
+        + " -}}{%- endif -%}\n"
+    )
 
 
 NAMED: dict[str, str] = {
@@ -84,8 +100,9 @@ NAMED: dict[str, str] = {
         "'ASSISTANT: ' + m['content'] + eos_token",
         "'ASSISTANT:'",
         default='"A chat between a curious user and an artificial intelligence assistant. '
-                "The assistant gives helpful, detailed, and polite answers to the user's "
-                'questions."'),
+        "The assistant gives helpful, detailed, and polite answers to the user's "
+        'questions."',
+    ),
     # Meta's llama/generation.py chat_completion (B_INST/E_INST, B_SYS="<<SYS>>\n",
     # E_SYS="\n<</SYS>>\n\n", each pair encoded with bos and eos, contents stripped), as in the
     # template transformers published for meta-llama/Llama-2-*-chat-hf.
@@ -94,7 +111,8 @@ NAMED: dict[str, str] = {
         "bos_token + '[INST] ' + ((('<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n')"
         " if loop.first and system is not none else '') + m['content']).strip() + ' [/INST]'",
         "' ' + m['content'].strip() + ' ' + eos_token",
-        "''"),
+        "''",
+    ),
     # tatsu-lab/stanford_alpaca train.py PROMPT_DICT["prompt_no_input"]; it ends the prompt at
     # "### Response:" and glues the answer on, but the common inference form (and this one)
     # puts the answer on the next line. Later turns repeat the blocks, without eos in between.
@@ -104,19 +122,22 @@ NAMED: dict[str, str] = {
         "'\\n\\n### Response:\\n' + m['content']",
         "'\\n\\n### Response:\\n'",
         default="'Below is an instruction that describes a task. "
-                "Write a response that appropriately completes the request.'"),
+        "Write a response that appropriately completes the request.'",
+    ),
     # ChatML as in the transformers chat-templating docs and Qwen/OpenHermes tokenizers.
     "chatml": _build(
         "('<|im_start|>system\\n' + system + '<|im_end|>\\n') if system is not none else ''",
         "'<|im_start|>user\\n' + m['content'] + '<|im_end|>\\n'",
         "'<|im_start|>assistant\\n' + m['content'] + '<|im_end|>\\n'",
-        "'<|im_start|>assistant\\n'"),
+        "'<|im_start|>assistant\\n'",
+    ),
     # abm's own fallback ("\n\n".join(contents) + "\n\n"), see the module docstring.
     "plain": _build(
         "bos_token + (system if system is not none else '')",
         "('\\n\\n' if system is not none or not loop.first else '') + m['content']",
         "('\\n\\n' if system is not none or not loop.first else '') + m['content']",
-        "'\\n\\n'"),
+        "'\\n\\n'",
+    ),
 }
 
 
@@ -140,16 +161,18 @@ def _raise(message: str):
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # transformers' filter: Jinja's own escapes <, >, & and ' for HTML, which prompts must not
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 @lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
     # the settings and globals of transformers' chat-template environment, so that a template
     # renders here exactly as apply_chat_template renders it
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols, _Generation])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -186,8 +209,10 @@ def chat_template(value: str, base: Path | None = None) -> str:
     if not path.is_file():
         # the scenario loader made a path of a misspelt name: the hint is on its last part
         hint = did_you_mean(Path(value).name, NAMED)
-        raise ValueError(f"chat_template {value!r}{hint} is neither a named format ({names}) "
-                         f"nor a Jinja file (there is no file {path})")
+        raise ValueError(
+            f"chat_template {value!r}{hint} is neither a named format ({names}) "
+            f"nor a Jinja file (there is no file {path})"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -202,13 +227,21 @@ def chat_template(value: str, base: Path | None = None) -> str:
             except jinja2.TemplateSyntaxError as exc:
                 problem = f"is not valid Jinja (line {exc.lineno}: {exc.message})"
     if problem:
-        raise ValueError(f"the chat_template file {path} {problem}; use a valid Jinja file "
-                         f"or a named format ({names})")
+        raise ValueError(
+            f"the chat_template file {path} {problem}; use a valid Jinja file "
+            f"or a named format ({names})"
+        )
     return text
 
 
-def render(template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
-           bos_token: str = "<s>", eos_token: str = "</s>") -> str:
+def render(
+    template: str,
+    messages: list[dict[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str = "<s>",
+    eos_token: str = "</s>",
+) -> str:
     """The exact text a model receives for these messages.
 
     It is rendered the way transformers renders chat templates (jinja2
@@ -230,6 +263,9 @@ def render(template: str, messages: list[dict[str, str]], *, add_generation_prom
         jinja2.TemplateError: The template calls ``raise_exception`` (the named formats
             do for messages out of order), as in transformers.
     """
-    return _compile(template).render(messages=messages,
-                                     add_generation_prompt=add_generation_prompt,
-                                     bos_token=bos_token, eos_token=eos_token)
+    return _compile(template).render(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token,
+        eos_token=eos_token,
+    )

@@ -76,24 +76,33 @@ def resolve(name: str, source: str = "<scenario>", field: str = "model") -> Mode
     if name in BUILTIN:
         builtin = BUILTIN[name]
         spec = importlib.util.find_spec(builtin.module)  # finds the folder, imports nothing
-        folder = Path(next(iter(spec.submodule_search_locations))) if spec and \
-            spec.submodule_search_locations else None
+        folder = (
+            Path(next(iter(spec.submodule_search_locations)))
+            if spec and spec.submodule_search_locations
+            else None
+        )
         if folder is None or not (folder / builtin.filename).is_file():
             raise ScenarioError(
                 f"{source}: field '{field}': the built-in model {name!r} is not installed; "
-                f"install it with: {builtin.install}")
+                f"install it with: {builtin.install}"
+            )
         version = importlib.metadata.version(builtin.distribution)
-        return ModelSource(name, str(folder), builtin.filename,
-                           cache_root() / f"{name}-{version}",
-                           revision=f"{builtin.distribution} {version}")
+        return ModelSource(
+            name,
+            str(folder),
+            builtin.filename,
+            cache_root() / f"{name}-{version}",
+            revision=f"{builtin.distribution} {version}",
+        )
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ScenarioError(f"{source}: field '{field}': no such GGUF file: {path}")
         stat = path.stat()
         key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        return ModelSource(name, str(path.parent), path.name,
-                           cache_root() / f"{path.stem}-{key.hexdigest()[:10]}")
+        return ModelSource(
+            name, str(path.parent), path.name, cache_root() / f"{path.stem}-{key.hexdigest()[:10]}"
+        )
     if path.is_dir():
         return ModelSource(name, str(path))
     if path.is_absolute() or name.startswith((".", "~")):
@@ -102,5 +111,6 @@ def resolve(name: str, source: str = "<scenario>", field: str = "model") -> Mode
         raise ScenarioError(
             f"{source}: field '{field}': {name!r} is neither a built-in model "
             f"({', '.join(BUILTIN)}), a local folder or .gguf file, nor a Hugging Face id "
-            "such as \"lmsys/vicuna-7b-v1.5-16k\"")
+            'such as "lmsys/vicuna-7b-v1.5-16k"'
+        )
     return ModelSource(name, name, hub=True)

@@ -60,79 +60,157 @@ class Reading:
 def police_words() -> AnswerWords:
     """The police framing: remain silent (C) or testify (D), with inflections and synonyms."""
     return AnswerWords(
-        ("remain silent", "remaining silent", "stay silent", "staying silent", "keep silent",
-         "keeping silent", "remain quiet", "stay quiet", "keep quiet", "silence", "silent"),
-        ("testify", "testifying", "testimony", "confess", "confessing", "confession", "defect",
-         "defecting", "defection", "betray", "betraying"),
-        ("remained silent", "stayed silent", "kept silent", "kept quiet", "cooperated",
-         "testified", "confessed", "defected", "betrayed",
-         # in an interrogation "cooperate" may mean with the police (testifying) or with
-         # the other suspect (silence): never read, rather than guessed
-         "cooperate", "cooperating", "cooperation"))
+        (
+            "remain silent",
+            "remaining silent",
+            "stay silent",
+            "staying silent",
+            "keep silent",
+            "keeping silent",
+            "remain quiet",
+            "stay quiet",
+            "keep quiet",
+            "silence",
+            "silent",
+        ),
+        (
+            "testify",
+            "testifying",
+            "testimony",
+            "confess",
+            "confessing",
+            "confession",
+            "defect",
+            "defecting",
+            "defection",
+            "betray",
+            "betraying",
+        ),
+        (
+            "remained silent",
+            "stayed silent",
+            "kept silent",
+            "kept quiet",
+            "cooperated",
+            "testified",
+            "confessed",
+            "defected",
+            "betrayed",
+            # in an interrogation "cooperate" may mean with the police (testifying) or with
+            # the other suspect (silence): never read, rather than guessed
+            "cooperate",
+            "cooperating",
+            "cooperation",
+        ),
+    )
 
 
-def label_words(c: str, d: str, extra_c: tuple[str, ...] = (),
-                extra_d: tuple[str, ...] = ()) -> AnswerWords:
+def label_words(
+    c: str, d: str, extra_c: tuple[str, ...] = (), extra_d: tuple[str, ...] = ()
+) -> AnswerWords:
     """A neutral or custom framing: the labels ``c`` and ``d`` plus optional extra phrasings."""
     return AnswerWords((c, *extra_c), (d, *extra_d))
 
 
-_TYPOGRAPHY = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'",
-                             "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"',
-                             "\u00bb": '"', "\u2013": "-", "\u2014": "-", "\u00a0": " "})
+_TYPOGRAPHY = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201b": "'",
+        "\u2032": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u00ab": '"',
+        "\u00bb": '"',
+        "\u2013": "-",
+        "\u2014": "-",
+        "\u00a0": " ",
+    }
+)
 # "**", "__", backticks, and a single "*" hugging a word ("*testify*"; not a bullet "* x")
 _EMPHASIS = re.compile(r"\*\*|__|`|(?<![\w*])\*(?=[^\s*])|(?<=[^\s*])\*(?![\w*])")
 # a line the model writes for someone else (continuing the dialogue) is not its decision
-_OTHER_SPEAKER = re.compile(r"^[ \t]*(?:suspect[ \t]*[2-9]|player[ \t]*[2-9]|police|user)"
-                            r"[ \t]*:.*$", re.I | re.M)
-_SELF_SPEAKER = re.compile(r"^[ \t]*(?:suspect[ \t]*1|player(?:[ \t]*1)?|assistant|model|ai)"
-                           r"[ \t]*:[ \t]*", re.I | re.M)
+_OTHER_SPEAKER = re.compile(
+    r"^[ \t]*(?:suspect[ \t]*[2-9]|player[ \t]*[2-9]|police|user)"
+    r"[ \t]*:.*$",
+    re.I | re.M,
+)
+_SELF_SPEAKER = re.compile(
+    r"^[ \t]*(?:suspect[ \t]*1|player(?:[ \t]*1)?|assistant|model|ai)"
+    r"[ \t]*:[ \t]*",
+    re.I | re.M,
+)
 _KEY = r"(?:answer|decision|choice|action)"
 # "is" only after "my": "The choice is between ..." is narrative, "My choice is J" is not
 _DECISION_LINE = re.compile(
     rf"^[ \t]*[#>*\-\u2022]*[ \t]*(?P<head>(?:my[ \t]+)?(?:final[ \t]+)?{_KEY}"
     rf"(?:[ \t]*[:=]|[ \t]+-+|[ \t]*$)|my[ \t]+(?:final[ \t]+)?{_KEY}[ \t]+is\b[ \t]*:?)"
-    r"[ \t]*(?P<value>.*)$", re.I | re.M)
+    r"[ \t]*(?P<value>.*)$",
+    re.I | re.M,
+)
 _NEXT_LINE = re.compile(r"\S[^\n]*")
-_OTHER_SUBJECT = re.compile(r"\b(?:suspect\s*[2-9]|player\s*[2-9]|the\s+other|opponent|partner"
-                            r"|they|he|she|you|police)\b", re.I)
+_OTHER_SUBJECT = re.compile(
+    r"\b(?:suspect\s*[2-9]|player\s*[2-9]|the\s+other|opponent|partner"
+    r"|they|he|she|you|police)\b",
+    re.I,
+)
 _JSON = re.compile(r"\{[^{}]*\}")
 _JSON_PAIR = re.compile(rf"""["']?\b{_KEY}\b["']?\s*:\s*(?:"([^"]*)"|'([^']*)')""", re.I)
 # a closing "?" is kept: "Testify?" asks rather than answers
-_BARE_JUNK = re.compile(r"^(?:\d+[.)]|[a-z][.)]|[-*\u2022>])\s+|^(?i:option)\s+|^[\"'(\[<]+"
-                        r"|[\"')\]>.!,;:]+$")
-_AGAINST = (r"(?:\s+against\s+(?:the\s+other(?:\s+(?:suspect|player|one))?|suspect\s*\d+"
-            r"|player\s*\d+|him|her|them|my\s+(?:partner|accomplice)))?")
+_BARE_JUNK = re.compile(
+    r"^(?:\d+[.)]|[a-z][.)]|[-*\u2022>])\s+|^(?i:option)\s+|^[\"'(\[<]+"
+    r"|[\"')\]>.!,;:]+$"
+)
+_AGAINST = (
+    r"(?:\s+against\s+(?:the\s+other(?:\s+(?:suspect|player|one))?|suspect\s*\d+"
+    r"|player\s*\d+|him|her|them|my\s+(?:partner|accomplice)))?"
+)
 _DISCOURSE = re.compile(r"^\s*(?:no|nope|yes|yeah|ok|okay|sure)\s*[,.!:;\-]+", re.I)
-_NOT = (r"\b(?:not|never|no|nobody|none|neither|nor|cannot|won'?t|wouldn'?t|don'?t|doesn'?t"
-        r"|can'?t)\b|n't\b")
+_NOT = (
+    r"\b(?:not|never|no|nobody|none|neither|nor|cannot|won'?t|wouldn'?t|don'?t|doesn'?t"
+    r"|can'?t)\b|n't\b"
+)
 _NOT_RX = re.compile(_NOT, re.I)
 # "against", "refuse", "avoid" negate only before an option ("I refuse to testify");
 # after one they are harmless ("testify against Suspect2")
 _NEG_RX = re.compile(_NOT + r"|\b(?:against|refus\w*|declin\w*|avoid\w*)\b", re.I)
 _SENTENCE = re.compile(r"(?:[^.!?;\n]|[.!?](?=[^\s.!?]))+[.!?;]*")
-_CONDITIONAL = re.compile(r"\b(?:if|unless|when|whenever|provided|assuming|supposing|otherwise"
-                          r"|in\s+case|as\s+long\s+as)\b", re.I)
+_CONDITIONAL = re.compile(
+    r"\b(?:if|unless|when|whenever|provided|assuming|supposing|otherwise"
+    r"|in\s+case|as\s+long\s+as)\b",
+    re.I,
+)
 _CLAUSE_BOUNDARY = re.compile(r"[,:;()\-]")
 # "I decided to testify" narrates an earlier round; "I have decided to" decides now
 _NARRATED = re.compile(r"^(?!.*(?:\bhave|'ve)\s).*\bdecided\b", re.I | re.S)
 # "Suspect2 thinks I will testify": someone else's belief about me, not my decision
-_EMBEDDED = re.compile(r"\b(?:that|whether|what|think|thought|believ|expect|know|knew|assum"
-                       r"|predict|say|said|guess|hope|fear|want|doubt|imagin)\w*\s*$", re.I)
+_EMBEDDED = re.compile(
+    r"\b(?:that|whether|what|think|thought|believ|expect|know|knew|assum"
+    r"|predict|say|said|guess|hope|fear|want|doubt|imagin)\w*\s*$",
+    re.I,
+)
 _COORDINATION = re.compile(r"\s*,?\s*(?:(?:or|and|nor|vs\.?|versus)(?!\w)|/)", re.I)
-_CHOICE_VERB = re.compile(r"\b(?:choose|choosing|pick|picking|select|selecting|opt|opting|go|going"
-                          r"|stick|sticking|settle|settling)\b", re.I)
-_SUBJECT = (r"(?<![\w'])(?:i(?:'m|'ll|'d|'ve)?(?![\w'])"
-            r"|my\s+(?:final\s+)?(?:answer|choice|decision)(?:\s+is\b)?(?:\s*:)?)")
+_CHOICE_VERB = re.compile(
+    r"\b(?:choose|choosing|pick|picking|select|selecting|opt|opting|go|going"
+    r"|stick|sticking|settle|settling)\b",
+    re.I,
+)
+_SUBJECT = (
+    r"(?<![\w'])(?:i(?:'m|'ll|'d|'ve)?(?![\w'])"
+    r"|my\s+(?:final\s+)?(?:answer|choice|decision)(?:\s+is\b)?(?:\s*:)?)"
+)
 # words allowed between the subject and the option; anything else breaks the clause,
 # which is what keeps "I think testifying is risky" from counting as a decision
-_UNIT = (r"(?:will|shall|would|must|do|am|be|have|going|gonna|wanna|to|about|want|wish|prefer"
-         r"|intend|plan|need|decide|decided|choose|choosing|pick|picking|select|selecting|opt"
-         r"|opting|go|stick|sticking|settle|settling|continue|keep|keeping|for|with|on|the|option"
-         r"|(?:like|love)\s+to|(?:think|believe|guess|suppose|feel|reckon|say)(?:\s+that)?\s+i"
-         r"(?:'m|'ll|'d|'ve)?|not|never|no|longer|won'?t|wouldn'?t|don'?t|doesn'?t|can'?t|cannot"
-         r"|shan'?t|neither|against|refus\w*|declin\w*|avoid\w*|\w+ly|still|also|just|now|then"
-         r"|again|therefore|thus|hence|instead|rather|once)(?![\w']):?")
+_UNIT = (
+    r"(?:will|shall|would|must|do|am|be|have|going|gonna|wanna|to|about|want|wish|prefer"
+    r"|intend|plan|need|decide|decided|choose|choosing|pick|picking|select|selecting|opt"
+    r"|opting|go|stick|sticking|settle|settling|continue|keep|keeping|for|with|on|the|option"
+    r"|(?:like|love)\s+to|(?:think|believe|guess|suppose|feel|reckon|say)(?:\s+that)?\s+i"
+    r"(?:'m|'ll|'d|'ve)?|not|never|no|longer|won'?t|wouldn'?t|don'?t|doesn'?t|can'?t|cannot"
+    r"|shan'?t|neither|against|refus\w*|declin\w*|avoid\w*|\w+ly|still|also|just|now|then"
+    r"|again|therefore|thus|hence|instead|rather|once)(?![\w']):?"
+)
 
 
 @dataclass(frozen=True)
@@ -162,17 +240,24 @@ def _alternation(phrases) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _rules(words: AnswerWords) -> _Rules:
-    c, d = ({p if len(p) == 1 else " ".join(p.lower().split()) for p in side}
-            for side in (words.cooperate, words.defect))
+    c, d = (
+        {p if len(p) == 1 else " ".join(p.lower().split()) for p in side}
+        for side in (words.cooperate, words.defect)
+    )
     if not (words.cooperate and words.defect) or "" in c | d or c & d:
         raise ValueError(f"each option needs phrasings, none empty or naming both: {words}")
     option = _alternation(words.cooperate + words.defect)
-    return _Rules(re.compile(option),
-                  re.compile(_alternation(words.past)) if words.past else None,
-                  re.compile(rf"(?P<opt>{option}){_AGAINST}", re.I),
-                  re.compile(rf"(?P<subj>{_SUBJECT})(?P<chain>(?:\s+{_UNIT})*?)"
-                             rf"\s+(?P<opt>{option})", re.I),
-                  re.compile(_alternation(words.cooperate)))
+    return _Rules(
+        re.compile(option),
+        re.compile(_alternation(words.past)) if words.past else None,
+        re.compile(rf"(?P<opt>{option}){_AGAINST}", re.I),
+        re.compile(
+            rf"(?P<subj>{_SUBJECT})(?P<chain>(?:\s+{_UNIT})*?)"
+            rf"\s+(?P<opt>{option})",
+            re.I,
+        ),
+        re.compile(_alternation(words.cooperate)),
+    )
 
 
 def _normalise(text: str) -> str:
@@ -187,9 +272,9 @@ def _read_value(value: str, rules: _Rules, reason: str, evidence: str) -> Readin
     actions = {rules.action(h.group()) for h in hits}
     if len(actions) != 1:
         return Reading(None, "both" if actions else "neither", evidence)
-    if _OTHER_SUBJECT.search(value[:hits[0].start()]):  # "Answer: Suspect2 will testify"
+    if _OTHER_SUBJECT.search(value[: hits[0].start()]):  # "Answer: Suspect2 will testify"
         return Reading(None, "neither", evidence)
-    if _NEG_RX.search(value[:hits[0].start()]) or _NOT_RX.search(value[hits[0].end():]):
+    if _NEG_RX.search(value[: hits[0].start()]) or _NOT_RX.search(value[hits[0].end() :]):
         return Reading(None, "negated", evidence)
     return Reading(actions.pop(), reason, evidence)
 
@@ -202,11 +287,11 @@ def _declared(masked: str, text: str, rules: _Rules) -> Reading | None:
         if not value.strip():  # "Answer:" with the option on the next line
             nxt = _NEXT_LINE.search(masked, m.end())
             value, end = (nxt.group(), nxt.end()) if nxt else ("", end)
-        found.append((m.start("head"), value, "decision_line", text[m.start("head"):end].strip()))
+        found.append((m.start("head"), value, "decision_line", text[m.start("head") : end].strip()))
     for m in _JSON.finditer(masked):
         values = [a or b for a, b in _JSON_PAIR.findall(m.group())]
         if values:  # conflicting keys in one object read as "both"
-            found.append((m.start(), " / ".join(values), "json", text[m.start():m.end()]))
+            found.append((m.start(), " / ".join(values), "json", text[m.start() : m.end()]))
     if not found:
         return None
     position, value, reason, evidence = max(found, key=lambda f: f[0])
@@ -215,7 +300,7 @@ def _declared(masked: str, text: str, rules: _Rules) -> Reading | None:
     same_line = [f for f in found if f[0] > line and f[2] == "json" and f[0] != position]
     if reason == "json" and same_line:
         values = " / ".join([value, *(f[1] for f in same_line)])
-        return _read_value(values, rules, reason, masked[same_line[0][0]:].split("\n")[0])
+        return _read_value(values, rules, reason, masked[same_line[0][0] :].split("\n")[0])
     return _read_value(value, rules, reason, evidence)
 
 
@@ -240,7 +325,7 @@ def _first_person(masked: str, text: str, rules: _Rules) -> Reading:
             opt, subj, chain = m.group("opt", "subj", "chain")
             if len(opt) == 1 and not (_CHOICE_VERB.search(chain) or subj[:2].lower() == "my"):
                 continue  # a lone letter is a decision only as the object of a choice
-            prefix = _CLAUSE_BOUNDARY.split(sentence[:m.start()])[-1]
+            prefix = _CLAUSE_BOUNDARY.split(sentence[: m.start()])[-1]
             if _EMBEDDED.search(prefix) or _NARRATED.search(subj + chain):
                 continue
             # a negation before the subject in the same clause counts: "no way I testify"
@@ -248,10 +333,10 @@ def _first_person(masked: str, text: str, rules: _Rules) -> Reading:
             # "I will remain silent or testify" names both; "testify rather than remain
             # silent" and "testify, not remain silent" do not coordinate, so they stay D
             action, coord = rules.action(opt), _COORDINATION.match(sentence, m.end())
-            rest = re.split(r"[,:;()]", sentence[coord.end():])[0] if coord else ""
+            rest = re.split(r"[,:;()]", sentence[coord.end() :])[0] if coord else ""
             if any(rules.action(h.group()) != action for h in rules.option.finditer(rest)):
                 action = None
-            votes.append((action, negated, text[s.start() + m.start():s.start() + m.end()]))
+            votes.append((action, negated, text[s.start() + m.start() : s.start() + m.end()]))
     if not votes:
         return Reading(None, "neither", "")
     if any(a is None for a, *_ in votes):

@@ -5,8 +5,19 @@ from __future__ import annotations
 import re
 
 # Where a model that keeps writing starts the next turn of the conversation
-ROLE_MARKERS = ("USER:", "ASSISTANT:", "Human:", "### Instruction", "### Response", "[INST]",
-                "[/INST]", "<|im_start|>", "<|im_end|>", "<|user|>", "<|assistant|>")
+ROLE_MARKERS = (
+    "USER:",
+    "ASSISTANT:",
+    "Human:",
+    "### Instruction",
+    "### Response",
+    "[INST]",
+    "[/INST]",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|user|>",
+    "<|assistant|>",
+)
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 _ENDS_WHOLE = re.compile(r"[.!?][\"')\]]*$")
 
@@ -30,13 +41,14 @@ def clean_reflection(text: str, speakers: tuple[str, ...] = ()) -> str:
     text = text.strip()
     for tag in tags:
         if text.startswith(tag):
-            text = text[len(tag):].lstrip()
+            text = text[len(tag) :].lstrip()
             break
-    cut = min((i for i in (text.find(m) for m in (*ROLE_MARKERS, *tags)) if i > 0),
-              default=len(text))
+    cut = min(
+        (i for i in (text.find(m) for m in (*ROLE_MARKERS, *tags)) if i > 0), default=len(text)
+    )
     text = text[:cut].rstrip()
     if text and not _ENDS_WHOLE.search(text):
         ends = list(_SENTENCE_END.finditer(text))
         if ends:
-            text = text[:ends[-1].end()]
+            text = text[: ends[-1].end()]
     return text.strip()

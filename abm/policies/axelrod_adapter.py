@@ -41,13 +41,17 @@ def _library() -> Any:
         import axelrod
     except ImportError as exc:
         if exc.name not in (None, "axelrod"):  # installed, but a package it imports is not
-            raise ValueError(f"the axelrod policy needs the Axelrod library, which is installed "
-                             f"but cannot import {exc.name!r}; install that package, or Axelrod "
-                             f"4.13 (pip install \"axelrod>=4.13,<4.14\"), which does not "
-                             f"need it") from None
-        raise ValueError("the axelrod policy needs the Axelrod library: pip install "
-                         "\"axelrod>=4.13,<4.14\" (or, from the clone, pip install -e "
-                         "\".[bench]\")") from None
+            raise ValueError(
+                f"the axelrod policy needs the Axelrod library, which is installed "
+                f"but cannot import {exc.name!r}; install that package, or Axelrod "
+                f'4.13 (pip install "axelrod>=4.13,<4.14"), which does not '
+                f"need it"
+            ) from None
+        raise ValueError(
+            "the axelrod policy needs the Axelrod library: pip install "
+            '"axelrod>=4.13,<4.14" (or, from the clone, pip install -e '
+            '".[bench]")'
+        ) from None
     return axelrod
 
 
@@ -78,28 +82,36 @@ def check_strategy(strategy: str, options: dict[str, Any]) -> type:
     """
     cls = find_strategy(strategy)
     classifier = getattr(cls, "classifier", {})
-    if any(classifier.get(k) for k in ("inspects_source", "manipulates_source",
-                                       "manipulates_state")):
-        raise ValueError(f"Axelrod strategy {strategy!r} reads or changes its opponent's "
-                         "code or state, which an abm opponent does not have")
+    if any(
+        classifier.get(k) for k in ("inspects_source", "manipulates_source", "manipulates_state")
+    ):
+        raise ValueError(
+            f"Axelrod strategy {strategy!r} reads or changes its opponent's "
+            "code or state, which an abm opponent does not have"
+        )
     for key, value in options.items():
         if not _is_probability(key):
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
         if key == "four_vector" and len(values) != 4:
-            raise ValueError(f"Axelrod strategy {strategy!r}: four_vector holds four "
-                             "probabilities (of C after CC, CD, DC, DD); got "
-                             f"{len(values)} values")
+            raise ValueError(
+                f"Axelrod strategy {strategy!r}: four_vector holds four "
+                "probabilities (of C after CC, CD, DC, DD); got "
+                f"{len(values)} values"
+            )
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise ValueError(f"Axelrod strategy {strategy!r}: parameter {key!r} is a "
-                                 f"probability, a number from 0 to 1; got {value!r}")
+                raise ValueError(
+                    f"Axelrod strategy {strategy!r}: parameter {key!r} is a "
+                    f"probability, a number from 0 to 1; got {value!r}"
+                )
     try:
         cls(**options)
     except (TypeError, ValueError) as exc:
         shown = ", ".join(f"{k} = {v!r}" for k, v in options.items()) or "none"
-        raise ValueError(f"Axelrod strategy {strategy!r} does not take these parameters "
-                         f"({shown}): {exc}") from None
+        raise ValueError(
+            f"Axelrod strategy {strategy!r} does not take these parameters ({shown}): {exc}"
+        ) from None
     return cls
 
 
@@ -118,12 +130,18 @@ def find_strategy(name: str) -> type:
     by_name.update({cls.name: cls for cls in axl.all_strategies})
     if name in by_name:
         return by_name[name]
-    raise ValueError(f"unknown Axelrod strategy {name!r}{did_you_mean(name, by_name, n=3)}; "
-                     f"axelrod.all_strategies lists {len(axl.all_strategies)}")
+    raise ValueError(
+        f"unknown Axelrod strategy {name!r}{did_you_mean(name, by_name, n=3)}; "
+        f"axelrod.all_strategies lists {len(axl.all_strategies)}"
+    )
 
 
-@register("axelrod", stochastic=True, params=AxelrodParams,
-          description="A strategy of the Axelrod library, played through an adapter.")
+@register(
+    "axelrod",
+    stochastic=True,
+    params=AxelrodParams,
+    description="A strategy of the Axelrod library, played through an adapter.",
+)
 class AxelrodPolicy:
     """Any Axelrod library strategy: one Axelrod player per match side, asked one by one.
 
@@ -168,8 +186,9 @@ class AxelrodPolicy:
         if key not in self._players:
             axl = _library()
             player, shadow = self.cls(**self.options), axl.Cooperator()
-            player.set_match_attributes(length=length if length > 0 else float("inf"),
-                                        game=self.game, noise=0)
+            player.set_match_attributes(
+                length=length if length > 0 else float("inf"), game=self.game, noise=0
+            )
             if self.stochastic:
                 player.set_seed(int(rng.integers(2**31 - 1)))
             self._players[key] = (player, shadow)
@@ -187,15 +206,17 @@ class AxelrodPolicy:
         totals = view.rounds_total if view.rounds_total is not None else np.full(len(view), -1)
         out = np.empty(len(view), np.int8)
         for i in range(len(view)):
-            player, shadow = self._pair((view.step, int(view.match[i]), int(sides[i])),
-                                        int(totals[i]), rng)
+            player, shadow = self._pair(
+                (view.step, int(view.match[i]), int(sides[i])), int(totals[i]), rng
+            )
             out[i] = 0 if player.strategy(shadow) == self.actions[0] else 1
         return out
 
     def observe(self, outcome: Outcome) -> None:
         """Give each player the round as it happened (after noise), like axelrod.Match."""
-        for match, side, mine, theirs in zip(outcome.match, outcome.side, outcome.mine,
-                                             outcome.theirs):
+        for match, side, mine, theirs in zip(
+            outcome.match, outcome.side, outcome.mine, outcome.theirs, strict=True
+        ):
             if mine == EMPTY:  # the match stopped before this round was played
                 continue
             player, shadow = self._players[(outcome.step, int(match), int(side))]

@@ -190,8 +190,9 @@ def lookup(name: str) -> PolicyInfo:
     if canonical in REGISTRY:
         return REGISTRY[canonical]
     known = sorted([*REGISTRY, *_ALIASES])
-    raise ValueError(f"unknown policy {name!r}{did_you_mean(name, known)}; known policies: "
-                     f"{', '.join(known)}")
+    raise ValueError(
+        f"unknown policy {name!r}{did_you_mean(name, known)}; known policies: {', '.join(known)}"
+    )
 
 
 def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -205,8 +206,9 @@ def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     try:
         # strict, as TOML types come in: true is no number, "yes" no boolean (an
         # integer still fills a float); a TOML array may fill a tuple
-        return info.params.model_validate(_arrays_as_tuples(info.params, params),
-                                          strict=True).model_dump()
+        return info.params.model_validate(
+            _arrays_as_tuples(info.params, params), strict=True
+        ).model_dump()
     except ValidationError as exc:
         allowed = ", ".join(info.params.model_fields) or "none"
         problems = "; ".join(
@@ -231,8 +233,11 @@ def _arrays_as_tuples(model: type[BaseModel], params: dict[str, Any]) -> dict[st
         if field is None or not isinstance(value, list):
             continue
         annotation = field.annotation
-        kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (
-            typing.Union, types.UnionType) else (annotation,)
+        kinds = (
+            typing.get_args(annotation)
+            if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            else (annotation,)
+        )
         if any(k is tuple or typing.get_origin(k) is tuple for k in kinds):
             out[key] = tuple(value)
     return out

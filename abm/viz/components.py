@@ -42,9 +42,11 @@ progress: solara.Reactive[tuple[str, float | None] | None] = solara.reactive(Non
 selected: solara.Reactive[int | None] = solara.reactive(None)
 _shown_at = [0.0]
 
-PRE = ("white-space: pre-wrap; word-break: break-word; font-size: 12px; margin: 2px 0 8px; "
-       "padding: 6px; background: rgba(127,127,127,0.1); border-radius: 4px; max-height: 260px; "
-       "overflow-y: auto")
+PRE = (
+    "white-space: pre-wrap; word-break: break-word; font-size: 12px; margin: 2px 0 8px; "
+    "padding: 6px; background: rgba(127,127,127,0.1); border-radius: 4px; max-height: 260px; "
+    "overflow-y: auto"
+)
 
 
 def report_progress(text: str | None, fraction: float | None) -> None:
@@ -68,36 +70,65 @@ def model_params(model: VizModel) -> dict[str, Any]:
         kinds.append(base.graph.kind)
     params: dict[str, Any] = {
         "scenario": model.scenario_path,
-        "noise": {"type": "SliderFloat", "label": "Noise (flip probability)",
-                  "value": base.game.noise, "min": 0.0, "max": max(0.5, base.game.noise),
-                  "step": 0.01},
+        "noise": {
+            "type": "SliderFloat",
+            "label": "Noise (flip probability)",
+            "value": base.game.noise,
+            "min": 0.0,
+            "max": max(0.5, base.game.noise),
+            "step": 0.01,
+        },
     }
     if base.match.rounds is not None:  # geometric match lengths keep the scenario's
-        params["rounds"] = {"type": "SliderInt", "label": "Rounds per match",
-                            "value": base.match.rounds, "min": 1,
-                            "max": max(50, base.match.rounds), "step": 1}
-    params.update({
-        "window": {"type": "SliderInt", "label": "Memory window (0 = whole match)",
-                   "value": base.memory.window or 0, "min": 0,
-                   "max": max(20, base.memory.window or 0), "step": 1},
-        "graph_kind": {"type": "Select", "label": "Graph family", "value": base.graph.kind,
-                       "values": kinds},
-        "n": {"type": "InputText", "label": "Graph size (agents)",
-              "value": str(nodes) if nodes else "",
-              # read by UserInputs below (Mesa's own ignores them)
-              "message": f"{MIN_PAGE_AGENTS} to {MAX_PAGE_AGENTS:,} agents (and about "
-                         f"{MAX_PAGE_LINKS:,} links at most); larger sizes are refused",
-              "check": size_problem},
-        "steps": {"type": "SliderInt", "label": "Steps", "value": model.total_steps, "min": 1,
-                  "max": max(200, model.total_steps), "step": 1},
-        "seed": {"type": "InputText", "label": "Seed", "value": str(model.master_seed)},
-    })
+        params["rounds"] = {
+            "type": "SliderInt",
+            "label": "Rounds per match",
+            "value": base.match.rounds,
+            "min": 1,
+            "max": max(50, base.match.rounds),
+            "step": 1,
+        }
+    params.update(
+        {
+            "window": {
+                "type": "SliderInt",
+                "label": "Memory window (0 = whole match)",
+                "value": base.memory.window or 0,
+                "min": 0,
+                "max": max(20, base.memory.window or 0),
+                "step": 1,
+            },
+            "graph_kind": {
+                "type": "Select",
+                "label": "Graph family",
+                "value": base.graph.kind,
+                "values": kinds,
+            },
+            "n": {
+                "type": "InputText",
+                "label": "Graph size (agents)",
+                "value": str(nodes) if nodes else "",
+                # read by UserInputs below (Mesa's own ignores them)
+                "message": f"{MIN_PAGE_AGENTS} to {MAX_PAGE_AGENTS:,} agents (and about "
+                f"{MAX_PAGE_LINKS:,} links at most); larger sizes are refused",
+                "check": size_problem,
+            },
+            "steps": {
+                "type": "SliderInt",
+                "label": "Steps",
+                "value": model.total_steps,
+                "min": 1,
+                "max": max(200, model.total_steps),
+                "step": 1,
+            },
+            "seed": {"type": "InputText", "label": "Seed", "value": str(model.master_seed)},
+        }
+    )
     return params
 
 
 # Mesa's own, kept once (a reload of this module must not wrap the wrapper)
-_MESA_USER_INPUTS = getattr(_mesa_solara_viz, "_abm_mesa_user_inputs",
-                            _mesa_solara_viz.UserInputs)
+_MESA_USER_INPUTS = getattr(_mesa_solara_viz, "_abm_mesa_user_inputs", _mesa_solara_viz.UserInputs)
 _mesa_solara_viz._abm_mesa_user_inputs = _MESA_USER_INPUTS
 
 
@@ -111,8 +142,13 @@ def CheckedInput(label: str, value: str, on_value, message: str, check):
         on_value(new)
 
     problem = check(text)
-    solara.InputText(label, value=text, on_value=changed, message=message,
-                     error=f"{problem}; Reset keeps the scenario's size" if problem else False)
+    solara.InputText(
+        label,
+        value=text,
+        on_value=changed,
+        message=message,
+        error=f"{problem}; Reset keeps the scenario's size" if problem else False,
+    )
 
 
 def slider_text(value: float, step: float | None) -> str:
@@ -136,8 +172,11 @@ def ShownSlider(kind: str, label: str, value, on_value, min, max, step):
     with solara.Row(gap="6px", style={"align-items": "center", "flex-wrap": "nowrap"}):
         with solara.Div(style={"flex": "1 1 auto", "min-width": "0"}):
             slider(label, value=current, on_value=changed, min=min, max=max, step=step)
-        solara.Text(slider_text(current, step), classes=["abm-slider-value"],
-                    style={"min-width": "2.5em", "text-align": "right", "font-weight": "bold"})
+        solara.Text(
+            slider_text(current, step),
+            classes=["abm-slider-value"],
+            style={"min-width": "2.5em", "text-align": "right", "font-weight": "bold"},
+        )
 
 
 @solara.component
@@ -154,11 +193,23 @@ def UserInputs(user_params, on_change=None):
 
         kind = options.get("type") if isinstance(options, dict) else None
         if kind in ("SliderInt", "SliderFloat"):
-            ShownSlider(kind, options.get("label", name), options.get("value"), change,
-                        options.get("min"), options.get("max"), options.get("step"))
+            ShownSlider(
+                kind,
+                options.get("label", name),
+                options.get("value"),
+                change,
+                options.get("min"),
+                options.get("max"),
+                options.get("step"),
+            )
         elif kind == "InputText" and callable(options.get("check")):
-            CheckedInput(options.get("label", name), options.get("value") or "", change,
-                         options.get("message", ""), options["check"])
+            CheckedInput(
+                options.get("label", name),
+                options.get("value") or "",
+                change,
+                options.get("message", ""),
+                options["check"],
+            )
         else:
             _MESA_USER_INPUTS({name: options}, on_change=on_change)
 
@@ -192,12 +243,17 @@ def StatusBar(model: VizModel):
     edges = len(model.edges) - loops
     links = f"{edges:,} links" + (f" + {loops:,} self-play loops" if loops else "")
     with solara.Column(gap="4px"):
-        solara.Text(f"Step {model.played_steps} of {model.total_steps}",
-                    classes=["abm-step"], style={"font-size": "20px", "font-weight": "bold"})
-        solara.Text(f"{scenario.name}: {scenario.description or model.scenario_path} "
-                    f"({model.n_nodes:,} agents, {links}, {scenario.pairing.scheme}, "
-                    f"seed {model.master_seed}). Parameter changes apply on Reset.",
-                    style={"font-size": "13px"})
+        solara.Text(
+            f"Step {model.played_steps} of {model.total_steps}",
+            classes=["abm-step"],
+            style={"font-size": "20px", "font-weight": "bold"},
+        )
+        solara.Text(
+            f"{scenario.name}: {scenario.description or model.scenario_path} "
+            f"({model.n_nodes:,} agents, {links}, {scenario.pairing.scheme}, "
+            f"seed {model.master_seed}). Parameter changes apply on Reset.",
+            style={"font-size": "13px"},
+        )
         ProgressBar()
         note = drawing_for(model).note
         if note:
@@ -205,8 +261,9 @@ def StatusBar(model: VizModel):
         if model.viz_error:
             solara.Warning(model.viz_error, dense=True)
         if not model.running:
-            solara.Success(f"All {model.total_steps} steps played; press Reset to start "
-                           "again.", dense=True)
+            solara.Success(
+                f"All {model.total_steps} steps played; press Reset to start again.", dense=True
+            )
 
 
 @solara.component
@@ -221,11 +278,12 @@ def NetworkView(model: VizModel):
 
     src, hits = solara.use_memo(draw, [model, model.played_steps, chosen, counter])
     width, height = NETWORK_SIZE
-    image = solara.v.Html(tag="img", attributes={"src": src, "width": str(width),
-                                                 "height": str(height), "alt": "network"},
-                          class_="abm-network",
-                          style_=f"width: {width}px; height: {height}px; max-width: none; "
-                                 "cursor: pointer")
+    image = solara.v.Html(
+        tag="img",
+        attributes={"src": src, "width": str(width), "height": str(height), "alt": "network"},
+        class_="abm-network",
+        style_=f"width: {width}px; height: {height}px; max-width: none; cursor: pointer",
+    )
 
     def on_click(widget, event, data):
         node = hits.node_at(float(data.get("offsetX", -1)), float(data.get("offsetY", -1)))
@@ -234,8 +292,10 @@ def NetworkView(model: VizModel):
 
     solara.v.use_event(image, "click", on_click)
     with solara.Div(style={"overflow-x": "auto"}):
-        solara.Text("Click an agent to see it in the agent panel.",
-                    style={"font-size": "12px", "color": "grey"})
+        solara.Text(
+            "Click an agent to see it in the agent panel.",
+            style={"font-size": "12px", "color": "grey"},
+        )
         solara.Div(children=[image])
 
 
@@ -245,33 +305,42 @@ UNREAD_STYLE = {"font-size": "13px", "font-weight": "bold", "color": "#e65100"}
 def unread_note(record: dict[str, Any]) -> str | None:
     """What the panel says about an answer that could not be read, or None."""
     if record.get("fallback"):
-        return (f"fallback: the answer could not be read (invalid), so the fallback rule "
-                f"played {record.get('action')}; not the model's decision")
+        return (
+            f"fallback: the answer could not be read (invalid), so the fallback rule "
+            f"played {record.get('action')}; not the model's decision"
+        )
     if record.get("valid") is False or record.get("action") == "invalid":
-        return ("invalid: the answer could not be read, so nothing was played and the "
-                "match stopped")
+        return "invalid: the answer could not be read, so nothing was played and the match stopped"
     return None
 
 
 def _exchange(record: dict[str, Any]) -> None:
     p_c = record.get("p_cooperate")
     chance = f", p(C) = {p_c:.2f}" if isinstance(p_c, float) else ""
-    head = (f"Step {record.get('step')}, round {record.get('round')}, against agent "
-            f"{record.get('opponent')}: answered \u201c{record.get('answer')}\u201d")
+    head = (
+        f"Step {record.get('step')}, round {record.get('round')}, against agent "
+        f"{record.get('opponent')}: answered \u201c{record.get('answer')}\u201d"
+    )
     note = unread_note(record)
     unplayed = "actual" in record and record["actual"] is None  # the match stopped
     if note and record.get("fallback"):
-        what = (f", invalid; the fallback rule played {record.get('action')} (after noise "
-                f"{record.get('actual', '?')}, the other played "
-                f"{record.get('opponent_action', '?')})")
+        what = (
+            f", invalid; the fallback rule played {record.get('action')} (after noise "
+            f"{record.get('actual', '?')}, the other played "
+            f"{record.get('opponent_action', '?')})"
+        )
     elif note:
         what = ", invalid: nothing played"
     elif unplayed:
-        what = (f", so {record.get('action')}{chance}, not played: the match stopped on the "
-                "other side's unreadable answer")
+        what = (
+            f", so {record.get('action')}{chance}, not played: the match stopped on the "
+            "other side's unreadable answer"
+        )
     else:
-        what = (f", so {record.get('action')} (after noise {record.get('actual', '?')}, the "
-                f"other played {record.get('opponent_action', '?')}){chance}")
+        what = (
+            f", so {record.get('action')} (after noise {record.get('actual', '?')}, the "
+            f"other played {record.get('opponent_action', '?')}){chance}"
+        )
     solara.Text(head + what, style={"font-size": "13px"})
     if note:
         solara.Text(note, classes=["abm-unread"], style=UNREAD_STYLE)
@@ -279,12 +348,20 @@ def _exchange(record: dict[str, Any]) -> None:
     text = "\n\n".join(f"[{m.get('role')}]\n{m.get('content')}" for m in record.get("prompt", []))
     solara.v.Html(tag="pre", children=[text], class_="abm-prompt", style_=PRE)
     solara.Text("Answer", style={"font-weight": "bold", "font-size": "13px"})
-    solara.v.Html(tag="pre", children=[str(record.get("response", record.get("answer")))],
-                  class_="abm-answer", style_=PRE)
+    solara.v.Html(
+        tag="pre",
+        children=[str(record.get("response", record.get("answer")))],
+        class_="abm-answer",
+        style_=PRE,
+    )
     solara.Text("Reflection", style={"font-weight": "bold", "font-size": "13px"})
     reflection = record.get("reflection")
-    solara.v.Html(tag="pre", children=[reflection or "(no reflection: this player does not "
-                                       "reflect)"], class_="abm-reflection", style_=PRE)
+    solara.v.Html(
+        tag="pre",
+        children=[reflection or "(no reflection: this player does not reflect)"],
+        class_="abm-reflection",
+        style_=PRE,
+    )
 
 
 def _matches_of(model: VizModel, node: int) -> list[str]:
@@ -322,11 +399,15 @@ def AgentPanel(model: VizModel):
     with solara.Column(gap="2px", classes=["abm-agent"]):
         with solara.Row():
             if llm:
-                solara.Select("LLM agent", values=[str(x) for x in llm],
-                              value=str(chosen) if chosen in llm else None,
-                              on_value=lambda v: selected.set(int(v) if v else None))
-            solara.InputInt("Agent id", value=chosen, optional=True,
-                            on_value=lambda v: selected.set(v))
+                solara.Select(
+                    "LLM agent",
+                    values=[str(x) for x in llm],
+                    value=str(chosen) if chosen in llm else None,
+                    on_value=lambda v: selected.set(int(v) if v else None),
+                )
+            solara.InputInt(
+                "Agent id", value=chosen, optional=True, on_value=lambda v: selected.set(v)
+            )
         if chosen is None:
             solara.Text("Click an agent in the network, or type its id.")
             return
@@ -338,17 +419,28 @@ def AgentPanel(model: VizModel):
         degree = sum(1 for nb in model.graph.neighbors(chosen) if nb != chosen)
         decisions = int(model.decisions[chosen])
         rate = f"{model.cooperations[chosen] / decisions:.2f}" if decisions else "-"
-        solara.Text(f"Agent {chosen}: {label}" + (f" ({policy})" if policy != label else ""),
-                    classes=["abm-agent-title"], style={"font-weight": "bold"})
-        solara.Text(f"{degree} neighbours; score {model.scores[chosen]:g} over {decisions} "
-                    f"decisions; cooperation rate {rate}", style={"font-size": "13px"})
-        solara.Text(f"Agent ids here are node ids, as in agents.csv and rounds.parquet "
-                    f"(Mesa's AgentID is {model.players[chosen].unique_id})",
-                    classes=["abm-agent-ids"], style={"font-size": "12px", "color": "grey"})
+        solara.Text(
+            f"Agent {chosen}: {label}" + (f" ({policy})" if policy != label else ""),
+            classes=["abm-agent-title"],
+            style={"font-weight": "bold"},
+        )
+        solara.Text(
+            f"{degree} neighbours; score {model.scores[chosen]:g} over {decisions} "
+            f"decisions; cooperation rate {rate}",
+            style={"font-size": "13px"},
+        )
+        solara.Text(
+            f"Agent ids here are node ids, as in agents.csv and rounds.parquet "
+            f"(Mesa's AgentID is {model.players[chosen].unique_id})",
+            classes=["abm-agent-ids"],
+            style={"font-size": "12px", "color": "grey"},
+        )
         lines = _matches_of(model, chosen)
         if lines:
-            solara.Text("This step: " + "; ".join(lines[:8]) + (" ..." if len(lines) > 8 else ""),
-                        style={"font-size": "13px"})
+            solara.Text(
+                "This step: " + "; ".join(lines[:8]) + (" ..." if len(lines) > 8 else ""),
+                style={"font-size": "13px"},
+            )
         if chosen in llm or chosen in model.llm_last:
             record = model.llm_last.get(chosen)
             if record is None:

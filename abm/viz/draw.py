@@ -24,7 +24,9 @@ from abm.viz.layout import MAX_DRAWN_EDGES, Drawing, drawing_for
 DPI = 100
 NETWORK_SIZE = (740, 590)  # pixels; the page shows the image at this size, so clicks map 1:1
 _TAB = [colormaps["tab10"](i) for i in range(10)]
-_EXTRA = [colormaps["tab20"](i) for i in range(1, 20, 2)] + [colormaps["Dark2"](i) for i in range(8)]
+_EXTRA = [colormaps["tab20"](i) for i in range(1, 20, 2)] + [
+    colormaps["Dark2"](i) for i in range(8)
+]
 PALETTE = [c[:3] for c in _TAB + _EXTRA]
 MATCH_CMAP = LinearSegmentedColormap.from_list("match", ["#c62828", "#ef8f00", "#2e9d44"])
 LEGEND_LIMIT = 18
@@ -46,11 +48,11 @@ class Hits:
     """Maps a click on the network image (pixels from its top left) to an agent."""
 
     nodes: np.ndarray
-    xy: np.ndarray                      # pixel position of each drawn node
-    radius: np.ndarray                  # pixel radius of each marker
+    xy: np.ndarray  # pixel position of each drawn node
+    radius: np.ndarray  # pixel radius of each marker
     grid: tuple[int, int] | None = None
     extent: tuple[float, float, float, float] | None = None  # image box: x0, y0, x1, y1
-    loops: np.ndarray | None = None     # nodes drawn with a self-play loop
+    loops: np.ndarray | None = None  # nodes drawn with a self-play loop
 
     def node_at(self, x: float, y: float) -> int | None:
         """The agent at pixel (x, y) of the image, or None where there is none."""
@@ -76,28 +78,56 @@ def self_loops(model) -> np.ndarray:
 
 
 def _legend(fig: Figure, model, counts: np.ndarray, grid: bool, loops: int = 0) -> None:
-    handles = [Patch(facecolor=colour(i), edgecolor="black", linewidth=0.5,
-                     label=f"{label} ({counts[i]})")
-               for i, label in enumerate(model.population.labels)
-               if i < len(counts) and counts[i]]
+    handles = [
+        Patch(facecolor=colour(i), edgecolor="black", linewidth=0.5, label=f"{label} ({counts[i]})")
+        for i, label in enumerate(model.population.labels)
+        if i < len(counts) and counts[i]
+    ]
     if len(handles) > LEGEND_LIMIT:
         rest = len(handles) - LEGEND_LIMIT + 1
-        handles = handles[:LEGEND_LIMIT - 1] + [Patch(alpha=0, label=f"... {rest} more")]
+        handles = handles[: LEGEND_LIMIT - 1] + [Patch(alpha=0, label=f"... {rest} more")]
     blank = Line2D([], [], linestyle="none", label=" ")
     if grid:
-        handles += [blank, Patch(facecolor="0.6", label="last action C"),
-                    Patch(facecolor="0.3", label="last action D (darker)")]
+        handles += [
+            blank,
+            Patch(facecolor="0.6", label="last action C"),
+            Patch(facecolor="0.3", label="last action D (darker)"),
+        ]
         if loops:
             handles.append(Patch(alpha=0, label=f"{loops:,} self-play loops (not drawn)"))
     else:
         handles += [
             blank,
-            Line2D([], [], marker="o", linestyle="none", color="0.5", markeredgecolor="black",
-                   markersize=8, label="last action C"),
-            Line2D([], [], marker="s", linestyle="none", color="0.5", markeredgecolor="black",
-                   markersize=8, label="last action D"),
-            Line2D([], [], marker="o", linestyle="none", color="0.5", alpha=0.35,
-                   markersize=8, label="no match this step"),
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="none",
+                color="0.5",
+                markeredgecolor="black",
+                markersize=8,
+                label="last action C",
+            ),
+            Line2D(
+                [],
+                [],
+                marker="s",
+                linestyle="none",
+                color="0.5",
+                markeredgecolor="black",
+                markersize=8,
+                label="last action D",
+            ),
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="none",
+                color="0.5",
+                alpha=0.35,
+                markersize=8,
+                label="no match this step",
+            ),
             blank,
             Line2D([], [], color=MATCH_CMAP(1.0), linewidth=2.5, label="match: all C"),
             Line2D([], [], color=MATCH_CMAP(0.5), linewidth=2.5, label="match: mixed"),
@@ -105,11 +135,28 @@ def _legend(fig: Figure, model, counts: np.ndarray, grid: bool, loops: int = 0) 
             Line2D([], [], color="0.75", linewidth=1, label="link, no match"),
         ]
         if loops:
-            handles.append(Line2D([], [], marker="o", linestyle="none", markersize=10,
-                                  markerfacecolor="none", markeredgecolor="0.45",
-                                  label=f"self-play loop ({loops:,})"))
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.715, 0.93), frameon=False,
-               fontsize=9, title="policy (agents)", title_fontsize=9, alignment="left")
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    marker="o",
+                    linestyle="none",
+                    markersize=10,
+                    markerfacecolor="none",
+                    markeredgecolor="0.45",
+                    label=f"self-play loop ({loops:,})",
+                )
+            )
+    fig.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(0.715, 0.93),
+        frameon=False,
+        fontsize=9,
+        title="policy (agents)",
+        title_fontsize=9,
+        alignment="left",
+    )
 
 
 def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
@@ -134,17 +181,29 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
     labels_now = model.population.label_of_node
     counts = model.population.counts()
     last = model.last_actions()
-    fig.text(0.01, 0.975, f"{model.scenario.name}: step {model.played_steps} of "
-             f"{model.total_steps}, {model.n_nodes:,} agents", fontsize=11, va="top",
-             weight="bold")
+    fig.text(
+        0.01,
+        0.975,
+        f"{model.scenario.name}: step {model.played_steps} of "
+        f"{model.total_steps}, {model.n_nodes:,} agents",
+        fontsize=11,
+        va="top",
+        weight="bold",
+    )
     loop_nodes = self_loops(model)
     if model.last_result is not None:
         shown = "one pixel per agent" if drawing.grid is not None else "node size = score so far"
         r = model.last_result
-        selfplay = int((r.agent[:r.n_matches] == r.opponent[:r.n_matches]).sum())
+        selfplay = int((r.agent[: r.n_matches] == r.opponent[: r.n_matches]).sum())
         extra = f" ({selfplay:,} of them self-play)" if selfplay else ""
-        fig.text(0.01, 0.94, f"{r.n_matches:,} matches this step{extra}; {shown}",
-                 fontsize=9, va="top", color="0.3")
+        fig.text(
+            0.01,
+            0.94,
+            f"{r.n_matches:,} matches this step{extra}; {shown}",
+            fontsize=9,
+            va="top",
+            color="0.3",
+        )
     _legend(fig, model, counts, drawing.grid is not None, len(loop_nodes))
     if drawing.grid is not None:
         rows, cols = drawing.grid
@@ -153,23 +212,36 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
         ax.imshow(rgb.reshape(rows, cols, 3), interpolation="nearest")
         data = _png(fig)
         (x0, y0), (x1, y1) = ax.transData.transform([(-0.5, -0.5), (cols - 0.5, rows - 0.5)])
-        return data, Hits(nodes=np.zeros(0, np.int64), xy=np.zeros((0, 2)), radius=np.zeros(0),
-                          grid=(rows, cols), extent=(x0, height - y0, x1, height - y1))
+        return data, Hits(
+            nodes=np.zeros(0, np.int64),
+            xy=np.zeros((0, 2)),
+            radius=np.zeros(0),
+            grid=(rows, cols),
+            extent=(x0, height - y0, x1, height - y1),
+        )
 
     nodes, pos, index = drawing.nodes, drawing.pos, drawing.index
     u, v = model.edges[drawing.edges, 0], model.edges[drawing.edges, 1]
     lw = 0.8 if len(u) < 2000 else 0.3
-    ax.add_collection(LineCollection(np.stack([pos[index[u]], pos[index[v]]], axis=1),
-                                     colors="0.75", linewidths=lw, zorder=1))
+    ax.add_collection(
+        LineCollection(
+            np.stack([pos[index[u]], pos[index[v]]], axis=1), colors="0.75", linewidths=lw, zorder=1
+        )
+    )
     edge_ids, share = model.match_cooperation()
     if len(edge_ids):
         a, b = model.edges[edge_ids, 0], model.edges[edge_ids, 1]
         keep = np.flatnonzero((index[a] >= 0) & (index[b] >= 0) & (a != b))[:MAX_DRAWN_EDGES]
         if len(keep):
             segments = np.stack([pos[index[a[keep]]], pos[index[b[keep]]]], axis=1)
-            ax.add_collection(LineCollection(segments, colors=MATCH_CMAP(share[keep]),
-                                             linewidths=2.0 if len(keep) < 500 else 0.8,
-                                             zorder=2))
+            ax.add_collection(
+                LineCollection(
+                    segments,
+                    colors=MATCH_CMAP(share[keep]),
+                    linewidths=2.0 if len(keep) < 500 else 0.8,
+                    zorder=2,
+                )
+            )
     loops, loop_reach = _draw_loops(ax, model, drawing, loop_nodes, edge_ids, share)
     score = np.asarray(model.scores)[nodes]
     spread = score.max() - score.min() if len(score) else 0.0
@@ -181,22 +253,52 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
     for act, marker, alpha in ((0, "o", 1.0), (1, "s", 1.0), (-1, "o", 0.35)):
         m = acts == act
         if m.any():
-            ax.scatter(pos[m, 0], pos[m, 1], s=sizes[m], c=face[m], marker=marker,
-                       alpha=alpha, edgecolors="black", linewidths=0.6, zorder=3)
+            ax.scatter(
+                pos[m, 0],
+                pos[m, 1],
+                s=sizes[m],
+                c=face[m],
+                marker=marker,
+                alpha=alpha,
+                edgecolors="black",
+                linewidths=0.6,
+                zorder=3,
+            )
     llm = model.llm_nodes()
     llm = llm[index[llm] >= 0][:60]
     for node in llm:
         x, y = pos[index[node]]
-        ax.annotate(str(node), (x, y), xytext=(7, 7), textcoords="offset points", fontsize=8,
-                    weight="bold", zorder=5,
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+        ax.annotate(
+            str(node),
+            (x, y),
+            xytext=(7, 7),
+            textcoords="offset points",
+            fontsize=8,
+            weight="bold",
+            zorder=5,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+        )
     if selected is not None and 0 <= selected < len(index) and index[selected] >= 0:
         x, y = pos[index[selected]]
-        ax.scatter([x], [y], s=sizes[index[selected]] * 2.2 + 120, facecolors="none",
-                   edgecolors="black", linewidths=2.2, zorder=4)
-        ax.annotate(f"agent {selected}", (x, y), xytext=(8, -14), textcoords="offset points",
-                    fontsize=9, weight="bold", zorder=5,
-                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.5", "alpha": 0.85})
+        ax.scatter(
+            [x],
+            [y],
+            s=sizes[index[selected]] * 2.2 + 120,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=2.2,
+            zorder=4,
+        )
+        ax.annotate(
+            f"agent {selected}",
+            (x, y),
+            xytext=(8, -14),
+            textcoords="offset points",
+            fontsize=9,
+            weight="bold",
+            zorder=5,
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.5", "alpha": 0.85},
+        )
     ax.set_aspect("equal", adjustable="box")
     pad = max(0.06 * max(float(np.ptp(pos[:, 0])) if len(pos) else 1.0, 1e-9), loop_reach)
     ax.set_xlim(pos[:, 0].min() - pad, pos[:, 0].max() + pad)
@@ -208,8 +310,9 @@ def network_png(model, selected: int | None = None) -> tuple[bytes, Hits]:
     return data, Hits(nodes=nodes, xy=xy, radius=radius, loops=loops)
 
 
-def _draw_loops(ax, model, drawing: Drawing, loop_nodes: np.ndarray, edge_ids: np.ndarray,
-                share: np.ndarray) -> tuple[np.ndarray, float]:
+def _draw_loops(
+    ax, model, drawing: Drawing, loop_nodes: np.ndarray, edge_ids: np.ndarray, share: np.ndarray
+) -> tuple[np.ndarray, float]:
     """Draw a small circle beside each drawn node with a self-play loop.
 
     The circle points away from the middle, coloured like a match when it was played
@@ -232,14 +335,22 @@ def _draw_loops(ax, model, drawing: Drawing, loop_nodes: np.ndarray, edge_ids: n
     u = model.edges[edge_ids, 0] if len(edge_ids) else np.zeros(0, np.int64)
     played = u[model.edges[edge_ids, 1] == u] if len(edge_ids) else u
     if len(played):
-        last_share = dict(zip(played.tolist(), share[model.edges[edge_ids, 1] == u].tolist()))
+        last_share = dict(
+            zip(played.tolist(), share[model.edges[edge_ids, 1] == u].tolist(), strict=True)
+        )
         for i, node in enumerate(drawn.tolist()):
             if node in last_share:
                 colours[i] = MATCH_CMAP(last_share[node])
                 widths[i] = 2.0 if len(drawn) < 500 else 0.8
-    ax.add_collection(PatchCollection([Circle(tuple(c), r) for c in centres],
-                                      facecolors="none", edgecolors=colours,
-                                      linewidths=widths, zorder=2))
+    ax.add_collection(
+        PatchCollection(
+            [Circle(tuple(c), r) for c in centres],
+            facecolors="none",
+            edgecolors=colours,
+            linewidths=widths,
+            zorder=2,
+        )
+    )
     return drawn, 2 * r
 
 
@@ -251,12 +362,14 @@ def timeseries_png(model) -> bytes:
     steps = model.tally.steps
     x = np.arange(1, len(steps) + 1)
     marker = "o" if len(steps) <= 60 else None
-    ax1.plot(x, [s["cooperation_rate"] for s in steps], marker=marker, markersize=3,
-             color="tab:green")
+    ax1.plot(
+        x, [s["cooperation_rate"] for s in steps], marker=marker, markersize=3, color="tab:green"
+    )
     ax1.set_ylim(-0.02, 1.02)
     ax1.set_ylabel("cooperation rate")
-    ax1.set_title("Share of C actions and mean payoff per decision, by step", fontsize=10,
-                  loc="left")
+    ax1.set_title(
+        "Share of C actions and mean payoff per decision, by step", fontsize=10, loc="left"
+    )
     ax2.plot(x, [s["mean_payoff"] for s in steps], marker=marker, markersize=3, color="tab:blue")
     ax2.set_ylabel("mean payoff")
     game = model.scenario.game
@@ -266,7 +379,7 @@ def timeseries_png(model) -> bytes:
     k = len(model.population.labels)
     shares = np.zeros((len(history), k))
     for i, counts in enumerate(history):
-        shares[i, :len(counts)] = counts[:k] / max(counts.sum(), 1)
+        shares[i, : len(counts)] = counts[:k] / max(counts.sum(), 1)
     colours = [colour(i) for i in range(k)]
     if len(history) >= 2:
         ax3.stackplot(np.arange(len(history)), shares.T, colors=colours)
@@ -283,13 +396,12 @@ def timeseries_png(model) -> bytes:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     if not steps:
-        ax1.text(0.5, 0.5, "no steps played yet", transform=ax1.transAxes, ha="center",
-                 color="0.4")
+        ax1.text(0.5, 0.5, "no steps played yet", transform=ax1.transAxes, ha="center", color="0.4")
     return _png(fig)
 
 
 UNREAD_COLOUR = "#ff7f0e"  # the frame of a cell with decisions not read from the model
-NO_DATA_COLOUR = "0.73"    # a cell with decisions but no complete match
+NO_DATA_COLOUR = "0.73"  # a cell with decisions but no complete match
 
 
 def heatmap_marks(model) -> tuple[np.ndarray, np.ndarray, int]:
@@ -317,8 +429,10 @@ def heatmaps_figure(model) -> Figure:
     opponent. Cells with decisions not read from the model get an orange frame and a
     "*"; cells without a complete match are grey ("no data"), as in the run's heatmaps.
     """
-    matrices = [(model.tally.payoff_matrix(), "Mean payoff per match", ".1f"),
-                (model.tally.defection_matrix(), "Mean defections per match", ".2f")]
+    matrices = [
+        (model.tally.payoff_matrix(), "Mean payoff per match", ".1f"),
+        (model.tally.defection_matrix(), "Mean defections per match", ".2f"),
+    ]
     marked, no_data, void = heatmap_marks(model)
     flagged = bool(marked.any() or no_data.any())
     labels = [str(x) for x in matrices[0][0].columns]
@@ -331,11 +445,17 @@ def heatmaps_figure(model) -> Figure:
     width = 2 * panel
     note = ""
     if flagged:
-        stopped = (f"; {void:,} match{'es' if void != 1 else ''} stopped by an unreadable "
-                   "answer left out" if void else "")
-        note = textwrap.fill("* and orange frame: some of the row player's decisions were not "
-                             "read from the model (invalid answers or the fallback rule); "
-                             f"grey: no complete match{stopped}", width=max(40, width // 6))
+        stopped = (
+            f"; {void:,} match{'es' if void != 1 else ''} stopped by an unreadable answer left out"
+            if void
+            else ""
+        )
+        note = textwrap.fill(
+            "* and orange frame: some of the row player's decisions were not "
+            "read from the model (invalid answers or the fallback rule); "
+            f"grey: no complete match{stopped}",
+            width=max(40, width // 6),
+        )
     bottom, top = 44 + 4 * longest + (14 * (note.count("\n") + 1) + 8 if note else 0), 30
     height = bottom + side + top
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
@@ -354,12 +474,24 @@ def heatmaps_figure(model) -> Figure:
         ax.set_ylabel("player", fontsize=9)
         fig.colorbar(image, cax=cax)
         cax.tick_params(labelsize=8)
-        for r, c in zip(*np.nonzero(no_data)):
-            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, facecolor=NO_DATA_COLOUR,
-                                   edgecolor="none", zorder=2))
-        for r, c in zip(*np.nonzero(marked)):
-            ax.add_patch(Rectangle((c - 0.45, r - 0.45), 0.9, 0.9, fill=False,
-                                   edgecolor=UNREAD_COLOUR, linewidth=2.5, zorder=3))
+        for r, c in zip(*np.nonzero(no_data), strict=True):
+            ax.add_patch(
+                Rectangle(
+                    (c - 0.5, r - 0.5), 1, 1, facecolor=NO_DATA_COLOUR, edgecolor="none", zorder=2
+                )
+            )
+        for r, c in zip(*np.nonzero(marked), strict=True):
+            ax.add_patch(
+                Rectangle(
+                    (c - 0.45, r - 0.45),
+                    0.9,
+                    0.9,
+                    fill=False,
+                    edgecolor=UNREAD_COLOUR,
+                    linewidth=2.5,
+                    zorder=3,
+                )
+            )
         if k <= 12:
             finite = values[np.isfinite(values)]
             lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)
@@ -367,14 +499,29 @@ def heatmaps_figure(model) -> Figure:
                 star = "*" if marked[r, c] else ""
                 if np.isfinite(val):
                     bright = hi > lo and (val - lo) / (hi - lo) > 0.6
-                    ax.text(c, r, format(val, fmt) + star, ha="center", va="center",
-                            fontsize=8, color="black" if bright else "white", zorder=4)
+                    ax.text(
+                        c,
+                        r,
+                        format(val, fmt) + star,
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="black" if bright else "white",
+                        zorder=4,
+                    )
                 elif no_data[r, c]:
-                    ax.text(c, r, "no data", ha="center", va="center", fontsize=7,
-                            color="black", zorder=4)
+                    ax.text(
+                        c,
+                        r,
+                        "no data",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black",
+                        zorder=4,
+                    )
     if note:
-        fig.text(0.01, 4 / height, note, fontsize=8, va="bottom", color="0.25",
-                 linespacing=1.3)
+        fig.text(0.01, 4 / height, note, fontsize=8, va="bottom", color="0.25", linespacing=1.3)
     if not model.tally.steps:
         fig.text(0.5, 0.5, "no matches played yet", ha="center", fontsize=10, color="0.4")
     return fig

@@ -25,12 +25,12 @@ _CACHE_SIZE = 8
 class Drawing:
     """What the network view draws for one graph."""
 
-    nodes: np.ndarray        # drawn node ids
-    pos: np.ndarray          # (len(nodes), 2) positions in data units
-    edges: np.ndarray        # ids into model.edges of the drawn edges (no self-loops)
-    index: np.ndarray        # node id -> row in nodes/pos, -1 if not drawn
+    nodes: np.ndarray  # drawn node ids
+    pos: np.ndarray  # (len(nodes), 2) positions in data units
+    edges: np.ndarray  # ids into model.edges of the drawn edges (no self-loops)
+    index: np.ndarray  # node id -> row in nodes/pos, -1 if not drawn
     grid: tuple[int, int] | None  # (rows, cols) when drawn as an image
-    note: str | None         # said on the page when not everything is drawn
+    note: str | None  # said on the page when not everything is drawn
 
 
 def force_layout(n: int, edges: np.ndarray, seed: int, iterations: int = 50) -> np.ndarray:
@@ -59,10 +59,10 @@ def force_layout(n: int, edges: np.ndarray, seed: int, iterations: int = 50) -> 
     for _ in range(iterations):
         disp = np.zeros((n, 2), np.float32)
         for a in range(0, n, 512):
-            delta = pos[a:a + 512, None, :] - pos[None, :, :]
+            delta = pos[a : a + 512, None, :] - pos[None, :, :]
             d2 = np.einsum("ijk,ijk->ij", delta, delta)
             np.maximum(d2, 1e-4, out=d2)
-            disp[a:a + 512] = np.einsum("ijk,ij->ik", delta, k2 / d2)
+            disp[a : a + 512] = np.einsum("ijk,ij->ik", delta, k2 / d2)
         d = pos[u] - pos[v]
         f = d * (np.sqrt(np.einsum("ij,ij->i", d, d)) / k)[:, None]
         np.subtract.at(disp, u, f)
@@ -124,16 +124,23 @@ def _compute(graph: nx.Graph, edges: np.ndarray, config, seed: int) -> Drawing:
     shape = config.lattice_shape()
     if style == "lattice" and shape is not None and n > MAX_DRAWN_NODES:
         rows, cols = shape
-        return Drawing(nodes=np.arange(n), pos=np.zeros((0, 2)), edges=np.zeros(0, np.int64),
-                       index=np.arange(n), grid=shape,
-                       note=f"{n:,} agents on a {rows} x {cols} lattice, drawn "
-                            "as an image (one pixel per agent, darker where it last defected)")
+        return Drawing(
+            nodes=np.arange(n),
+            pos=np.zeros((0, 2)),
+            edges=np.zeros(0, np.int64),
+            index=np.arange(n),
+            grid=shape,
+            note=f"{n:,} agents on a {rows} x {cols} lattice, drawn "
+            "as an image (one pixel per agent, darker where it last defected)",
+        )
     note = None
     nodes = np.arange(n)
     if n > MAX_DRAWN_NODES:
         nodes = _sample(graph, MAX_DRAWN_NODES, seed)
-        note = (f"{n:,} agents: drawing {len(nodes):,} of them (a connected sample around "
-                f"agent {nodes[0]}, fixed for this graph); the plots and heatmaps cover all")
+        note = (
+            f"{n:,} agents: drawing {len(nodes):,} of them (a connected sample around "
+            f"agent {nodes[0]}, fixed for this graph); the plots and heatmaps cover all"
+        )
     index = np.full(n, -1, np.int64)
     index[nodes] = np.arange(len(nodes))
     u, v = edges[:, 0], edges[:, 1]
@@ -150,5 +157,6 @@ def _compute(graph: nx.Graph, edges: np.ndarray, config, seed: int) -> Drawing:
     else:
         local = np.column_stack([index[u[keep]], index[v[keep]]])
         pos = force_layout(len(nodes), local, seed, 50 if len(nodes) <= 1000 else 30)
-    return Drawing(nodes=nodes, pos=np.asarray(pos, float), edges=keep, index=index, grid=None,
-                   note=note)
+    return Drawing(
+        nodes=nodes, pos=np.asarray(pos, float), edges=keep, index=index, grid=None, note=note
+    )

@@ -78,8 +78,10 @@ def graph_table(kind: str, n: int, base: dict[str, Any]) -> dict[str, Any]:
         ScenarioError: for a kind the page does not offer.
     """
     if kind not in graph_families():
-        raise ScenarioError(f"field 'graph.kind': unknown graph family {kind!r}; "
-                            f"allowed: {', '.join(graph_families())}")
+        raise ScenarioError(
+            f"field 'graph.kind': unknown graph family {kind!r}; "
+            f"allowed: {', '.join(graph_families())}"
+        )
     return GRAPH_KINDS[kind].page_table(n, base)
 
 
@@ -111,7 +113,8 @@ def _check_page_size(path: str, scenario: Scenario) -> None:
         raise ScenarioError(
             f"{path}: field 'graph.n': the page takes at most {MAX_PAGE_AGENTS:,} agents and "
             f"about {MAX_PAGE_LINKS:,} links; a {scenario.graph.kind} graph of {nodes:,} "
-            f"agents has about {links:,} links (run bigger graphs with python -m abm.run)")
+            f"agents has about {links:,} links (run bigger graphs with python -m abm.run)"
+        )
 
 
 def _as_mix(players: list[Any]) -> list[dict[str, Any]]:
@@ -121,10 +124,17 @@ def _as_mix(players: list[Any]) -> list[dict[str, Any]]:
     return [{"policy": first[key], "share": c / len(players)} for key, c in counts.items()]
 
 
-def apply_controls(path: str, *, noise: float | None = None, rounds: int | None = None,
-                   window: int | None = None, graph_kind: str | None = None,
-                   n: int | str | None = None, seed: int | str | None = None,
-                   steps: int | None = None) -> Scenario:
+def apply_controls(
+    path: str,
+    *,
+    noise: float | None = None,
+    rounds: int | None = None,
+    window: int | None = None,
+    graph_kind: str | None = None,
+    n: int | str | None = None,
+    seed: int | str | None = None,
+    steps: int | None = None,
+) -> Scenario:
     """The scenario file with the page's control values applied (``None``: as in the file).
 
     ``window`` 0 means the whole match. A new graph family or size replaces the
@@ -140,8 +150,9 @@ def apply_controls(path: str, *, noise: float | None = None, rounds: int | None 
         try:
             data["seed"] = int(seed)
         except ValueError:
-            raise ScenarioError(f"{path}: field 'seed': must be an integer >= 0; "
-                                f"got {seed!r}") from None
+            raise ScenarioError(
+                f"{path}: field 'seed': must be an integer >= 0; got {seed!r}"
+            ) from None
     if noise is not None and noise != base.game.noise:
         data.setdefault("game", {})["noise"] = float(noise)
     if rounds is not None and rounds != base.match.rounds:
@@ -164,8 +175,10 @@ def apply_controls(path: str, *, noise: float | None = None, rounds: int | None 
     nodes = scenario_nodes(base)  # None for a graph file
     resized = kind != base.graph.kind or (size is not None and size != nodes)
     if resized and kind == "file":
-        raise ScenarioError(f"{path}: field 'graph': a graph file has its own size; pick "
-                            f"a graph family to change it ({', '.join(graph_families())})")
+        raise ScenarioError(
+            f"{path}: field 'graph': a graph file has its own size; pick "
+            f"a graph family to change it ({', '.join(graph_families())})"
+        )
     if resized:
         data["graph"] = graph_table(kind, size or nodes or 100, data["graph"])
         players = data["population"].get("players")
@@ -206,17 +219,31 @@ class VizModel(DilemmaModel):
 
     progress_hook: ProgressHook | None = None
 
-    def __init__(self, scenario: str | None = None, noise: float | None = None,
-                 rounds: int | None = None, window: int | None = None,
-                 graph_kind: str | None = None, n: int | str | None = None,
-                 seed: int | str | None = None, steps: int | None = None,
-                 collect_agents: bool | None = None) -> None:
+    def __init__(
+        self,
+        scenario: str | None = None,
+        noise: float | None = None,
+        rounds: int | None = None,
+        window: int | None = None,
+        graph_kind: str | None = None,
+        n: int | str | None = None,
+        seed: int | str | None = None,
+        steps: int | None = None,
+        collect_agents: bool | None = None,
+    ) -> None:
         """Build the model, lay out its graph and report progress while doing so."""
         path = scenario or default_scenario()
         self.viz_error: str | None = None
         self._report(f"building {Path(path).name}", None)
-        controls = {"noise": noise, "rounds": rounds, "window": window,
-                    "graph_kind": graph_kind, "n": n, "seed": seed, "steps": steps}
+        controls = {
+            "noise": noise,
+            "rounds": rounds,
+            "window": window,
+            "graph_kind": graph_kind,
+            "n": n,
+            "seed": seed,
+            "steps": steps,
+        }
         try:
             resolved = apply_controls(path, **controls)
             super().__init__(resolved, source=path, collect_agents=collect_agents)
@@ -254,8 +281,10 @@ class VizModel(DilemmaModel):
         """Called by the LLM policies after each batch of decisions (like a tqdm bar)."""
         self._llm_done += n
         if self._llm_expected:
-            text = f"step {self.played_steps + 1}: {self._llm_done} of about " \
-                   f"{self._llm_expected} LLM decisions"
+            text = (
+                f"step {self.played_steps + 1}: {self._llm_done} of about "
+                f"{self._llm_expected} LLM decisions"
+            )
             self._report(text, min(1.0, self._llm_done / self._llm_expected))
         else:
             self._report(f"step {self.played_steps + 1}: {self._llm_done} LLM decisions", None)

@@ -6,6 +6,7 @@ Mesa's SolaraViz is served by Solara; the page itself is ``abm/viz/app.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import socket
@@ -19,9 +20,11 @@ from abm.viz.model import SCENARIO_ENV, default_scenario
 APP = Path(__file__).with_name("app.py")
 
 
-ALLOWED_HOSTS = ("allowed: an address of this machine, such as 127.0.0.1 (this machine "
-                 "only, the default) or 0.0.0.0 (every network interface), or a host name "
-                 "that resolves to one")
+ALLOWED_HOSTS = (
+    "allowed: an address of this machine, such as 127.0.0.1 (this machine "
+    "only, the default) or 0.0.0.0 (every network interface), or a host name "
+    "that resolves to one"
+)
 
 
 def _family(host: str) -> int:
@@ -42,8 +45,10 @@ def host_problem(host: str) -> str | None:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return f"--host {host!r} is not an address or a host name that resolves ({reason}); " \
-               f"{ALLOWED_HOSTS}"
+        return (
+            f"--host {host!r} is not an address or a host name that resolves ({reason}); "
+            f"{ALLOWED_HOSTS}"
+        )
     try:
         with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
@@ -60,8 +65,10 @@ def port_problem(host: str, port: int) -> str | None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return (f"port {port} on {host} is already in use (another abm-viz or "
-                        "server?); pick another with --port N, or --port 0 for a free one")
+                return (
+                    f"port {port} on {host} is already in use (another abm-viz or "
+                    "server?); pick another with --port N, or --port 0 for a free one"
+                )
             return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
     return None
 
@@ -85,13 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m abm.viz",
         description="Serve an interactive view of a scenario (network, plots, heatmaps, "
-                    "LLM exchanges) on a local web page.")
-    parser.add_argument("scenario", nargs="?", default=None,
-                        help="scenario TOML file (default: scenarios/round_robin_rules.toml)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8765,
-                        help="port to listen on (default 8765; 0 picks a free one)")
+        "LLM exchanges) on a local web page.",
+    )
+    parser.add_argument(
+        "scenario",
+        nargs="?",
+        default=None,
+        help="scenario TOML file (default: scenarios/round_robin_rules.toml)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=8765,
+        help="port to listen on (default 8765; 0 picks a free one)",
+    )
     args = parser.parse_args(argv)
 
     path = args.scenario or default_scenario()
@@ -121,11 +140,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from solara.__main__ import run  # imported late: it reads the settings set above
 
-    try:
-        run.main(args=[str(APP), "--host", args.host, "--port", str(port), "--production",
-                       "--no-open", "--no-check-version"], standalone_mode=False)
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        run.main(
+            args=[
+                str(APP),
+                "--host",
+                args.host,
+                "--port",
+                str(port),
+                "--production",
+                "--no-open",
+                "--no-check-version",
+            ],
+            standalone_mode=False,
+        )
     return 0
 
 

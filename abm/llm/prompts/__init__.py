@@ -37,8 +37,24 @@ from abm.llm.parsing import AnswerWords, label_words, police_words
 
 HERE = Path(__file__).resolve().parent
 
-VARIABLES = ("R", "S", "T", "P", "length_rule", "round", "of_rounds", "rounds_left", "history",
-             "score", "reflection", "label_c", "label_d", "first", "second", "answer_format")
+VARIABLES = (
+    "R",
+    "S",
+    "T",
+    "P",
+    "length_rule",
+    "round",
+    "of_rounds",
+    "rounds_left",
+    "history",
+    "score",
+    "reflection",
+    "label_c",
+    "label_d",
+    "first",
+    "second",
+    "answer_format",
+)
 
 
 # the fields a reflection question may use
@@ -76,8 +92,10 @@ class Framing:
     """The opponent, as the history lines and the reflection question name it."""
     round_word: str = "round"
     """What one round is called ("interrogation"): in the match length and the history."""
-    reflect: str = ("In this round, {other} chose {theirs}, while {you} chose {mine}. Based "
-                    "on this outcome, please reflect on your decision-making in this game.")
+    reflect: str = (
+        "In this round, {other} chose {theirs}, while {you} chose {mine}. Based "
+        "on this outcome, please reflect on your decision-making in this game."
+    )
     """The reflection question; fields {other}, {you}, {theirs}, {mine}."""
     did: tuple[str, str] | None = None
     """What {mine} and {theirs} say for C and D in the reflection (default: the labels)."""
@@ -91,8 +109,9 @@ class Framing:
             object.__setattr__(self, "words", label_words(self.label_c, self.label_d))
         if self.phrasings is None:
             space = " " if self.answer_prefix and not self.answer_prefix.endswith(" ") else ""
-            object.__setattr__(self, "phrasings", ((space + self.label_c,),
-                                                   (space + self.label_d,)))
+            object.__setattr__(
+                self, "phrasings", ((space + self.label_c,), (space + self.label_d,))
+            )
         if self.did is None:
             object.__setattr__(self, "did", (self.label_c, self.label_d))
 
@@ -101,14 +120,14 @@ class Framing:
         if mode == "score":
             return f'Answer with "{first}" or "{second}".'
         if style == "json":
-            return (f'Reply with JSON only: {{"action": "{first}"}} or '
-                    f'{{"action": "{second}"}}.')
+            return f'Reply with JSON only: {{"action": "{first}"}} or {{"action": "{second}"}}.'
         return f'Reply with one line: "Answer: {first}" or "Answer: {second}".'
 
     def reminder(self, mode: str, first: str, second: str, style: str = "line") -> str:
         """What a retry after an unreadable answer says."""
-        return (f"{self.speaker}Your reply could not be read. "
-                + self.answer_format(mode, first, second, style))
+        return f"{self.speaker}Your reply could not be read. " + self.answer_format(
+            mode, first, second, style
+        )
 
 
 def split_template(text: str) -> tuple[str, str]:
@@ -134,27 +153,51 @@ def police() -> Framing:
     """
     rules, turn = split_template((HERE / "police.txt").read_text(encoding="utf-8"))
     return Framing(
-        name="police", rules=rules, turn=turn, label_c="remain silent", label_d="testify",
-        answer_prefix="Suspect1: I want to", words=police_words(),
-        phrasings=((" remain silent", " stay silent", " keep silent", " remain quiet",
-                    " stay quiet", " keep quiet"),
-                   (" testify", " confess", " defect", " betray")),
-        you="Suspect1", other="Suspect2", round_word="interrogation",
+        name="police",
+        rules=rules,
+        turn=turn,
+        label_c="remain silent",
+        label_d="testify",
+        answer_prefix="Suspect1: I want to",
+        words=police_words(),
+        phrasings=(
+            (
+                " remain silent",
+                " stay silent",
+                " keep silent",
+                " remain quiet",
+                " stay quiet",
+                " keep quiet",
+            ),
+            (" testify", " confess", " defect", " betray"),
+        ),
+        you="Suspect1",
+        other="Suspect2",
+        round_word="interrogation",
         reflect="Police: In this simulation, {other} {theirs}, while {you} {mine}. Based on "
-                "this outcome, please reflect on your decision-making in this simulation.",
-        did=("remained silent", "testified against the other"), speaker="Police: ")
+        "this outcome, please reflect on your decision-making in this simulation.",
+        did=("remained silent", "testified against the other"),
+        speaker="Police: ",
+    )
 
 
 def neutral(*, labels: tuple[str, str] = ("J", "F")) -> Framing:
     """An abstract two-option game with no story; ``labels`` name C and D."""
     rules, turn = split_template((HERE / "neutral.txt").read_text(encoding="utf-8"))
     c, d = labels
-    return Framing(name="neutral", rules=rules, turn=turn, label_c=c, label_d=d,
-                   answer_prefix="I choose option")
+    return Framing(
+        name="neutral",
+        rules=rules,
+        turn=turn,
+        label_c=c,
+        label_d=d,
+        answer_prefix="I choose option",
+    )
 
 
-def custom(*, template: Path, labels: tuple[str, str], answer_prefix: str = "",
-           **parts: Any) -> Framing:
+def custom(
+    *, template: Path, labels: tuple[str, str], answer_prefix: str = "", **parts: Any
+) -> Framing:
     """A template file of the user's.
 
     Args:
@@ -169,12 +212,22 @@ def custom(*, template: Path, labels: tuple[str, str], answer_prefix: str = "",
     """
     rules, turn = split_template(template.read_text(encoding="utf-8"))
     c, d = labels
-    return Framing(name="custom", rules=rules, turn=turn, label_c=c, label_d=d,
-                   answer_prefix=answer_prefix, **parts)
+    return Framing(
+        name="custom",
+        rules=rules,
+        turn=turn,
+        label_c=c,
+        label_d=d,
+        answer_prefix=answer_prefix,
+        **parts,
+    )
 
 
-FRAMINGS: dict[str, Callable[..., Framing]] = {"police": police, "neutral": neutral,
-                                               "custom": custom}
+FRAMINGS: dict[str, Callable[..., Framing]] = {
+    "police": police,
+    "neutral": neutral,
+    "custom": custom,
+}
 
 
 class FramingParts(BaseModel):
@@ -205,8 +258,10 @@ class FramingParts(BaseModel):
         if isinstance(data, dict):
             unknown = [k for k in data if k not in cls.model_fields]
             if unknown:
-                raise ValueError(f"unknown framing part {unknown[0]!r}; the parts a custom "
-                                 f"framing sets are {', '.join(cls.model_fields)}")
+                raise ValueError(
+                    f"unknown framing part {unknown[0]!r}; the parts a custom "
+                    f"framing sets are {', '.join(cls.model_fields)}"
+                )
         return data
 
     def options(self) -> dict[str, Any]:
@@ -225,24 +280,33 @@ def check_template(framing: Framing) -> None:
             with attribute access, indexing, a conversion or a format spec, and a
             template that is no valid format string.
     """
-    for what, part, variables in (("the template", framing.rules, VARIABLES),
-                                  ("the template", framing.turn, VARIABLES),
-                                  ("the reflection question", framing.reflect,
-                                   REFLECT_VARIABLES)):
+    for what, part, variables in (
+        ("the template", framing.rules, VARIABLES),
+        ("the template", framing.turn, VARIABLES),
+        ("the reflection question", framing.reflect, REFLECT_VARIABLES),
+    ):
         try:
             fields = list(string.Formatter().parse(part))
         except ValueError as exc:
-            raise ValueError(f"{what} is not a valid format string ({exc}); write "
-                             "literal braces as {{ and }}") from None
+            raise ValueError(
+                f"{what} is not a valid format string ({exc}); write "
+                "literal braces as {{ and }}"
+            ) from None
         for _, name, spec, conversion in fields:
             if name is None:
                 continue
             if name not in variables:
                 plain = name.split(".")[0].split("[")[0]
-                why = ("is not a template variable" if plain not in variables
-                       else "uses attribute or index access, which templates do not allow")
-                raise ValueError(f"{what} uses {{{name}}}, which {why}; allowed: "
-                                 f"{', '.join(variables)}")
+                why = (
+                    "is not a template variable"
+                    if plain not in variables
+                    else "uses attribute or index access, which templates do not allow"
+                )
+                raise ValueError(
+                    f"{what} uses {{{name}}}, which {why}; allowed: {', '.join(variables)}"
+                )
             if spec or conversion:
-                raise ValueError(f"the template field {{{name}}} has a conversion or format "
-                                 "spec; write plain {name} fields only")
+                raise ValueError(
+                    f"the template field {{{name}}} has a conversion or format "
+                    "spec; write plain {name} fields only"
+                )
