@@ -381,6 +381,12 @@ class DilemmaModel(mesa.Model):
         self._build_agents()
         return super().agents_by_type
 
+    @property
+    def agent_types(self) -> list[type]:
+        """Mesa's agent classes present (the Players, built on first use)."""
+        self._build_agents()
+        return super().agent_types
+
     # ------------------------------------------------------------ who plays what
 
     @property

@@ -54,6 +54,16 @@ def test_mesa_agents_are_built_on_first_use_only():
     assert model.players[4].score == model.scores[4]
 
 
+def test_every_mesa_collection_builds_the_agents_first():
+    from abm.agents import Player
+
+    for look in ("agents", "agents_by_type", "agent_types", "players", "space"):
+        model = DilemmaModel(small_world().scenario, collect_agents=False)
+        getattr(model, look)
+        assert model.agent_types == [Player], look
+        assert len(model.agents_by_type[Player]) == 30, look
+
+
 def test_agent_rows_name_each_node_by_agent_id():
     model = run(small_world())
     rows = model.datacollector.get_agent_vars_dataframe().xs(6, level="Step")
