@@ -121,6 +121,8 @@ def test_gpu_requests():
     assert gpus_for(task("auto"), cluster_gpus=0) == 0
     assert gpus_for(task("cpu"), cluster_gpus=8) == 0
     assert gpus_for(task(), cluster_gpus=8) == 0
+    on_server = Task("r", "b", (), 1, "o", llm=({"server": "http://127.0.0.1:8000/v1"},))
+    assert gpus_for(on_server, cluster_gpus=8) == 0  # the server holds the model
     assert model_key(task("cpu")) != model_key(task("cuda"))
 
 

@@ -609,6 +609,7 @@ def test_a_big_model_does_not_silently_land_on_the_cpu(tiny_dir, monkeypatch, ca
 
     monkeypatch.setattr(backend_module, "_pick_device", lambda device: "cpu")
     monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(backend_module, "_cpu_free", lambda: 64 * 2**30)  # RAM enough
     # 7e9 parameters * 4 bytes (float32 on a CPU) = 26 GiB
     with pytest.raises(ScenarioError, match=r"about 7.0 billion parameters, about 26 GiB"):
         Backend(resolve(str(tiny_dir)), device="auto", dtype="auto")

@@ -109,13 +109,13 @@ def run_local(tasks: list[Task], on_result: OnResult, workers: int) -> None:
     """Run the tasks on a pool of ``workers`` local processes.
 
     Each row goes to ``on_result`` (in this process) as its run finishes; each worker
-    gets an equal share of the cores for its thread pools.
+    gets an equal share of the cores for its thread pools (``worker_threads``).
 
     Raises:
         WorkerLost: A worker process died (killed, or out of memory).
     """
     context = multiprocessing.get_context(start_method())
-    threads = max(1, default_workers() // workers)
+    threads = worker_threads(workers)
     pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
@@ -187,6 +187,21 @@ def _kill_on_parent_death() -> None:
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def worker_threads(workers: int) -> int:
+    """CPU threads each of ``workers`` parallel workers gets: its share of the cores.
+
+    One per worker with the default of one worker per core, so that torch in several
+    workers does not start more threads than there are cores; all of them for one.
+
+    Args:
+        workers: Workers running at once.
+
+    Returns:
+        At least 1.
+    """
+    return max(1, default_workers() // max(1, workers))
 
 
 def _limit_threads(threads: int) -> None:

@@ -21,7 +21,14 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from abm.batch.backends import OnResult, Task, _one_line, default_workers, execute
+from abm.batch.backends import (
+    OnResult,
+    Task,
+    _limit_threads,
+    _one_line,
+    default_workers,
+    execute,
+)
 from abm.errors import ScenarioError
 from abm.llm.models import DEFAULT_MODEL
 
@@ -46,6 +53,10 @@ def import_ray() -> Any:
 class LLMWorker:
     """A Ray actor: one process that keeps its loaded models and runs task after task."""
 
+    def __init__(self) -> None:
+        """Use the one CPU the actor reserves: torch in it starts one thread."""
+        _limit_threads(1)
+
     def pid(self) -> int:
         """The actor's process id."""
         return os.getpid()
@@ -68,10 +79,11 @@ def model_key(task: Task) -> tuple:
 def gpus_for(task: Task, cluster_gpus: float) -> int:
     """The GPUs a run's actor asks for: 1 or 0.
 
-    1 when an LLM player of the run asks for CUDA, or says "auto" on a cluster with
-    GPUs.
+    1 when a local LLM player of the run asks for CUDA, or says "auto" on a cluster
+    with GPUs; players on an inference server count for nothing.
     """
-    devices = [str(p.get("device", "auto")) for p in task.llm]
+    # a player on an inference server loads nothing here: it needs no GPU of its own
+    devices = [str(p.get("device", "auto")) for p in task.llm if not p.get("server")]
     if any(d.startswith("cuda") for d in devices):
         return 1
     if any(d == "auto" for d in devices) and cluster_gpus > 0:

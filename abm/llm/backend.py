@@ -14,7 +14,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,42 @@ def _pick_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
+def thread_count(requested: int | None = None) -> tuple[int, str]:
+    """The torch CPU threads a run uses, and where the number came from.
+
+    An explicit ``threads`` option wins, then ``ABM_THREADS``, then ``OMP_NUM_THREADS``
+    (a sweep's pool sets it to each worker's share of the cores), then the CPUs this
+    process may run on.
+
+    Args:
+        requested: The LLM player's ``threads`` option, or None.
+
+    Returns:
+        The count and its source: "threads", "ABM_THREADS", "OMP_NUM_THREADS" or "cpus".
+
+    Raises:
+        ScenarioError: ABM_THREADS is set but not a positive whole number.
+    """
+    if requested is not None:
+        return requested, "threads"
+    value = os.environ.get("ABM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ScenarioError(
+                f"the environment variable ABM_THREADS={value!r} is not a positive whole "
+                "number of threads; set it to e.g. 4, or unset it to use every CPU"
+            )
+        return int(value), "ABM_THREADS"
+    # OpenMP's own syntax allows a list for nested levels ("4,2"): the first is ours
+    outer = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if outer.isdigit() and int(outer) > 0:
+        return int(outer), "OMP_NUM_THREADS"
+    try:
+        return len(os.sched_getaffinity(0)), "cpus"
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1, "cpus"
+
+
 class Backend:
     """One loaded model and tokenizer.
 
@@ -67,10 +104,15 @@ class Backend:
         trust_remote_code: Passed to transformers: run the model's own code from the hub.
         prefix_cache: Keep the key/value cache of the prompt prefix every prompt
             shares, and reuse it.
+        device_map: accelerate's placement of the layers over the devices present
+            ("auto", "balanced", ... or a module-to-device table); None puts the whole
+            model on ``device``.
+        quantization: "8bit" or "4bit" (bitsandbytes, CUDA only), or None.
 
     Raises:
-        ScenarioError: CUDA asked for but not available, a model too big for the CPU
-            on device "auto", or a model that cannot be loaded or downloaded.
+        ScenarioError: CUDA asked for but not available, a model whose weights do not
+            fit in the free memory it would load into (or too big for the CPU on
+            device "auto"), or a model that cannot be loaded or downloaded.
     """
 
     def __init__(
@@ -81,17 +123,39 @@ class Backend:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         prefix_cache: bool = True,
+        device_map: str | dict[str, int | str] | None = None,
+        quantization: str | None = None,
     ) -> None:
         """Load the model and tokenizer onto the device."""
         self.source = source
         self.device = _pick_device(device)
         self.dtype = _pick_dtype(dtype, self.device)
         self.prefix_cache = prefix_cache
+        self.device_map = device_map
+        self.quantization = quantization
+        self.threads: int | None = None
+        self.threads_from: str | None = None
         self.stats = BackendStats()
-        _check_size(source, device, self.device, self.dtype)
+        self.estimate = _check_size(
+            source,
+            device,
+            self.device,
+            self.dtype,
+            device_map=device_map,
+            quantization=quantization,
+            trust_remote_code=trust_remote_code,
+        )
+        placement = _placement(self.device, self.dtype, device_map, quantization)
         started = time.perf_counter()
-        self.tokenizer, self.model = _load(source, self.dtype, trust_remote_code)
-        self.model.to(self.device).eval()
+        self.tokenizer, self.model = _load(source, self.dtype, trust_remote_code, placement)
+        if placement:  # accelerate placed the layers; inputs go where the embeddings are
+            self.model.eval()
+            self.device = str(self.model.get_input_embeddings().weight.device)
+        else:
+            self.model.to(self.device).eval()
+        self.placed_on = sorted(
+            {str(d) for d in (getattr(self.model, "hf_device_map", None) or {}).values()}
+        ) or [self.device]
         self.revision = (
             source.revision or getattr(self.model.config, "_commit_hash", None) or source.location
         )
@@ -117,6 +181,32 @@ class Backend:
         self._anchor: list[int] | None = None
         self._warned_template = False
         self.load_seconds = time.perf_counter() - started
+
+    def set_threads(self, requested: int | None = None) -> int:
+        """Set torch's CPU thread count for this process (see ``thread_count``).
+
+        Returns:
+            The count now in force.
+        """
+        self.threads, self.threads_from = thread_count(requested)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return self.threads
+
+    def loading(self) -> dict[str, Any]:
+        """How the model was loaded, for summary.json."""
+        out: dict[str, Any] = {
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device_map": self.device_map,
+            "quantization": self.quantization,
+            "placed_on": self.placed_on,
+            "threads": self.threads if self.threads is not None else torch.get_num_threads(),
+            "threads_from": self.threads_from or "torch",
+        }
+        if self.estimate is not None:
+            out["weights_gib_estimate"] = round(self.estimate.size / 2**30, 2)
+        return out
 
     # ---------------------------------------------------------------- prompts
 
@@ -386,18 +476,35 @@ class Backend:
         max_new_tokens: int = 32,
         seed: int = 0,
         max_batch_size: int = 16,
+        stop: Sequence[str] = (),
     ) -> list[str]:
         """Free-text answers, batched, on top of the shared-prefix cache.
 
         Greedy when ``temperature`` is 0; otherwise temperature and nucleus
         (``top_p``) sampling from a torch generator seeded with ``seed`` (and the
         batch's position), so a run is reproducible.
+
+        Args:
+            prompts: Token ids of each prompt.
+            temperature: 0 for greedy decoding, else the sampling temperature.
+            top_p: Nucleus sampling mass.
+            max_new_tokens: The most tokens an answer gets.
+            seed: Seeds the sampling.
+            max_batch_size: Prompts per forward pass.
+            stop: Strings that end an answer once it has begun (leading white space
+                does not count); each sequence of a batch stops on its own, and the
+                answer is cut before the stop string.
+
+        Returns:
+            One answer per prompt, stripped of surrounding white space.
         """
         answers: list[str] = []
         for start in range(0, len(prompts), max_batch_size):
             batch = prompts[start : start + max_batch_size]
             generator = torch.Generator(device=self.device).manual_seed(seed + start)
-            answers += self._decode(batch, temperature, top_p, max_new_tokens, generator)
+            answers += self._decode(
+                batch, temperature, top_p, max_new_tokens, generator, tuple(stop)
+            )
         return answers
 
     def _decode(
@@ -407,6 +514,7 @@ class Backend:
         top_p: float,
         max_new_tokens: int,
         generator: torch.Generator,
+        stop_strings: tuple[str, ...] = (),
     ) -> list[str]:
         logits, state = self._prefill(batch, 1)
         started = time.perf_counter()
@@ -419,6 +527,8 @@ class Backend:
             token = torch.where(done, torch.full_like(token, self.tokenizer.pad_token_id), token)
             new.append(token)
             done |= torch.isin(token, stop)
+            if stop_strings:
+                done |= self._stopped(new, done, stop_strings)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat(
@@ -430,12 +540,21 @@ class Backend:
         self.stats.generate_calls += 1
         self.stats.tokens += sum(len(r) for r in rows)
         self.stats.seconds += time.perf_counter() - started
-        return [
-            self.tokenizer.decode(
-                _until_stop(row, self._stop_ids), skip_special_tokens=True
-            ).strip()
-            for row in rows
+        return [_cut(self._text(row), stop_strings).strip() for row in rows]
+
+    def _text(self, row: list[int]) -> str:
+        return self.tokenizer.decode(_until_stop(row, self._stop_ids), skip_special_tokens=True)
+
+    def _stopped(
+        self, new: list[torch.Tensor], done: torch.Tensor, stop_strings: tuple[str, ...]
+    ) -> torch.Tensor:
+        """Which rows' text so far holds a stop string (rows already done stay as they are)."""
+        rows = torch.stack(new, dim=1).tolist()
+        hit = [
+            not finished and _stop_at(self._text(row), stop_strings) is not None
+            for row, finished in zip(rows, done.tolist(), strict=True)
         ]
+        return torch.tensor(hit, dtype=torch.bool, device=self.device)
 
     @staticmethod
     def _pick(
@@ -451,6 +570,22 @@ class Backend:
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _stop_at(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Where the first stop string begins in ``text``, once the answer has begun.
+
+    Leading white space is skipped, so a paragraph break before the first word does
+    not end an answer that has not started.
+    """
+    body = text.lstrip()
+    hits = [i for s in stop_strings if (i := body.find(s)) >= 0]
+    return len(text) - len(body) + min(hits) if hits else None
+
+
+def _cut(text: str, stop_strings: Sequence[str]) -> str:
+    at = _stop_at(text, stop_strings) if stop_strings else None
+    return text if at is None else text[:at]
 
 
 def _until_stop(row: list[int], stop: set[int]) -> list[int]:
@@ -471,37 +606,254 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class WeightEstimate:
+    """The memory a model's weights take once loaded, without loading them.
+
+    Attributes:
+        parameters: All parameters.
+        quantizable: Those in the linear layers bitsandbytes quantizes (not the
+            embeddings, norms or output head).
+        size: Bytes, given the dtype and quantization it was made for.
+        per_parameter: Bytes per parameter of the quantized layers (the dtype's size
+            when not quantized).
+    """
+
+    parameters: int
+    quantizable: int
+    size: int
+    per_parameter: float
+
+
+QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5}
+
+
+def estimate_weights(
+    parameters: int, quantizable: int, dtype: torch.dtype, quantization: str | None = None
+) -> WeightEstimate:
+    """Bytes of weights: parameters x bytes per parameter for the dtype or quantization.
+
+    Quantization stores the linear layers' weights in 1 (8bit) or 0.5 (4bit) bytes
+    each; everything else stays in ``dtype``. The small per-block scales of 4-bit
+    weights are left out.
+
+    Args:
+        parameters: All parameters of the model.
+        quantizable: Those in quantizable linear layers (ignored without quantization).
+        dtype: The dtype the model loads in.
+        quantization: "8bit", "4bit" or None.
+
+    Returns:
+        The estimate.
+    """
+    element = torch.empty(0, dtype=dtype).element_size()
+    if quantization is None:
+        return WeightEstimate(parameters, quantizable, parameters * element, float(element))
+    per = QUANTIZED_BYTES[quantization]
+    size = int(quantizable * per) + (parameters - quantizable) * element
+    return WeightEstimate(parameters, quantizable, size, per)
+
+
+def config_parameters(config: Any) -> tuple[int, int]:
+    """(all parameters, those in quantizable linear layers) of a model built from a config.
+
+    The model is built on torch's "meta" device: shapes only, no memory, no weights read.
+
+    Args:
+        config: A transformers model configuration.
+
+    Returns:
+        The two counts; the output head counts as not quantizable, as in bitsandbytes.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    skip = (
+        {id(p) for p in model.get_output_embeddings().parameters()}
+        if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+        else set()
+    )
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in skip
+    )
+    return total, linear
+
+
+def _config_parameters(source: ModelSource, trust_remote_code: bool) -> tuple[int, int] | None:
+    """``config_parameters`` of a model whose config.json is here; None when it is not."""
+    from transformers import AutoConfig
+
+    where: str | Path | None = source.location
+    if source.converted is not None:
+        where = source.converted if (source.converted / "config.json").is_file() else None
+    if where is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(
+            where, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        return config_parameters(config)
+    except Exception:  # no config here, or an architecture transformers cannot build
+        return None
+
+
 # Past this many bytes of weights a CPU run is a mistake more often than a plan
 CPU_WEIGHT_LIMIT = 8 * 2**30
 
 
-def _check_size(source: ModelSource, asked: str, device: str, dtype: torch.dtype) -> None:
-    """Refuse a multi-billion-parameter model on the CPU only because no GPU was found.
+def _cpu_free() -> int | None:
+    """Bytes of memory available to new allocations (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
-    That is device = "auto"; when the scenario asks for the CPU itself, warn instead.
+
+def _gpu_free() -> dict[int, int]:
+    """Free bytes of each visible CUDA GPU (empty without CUDA)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _check_size(
+    source: ModelSource,
+    asked: str,
+    device: str,
+    dtype: torch.dtype,
+    *,
+    device_map: str | dict[str, int | str] | None = None,
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
+) -> WeightEstimate | None:
+    """Refuse a model whose weights cannot fit where they would load, before loading it.
+
+    The estimate is parameters x bytes per parameter (``estimate_weights``), counted
+    from the safetensors headers or built from config.json on the meta device. The
+    limit is the free memory of the GPU (``device``), of every GPU (``device_map``),
+    or of the CPU. A multi-billion-parameter model is also refused on the CPU when it
+    landed there only because no GPU was found (device "auto"); when the scenario asks
+    for the CPU itself, that is a warning.
+
+    Returns:
+        The estimate, or None when neither weights nor a config are here to count.
 
     Raises:
-        ScenarioError: Device "auto", no GPU, and weights past ``CPU_WEIGHT_LIMIT``.
+        ScenarioError: The weights do not fit, naming the field, the estimate and the
+            limit; or device "auto", no GPU, and weights past ``CPU_WEIGHT_LIMIT``.
     """
-    if device != "cpu":
-        return
     params = _parameter_count(source)
+    split = (
+        _config_parameters(source, trust_remote_code) if quantization or params is None else None
+    )
+    if params is None and split is None:
+        return None
     if params is None:
-        return
-    size = params * torch.empty(0, dtype=dtype).element_size()
-    if size <= CPU_WEIGHT_LIMIT:
-        return
+        params = split[0]
+    # the header count is exact; the config gives the share of quantizable layers
+    quantizable = round(params * split[1] / split[0]) if split and split[0] else params
+    estimate = estimate_weights(params, quantizable, dtype, quantization)
+    kind = quantization or str(dtype).removeprefix("torch.")
     what = (
         f"{source.name} has about {params / 1e9:.1f} billion parameters, about "
-        f"{size / 2**30:.0f} GiB in {str(dtype).removeprefix('torch.')} on the CPU"
+        f"{estimate.size / 2**30:.0f} GiB in {kind}"
     )
-    if asked == "auto":
-        raise ScenarioError(
-            f'{what}, and torch sees no CUDA GPU, so device = "auto" would '
-            "run it on the CPU (slowly, if it fits in memory at all); run on a "
-            'machine with a GPU, or set device = "cpu" to insist'
+    gpus = _gpu_free()
+    if device_map is not None and gpus:
+        named = (
+            {
+                int(str(v).removeprefix("cuda:"))
+                for v in device_map.values()
+                if str(v) not in ("cpu", "disk")
+            }
+            if isinstance(device_map, dict)
+            else set(gpus)
         )
-    print(f"abm: warning: {what}; expect minutes per round", file=sys.stderr)
+        limit = sum(free for i, free in gpus.items() if i in named)
+        places = [f"cuda:{i} {_gib(gpus[i])}" for i in sorted(named) if i in gpus]
+        offload = isinstance(device_map, dict) and "cpu" in map(str, device_map.values())
+        if offload:  # layers the table puts in CPU memory on purpose
+            free = _cpu_free() or 0
+            limit += free
+            places.append(f"cpu {_gib(free)}")
+        field = f'device_map = "{device_map}"' if isinstance(device_map, str) else "device_map"
+        where = f"the devices it uses have {_gib(limit)} free ({', '.join(places)})"
+        _refuse_past(estimate, limit, what, field, where)
+        return estimate
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or torch.cuda.current_device())
+        free = gpus.get(index)
+        if free is not None:
+            field = f'quantization = "{quantization}"' if quantization else f'device = "{asked}"'
+            _refuse_past(estimate, free, what, field, f"cuda:{index} has {_gib(free)} free")
+        return estimate
+    if device != "cpu":  # mps: no free-memory query
+        return estimate
+    if estimate.size > CPU_WEIGHT_LIMIT:
+        if asked == "auto":
+            placed = "device_map" if device_map is not None else 'device = "auto"'
+            raise ScenarioError(
+                f"{what} on the CPU, and torch sees no CUDA GPU, so {placed} would "
+                "run it on the CPU (slowly, if it fits in memory at all); run on a "
+                'machine with a GPU, or set device = "cpu" to insist'
+            )
+        print(f"abm: warning: {what} on the CPU; expect minutes per round", file=sys.stderr)
+    free = _cpu_free()
+    if free is not None:
+        _refuse_past(
+            estimate, free, what, f'device = "{asked}"', f"the CPU has {_gib(free)} available"
+        )
+    return estimate
+
+
+def _refuse_past(estimate: WeightEstimate, limit: int, what: str, field: str, where: str) -> None:
+    if estimate.size <= limit:
+        return
+    raise ScenarioError(
+        f"{what} ({estimate.parameters:,} parameters x {estimate.per_parameter:g} bytes), "
+        f"which does not fit where {field} loads it: {where} (the key/value cache needs "
+        'more on top). Use more or bigger GPUs with device_map = "auto", quantization = '
+        '"8bit" or "4bit", or a smaller model'
+    )
+
+
+def _placement(
+    device: str,
+    dtype: torch.dtype,
+    device_map: str | dict[str, int | str] | None,
+    quantization: str | None,
+) -> dict[str, Any]:
+    """The from_pretrained options that place or quantize the weights (empty for neither)."""
+    out: dict[str, Any] = {}
+    if device_map is not None:
+        out["device_map"] = device_map
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "8bit":
+            out["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            out["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
+        # bitsandbytes weights are placed while loading; they cannot be moved after
+        out.setdefault(
+            "device_map", {"": int(device.partition(":")[2] or torch.cuda.current_device())}
+        )
+    return out
 
 
 def _parameter_count(source: ModelSource) -> int | None:
@@ -562,7 +914,13 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
-def _load(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
+def _load(
+    source: ModelSource,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    placement: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    placement = placement or {}
     hf_logging.set_verbosity_error()  # conversion progress bars and notices are not ours
     hf_logging.disable_progress_bar()
     if source.converted is not None:
@@ -580,17 +938,18 @@ def _load(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> t
                     source.location, gguf_file=source.gguf_file, dtype=torch.float32
                 )
                 _save_converted(tokenizer, model, source.converted)
-                return tokenizer, model.to(dtype)
+                if not placement:
+                    return tokenizer, model.to(dtype)
         return (
             AutoTokenizer.from_pretrained(source.converted),
-            AutoModelForCausalLM.from_pretrained(source.converted, dtype=dtype),
+            AutoModelForCausalLM.from_pretrained(source.converted, dtype=dtype, **placement),
         )
     options = {"trust_remote_code": trust_remote_code}
     try:
         return (
             AutoTokenizer.from_pretrained(source.location, local_files_only=True, **options),
             AutoModelForCausalLM.from_pretrained(
-                source.location, dtype=dtype, local_files_only=True, **options
+                source.location, dtype=dtype, local_files_only=True, **options, **placement
             ),
         )
     except (OSError, ValueError):  # ValueError: a folder with no tokenizer files at all
@@ -609,7 +968,9 @@ def _load(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> t
     try:
         return (
             AutoTokenizer.from_pretrained(source.location, **options),
-            AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **options),
+            AutoModelForCausalLM.from_pretrained(
+                source.location, dtype=dtype, **options, **placement
+            ),
         )
     except OSError as exc:
         raise ScenarioError(

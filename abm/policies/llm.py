@@ -50,6 +50,21 @@ class LLMParams(BaseModel):
     Hugging Face id such as `"lmsys/vicuna-7b-v1.5-16k"`, used from the local Hugging
     Face cache (an uncached id fails at once, with the command that downloads it,
     when `HF_HUB_OFFLINE=1` is set or the hub does not answer within 3 s)."""
+    server: str | None = None
+    """The base URL of an OpenAI-compatible inference server that already runs the
+    model (vLLM, Ollama, llama.cpp's `llama-server`, TGI), e.g.
+    `"http://127.0.0.1:8000/v1"`; `model` is then the name the server serves it under,
+    and nothing is loaded here (docs/llm-servers.md)."""
+    server_api_key_env: str | None = None
+    """Server only: the environment variable that holds the server's API key, e.g.
+    `"VLLM_API_KEY"`; the key itself never goes into a scenario or an output."""
+    server_concurrency: int = Field(8, ge=1, le=256)
+    """Server only: requests in flight at once."""
+    server_timeout: float = Field(120.0, gt=0.0, le=3600.0)
+    """Server only: seconds to wait for one answer before trying again."""
+    server_retries: int = Field(4, ge=0, le=20)
+    """Server only: further tries after a connection error, a timeout, HTTP 429 or
+    5xx, or an answer that is not JSON, waiting 0.5 s, 1 s, 2 s ... (at most 8 s)."""
     mode: Literal["score", "generate"] = "score"
     """`"score"`: one forward pass; each option's probability is the total next-token
     probability of its phrasings after `answer_prefix`. `"generate"`: the model
@@ -137,6 +152,23 @@ class LLMParams(BaseModel):
     memoize: bool = True
     """Answer identical prompts once when the answer is deterministic (score mode,
     greedy decoding); sampled answers are never shared."""
+    device_map: str | dict[str, int | str] | None = None
+    """Spread a model too big for one GPU over all GPUs present: `"auto"`,
+    `"balanced"`, `"balanced_low_0"`, `"sequential"` (accelerate's placements), or a
+    table of module name to device such as `{ "model.layers.0" = 0, "lm_head" = 1 }`;
+    `device` then stays `"auto"`. Before loading, abm refuses a model whose weights
+    do not fit in the free memory of the GPUs."""
+    quantization: Literal["8bit", "4bit"] | None = None
+    """Load the weights in 8 bits or in 4 bits (NF4, computing in `dtype`) with
+    bitsandbytes; needs a CUDA GPU and the `bitsandbytes` package."""
+    threads: int | None = Field(None, ge=1, le=1024)
+    """CPU threads of torch for this process; default `ABM_THREADS`, else
+    `OMP_NUM_THREADS`, else the CPUs the process may use (one per worker when a sweep
+    runs several workers)."""
+    reflection_stop: list[str] = Field(default_factory=list, max_length=8)
+    """Strings that end a reflection early, e.g. `["\\n\\n"]` (the end of a
+    paragraph); the stop string is not kept. Default none: a reflection runs to
+    `reflection_tokens`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -193,10 +225,192 @@ class LLMParams(BaseModel):
                 "model; a scenario file alone cannot switch it on: set "
                 "ABM_TRUST_REMOTE_CODE=1 in the environment of this run as well"
             )
+        _check_placement(self)
+        if any(not stop for stop in self.reflection_stop):
+            raise ValueError('reflection_stop must hold non-empty strings, e.g. ["\\n\\n"]')
+        return self
+
+    @model_validator(mode="after")
+    def _server_needs(self) -> LLMParams:
+        _check_server(self)
         return self
 
 
+# the keys that choose how a local model is loaded, with their defaults
+_LOCAL_ONLY = {
+    "device": "auto",
+    "dtype": "auto",
+    "trust_remote_code": False,
+    "device_map": None,
+    "quantization": None,
+    "threads": None,
+}
+
+
+def _check_server(params: LLMParams) -> None:
+    """A server player: a usable URL, a served model name, nothing a local model needs.
+
+    Raises:
+        ValueError: A server key without ``server``, a URL that is not plain
+            http(s), a missing ``model``, score mode without a chat template, or a
+            key that only a local model uses.
+    """
+    from urllib.parse import urlsplit
+
+    fields = type(params).model_fields
+    if params.server is None:
+        # non-default values: a table re-validated from a dump has every key set
+        stray = sorted(
+            k for k in fields if k.startswith("server_") and getattr(params, k) != fields[k].default
+        )
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)} only applies to a model on an inference server; "
+                'set server = "http://HOST:PORT/v1" as well, or leave it out'
+            )
+        return
+    url = urlsplit(params.server)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(
+            f"server {params.server!r} is not an http:// or https:// URL with a host, "
+            'e.g. "http://127.0.0.1:8000/v1"'
+        )
+    if url.username or url.password or url.query or url.fragment:
+        raise ValueError(
+            "server must be a plain base URL (no user, password, query or fragment); "
+            "an API key goes in an environment variable named by server_api_key_env"
+        )
+    if params.model == DEFAULT_MODEL:  # the built-in model is never a served name
+        raise ValueError(
+            "a server player needs model = the name the server serves the model under "
+            f"(GET {params.server.rstrip('/')}/models lists them)"
+        )
+    if params.mode == "score" and params.chat_template is None:
+        raise ValueError(
+            'mode = "score" with a server needs a named chat_template (e.g. "llama-2", '
+            '"vicuna", "chatml" or a Jinja file): abm renders the prompt itself and asks '
+            "the server for the log-probabilities of each answer after it; mode = "
+            '"generate" uses the server\'s own chat template'
+        )
+    local = sorted(
+        k for k, default in _LOCAL_ONLY.items() if getattr(params, k, default) != default
+    )
+    if local:
+        raise ValueError(
+            f"{', '.join(local)} choose how a local model is loaded; a server player's "
+            "model runs on the server, so set them there and leave them out here"
+        )
+    if params.server_api_key_env is not None and not re.fullmatch(
+        r"[A-Za-z_][A-Za-z0-9_]*", params.server_api_key_env
+    ):
+        raise ValueError(
+            f"server_api_key_env {params.server_api_key_env!r} is not the name of an "
+            'environment variable (letters, digits, _), e.g. "VLLM_API_KEY"; the key '
+            "itself never goes in the scenario"
+        )
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_placement(params: LLMParams) -> None:
+    """device_map and quantization: names allowed, no clash with device, what they need.
+
+    Raises:
+        ValueError: An unknown placement, a device_map next to a single device, or a
+            quantization on the CPU (what the machine lacks is checked at load time,
+            by ``quantization_problem``).
+    """
+    device_map = params.device_map
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ValueError(
+            f"device_map {device_map!r} is not one of "
+            + ", ".join(f'"{m}"' for m in DEVICE_MAPS)
+            + ' or a table of module name to device (e.g. { "model.layers.0" = 0 })'
+        )
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ValueError("device_map is an empty table; name at least one module")
+        for module, where in device_map.items():
+            if isinstance(where, str) and not re.fullmatch(r"cpu|disk|cuda(:\d+)?", where):
+                raise ValueError(
+                    f"device_map puts {module!r} on {where!r}; a device is a GPU "
+                    'index (0, 1, ...), "cuda:N", "cpu" or "disk"'
+                )
+    if device_map is not None and params.device != "auto":
+        raise ValueError(
+            f"device_map places the model's layers itself, and device = "
+            f'{params.device!r} asks for one device: leave device at "auto" or '
+            "remove device_map"
+        )
+    if params.quantization is None:
+        return
+    if params.device in ("cpu", "mps"):
+        raise ValueError(
+            f'quantization = "{params.quantization}" runs on CUDA GPUs only (bitsandbytes), '
+            f'not on device = "{params.device}"; use device = "auto" or "cuda", or remove '
+            "quantization"
+        )
+
+
+def quantization_problem(params: LLMParams) -> str | None:
+    """What this machine lacks for the player's quantization, or None.
+
+    Checked when the model is loaded, not when the scenario is read: a sweep's head
+    node or a laptop may check a scenario whose models load on GPU workers.
+    """
+    import importlib.util
+
+    if params.quantization is None or params.server is not None:
+        return None
+    missing = []
+    if importlib.util.find_spec("torch") is None:
+        missing.append("torch")
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            missing.append("a CUDA GPU (torch sees none)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package (pip install bitsandbytes)")
+    if not missing:
+        return None
+    return (
+        f"field 'quantization': quantization = \"{params.quantization}\" needs a CUDA GPU and "
+        f"the bitsandbytes package; missing here: {' and '.join(missing)}. Remove "
+        "quantization to load the model in dtype"
+    )
+
+
 _BACKENDS: dict[tuple, Any] = {}
+
+
+def _server_backend(params: LLMParams) -> Any:
+    """One connection per server, model and request options; nothing imports torch."""
+    from abm.llm.server import ServerBackend
+
+    chat = params.chat_template is None  # else abm renders the text itself
+    key = (
+        "server",
+        params.server,
+        params.model,
+        chat,
+        params.server_api_key_env,
+        params.server_concurrency,
+        params.server_timeout,
+        params.server_retries,
+    )
+    if key not in _BACKENDS:
+        _BACKENDS[key] = ServerBackend(
+            str(params.server),
+            params.model,
+            chat=chat,
+            api_key_env=params.server_api_key_env,
+            concurrency=params.server_concurrency,
+            timeout=params.server_timeout,
+            retries=params.server_retries,
+        )
+    return _BACKENDS[key]
 
 
 def shared_backend(params: LLMParams) -> Any:
@@ -205,10 +419,27 @@ def shared_backend(params: LLMParams) -> Any:
     Raises:
         ScenarioError: When the model cannot be found, or torch or transformers is not
             installed.
+        ServerError: When a server player's server cannot be reached or does not
+            serve its model.
     """
+    if params.server is not None:
+        return _server_backend(params)
     from abm.llm.models import resolve
 
-    key = (params.model, params.device, params.dtype, params.trust_remote_code, params.prefix_cache)
+    placement = (
+        tuple(sorted(params.device_map.items()))
+        if isinstance(params.device_map, dict)
+        else params.device_map
+    )
+    key = (
+        params.model,
+        params.device,
+        params.dtype,
+        params.trust_remote_code,
+        params.prefix_cache,
+        placement,
+        params.quantization,
+    )
     if key not in _BACKENDS:
         # a misspelt model is the scenario's mistake, named before any missing package
         source = resolve(params.model)
@@ -223,6 +454,11 @@ def shared_backend(params: LLMParams) -> Any:
                 'pip install torch==2.13.0 && pip install -e ".[llm]" (for a GPU, see '
                 "docs/tutorial-gpu.md)"
             ) from None
+        problem = quantization_problem(params)
+        if problem:
+            from abm.errors import ScenarioError
+
+            raise ScenarioError(problem)
         # only now: the backend module imports torch and transformers at its top
         from abm.llm.backend import Backend
 
@@ -232,8 +468,13 @@ def shared_backend(params: LLMParams) -> Any:
             dtype=params.dtype,
             trust_remote_code=params.trust_remote_code,
             prefix_cache=params.prefix_cache,
+            device_map=params.device_map,
+            quantization=params.quantization,
         )
-    return _BACKENDS[key]
+    backend = _BACKENDS[key]
+    if hasattr(backend, "set_threads"):  # every run: the count is the process's, not the model's
+        backend.set_threads(params.threads)
+    return backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,6 +732,8 @@ class LLMPolicy:
                 "latency_s": round(latency, 4),
                 "model": self.params.model,
                 "revision": self.backend.revision,
+                # a server player: which server answered, and what it says it ran
+                **(self.backend.provenance() if hasattr(self.backend, "provenance") else {}),
             }
             self.records.append(record)
             self._pending[(view.step, record["match"], record["side"])] = record
@@ -755,6 +998,8 @@ class LLMPolicy:
         rendered = [self.backend.render(c, "", self.chat_template) for c in conversations]
         sampling = p.reflection_temperature > 0
         seed = self._reflection_seed
+        # only when set: a run without stop strings calls the backend as it always did
+        stop = {"stop": list(p.reflection_stop)} if p.reflection_stop else {}
         texts = self._memoized(
             [tuple(self.backend.tokenize(t)) for t in rendered],
             lambda todo: self.backend.generate(
@@ -764,6 +1009,7 @@ class LLMPolicy:
                 max_new_tokens=p.reflection_tokens,
                 seed=seed,
                 max_batch_size=p.max_batch_size,
+                **stop,
             ),
             deterministic=not sampling,
         )
@@ -810,6 +1056,12 @@ class LLMPolicy:
             "llm_seconds": round(b.seconds - start.seconds, 3),
             "load_seconds": round(self._load_seconds, 3),
         }
+        if hasattr(self.backend, "loading"):
+            out["loading"] = self.backend.loading()
+        if hasattr(self.backend, "provenance"):
+            out["server"] = self.backend.summary()
+        if self.params.reflection_stop:
+            out["reflection_stop"] = list(self.params.reflection_stop)
         if self._mass:
             mass = np.array(self._mass)
             out["label_mass"] = {

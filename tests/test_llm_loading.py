@@ -1,0 +1,426 @@
+"""Loading options for big models, CPU threads, and reflections that end at stop strings.
+
+Runs on the CPU: the fit check is fed made-up free-memory figures, quantization is
+only checked where bitsandbytes and CUDA are absent (its errors) or present (loading).
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from abm.errors import ScenarioError  # noqa: E402
+from abm.policies.llm import LLMParams, quantization_problem, shared_backend  # noqa: E402
+
+torch = pytest.importorskip("torch", reason="needs the llm extra (torch)")
+pytest.importorskip("transformers", reason="needs the llm extra (transformers)")
+
+from tiny_llm import build_tiny_model, vocabulary  # noqa: E402
+
+import abm.llm.backend as backend_module  # noqa: E402
+from abm.llm.backend import (  # noqa: E402
+    Backend,
+    _check_size,
+    _cut,
+    config_parameters,
+    estimate_weights,
+    thread_count,
+)
+from abm.llm.models import resolve  # noqa: E402
+
+GiB = 2**30
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_loading"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_device_map_names_and_tables_are_accepted():
+    assert LLMParams(device_map="auto").device_map == "auto"
+    assert LLMParams(device_map="balanced").device_map == "balanced"
+    table = {"model.layers.0": 0, "lm_head": "cuda:1", "model.norm": "cpu"}
+    assert LLMParams(device_map=table).device_map == table
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"device_map": "everywhere"}, "device_map 'everywhere' is not one of \"auto\""),
+        ({"device_map": {"lm_head": "tpu"}}, "puts 'lm_head' on 'tpu'"),
+        ({"device_map": {}}, "device_map is an empty table"),
+        ({"device_map": "auto", "device": "cuda:0"}, 'leave device at "auto"'),
+        ({"device_map": "auto", "device": "cpu"}, "asks for one device"),
+        ({"quantization": "4bit", "device": "cpu"}, "runs on CUDA GPUs only"),
+        ({"quantization": "3bit"}, "quantization"),
+        ({"threads": 0}, "threads"),
+        ({"reflection_stop": [""]}, "reflection_stop must hold non-empty strings"),
+    ],
+)
+def test_bad_loading_options_are_refused_with_the_field(options, words):
+    with pytest.raises(ValidationError, match=words):
+        LLMParams(**options)
+
+
+@pytest.mark.skipif(HAS_BNB and HAS_CUDA, reason="bitsandbytes and a CUDA GPU are both here")
+def test_quantization_names_what_is_missing():
+    missing = []
+    if not HAS_CUDA:
+        missing.append("a CUDA GPU (torch sees none)")
+    if not HAS_BNB:
+        missing.append("the bitsandbytes package")
+    params = LLMParams(quantization="8bit")  # reading the scenario needs no GPU ...
+    message = quantization_problem(params)  # ... loading the model does
+    assert message.startswith("field 'quantization': ")
+    assert 'quantization = "8bit" needs a CUDA GPU and the bitsandbytes package' in message
+    assert quantization_problem(LLMParams()) is None
+    for what in missing:
+        assert what in message
+    if HAS_CUDA:
+        assert "CUDA GPU (torch" not in message
+
+
+@pytest.mark.skipif(HAS_BNB and HAS_CUDA, reason="bitsandbytes and a CUDA GPU are both here")
+def test_a_quantized_player_is_refused_when_its_model_is_loaded(tiny_dir):
+    from abm.errors import ScenarioError
+
+    params = LLMParams(model=str(tiny_dir), quantization="4bit")
+    with pytest.raises(ScenarioError, match=r"field 'quantization': .* needs a CUDA GPU"):
+        shared_backend(params)
+
+
+@pytest.mark.skipif(not (HAS_BNB and HAS_CUDA), reason="needs bitsandbytes and a CUDA GPU")
+def test_quantized_tiny_model_loads_on_the_gpu(tiny_dir):
+    backend = Backend(resolve(str(tiny_dir)), quantization="4bit", dtype="bfloat16")
+    assert backend.device.startswith("cuda")
+    assert backend.loading()["quantization"] == "4bit"
+    assert len(backend.generate([backend.tokenize("Suspect1 : I")], max_new_tokens=3)) == 1
+
+
+# ------------------------------------------------------------------ the fit estimate
+
+
+def llama2_7b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    )
+
+
+def test_llama2_7b_estimate_matches_the_hand_count():
+    # embeddings and output head: 2 x 32000 x 4096 = 262,144,000
+    # per layer: attention 4 x 4096^2 = 67,108,864, MLP 3 x 4096 x 11008 = 135,266,304,
+    # two norms 2 x 4096 = 8,192; 32 layers = 6,476,267,520; final norm 4,096
+    total, linear = config_parameters(llama2_7b_config())
+    assert total == 262_144_000 + 32 * (67_108_864 + 135_266_304 + 8_192) + 4_096
+    assert total == 6_738_415_616  # the "6.74e9" of the model card
+    assert linear == 32 * (67_108_864 + 135_266_304)  # what bitsandbytes quantizes
+    assert estimate_weights(total, linear, torch.bfloat16).size == 6_738_415_616 * 2
+    assert estimate_weights(total, linear, torch.float32).size == 6_738_415_616 * 4
+    rest = total - linear  # embeddings, head and norms stay in bfloat16
+    assert estimate_weights(total, linear, torch.bfloat16, "8bit").size == linear + rest * 2
+    assert estimate_weights(total, linear, torch.bfloat16, "4bit").size == linear // 2 + rest * 2
+    assert estimate_weights(total, linear, torch.bfloat16, "4bit").size == 3_762_823_168
+
+
+def tiny_counts() -> tuple[int, int]:
+    """The tiny Llama of tiny_llm.py counted by hand."""
+    v, h, inter = len(vocabulary()), 32, 64
+    per_layer = h * h + 2 * h * 16 + h * h + 3 * h * inter  # q, k and v (2 KV heads of 8), o, MLP
+    linear = 2 * per_layer
+    return linear + 2 * v * h + 2 * 2 * h + h, linear
+
+
+def test_quantized_estimate_of_a_local_model(tiny_dir):
+    total, linear = tiny_counts()
+    source = resolve(str(tiny_dir))
+    got = _check_size(source, "auto", "cpu", torch.bfloat16, quantization="4bit")
+    assert (got.parameters, got.quantizable) == (total, linear)
+    assert got.size == linear // 2 + (total - linear) * 2
+
+
+def test_device_map_refuses_a_model_the_gpus_cannot_hold(tiny_dir, monkeypatch):
+    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 69_000_000_000)
+    monkeypatch.setattr(backend_module, "_config_parameters", lambda source, trust: None)
+    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 79 * GiB, 1: 40 * GiB})
+    # 69e9 x 2 bytes = 138e9 bytes = 128.5 GiB > 79 + 40 = 119 GiB
+    with pytest.raises(ScenarioError) as info:
+        _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map="auto")
+    message = str(info.value)
+    assert "about 69.0 billion parameters, about 129 GiB in bfloat16" in message
+    assert "69,000,000,000 parameters x 2 bytes" in message
+    assert 'device_map = "auto"' in message
+    assert "devices it uses have 119.0 GiB free (cuda:0 79.0 GiB, cuda:1 40.0 GiB)" in message
+    # three such GPUs hold it
+    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {i: 79 * GiB for i in range(3)})
+    got = _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map="auto")
+    assert got.size == 138_000_000_000
+
+
+def test_a_table_counts_only_the_gpus_it_names(tiny_dir, monkeypatch):
+    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 10 * GiB, 1: 10 * GiB})
+    table = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cuda:1"}
+    # 7e9 x 2 = 14e9 bytes = 13.0 GiB: more than either GPU, less than both
+    got = _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map=table)
+    assert got.size == 14_000_000_000
+    with pytest.raises(ScenarioError, match=r"10.0 GiB free \(cuda:1 10.0 GiB\)"):
+        _check_size(
+            resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map={"": "cuda:1"}
+        )
+    # layers put in CPU memory on purpose count that memory too: 10 + 4 GiB hold 13 GiB
+    monkeypatch.setattr(backend_module, "_cpu_free", lambda: 4 * GiB)
+    offloaded = {"model": 1, "lm_head": "cpu"}
+    got = _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map=offloaded)
+    assert got.size == 14_000_000_000
+
+
+def test_one_gpu_refusal_names_device_or_quantization(tiny_dir, monkeypatch):
+    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 12 * GiB})
+    source = resolve(str(tiny_dir))
+    with pytest.raises(ScenarioError, match=r'device = "cuda:0" loads it: cuda:0 has 12.0 GiB'):
+        _check_size(source, "cuda:0", "cuda:0", torch.bfloat16)
+    # 4 bit: the tiny model's share of linear layers, scaled to 7e9 parameters
+    total, linear = tiny_counts()
+    quantizable = round(7_000_000_000 * linear / total)
+    got = _check_size(source, "cuda:0", "cuda:0", torch.bfloat16, quantization="4bit")
+    assert got.size == int(quantizable * 0.5) + (7_000_000_000 - quantizable) * 2
+    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 1 * GiB})
+    with pytest.raises(ScenarioError, match=r'quantization = "4bit" loads it: cuda:0 has 1.0'):
+        _check_size(source, "cuda:0", "cuda:0", torch.bfloat16, quantization="4bit")
+
+
+def test_the_cpu_refuses_what_its_memory_cannot_hold(tiny_dir, monkeypatch):
+    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 1_000_000_000)
+    monkeypatch.setattr(backend_module, "_cpu_free", lambda: 2 * GiB)
+    # 1e9 x 4 bytes (float32) = 3.7 GiB > 2 GiB available
+    with pytest.raises(ScenarioError, match=r'device = "cpu" loads it: the CPU has 2.0 GiB'):
+        Backend(resolve(str(tiny_dir)), device="cpu", dtype="float32")
+
+
+def test_device_map_without_a_gpu_keeps_the_cpu_limit(tiny_dir, monkeypatch):
+    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(backend_module, "_gpu_free", dict)
+    with pytest.raises(ScenarioError, match="torch sees no CUDA GPU, so device_map would run it"):
+        _check_size(resolve(str(tiny_dir)), "auto", "cpu", torch.float32, device_map="auto")
+
+
+# ------------------------------------------------------------------ device_map on the CPU
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU placement of device_map")
+def test_device_map_auto_on_the_cpu_gives_the_same_answers(tiny_dir):
+    plain = Backend(resolve(str(tiny_dir)), device="cpu", dtype="float32")
+    mapped = Backend(resolve(str(tiny_dir)), device="auto", dtype="float32", device_map="auto")
+    assert mapped.device == "cpu"
+    assert mapped.loading()["device_map"] == "auto"
+    assert mapped.loading()["placed_on"] == ["cpu"]
+    prompts = [
+        plain.encode([{"role": "user", "content": t}], "Suspect1: I want to")
+        for t in ("You did this.", "They did that. Your points 9.", "score round")
+    ]
+    phrasings = [plain.continuation_ids("Suspect1: I want to", " remain silent")]
+    phrasings.append(plain.continuation_ids("Suspect1: I want to", " testify"))
+    assert np.array_equal(
+        plain.score_phrasings(prompts, phrasings), mapped.score_phrasings(prompts, phrasings)
+    )
+    assert plain.generate(prompts, max_new_tokens=8) == mapped.generate(prompts, max_new_tokens=8)
+
+
+# ------------------------------------------------------------------ threads
+
+
+@pytest.fixture
+def clean_thread_env(monkeypatch):
+    monkeypatch.delenv("ABM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    return monkeypatch
+
+
+def test_thread_count_order(clean_thread_env):
+    assert thread_count() == (len(os.sched_getaffinity(0)), "cpus")
+    clean_thread_env.setenv("OMP_NUM_THREADS", "2")
+    assert thread_count() == (2, "OMP_NUM_THREADS")
+    clean_thread_env.setenv("OMP_NUM_THREADS", "3,1")  # OpenMP's nested form: outer level
+    assert thread_count() == (3, "OMP_NUM_THREADS")
+    clean_thread_env.setenv("ABM_THREADS", "3")
+    assert thread_count() == (3, "ABM_THREADS")
+    assert thread_count(5) == (5, "threads")
+    clean_thread_env.setenv("ABM_THREADS", "many")
+    with pytest.raises(ScenarioError, match="ABM_THREADS='many' is not a positive whole number"):
+        thread_count()
+
+
+def test_set_threads_sets_torch_and_is_recorded(tiny_dir, clean_thread_env):
+    backend = Backend(resolve(str(tiny_dir)), device="cpu", dtype="float32")
+    before = torch.get_num_threads()
+    try:
+        assert backend.set_threads(2) == 2
+        assert torch.get_num_threads() == 2
+        assert (backend.loading()["threads"], backend.loading()["threads_from"]) == (2, "threads")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_pool_workers_get_one_thread_each_by_default(clean_thread_env):
+    from abm.batch import backends
+
+    cores = backends.default_workers()
+    assert backends.worker_threads(cores) == 1
+    assert backends.worker_threads(1) == cores
+    backends._limit_threads(backends.worker_threads(cores))
+    assert thread_count() == (1, "OMP_NUM_THREADS")
+
+
+def test_summary_records_loading_and_threads(tiny_dir, tmp_path, clean_thread_env):
+    from abm.run import run_scenario
+
+    scenario = tmp_path / "tiny.toml"
+    reflect = 'reflection = true, reflection_tokens = 6, reflection_stop = ["."]'
+    scenario.write_text(
+        f"""
+name = "tiny"
+seed = 1
+[match]
+rounds = 2
+[graph]
+kind = "complete"
+[population]
+players = [
+  {{ name = "tit_for_tat" }},
+  {{ name = "llm", model = "{tiny_dir}", device = "cpu", threads = 1, {reflect} }},]
+[output]
+charts = false
+""",
+        encoding="utf-8",
+    )
+    run_scenario(scenario, out=tmp_path / "run", quiet=True)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    loading = summary["llm"][0]["loading"]
+    assert loading["threads"] == 1
+    assert loading["threads_from"] == "threads"
+    assert loading["device_map"] is None and loading["quantization"] is None
+    assert loading["dtype"] == "float32"
+    assert summary["llm"][0]["reflection_stop"] == ["."]
+    for line in (tmp_path / "run" / "transcripts.jsonl").read_text().splitlines():
+        reflection = json.loads(line)["reflection_raw"]
+        assert "." not in reflection.lstrip()
+
+
+# ------------------------------------------------------------------ stop strings
+
+
+def test_cut_keeps_the_text_before_the_first_stop_after_the_answer_began():
+    assert _cut("  \n\nI cooperated.\n\nNext time", ["\n\n"]) == "  \n\nI cooperated."
+    assert _cut("one two. three. four", [".", "three"]) == "one two"
+    assert _cut("one two three", ["four"]) == "one two three"
+    assert _cut("one two", []) == "one two"
+
+
+def cut_by_hand(text: str, stops: list[str]) -> str:
+    """The text before the earliest stop string (the text is already stripped)."""
+    hits = [text.find(s) for s in stops if text.find(s) > 0]
+    return text[: min(hits)].strip() if hits else text
+
+
+def test_a_batch_stops_each_sequence_at_its_own_stop(tiny_dir):
+    backend = Backend(resolve(str(tiny_dir)), device="cpu", dtype="float32")
+    prompts = [
+        backend.encode([{"role": "user", "content": t}])
+        for t in ("You did this.", "They did that. Your points 9.", "score round history")
+    ]
+    full = backend.generate(prompts, max_new_tokens=10)
+    words = [text.split() for text in full]
+    assert all(len(w) >= 4 for w in words)  # the random model writes ten words or so
+    # the third word of the first answer, the second of the second, with their spaces
+    stops = [f" {words[0][2]} ", f" {words[1][1]} "]
+    got = backend.generate(prompts, max_new_tokens=10, stop=stops)
+    assert got == [cut_by_hand(text, stops) for text in full]
+    assert len(got[0].split()) <= 2 and len(got[1].split()) <= 1
+    assert all(g != f for g, f in zip(got[:2], full[:2], strict=True))
+    # a stop that ends every sequence after a word or two saves decoding steps
+    passes = backend.stats.forward_passes
+    backend.generate(prompts, max_new_tokens=10)
+    unstopped = backend.stats.forward_passes - passes
+    every = [f" {w[1]} " for w in words]
+    passes = backend.stats.forward_passes
+    got = backend.generate(prompts, max_new_tokens=10, stop=every)
+    assert got == [cut_by_hand(text, every) for text in full]
+    assert backend.stats.forward_passes - passes < unstopped
+
+
+def stop_scenario(folder, stop: str) -> object:
+    path = folder / "stop.toml"
+    path.write_text(
+        f"""
+name = "stop"
+seed = 1
+[match]
+rounds = 2
+[graph]
+kind = "complete"
+[population]
+players = [
+  {{ name = "tit_for_tat" }},
+  {{ name = "llm", mode = "generate", reflection = true{stop} }},
+]
+[output]
+charts = false
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_the_policy_passes_stop_strings_to_reflections_only(fake, monkeypatch, tmp_path):
+    from fake_llm import FakeBackend
+
+    from abm.run import run_scenario
+
+    seen = []
+    original = FakeBackend.generate
+
+    def generate(self, prompts, *, stop=None, **kwargs):
+        seen.append(stop)
+        return original(self, prompts, **kwargs)
+
+    monkeypatch.setattr(type(fake), "generate", generate)
+    run_scenario(stop_scenario(tmp_path, ', reflection_stop = ["\\n\\n"]'), out=tmp_path / "a")
+    # decisions are called as before (no stop argument); reflections get the strings
+    assert None in seen and ["\n\n"] in seen
+    assert set(map(str, seen)) == {"None", str(["\n\n"])}
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["llm"][0]["reflection_stop"] == ["\n\n"]
+    seen.clear()
+    run_scenario(stop_scenario(tmp_path, ""), out=tmp_path / "b")
+    assert seen and set(map(str, seen)) == {"None"}  # the default: calls as before
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert "reflection_stop" not in summary["llm"][0]

@@ -1,0 +1,418 @@
+"""LLM players on an inference server, against the scripted stub in tests/openai_stub.py.
+
+None of these needs torch: a server player loads no model here.
+"""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import textwrap
+
+import openai_stub
+import pandas as pd
+import pytest
+from conftest import ROOT, SCENARIOS
+from openai_stub import FINGERPRINT, MODEL, Stub, serve
+
+import abm.llm.server as server_module
+import abm.policies.llm as llm_module
+from abm.errors import ScenarioError
+from abm.run import main, run_scenario
+from abm.scenario import validate_scenario
+
+RULES = ["All-D", "All-C", "Defect Once", "Trigger", "Tit-for-tat"]
+# The stub's model plays Tit-for-tat (C, then the opponent's last move); payoffs
+# R=9, S=0, T=10, P=5, 5 rounds. Moves of the LLM / the rule, then the LLM's total:
+# v All-D:       CDDDD / DDDDD -> S + 4*P = 20
+# v All-C:       CCCCC / CCCCC -> 5*R = 45
+# v Defect Once: CDCCC / DCCCC -> S + T + 3*R = 0 + 10 + 27 = 37
+# v Trigger, v Tit-for-tat, v its own copy: all C -> 45
+LLM_ROW = {"All-D": 20, "All-C": 45, "Defect Once": 37, "Trigger": 45, "Tit-for-tat": 45, "LLM": 45}
+# The rules against it, from the same move strings (rule's total):
+# All-D DDDDD v CDDDD -> T + 4*P = 30; All-C 45; Defect Once DCCCC v CDCCC -> T + S + 3*R = 37
+LLM_COLUMN = {"All-D": 30, "All-C": 45, "Defect Once": 37, "Trigger": 45, "Tit-for-tat": 45}
+# D counts of the LLM against each, from the same strings
+LLM_DEFECTIONS = {"All-D": 4, "All-C": 0, "Defect Once": 1, "Trigger": 0, "Tit-for-tat": 0}
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    """A running stub server; retries wait 10 ms; no server connection outlives a test."""
+    monkeypatch.setattr(server_module, "BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr(llm_module, "_BACKENDS", {})
+    stub = Stub()
+    httpd = serve(stub)
+    yield stub
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def scenario_text(url: str, llm: str, others: str | None = None, rounds: int = 5) -> str:
+    players = (
+        others
+        if others is not None
+        else (
+            '{ name = "all_d", label = "All-D" }, { name = "all_c", label = "All-C" }, '
+            '{ name = "defect_once", label = "Defect Once" }, '
+            '{ name = "trigger", label = "Trigger" }, { name = "tit_for_tat", label = "Tit-for-tat" }, '
+        )
+    )
+    return textwrap.dedent(f"""
+        name = "server_test"
+        seed = 5
+        [game]
+        R = 9
+        S = 0
+        T = 10
+        P = 5
+        [match]
+        rounds = {rounds}
+        [memory]
+        scope = "match"
+        [graph]
+        kind = "complete"
+        self_loops = {"true" if others is None else "false"}
+        [population]
+        players = [{players}{{ name = "llm", label = "LLM", server = "{url}", model = "{MODEL}", {llm} }}]
+        [pairing]
+        scheme = "all_edges"
+        """)
+
+
+def run(scenario_file, tmp_path, text):
+    return run_scenario(scenario_file(text), out=tmp_path / "out", quiet=True)
+
+
+def transcripts(out):
+    return [json.loads(line) for line in (out / "transcripts.jsonl").read_text().splitlines()]
+
+
+def assert_tit_for_tat_tables(out):
+    payoff = pd.read_csv(out / "payoff_matrix.csv", index_col="player")
+    defections = pd.read_csv(out / "defections.csv", index_col="player")
+    for col, value in LLM_ROW.items():
+        assert payoff.loc["LLM", col] == value, col
+    for row, value in LLM_COLUMN.items():
+        assert payoff.loc[row, "LLM"] == value, row
+    for col, value in LLM_DEFECTIONS.items():
+        assert defections.loc["LLM", col] == value, col
+
+
+# ---------------------------------------------------------------- round robins
+
+
+def test_score_mode_round_robin_reproduces_the_hand_computed_rows(stub, scenario_file, tmp_path):
+    out = run(
+        scenario_file,
+        tmp_path,
+        scenario_text(stub.url, 'mode = "score", chat_template = "llama-2", reflection = true'),
+    )
+    assert_tit_for_tat_tables(out)
+    records = transcripts(out)
+    first = next(r for r in records if r["round"] == 1)
+    # calm: C phrasings 0.7 (remain silent) + 0.1 (stay silent) + 4 * 0.001 (the other
+    # four); D phrasings 0.1 (testify) + 3 * 0.001
+    assert first["label_mass"] == pytest.approx(0.804 + 0.103)
+    assert first["p_cooperate"] == pytest.approx(0.804 / 0.907)
+    assert first["logprob_cooperate"] == pytest.approx(math.log(0.804))
+    assert first["input"].startswith("[INST] ") and first["input"].endswith("Suspect1: I want to")
+    # the prompt and phrasing went to /v1/completions with echo and logprobs
+    scored = [b for path, _, b in stub.requests if path == "/v1/completions" and b.get("echo")]
+    assert scored and all(b["logprobs"] == 1 and b["max_tokens"] == 1 for b in scored)
+    # one request per phrasing: the police framing's ten after the first prompt (the
+    # requests run concurrently, so they arrive in any order)
+    assert sorted(b["prompt"][len(first["input"]) :] for b in scored[:10]) == sorted(
+        [
+            " remain silent",
+            " stay silent",
+            " keep silent",
+            " remain quiet",
+            " stay quiet",
+            " keep quiet",
+            " testify",
+            " confess",
+            " defect",
+            " betray",
+        ]
+    )
+    # reflections went through the same server, as completions of the rendered text
+    assert all(r["reflection"] == openai_stub.REFLECTION for r in records)
+
+
+def test_the_shipped_server_scenario_plays_the_seed_experiment(stub, scenario_file, tmp_path):
+    text = (SCENARIOS / "round_robin_server.toml").read_text(encoding="utf-8")
+    assert 'server = "http://127.0.0.1:8000/v1"' in text
+    stub.model = "meta-llama/Llama-2-70b-chat-hf"
+    out = run(scenario_file, tmp_path, text.replace("http://127.0.0.1:8000/v1", stub.url))
+    assert_tit_for_tat_tables(out)
+    assert {r["server_model"] for r in transcripts(out)} == {stub.model}
+
+
+@pytest.mark.parametrize(
+    ("usage", "shift"),
+    [(False, 0), (True, 7)],
+    ids=["offsets-without-usage", "usage-with-shifted-offsets"],
+)
+def test_score_mode_finds_the_phrasing_either_way(stub, scenario_file, tmp_path, usage, shift):
+    # without usage.prompt_tokens the text offsets mark the prompt's end; with it,
+    # offsets shifted by special tokens left out of the echoed text do not matter
+    stub.usage, stub.offset_shift = usage, shift
+    out = run(
+        scenario_file,
+        tmp_path,
+        scenario_text(
+            stub.url, 'mode = "score", chat_template = "chatml"', others='"all_d", ', rounds=3
+        ),
+    )
+    records = transcripts(out)
+    assert [r["action"] for r in records] == list("CDD")
+    # after a D: C phrasings 0.1 (remain silent) + 5 * 0.001, D 0.8 (testify) + 3 * 0.001
+    assert records[1]["label_mass"] == pytest.approx(0.105 + 0.803)
+
+
+def test_generate_mode_round_robin_uses_chat_completions(stub, scenario_file, tmp_path):
+    out = run(
+        scenario_file,
+        tmp_path,
+        scenario_text(stub.url, 'mode = "generate", reflection = true, temperature = 0.0'),
+    )
+    assert_tit_for_tat_tables(out)
+    paths = {path for path, _, _ in stub.requests}
+    assert paths == {"/v1/chat/completions"}
+    records = transcripts(out)
+    # the server applies its chat template: the input is the messages themselves
+    assert json.loads(records[0]["input"]) == records[0]["prompt"]
+    assert all(r["reflection"] == openai_stub.REFLECTION for r in records)
+    first = stub.requests[0][2]
+    assert first["model"] == MODEL and first["temperature"] == 0.0 and first["max_tokens"] == 32
+
+
+def test_transcripts_and_summary_name_what_the_server_ran(stub, scenario_file, tmp_path):
+    out = run(
+        scenario_file,
+        tmp_path,
+        scenario_text(stub.url, 'mode = "generate"', others='"all_c", ', rounds=2),
+    )
+    for record in transcripts(out):
+        assert record["server"] == stub.url
+        assert record["server_model"] == MODEL
+        assert record["system_fingerprint"] == FINGERPRINT
+        assert record["revision"] == openai_stub.ROOT  # GET /v1/models names the weights
+    summary = json.loads((out / "summary.json").read_text())
+    server = summary["llm"][0]["server"]
+    assert server["reported_models"] == [MODEL]
+    assert server["system_fingerprints"] == [FINGERPRINT]
+    assert server["listed"]["root"] == openai_stub.ROOT
+    assert server["retries"] == 0
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_server_errors_are_retried(stub, scenario_file, tmp_path):
+    stub.faults = ["500", "500"]
+    out = run(
+        scenario_file,
+        tmp_path,
+        scenario_text(stub.url, 'mode = "generate"', others='"all_d", ', rounds=3),
+    )
+    assert [r["action"] for r in transcripts(out)] == list("CDD")
+    # 3 decisions, the first tried three times
+    assert len(stub.requests) == 5
+    assert json.loads((out / "summary.json").read_text())["llm"][0]["server"]["retries"] == 2
+
+
+def test_a_timeout_is_retried(stub, scenario_file, tmp_path):
+    stub.faults = ["slow"]
+    stub.slow_seconds = 2.0
+    out = run(
+        scenario_file,
+        tmp_path,
+        scenario_text(
+            stub.url, 'mode = "generate", server_timeout = 0.3', others='"all_d", ', rounds=2
+        ),
+    )
+    assert [r["action"] for r in transcripts(out)] == list("CD")
+    assert len(stub.requests) == 3
+    assert json.loads((out / "summary.json").read_text())["llm"][0]["server"]["retries"] == 1
+
+
+def test_malformed_json_is_retried_then_named(stub, scenario_file, tmp_path):
+    stub.faults = ["malformed"]
+    out = run(
+        scenario_file,
+        tmp_path,
+        scenario_text(stub.url, 'mode = "generate"', others='"all_d", ', rounds=2),
+    )
+    assert [r["action"] for r in transcripts(out)] == list("CD")
+    stub.faults = ["malformed"] * 2
+    text = scenario_text(
+        stub.url, 'mode = "generate", server_retries = 1', others='"all_d", ', rounds=2
+    )
+    with pytest.raises(ScenarioError, match=r"after 2 tries \(last: an answer that is not JSON"):
+        run_scenario(scenario_file(text, "again.toml"), out=tmp_path / "again", quiet=True)
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_server_that_is_not_running_is_named(stub, scenario_file, tmp_path):
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    text = scenario_text(url, 'mode = "generate", server_retries = 1', others='"all_d", ')
+    with pytest.raises(ScenarioError, match=r"did not answer GET /models after 2 tries .*refused"):
+        run(scenario_file, tmp_path, text)
+
+
+def test_a_client_error_is_shown_and_not_retried(stub, scenario_file, tmp_path):
+    stub.faults = ["400"]
+    text = scenario_text(stub.url, 'mode = "generate"', others='"all_d", ', rounds=2)
+    with pytest.raises(ScenarioError, match="HTTP 400: max_tokens is too large"):
+        run(scenario_file, tmp_path, text)
+    assert len(stub.requests) == 1
+
+
+def test_a_server_without_prompt_logprobs_is_a_clear_error(stub, scenario_file, capsys):
+    stub.logprobs = False
+    path = scenario_file(
+        scenario_text(stub.url, 'mode = "score", chat_template = "chatml"', others='"all_d", ')
+    )
+    assert main([str(path), "--out", str(path.parent / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert stub.url in err and "no log-probabilities of the prompt" in err
+    assert 'mode = "generate"' in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("dropped", "message"),
+    [
+        # as many entries as prompt tokens, but shifted: the last is the new token
+        (1, r"echoed tokens that do not spell the phrasing ' \w+' \(they end .* \.'\)"),
+        (2, r"echoed (\d+) tokens with log-probabilities for a prompt of \d+ tokens"),
+    ],
+)
+def test_an_echo_that_does_not_line_up_is_refused(stub, scenario_file, tmp_path, dropped, message):
+    stub.drop_first = dropped
+    text = scenario_text(stub.url, 'mode = "score", chat_template = "chatml"', others='"all_d", ')
+    with pytest.raises(ScenarioError, match=message):
+        run(scenario_file, tmp_path, text)
+
+
+def test_requests_run_concurrently(stub, scenario_file, tmp_path):
+    # 5 rules and a self-play match: 7 LLM decisions a round; sampled answers are
+    # never shared, so each is its own request
+    stub.hold = 4
+    run(
+        scenario_file,
+        tmp_path,
+        scenario_text(
+            stub.url, 'mode = "generate", temperature = 0.7, server_concurrency = 4', rounds=2
+        ),
+    )
+    assert stub.max_in_flight == 4
+    assert len(stub.requests) == 14
+
+
+# ---------------------------------------------------------------- the API key
+
+
+def test_the_api_key_comes_from_the_environment_and_is_never_written(
+    stub, scenario_file, tmp_path, monkeypatch
+):
+    secret = "sk-test-5f2c9e"
+    monkeypatch.setenv("ABM_STUB_KEY", secret)
+    out = run(
+        scenario_file,
+        tmp_path,
+        scenario_text(
+            stub.url,
+            'mode = "generate", server_api_key_env = "ABM_STUB_KEY"',
+            others='"all_d", ',
+            rounds=2,
+        ),
+    )
+    assert {auth for _, auth, _ in stub.requests} == {f"Bearer {secret}"}
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert written
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def test_an_unset_api_key_variable_is_named(stub, scenario_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("ABM_STUB_KEY", raising=False)
+    text = scenario_text(
+        stub.url, 'mode = "generate", server_api_key_env = "ABM_STUB_KEY"', others='"all_d", '
+    )
+    with pytest.raises(ScenarioError, match="environment variable ABM_STUB_KEY"):
+        run(scenario_file, tmp_path, text)
+    assert stub.requests == []
+
+
+def test_an_unserved_model_lists_the_served_ones(stub, scenario_file, tmp_path):
+    text = scenario_text(stub.url, 'mode = "generate"', others='"all_d", ').replace(
+        f'model = "{MODEL}"', 'model = "other"'
+    )
+    with pytest.raises(ScenarioError, match=f"does not serve the model 'other'.*'{MODEL}'"):
+        run(scenario_file, tmp_path, text)
+
+
+# ---------------------------------------------------------------- the scenario keys
+
+
+def llm_table(**keys):
+    return {
+        "seed": 1,
+        "graph": {"kind": "complete"},
+        "population": {"players": [{"name": "llm", **keys}, "all_d"]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"server": "http://h:1/v1", "model": "m"}, "needs a named chat_template"),
+        ({"server": "http://h:1/v1", "mode": "generate"}, "needs model = the name"),
+        ({"server_concurrency": 2}, "only applies to a model on an inference server"),
+        ({"server": "ftp://h/v1", "model": "m", "mode": "generate"}, "not an http://"),
+        ({"server": "http://u:k@h/v1", "model": "m", "mode": "generate"}, "no user, password"),
+        (
+            {"server": "http://h/v1", "model": "m", "mode": "generate", "dtype": "float16"},
+            "dtype choose how a local model is loaded",
+        ),
+        (
+            {
+                "server": "http://h/v1",
+                "model": "m",
+                "mode": "generate",
+                "server_api_key_env": "a b",
+            },
+            "is not the name of an environment variable",
+        ),
+    ],
+)
+def test_bad_server_keys_are_named(keys, message):
+    with pytest.raises(ScenarioError, match=message):
+        validate_scenario(llm_table(**keys), source="s.toml")
+
+
+# ---------------------------------------------------------------- a core install
+
+
+def test_a_server_player_runs_without_torch(stub, scenario_file, tmp_path):
+    path = scenario_file(scenario_text(stub.url, 'mode = "generate"', others='"all_d", ', rounds=2))
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules['torch'] = None
+        sys.modules['transformers'] = None
+        from abm.run import main
+        status = main([{str(path)!r}, "--out", {str(tmp_path / "out")!r}, "--quiet"])
+        assert status == 0, status
+        assert 'torch' not in sys.modules or sys.modules['torch'] is None
+        """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [r["action"] for r in transcripts(tmp_path / "out")] == list("CD")
