@@ -184,6 +184,20 @@ def test_device_map_refuses_a_model_the_gpus_cannot_hold(tiny_dir, monkeypatch):
     assert got.size == 138_000_000_000
 
 
+def test_a_bare_cuda_in_a_table_is_the_current_gpu(tiny_dir, monkeypatch):
+    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 10 * GiB, 1: 20 * GiB})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    # 14e9 bytes = 13.0 GiB: fits the current GPU (1, 20 GiB), not GPU 0
+    got = _check_size(
+        resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map={"": "cuda"}
+    )
+    assert got.size == 14_000_000_000
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(ScenarioError, match=r"10.0 GiB free \(cuda:0 10.0 GiB\)"):
+        _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map={"": "cuda"})
+
+
 def test_a_table_counts_only_the_gpus_it_names(tiny_dir, monkeypatch):
     monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
     monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 10 * GiB, 1: 10 * GiB})

@@ -289,8 +289,8 @@ def test_a_server_without_prompt_logprobs_is_a_clear_error(stub, scenario_file, 
     ("dropped", "message"),
     [
         # as many entries as prompt tokens, but shifted: the last is the new token
-        (1, r"echoed tokens that do not spell the phrasing ' \w+' \(they end .* \.'\)"),
-        (2, r"echoed (\d+) tokens with log-probabilities for a prompt of \d+ tokens"),
+        (1, r"echoed (\d+) tokens with log-probabilities for a prompt of \d+ tokens and one new"),
+        (2, r"echoed (\d+) tokens with log-probabilities for a prompt of \d+ tokens and one new"),
     ],
 )
 def test_an_echo_that_does_not_line_up_is_refused(stub, scenario_file, tmp_path, dropped, message):
@@ -379,7 +379,7 @@ def llm_table(**keys):
         ({"server": "http://u:k@h/v1", "model": "m", "mode": "generate"}, "no user, password"),
         (
             {"server": "http://h/v1", "model": "m", "mode": "generate", "dtype": "float16"},
-            "dtype choose how a local model is loaded",
+            "dtype apply to a model abm loads and runs itself",
         ),
         (
             {
@@ -416,3 +416,116 @@ def test_a_server_player_runs_without_torch(stub, scenario_file, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert [r["action"] for r in transcripts(tmp_path / "out")] == list("CD")
+
+
+# ---------------------------------------------------------------- the prompt/phrasing boundary
+
+
+def _echo_body(tokens, values, prompt_tokens=None):
+    """A /completions answer echoing ``tokens`` (the last is the new token)."""
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    choice = {"logprobs": {"tokens": tokens, "token_logprobs": values, "text_offset": offsets}}
+    body = {"choices": [choice]}
+    if prompt_tokens is not None:
+        body["usage"] = {"prompt_tokens": prompt_tokens}
+    return body, choice
+
+
+def _sum(tokens, values, prompt, tail, prompt_tokens=None):
+    from types import SimpleNamespace
+
+    body, choice = _echo_body(tokens, values, prompt_tokens)
+    backend = SimpleNamespace(url="http://127.0.0.1:9/v1")
+    return server_module.ServerBackend._continuation_logprob(backend, body, choice, prompt, tail)
+
+
+def test_the_phrasing_s_own_tokens_are_summed():
+    tokens = ["Answer", ":", " remain", " silent", " ."]
+    values = [None, -0.5, -1.25, -0.75, -3.0]
+    # the phrasing " remain silent" is the two tokens before the new one: -1.25 - 0.75
+    assert _sum(tokens, values, "Answer:", " remain silent", prompt_tokens=4) == -2.0
+    assert _sum(tokens, values, "Answer:", " remain silent") == -2.0  # from the offsets
+
+
+def test_an_echo_one_short_of_the_counted_prompt_is_refused():
+    # a server that counts a BOS it does not echo: index 4 would be the new token
+    tokens = ["Answer", ":", " yes", "<|end|>"]
+    with pytest.raises(ScenarioError, match="echoed 4 tokens .* a prompt of 4 tokens"):
+        _sum(tokens, [None, -0.5, -2.0, -0.05], "Answer:", " yes", prompt_tokens=4)
+
+
+def test_a_token_without_text_at_the_boundary_is_refused():
+    # byte pieces of a multi-byte character come back without text: they cannot be
+    # put on either side of the boundary, so nothing is guessed
+    tokens = ["Answer", ":", "", "", "合", "作", " ."]
+    values = [None, -0.5, -1.0, -1.1, -0.8, -1.0, -2.0]
+    with pytest.raises(ScenarioError, match="token without text next to the phrasing"):
+        _sum(tokens, values, "Answer:", "合作", prompt_tokens=6)
+
+
+def test_a_token_joining_prompt_and_phrasing_is_refused():
+    # the prompt ends in a space that merges with the phrasing's first letter
+    tokens = ["Answer", ":", " A", " ."]
+    with pytest.raises(ScenarioError, match="into one token"):
+        _sum(tokens, [None, -0.5, -2.0, -1.0], "Answer: ", "A", prompt_tokens=3)
+
+
+def test_the_api_key_does_not_follow_a_redirect(monkeypatch):
+    import http.server
+    import threading
+
+    seen = {}
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen["auth"] = self.headers.get("Authorization")
+            body = json.dumps({"data": [{"id": MODEL}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    target = f"http://localhost:{other.server_address[1]}"
+
+    class Redirect(Other):
+        def do_GET(self):  # noqa: N802
+            seen["first"] = self.headers.get("Authorization")
+            self.send_response(302)
+            self.send_header("Location", target + self.path)
+            self.end_headers()
+
+    first = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for srv in (other, first):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("ABM_TEST_KEY", "sk-secret")
+        # building the backend asks the server which models it serves
+        server_module.ServerBackend(
+            f"http://127.0.0.1:{first.server_address[1]}/v1",
+            MODEL,
+            chat=True,
+            api_key_env="ABM_TEST_KEY",
+            retries=0,
+        )
+    finally:
+        first.shutdown()
+        other.shutdown()
+    assert seen["first"] == "Bearer sk-secret"
+    assert seen["auth"] is None  # the redirect's host never sees the key
+
+
+def test_reflection_stop_is_refused_for_a_server_player():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="reflection_stop apply to a model abm loads"):
+        llm_module.LLMParams(
+            server="http://127.0.0.1:8000/v1", model="m", mode="generate", reflection_stop=["\n\n"]
+        )

@@ -772,7 +772,10 @@ def _check_size(
     if device_map is not None and gpus:
         named = (
             {
-                int(str(v).removeprefix("cuda:"))
+                # a bare "cuda" is the current GPU, as torch places it
+                torch.cuda.current_device()
+                if str(v) == "cuda"
+                else int(str(v).removeprefix("cuda:"))
                 for v in device_map.values()
                 if str(v) not in ("cpu", "disk")
             }

@@ -198,7 +198,6 @@ class ServerBackend:
         """
         with self._lock:
             self.stats.extra.update(requests=0, retries=0, max_in_flight=0)
-            self.stats.extra.pop("boundary_tokens", None)
             self.reported_models.clear()
             self.fingerprints.clear()
 
@@ -269,19 +268,23 @@ class ServerBackend:
         offsets = logprobs.get("text_offset") or []
         usage = body.get("usage")
         counted = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        echoed = min(len(tokens), len(values))
         if isinstance(counted, int) and counted > 0:
-            if tokens and values and min(len(tokens), len(values)) < counted:
+            # max_tokens = 1: the echo is the prompt's tokens and one new token. Fewer
+            # means the server counts a token it does not echo (a BOS): the index
+            # would then land on the new token, so nothing is summed
+            if tokens and values and echoed != counted + 1:
                 raise ServerError(
-                    f"the LLM server {self.url} echoed {min(len(tokens), len(values))} "
-                    f"tokens with log-probabilities for a prompt of {counted} tokens; score "
-                    "mode needs one for every prompt token (as vLLM returns them); use "
-                    'mode = "generate" with this server'
+                    f"the LLM server {self.url} echoed {echoed} tokens with "
+                    f"log-probabilities for a prompt of {counted} tokens and one new token; "
+                    "score mode needs exactly one for every prompt token (as vLLM returns "
+                    'them); use mode = "generate" with this server'
                 )
             last = counted
         else:
             end = len(prompt) + len(tail)
-            last = sum(1 for offset in offsets[: len(values)] if offset < end)
-        text, total, i = "", 0.0, min(last, len(tokens), len(values))
+            last = sum(1 for offset in offsets[:echoed] if offset < end)
+        text, total, i = "", 0.0, min(last, echoed)
         while i > 0 and len(text) < len(tail):
             i -= 1
             if values[i] is None or not isinstance(tokens[i], str):
@@ -301,9 +304,28 @@ class ServerBackend:
                 f"{tail!r} (they end {text[-len(tail) - 10 :]!r}); score mode needs the "
                 "tokens as text (start vLLM without --return-tokens-as-token-ids)"
             )
-        if len(text) > len(tail):  # a token that joins the prompt's end to the phrasing
-            with self._lock:
-                self.stats.extra["boundary_tokens"] = self.stats.extra.get("boundary_tokens", 0) + 1
+        summed = tokens[i : min(last, echoed)]
+        # a token echoed without text (a piece of a multi-byte character, a special
+        # token) cannot be placed on either side of the boundary: refuse, not guess
+        before = tokens[i - 1] if i > 0 else None
+        if any(token == "" for token in summed) or before == "":
+            raise ServerError(
+                f"the LLM server {self.url} echoed a token without text next to the "
+                f"phrasing {tail!r}, so its log-probability cannot be assigned to the "
+                "prompt or to the phrasing; use phrasings that start with a plain "
+                'character, or mode = "generate"'
+            )
+        if len(text) > len(tail):
+            # one token spans the prompt's end and the phrasing's start: its
+            # log-probability includes part of the prompt, so the options would not be
+            # compared on the same footing
+            raise ServerError(
+                f"the LLM server {self.url} tokenised the end of the prompt and the start "
+                f"of the phrasing {tail!r} into one token ({text[: len(text) - len(tail) + 8]!r}"
+                "...), so the phrasing's probability cannot be separated from the prompt's; "
+                "end the answer prefix without a trailing space (phrasings start with one), "
+                'or use mode = "generate"'
+            )
         return total
 
     # ---------------------------------------------------------------- generation
@@ -395,8 +417,6 @@ class ServerBackend:
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
-        if self._key is not None:
-            headers["Authorization"] = f"Bearer {self._key}"
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -404,6 +424,9 @@ class ServerBackend:
                     self.stats.extra["retries"] += 1
                 time.sleep(min(BACKOFF_SECONDS * 2 ** (attempt - 1), BACKOFF_CAP_SECONDS))
             request = urllib.request.Request(url, data=data, headers=headers, method=method)
+            if self._key is not None:
+                # not carried over to the host of a redirect
+                request.add_unredirected_header("Authorization", f"Bearer {self._key}")
             try:
                 with self._flight(), self._opener.open(request, timeout=self.timeout) as answer:
                     raw = answer.read()

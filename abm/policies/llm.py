@@ -244,6 +244,7 @@ _LOCAL_ONLY = {
     "device_map": None,
     "quantization": None,
     "threads": None,
+    "reflection_stop": [],
 }
 
 
@@ -297,8 +298,8 @@ def _check_server(params: LLMParams) -> None:
     )
     if local:
         raise ValueError(
-            f"{', '.join(local)} choose how a local model is loaded; a server player's "
-            "model runs on the server, so set them there and leave them out here"
+            f"{', '.join(local)} apply to a model abm loads and runs itself; a server "
+            "player's model runs on the server, so set them there and leave them out here"
         )
     if params.server_api_key_env is not None and not re.fullmatch(
         r"[A-Za-z_][A-Za-z0-9_]*", params.server_api_key_env
