@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
+from abm.llm.models import DEFAULT_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESENTATIONS = [
     ("police, silent first", {"framing": "police", "option_order": "fixed"}),
@@ -52,7 +54,7 @@ def run(model: str, mode: str, keys: dict, folder: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--mode", default="score", choices=["score", "generate"])
     args = parser.parse_args()
     print(f"model {args.model}, {args.mode} mode, round_robin.toml without reflections")
