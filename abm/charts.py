@@ -151,39 +151,27 @@ def cooperation_chart(steps: pd.DataFrame, by_round: pd.DataFrame | None = None)
         The line chart.
     """
     if by_round is not None and len(by_round):
-        return (
-            alt.Chart(
-                by_round,
-                title=alt.TitleParams(
-                    "Cooperation rate per round (one step)",
-                    subtitle=[
-                        "share of the actual actions of each round that were C, over all matches"
-                    ],
-                ),
-            )
-            .mark_line(point=True)
-            .encode(
-                x=alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1)),
-                y=alt.Y(
-                    "cooperation_rate:Q",
-                    title="share of actions that were C",
-                    scale=alt.Scale(domain=[0, 1]),
-                ),
-                tooltip=["round", alt.Tooltip("cooperation_rate:Q", format=".3f")],
-            )
-            .properties(width=480, height=240)
+        title = alt.TitleParams(
+            "Cooperation rate per round (one step)",
+            subtitle=["share of the actual actions of each round that were C, over all matches"],
         )
+        return _rate_line(by_round, "round", title)
+    return _rate_line(steps, "step", "Cooperation rate per step")
+
+
+def _rate_line(data: pd.DataFrame, x: str, title: str | alt.TitleParams) -> alt.Chart:
+    """``cooperation_rate`` against ``x`` (step or round), on a 0..1 axis."""
     return (
-        alt.Chart(steps, title="Cooperation rate per step")
+        alt.Chart(data, title=title)
         .mark_line(point=True)
         .encode(
-            x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)),
+            x=alt.X(f"{x}:Q", title=x, axis=alt.Axis(tickMinStep=1)),
             y=alt.Y(
                 "cooperation_rate:Q",
                 title="share of actions that were C",
                 scale=alt.Scale(domain=[0, 1]),
             ),
-            tooltip=["step", alt.Tooltip("cooperation_rate:Q", format=".3f")],
+            tooltip=[x, alt.Tooltip("cooperation_rate:Q", format=".3f")],
         )
         .properties(width=480, height=240)
     )
