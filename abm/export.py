@@ -13,7 +13,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +126,78 @@ def read_transcripts(run_dir: Path) -> Iterator[dict[str, Any]]:
 
 METADATA = (
     "model",
+    "revision",
+    "mode",
     "player",
     "opponent_player",
     "step",
     "match",
+    "side",
     "round",
     "action",
     "valid",
     "fallback",
     "input",
+    "payoff",
+    "opponent_action",
+    "rule_teacher",
 )
 SCORES = ("p_cooperate", "p_defect")  # score mode only
+
+
+def completion_parts(record: dict[str, Any]) -> tuple[str, list[str], list[float] | None]:
+    """What the model wrote after its exact input, the two options' texts, the targets.
+
+    In score mode the input ends with the answer prefix and the answer is the chosen
+    option's label, so the completion is that label as it continues the input (a
+    space first unless the input ends in white space); the options are both shown
+    labels continued the same way. In generate mode the completion is the answer text
+    and the options are the labels after one space.
+
+    Returns:
+        ``(completion, [C option, D option], [P(C), P(D)] or None)``: the teacher's
+        probabilities in score mode; in generate mode the decision read from the
+        answer as 1/0 (None when it could not be read).
+    """
+    labels = record.get("labels") or ["", ""]
+    text = str(record.get("input") or "")
+    space = "" if not text or text[-1].isspace() else " "
+    if record.get("mode") == "score":
+        completion = space + str(record.get("answer") or record["response"])
+        options = [space + str(label) for label in labels]
+    else:
+        completion = record["response"]
+        options = [" " + str(label) for label in labels]
+    if record.get("p_cooperate") is not None and record.get("p_defect") is not None:
+        target = [float(record["p_cooperate"]), float(record["p_defect"])]
+    elif record.get("action") in ("C", "D"):
+        target = [1.0, 0.0] if record["action"] == "C" else [0.0, 1.0]
+    else:
+        target = None
+    return completion, options, target
+
+
+def match_key(record: dict[str, Any]) -> tuple[int, int]:
+    """The match an exchange belongs to: both sides and every round share it."""
+    return int(record.get("step") or 0), int(record.get("match") or 0)
+
+
+def split_by_match(
+    keys: list[tuple[int, int]], validation: float, seed: int = 0
+) -> set[tuple[int, int]]:
+    """The matches that go to the validation set.
+
+    A ``validation`` share of them, drawn with ``seed``: at least one when there are
+    two or more matches and the share is positive, never all of them.
+    """
+    import numpy as np
+
+    distinct = sorted(set(keys))
+    if validation <= 0 or len(distinct) < 2:
+        return set()
+    n = min(len(distinct) - 1, max(1, round(validation * len(distinct))))
+    chosen = np.random.default_rng(seed).permutation(len(distinct))[:n]
+    return {distinct[i] for i in chosen}
 
 
 def sft_examples(
@@ -145,6 +207,8 @@ def sft_examples(
     valid_only: bool = False,
     model: str | None = None,
     player: str | None = None,
+    opponent: str | None = None,
+    rounds: Collection[int] | None = None,
     reflections: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Turn exchanges into chat-format fine-tuning examples.
@@ -159,13 +223,17 @@ def sft_examples(
         valid_only: The old name of the default; it changes nothing.
         model: Keep only the exchanges with this model.
         player: Keep only the exchanges of this player name.
+        opponent: Keep only the exchanges against this player name.
+        rounds: Keep only these rounds of a match (1 is the first).
         reflections: Append the reflection turn that followed each answer, where
             there was one.
 
     Yields:
-        ``{"messages": [...], "metadata": {...}}``: the prompt messages and the
-        model's answer; the metadata carries the fields of ``METADATA`` (among them
-        the exact model input) and, in score mode, the probabilities of C and D.
+        ``{"messages", "prompt", "completion", "options", "target", "metadata"}``:
+        the chat messages with the model's answer; the exact model input as text
+        and what the model wrote after it (``completion_parts``); the two options'
+        texts and the teacher's probabilities of them (soft targets); the metadata
+        carries the fields of ``METADATA`` and, in score mode, P(C) and P(D).
     """
     del valid_only  # the default now; kept so old callers still work
     for r in records:
@@ -175,6 +243,10 @@ def sft_examples(
             continue
         if player is not None and r.get("player") != player:
             continue
+        if opponent is not None and r.get("opponent_player") != opponent:
+            continue
+        if rounds is not None and r.get("round") not in rounds:
+            continue
         messages = [*r["prompt"], {"role": "assistant", "content": r["response"]}]
         if reflections and r.get("reflection"):
             messages += [
@@ -183,7 +255,15 @@ def sft_examples(
             ]
         metadata = {k: r.get(k) for k in METADATA}
         metadata.update({k: r[k] for k in SCORES if r.get(k) is not None})
-        yield {"messages": messages, "metadata": metadata}
+        completion, options, target = completion_parts(r)
+        yield {
+            "messages": messages,
+            "prompt": r.get("input"),
+            "completion": completion,
+            "options": options,
+            "target": target,
+            "metadata": metadata,
+        }
 
 
 def check_out(out: Path, transcripts: Path) -> None:
@@ -218,34 +298,75 @@ def check_out(out: Path, transcripts: Path) -> None:
         )
 
 
-def export_sft(run_dir: Path, out: Path, **filters: Any) -> int:
+def split_paths(out: Path) -> tuple[Path, Path]:
+    """Where a split export writes: ``NAME.train.jsonl`` and ``NAME.validation.jsonl``."""
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(f"{stem}.train.jsonl"), out.with_name(f"{stem}.validation.jsonl")
+
+
+def export_sft(
+    run_dir: Path, out: Path, *, validation: float = 0.0, split_seed: int = 0, **filters: Any
+) -> dict[str, int]:
     """Write a run's fine-tuning examples to ``out`` atomically.
 
     Args:
         run_dir: The run folder.
         out: The JSONL file to write.
+        validation: The share of matches held out for validation (0 to 1). When
+            positive, ``split_paths(out)`` are written instead of ``out``, the
+            examples of one match (both sides, every round) all in one of them.
+        split_seed: Seeds which matches are held out.
         **filters: Keyword arguments of ``sft_examples``.
 
     Returns:
-        How many examples were written.
+        How many examples each written file got: ``{"all": n}`` or
+        ``{"train": n, "validation": m}``.
 
     Raises:
-        ScenarioError: A bad run folder, transcript line or output path; ``out`` then
-            stays as it was (no partial file is left).
+        ScenarioError: A bad run folder, transcript line or output path; the output
+            files then stay as they were (no partial file is left).
     """
-    check_out(out, check_run_dir(run_dir))
-    count = 0
+    transcripts = check_run_dir(run_dir)
+    if not 0.0 <= validation < 1.0:
+        raise ScenarioError(
+            f"--validation {validation}: the share of matches held out must be at least 0 "
+            "and below 1, e.g. 0.2"
+        )
+    targets = (
+        {"all": out}
+        if validation <= 0
+        else dict(zip(("train", "validation"), split_paths(out), strict=True))
+    )
+    for path in targets.values():
+        check_out(path, transcripts)
+    examples = list(sft_examples(read_transcripts(run_dir), **filters))
+    held = split_by_match([match_key(e["metadata"]) for e in examples], validation, split_seed)
+    if validation > 0 and not held:
+        raise ScenarioError(
+            f"{run_dir}: --validation needs examples from two matches or more to hold one "
+            f"out, and the export has {len({match_key(e['metadata']) for e in examples})}; "
+            "widen the filters or leave --validation out"
+        )
+    counts = dict.fromkeys(targets, 0)
     try:
-        with atomic_file(out) as partial, open(partial, "w", encoding="utf-8") as handle:
-            for example in sft_examples(read_transcripts(run_dir), **filters):
-                handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-                count += 1
+        with ExitStack() as stack:
+            handles = {}
+            for part, path in targets.items():
+                partial = stack.enter_context(atomic_file(path))
+                handles[part] = stack.enter_context(open(partial, "w", encoding="utf-8"))
+            for example in examples:
+                part = "all"
+                if validation > 0:
+                    part = "validation" if match_key(example["metadata"]) in held else "train"
+                    example["metadata"]["split"] = part
+                handles[part].write(json.dumps(example, ensure_ascii=False) + "\n")
+                counts[part] += 1
     except OSError as exc:  # a read-only folder root may still enter, a full disk, ...
         raise ScenarioError(
             f"--out {out}: cannot write it ({exc.strerror or exc}); give "
             "a file in a folder you can write to, with space left"
         ) from None
-    return count
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,8 +397,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", help="only exchanges with this model")
     parser.add_argument("--player", help="only exchanges of this player name")
+    parser.add_argument("--opponent", help="only exchanges against this player name")
+    parser.add_argument(
+        "--round",
+        type=int,
+        action="append",
+        dest="rounds",
+        metavar="N",
+        help="only this round of each match (1 is the first); give it again for more rounds",
+    )
     parser.add_argument(
         "--reflections", action="store_true", help="append each reflection turn to its example"
+    )
+    parser.add_argument(
+        "--validation",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="hold out this share of the matches (e.g. 0.2): writes NAME.train.jsonl and "
+        "NAME.validation.jsonl next to --out, every example of a match in the same one",
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="seeds which matches are held out (default 0)"
     )
     args = parser.parse_args(argv)
     out = args.out or args.run_dir / "sft.jsonl"
@@ -288,18 +429,29 @@ def main(argv: list[str] | None = None) -> int:
                 "give --include-invalid alone to keep unreadable answers "
                 "(--valid-only is the default and may be left out)"
             )
-        n = export_sft(
+        counts = export_sft(
             args.run_dir,
             out,
+            validation=args.validation,
+            split_seed=args.split_seed,
             include_invalid=args.include_invalid,
             model=args.model,
             player=args.player,
+            opponent=args.opponent,
+            rounds=set(args.rounds) if args.rounds else None,
             reflections=args.reflections,
         )
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{n} examples written to {out}")
+    if "all" in counts:
+        print(f"{counts['all']} examples written to {out}")
+    else:
+        train, held = split_paths(out)
+        print(
+            f"{counts['train']} examples written to {train}, "
+            f"{counts['validation']} to {held} (matches held out whole)"
+        )
     return 0
 
 

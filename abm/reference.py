@@ -554,6 +554,7 @@ COMMANDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("python -m abm.batch", "abm.batch.__main__", ("--help",)),
     ("python -m abm.batch report", "abm.batch.__main__", ("report", "--help")),
     ("python -m abm.export", "abm.export", ("--help",)),
+    ("python -m abm.finetune", "abm.finetune.__main__", ("--help",)),
     ("python -m abm.compare", "abm.compare", ("--help",)),
     ("python -m abm.viz", "abm.viz.server", ("--help",)),
 )

@@ -599,6 +599,8 @@ def _resolve_templates(data: dict[str, Any], folder: Path) -> None:
     for spec in _policy_tables(data):
         if isinstance(spec.get("template"), str):
             spec["template"] = _relative_to(folder, spec["template"])
+        if isinstance(spec.get("adapter"), str):
+            spec["adapter"] = _relative_to(folder, spec["adapter"])
         chat = spec.get("chat_template")
         if isinstance(chat, str) and chat not in CHAT_FORMATS:  # a Jinja file, not a name
             spec["chat_template"] = _relative_to(folder, chat)

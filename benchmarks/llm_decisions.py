@@ -16,8 +16,9 @@
    cache.
 Every way runs in this process on the same prompts, greedy; the script says
 how many decisions each pair agrees on (the same mode must agree on all).
-The issue's baseline is "naive generate": one transformers generate call per
-decision with the full prompt.
+The baseline is "naive generate": one transformers generate call per
+decision with the full prompt. Every tensor is built on the model's device, so
+the script runs on a GPU as it does on a CPU (``--device cuda``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--new-tokens", type=int, default=8, help="generate mode answer length")
+    parser.add_argument(
+        "--decode",
+        choices=("auto", "eager", "static", "compiled"),
+        default="auto",
+        help="abm generate's decode path (compiled counts its compile time: see decode_steps.py)",
+    )
     args = parser.parse_args()
 
     from abm.llm.backend import Backend
@@ -76,12 +83,15 @@ def main() -> None:
     framing = police()
     prefix = framing.answer_prefix
     naive = Backend(resolve(args.model), device=args.device, prefix_cache=False)
-    fast = Backend(resolve(args.model), device=args.device, prefix_cache=True)
+    fast = Backend(resolve(args.model), device=args.device, prefix_cache=True, decode=args.decode)
     context = fast.render(batches[0][0], prefix)
     labels = tuple(
         fast.continuation_ids(context, " " + label) for label in (framing.label_c, framing.label_d)
     )
-    print(f"model {args.model} on {naive.device}; {n} decisions in {len(batches)} batches")
+    print(
+        f"model {args.model} on {naive.device}; {n} decisions in {len(batches)} batches; "
+        f"abm decodes {fast.decode_path}"
+    )
 
     def naive_score():
         out = []

@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from abm.errors import ScenarioError
 from abm.llm.models import ModelSource
+from abm.llm.static_decode import DECODE_PATHS, StaticDecoder, UnsupportedModel, resolve_decode
 
 # kept importable from here; it lives in a torch-free module
 from abm.llm.stats import BackendStats as BackendStats
@@ -108,11 +109,19 @@ class Backend:
             ("auto", "balanced", ... or a module-to-device table); None puts the whole
             model on ``device``.
         quantization: "8bit" or "4bit" (bitsandbytes, CUDA only), or None.
+        decode: How ``generate`` steps through new tokens: "eager" (a growing cache,
+            one plain call per token), "static" (a preallocated cache of fixed shapes,
+            ``abm.llm.static_decode``), "compiled" (the static steps compiled with
+            ``torch.compile``, CUDA graphs on CUDA) or "auto" (eager, until the
+            compiled path is verified on a GPU). A model the static cache cannot
+            hold decodes eagerly, and a failed compilation falls back to "static",
+            each with one warning; ``loading()`` says which path ran.
 
     Raises:
         ScenarioError: CUDA asked for but not available, a model whose weights do not
             fit in the free memory it would load into (or too big for the CPU on
-            device "auto"), or a model that cannot be loaded or downloaded.
+            device "auto"), a model that cannot be loaded or downloaded, or an
+            unknown ``decode``.
     """
 
     def __init__(
@@ -125,8 +134,11 @@ class Backend:
         prefix_cache: bool = True,
         device_map: str | dict[str, int | str] | None = None,
         quantization: str | None = None,
+        decode: str = "auto",
+        adapter: str | None = None,
     ) -> None:
         """Load the model and tokenizer onto the device."""
+        _check_decode(decode)
         self.source = source
         self.device = _pick_device(device)
         self.dtype = _pick_dtype(dtype, self.device)
@@ -159,6 +171,10 @@ class Backend:
         self.revision = (
             source.revision or getattr(self.model.config, "_commit_hash", None) or source.location
         )
+        self.adapter = adapter
+        if adapter is not None:
+            self.model, digest = with_adapter(self.model, Path(adapter), source, quantization)
+            self.revision = f"{self.revision} + adapter {digest[:12]}"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._cache_arg = (
@@ -180,7 +196,23 @@ class Backend:
         self._prefixes: dict[tuple[int, ...], Any] = {}
         self._anchor: list[int] | None = None
         self._warned_template = False
+        self._decoders: dict[str, StaticDecoder] = {}  # by path: "static", "compiled"
+        self.set_decode(decode)
         self.load_seconds = time.perf_counter() - started
+
+    def set_decode(self, decode: str) -> None:
+        """Choose how ``generate`` steps through new tokens (see the class's ``decode``).
+
+        Static decoders already built are kept, so switching back and forth (as a
+        benchmark does) compiles nothing twice.
+
+        Raises:
+            ScenarioError: ``decode`` is not "auto", "eager", "static" or "compiled".
+        """
+        _check_decode(decode)
+        self.decode = decode
+        self.decode_path = resolve_decode(decode, self.device)
+        self.decode_fallback: str | None = None
 
     def set_threads(self, requested: int | None = None) -> int:
         """Set torch's CPU thread count for this process (see ``thread_count``).
@@ -204,8 +236,14 @@ class Backend:
             "threads": self.threads if self.threads is not None else torch.get_num_threads(),
             "threads_from": self.threads_from or "torch",
         }
+        if self.adapter is not None:
+            out["adapter"] = self.adapter
         if self.estimate is not None:
             out["weights_gib_estimate"] = round(self.estimate.size / 2**30, 2)
+        out["decode"] = self.decode
+        out["decode_path"] = self.decode_path
+        if self.decode_fallback:
+            out["decode_fallback"] = self.decode_fallback
         return out
 
     # ---------------------------------------------------------------- prompts
@@ -518,10 +556,11 @@ class Backend:
     ) -> list[str]:
         logits, state = self._prefill(batch, 1)
         started = time.perf_counter()
+        advance = self._stepper(state, max_new_tokens)
+        del state  # the static path copied the prefill's cache; let it go
         stop = torch.tensor(sorted(self._stop_ids), device=self.device)
         done = torch.zeros(len(batch), dtype=torch.bool, device=self.device)
         new: list[torch.Tensor] = []
-        cache, mask, position = state["cache"], state["mask"], state["next_position"]
         for step in range(max_new_tokens):
             token = self._pick(logits[:, -1].float(), temperature, top_p, generator)
             token = torch.where(done, torch.full_like(token, self.tokenizer.pad_token_id), token)
@@ -531,16 +570,74 @@ class Backend:
                 done |= self._stopped(new, done, stop_strings)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat(
-                [mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=self.device)], dim=1
-            )
-            logits = self._forward(token, mask, position, cache)[:, None]
-            position = position + 1
+            logits = advance(token)[:, None]
         rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in batch]
         self.stats.generate_calls += 1
         self.stats.tokens += sum(len(r) for r in rows)
         self.stats.seconds += time.perf_counter() - started
         return [_cut(self._text(row), stop_strings).strip() for row in rows]
+
+    def _stepper(self, state: dict[str, Any], max_new_tokens: int) -> Any:
+        """A function from the tokens just picked (B,) to the next logits (B, V).
+
+        It continues from ``_prefill``'s state on the decode path in force: a growing
+        cache and mask, or a static cache (``abm.llm.static_decode``).
+        """
+        decoder = self._static_decoder()
+        if decoder is not None:
+            run = decoder.start(
+                state["cache"], state["mask"], state["next_position"], max_new_tokens
+            )
+
+            def static(token: torch.Tensor) -> torch.Tensor:
+                logits = decoder.step(run, token)
+                self.stats.forward_passes += 1
+                if decoder.fallback and not self.decode_fallback:
+                    self.decode_path, self.decode_fallback = decoder.path, decoder.fallback
+                    # it runs uncompiled from now on: keep it, and its caches, as the static one
+                    self._decoders.pop("compiled", None)
+                    self._decoders.setdefault("static", decoder)
+                return logits
+
+            return static
+        cache, mask, position = state["cache"], state["mask"], state["next_position"]
+
+        def eager(token: torch.Tensor) -> torch.Tensor:
+            nonlocal mask, position
+            mask = torch.cat(
+                [mask, torch.ones((len(mask), 1), dtype=mask.dtype, device=self.device)], dim=1
+            )
+            logits = self._forward(token, mask, position, cache)
+            position = position + 1
+            return logits
+
+        return eager
+
+    def _static_decoder(self) -> StaticDecoder | None:
+        """The static-cache decoder when the decode path wants one, built once.
+
+        A model whose cache the static path cannot hold switches the backend to the
+        eager path, with one warning.
+        """
+        if self.decode_path == "eager":
+            return None
+        if self.decode_path not in self._decoders:
+            try:
+                self._decoders[self.decode_path] = StaticDecoder(
+                    self.model,
+                    self._cache_arg,
+                    self._keep_arg,
+                    compiled=self.decode_path == "compiled",
+                )
+            except UnsupportedModel as exc:
+                self.decode_path, self.decode_fallback = "eager", f"no static cache: {exc}"
+                print(
+                    f'abm: warning: decode = "{self.decode}" needs a static key/value cache, '
+                    f"and {self.source.name} cannot use one ({exc}); decoding eagerly",
+                    file=sys.stderr,
+                )
+                return None
+        return self._decoders[self.decode_path]
 
     def _text(self, row: list[int]) -> str:
         return self.tokenizer.decode(_until_stop(row, self._stop_ids), skip_special_tokens=True)
@@ -570,6 +667,12 @@ class Backend:
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_decode(decode: str) -> None:
+    if decode not in DECODE_PATHS:
+        allowed = ", ".join(map(repr, DECODE_PATHS))
+        raise ScenarioError(f"decode {decode!r} is not one of {allowed}")
 
 
 def _stop_at(text: str, stop_strings: Sequence[str]) -> int | None:
@@ -980,6 +1083,52 @@ def _load(
             f"model {source.name!r} is not in the local Hugging Face cache and could not be "
             f"downloaded (offline, or no such model?): {str(exc).splitlines()[0]}"
         ) from None
+
+
+def with_adapter(
+    model: Any, folder: Path, source: ModelSource, quantization: str | None
+) -> tuple[Any, str]:
+    """The model with a PEFT adapter on top, merged into the weights unless they are quantized.
+
+    Returns:
+        The model and the SHA-256 of the adapter's weights (it names them in records).
+
+    Raises:
+        ScenarioError: peft is missing, the folder holds no adapter, or the adapter
+            was trained on another base model.
+    """
+    import hashlib
+    import json
+    import warnings
+
+    try:
+        from peft import PeftModel
+    except ModuleNotFoundError:
+        raise ScenarioError(
+            f"adapter {folder}: loading an adapter needs peft, which is not installed; "
+            'pip install -e ".[finetune]"'
+        ) from None
+    weights = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin")]
+    weights = [w for w in weights if w.is_file()]
+    if not (folder / "adapter_config.json").is_file() or not weights:
+        raise ScenarioError(
+            f"adapter {folder}: not an adapter folder (it needs adapter_config.json and "
+            "adapter_model.safetensors, as python -m abm.finetune writes them)"
+        )
+    about = folder / "abm_adapter.json"
+    if about.is_file():
+        base = json.loads(about.read_text(encoding="utf-8")).get("base_model")
+        if base not in (None, source.name, source.location):
+            raise ScenarioError(
+                f"adapter {folder} was trained on {base!r}, not on model {source.name!r}; "
+                f'set model = "{base}" or give an adapter of this model'
+            )
+    digest = hashlib.sha256(weights[0].read_bytes()).hexdigest()
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(model, str(folder)).eval()
+    # merged weights decode as fast as the base model; quantized ones cannot be merged
+    return (model if quantization else model.merge_and_unload()), digest
 
 
 def _save_converted(tokenizer: Any, model: Any, folder) -> None:

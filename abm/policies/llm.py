@@ -22,7 +22,8 @@ from abm.game import EMPTY, INVALID, C, D, PayoffMatrix
 from abm.llm.models import DEFAULT_MODEL
 from abm.llm.prompts import FRAMINGS, FramingParts
 from abm.llm.reflections import clean_reflection
-from abm.policies.base import Decisions, Outcome, View, register
+from abm.policies.base import Decisions, Outcome, View, lookup, register
+from abm.policies.base import make as make_policy
 
 
 class Phrasings(BaseModel):
@@ -152,6 +153,14 @@ class LLMParams(BaseModel):
     memoize: bool = True
     """Answer identical prompts once when the answer is deterministic (score mode,
     greedy decoding); sampled answers are never shared."""
+    adapter: str | None = None
+    """A PEFT (LoRA) adapter folder, as `python -m abm.finetune` writes it, put on top
+    of `model` (relative to the scenario); its base model must be `model`."""
+    rule_teacher: str | None = None
+    """A rule strategy (e.g. `"tit_for_tat"`) that decides instead of the model: its
+    decisions are written as this player's answers in the framing's words, with
+    P(C) 1 or 0, so the run's transcripts are fine-tuning data of a known strategy.
+    The model is still loaded: its tokenizer renders the exact inputs."""
     device_map: str | dict[str, int | str] | None = None
     """Spread a model too big for one GPU over all GPUs present: `"auto"`,
     `"balanced"`, `"balanced_low_0"`, `"sequential"` (accelerate's placements), or a
@@ -161,6 +170,16 @@ class LLMParams(BaseModel):
     quantization: Literal["8bit", "4bit"] | None = None
     """Load the weights in 8 bits or in 4 bits (NF4, computing in `dtype`) with
     bitsandbytes; needs a CUDA GPU and the `bitsandbytes` package."""
+    decode: Literal["auto", "eager", "static", "compiled"] = "auto"
+    """Generate mode and reflections: how new tokens are produced. `"eager"` grows the
+    key/value cache one token at a time; `"static"` decodes on a preallocated cache of
+    fixed shapes; `"compiled"` compiles those steps with `torch.compile` (CUDA graphs
+    on a GPU; the first batch of each size waits for the compiler); `"auto"` is
+    `"eager"` for now (the compiled path is not yet verified on a GPU, so it runs only
+    when asked for). The paths differ only in rounding,
+    which can tip a near-tie between two tokens; a failed compilation falls back to
+    `"static"` with a warning, and `summary.json`'s `loading` block says which path
+    ran."""
     threads: int | None = Field(None, ge=1, le=1024)
     """CPU threads of torch for this process; default `ABM_THREADS`, else
     `OMP_NUM_THREADS`, else the CPUs the process may use (one per worker when a sweep
@@ -226,6 +245,15 @@ class LLMParams(BaseModel):
                 "ABM_TRUST_REMOTE_CODE=1 in the environment of this run as well"
             )
         _check_placement(self)
+        if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").is_file():
+            raise ValueError(
+                f"adapter {self.adapter!r} is not an adapter folder (it has no "
+                "adapter_config.json); give the folder python -m abm.finetune --out wrote"
+            )
+        if self.rule_teacher is not None:
+            if self.rule_teacher == "llm":
+                raise ValueError("rule_teacher names a rule strategy, such as tit_for_tat, not llm")
+            lookup(self.rule_teacher)  # an unknown name lists the known ones
         if any(not stop for stop in self.reflection_stop):
             raise ValueError('reflection_stop must hold non-empty strings, e.g. ["\\n\\n"]')
         return self
@@ -243,8 +271,10 @@ _LOCAL_ONLY = {
     "trust_remote_code": False,
     "device_map": None,
     "quantization": None,
+    "decode": "auto",
     "threads": None,
     "reflection_stop": [],
+    "adapter": None,
 }
 
 
@@ -440,6 +470,8 @@ def shared_backend(params: LLMParams) -> Any:
         params.prefix_cache,
         placement,
         params.quantization,
+        params.decode,
+        params.adapter,
     )
     if key not in _BACKENDS:
         # a misspelt model is the scenario's mistake, named before any missing package
@@ -471,6 +503,8 @@ def shared_backend(params: LLMParams) -> Any:
             prefix_cache=params.prefix_cache,
             device_map=params.device_map,
             quantization=params.quantization,
+            decode=params.decode,
+            adapter=params.adapter,
         )
     backend = _BACKENDS[key]
     if hasattr(backend, "set_threads"):  # every run: the count is the process's, not the model's
@@ -552,6 +586,7 @@ class LLMPolicy:
             params.answer_prefix if params.answer_prefix is not None else self.framing.answer_prefix
         )
         self.backend = shared_backend(params)
+        self.teacher = make_policy(params.rule_teacher, {}, game) if params.rule_teacher else None
         # a run's work must not depend on what an earlier run in this process cached
         if hasattr(self.backend, "reset_prefix_cache"):
             self.backend.reset_prefix_cache()
@@ -697,7 +732,9 @@ class LLMPolicy:
         prefix = self.answer_prefix if self.params.mode == "score" else ""
         texts = [self.backend.render(c, prefix, self.chat_template) for c in conversations]
         ids = [self.backend.tokenize(t) for t in texts]
-        if self.params.mode == "score":
+        if self.teacher is not None:
+            actions, extra = self._teach(view, shown, rng)
+        elif self.params.mode == "score":
             actions, extra = self._score(ids, texts, shown, rng)
         else:
             actions, extra = self._generate(conversations, ids, shown, view, rng)
@@ -732,6 +769,7 @@ class LLMPolicy:
                 "reflection": None,
                 "latency_s": round(latency, 4),
                 "model": self.params.model,
+                **({"adapter": self.params.adapter} if self.params.adapter else {}),
                 "revision": self.backend.revision,
                 # a server player: which server answered, and what it says it ran
                 **(self.backend.provenance() if hasattr(self.backend, "provenance") else {}),
@@ -744,6 +782,26 @@ class LLMPolicy:
                 tally[1] += actions[i] == C
                 tally[2] += record.get("p_cooperate", float(actions[i] == C))
         return Decisions(actions, fallback)
+
+    def _teach(
+        self, view: View, shown: list[Shown], rng: np.random.Generator
+    ) -> tuple[np.ndarray, list]:
+        """The rule teacher's decisions, written as answers in the framing's words."""
+        out = self.teacher.decide(view, rng)
+        actions = np.asarray(out.actions if isinstance(out, Decisions) else out, np.int8)
+        extra = [
+            {
+                "answer": s.label_c if a == C else s.label_d,
+                "valid": True,
+                "retries": 0,
+                "fallback": False,
+                "p_cooperate": float(a == C),
+                "p_defect": float(a == D),
+                "rule_teacher": self.params.rule_teacher,
+            }
+            for a, s in zip(actions, shown, strict=True)
+        ]
+        return actions, extra
 
     def _phrasings(
         self, swapped: bool, context: str
