@@ -157,7 +157,8 @@ def completion_parts(record: dict[str, Any]) -> tuple[str, list[str], list[float
     Returns:
         ``(completion, [C option, D option], [P(C), P(D)] or None)``: the teacher's
         probabilities in score mode; in generate mode the decision read from the
-        answer as 1/0 (None when it could not be read).
+        answer as 1/0; None when the answer could not be read (a fallback rule's
+        move included: it is not the model's decision).
     """
     labels = record.get("labels") or ["", ""]
     text = str(record.get("input") or "")
@@ -168,7 +169,9 @@ def completion_parts(record: dict[str, Any]) -> tuple[str, list[str], list[float
     else:
         completion = record["response"]
         options = [" " + str(label) for label in labels]
-    if record.get("p_cooperate") is not None and record.get("p_defect") is not None:
+    if record.get("valid") is False or record.get("fallback"):
+        target = None  # not the model's decision: a fallback rule's move is no target
+    elif record.get("p_cooperate") is not None and record.get("p_defect") is not None:
         target = [float(record["p_cooperate"]), float(record["p_defect"])]
     elif record.get("action") in ("C", "D"):
         target = [1.0, 0.0] if record["action"] == "C" else [0.0, 1.0]
@@ -229,10 +232,12 @@ def sft_examples(
             there was one.
 
     Yields:
-        ``{"messages", "prompt", "completion", "options", "target", "metadata"}``:
-        the chat messages with the model's answer; the exact model input as text
-        and what the model wrote after it (``completion_parts``); the two options'
-        texts and the teacher's probabilities of them (soft targets); the metadata
+        ``{"messages", "prompt", "completion", "options", "phrasings", "target",
+        "metadata"}``: the chat messages with the model's answer; the exact model
+        input as text and what the model wrote after it (``completion_parts``); the
+        two options' texts, every phrasing score mode summed for each (score mode,
+        else None) and the teacher's probabilities of the two options (soft
+        targets); the metadata
         carries the fields of ``METADATA`` and, in score mode, P(C) and P(D).
     """
     del valid_only  # the default now; kept so old callers still work
@@ -261,6 +266,7 @@ def sft_examples(
             "prompt": r.get("input"),
             "completion": completion,
             "options": options,
+            "phrasings": r.get("phrasings"),
             "target": target,
             "metadata": metadata,
         }

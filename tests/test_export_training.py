@@ -73,6 +73,8 @@ def test_completion_parts_score_and_generate():
         [1.0, 0.0],
     )
     assert completion_parts({**generate, "action": "invalid"})[2] is None
+    # a fallback rule's move (kept with --include-invalid) is not the model's: no target
+    assert completion_parts({**generate, "valid": False, "fallback": True})[2] is None
 
 
 def test_split_by_match_holds_out_whole_matches():
@@ -116,6 +118,15 @@ def _read(path):
 
 
 def test_export_split_and_training_fields(fake, tmp_path, capsys):
+    cooperate = [
+        "remain silent",
+        "stay silent",
+        "keep silent",
+        "remain quiet",
+        "stay quiet",
+        "keep quiet",
+    ]
+    defect = ["testify", "confess", "defect", "betray"]
     run = _teacher_run(tmp_path, fake)
     assert export_main([str(run), "--validation", "0.25", "--split-seed", "1"]) == 0
     assert "examples written to" in capsys.readouterr().out
@@ -134,6 +145,11 @@ def test_export_split_and_training_fields(fake, tmp_path, capsys):
         assert e["completion"] == (" remain silent" if meta["action"] == "C" else " testify")
         assert e["target"] == ([1.0, 0.0] if meta["action"] == "C" else [0.0, 1.0])
         assert meta["rule_teacher"] == "tit_for_tat" and meta["valid"] is True
+        # what a student's score mode sums for each option: the police framing's phrasings
+        assert [sorted(x) for x in e["phrasings"]] == [
+            sorted(" " + t for t in cooperate),
+            sorted(" " + t for t in defect),
+        ]
         assert meta["split"] in ("train", "validation")
         # Tit-for-tat: C first, then the opponent's last move
         expected = (

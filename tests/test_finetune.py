@@ -157,12 +157,45 @@ def test_adapter_round_trip_gives_the_decisions_of_the_adapter_loaded_directly(t
         )[:, 0]
     assert [r["p_cooperate"] for r in records] == pytest.approx(p_c.tolist(), abs=1e-4)
     assert [r["action"] for r in records] == ["C" if p > 0.5 else "D" for p in p_c.tolist()]
+    # an adapter whose card names another base model is refused before it is loaded
+    import shutil
+
+    from abm.errors import ScenarioError
+
+    other = folder / "adapter_of_another"
+    shutil.copytree(adapter, other)
+    about = json.loads((other / "abm_adapter.json").read_text())
+    (other / "abm_adapter.json").write_text(json.dumps({**about, "base_model": "some/other-7b"}))
+    path.write_text(STUDENT.replace("MODEL", str(tiny)).replace("ADAPTER", str(other)))
+    with pytest.raises(ScenarioError, match="was trained on 'some/other-7b', not on model"):
+        run_scenario(path, out=folder / "refused", quiet=True)
     # and the adapter changed the model: the base model alone decides otherwise somewhere
     with torch.no_grad(), direct.disable_adapter():
         plain = option_logprobs(
             direct, option_batch(rows, 0, tokenizer.pad_token_id, "cpu")
         ).softmax(-1)[:, 0]
     assert not torch.allclose(plain, p_c, atol=1e-3)
+
+
+def test_kl_training_runs_whole_rows_under_gradient_checkpointing(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from abm.finetune.data import Example
+    from abm.finetune.train import TrainConfig, train_kl
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model.gradient_checkpointing_enable()  # as QLoRA's preparation does
+    prompts = [
+        f"<|user|> the game round {w} <|assistant|> Suspect1: I want to" for w in ("one", "two")
+    ]
+    examples = [
+        Example(p, " testify", (" remain silent", " testify"), (0.0, 1.0), "D", []) for p in prompts
+    ]
+    _, losses = train_kl(
+        model, tokenizer, prompts, examples, TrainConfig(steps=2, batch_size=2), device="cpu"
+    )
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
 def test_errors(tmp_path, capsys, monkeypatch):
@@ -179,6 +212,10 @@ def test_errors(tmp_path, capsys, monkeypatch):
     assert "train.jsonl: line 1 lacks 'prompt'" in capsys.readouterr().err
     assert finetune_main([str(good), "--out", str(tmp_path / "a"), "--steps", "0"]) == 2
     assert "--steps 0: must be at least 1" in capsys.readouterr().err
+    assert finetune_main([str(good), "--out", str(tmp_path / "a"), "--layers", "0"]) == 2
+    assert "--layers 0: must be at least 1" in capsys.readouterr().err
+    assert finetune_main([str(good), "--validation", str(good), "--out", str(tmp_path / "a")]) == 2
+    assert "is also a training file" in capsys.readouterr().err
     import importlib.util
 
     real = importlib.util.find_spec

@@ -131,7 +131,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--rank", args.rank, 1),
         ("--alpha", args.alpha, 1),
         ("--max-length", args.max_length, 8),
-        ("--layers", args.layers or 1, 1),
+        ("--layers", 1 if args.layers is None else args.layers, 1),
     ):
         if value < low:
             raise ScenarioError(f"{name} {value}: must be at least {low}")
@@ -148,6 +148,13 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     check_extra()
     from abm.finetune.data import read_examples
 
+    if args.validation and any(
+        args.validation.resolve() == path.resolve() for path in args.train if path.exists()
+    ):
+        raise ScenarioError(
+            f"--validation {args.validation} is also a training file; held-out agreement "
+            "must be measured on examples the model was not trained on"
+        )
     per_file = {path: read_examples([path]) for path in args.train}
     train = [e for examples in per_file.values() for e in examples]
     held = read_examples([args.validation], "validation data") if args.validation else []
@@ -190,7 +197,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     seen = set(prompts)
 
     def measure(what: str) -> dict[str, Any]:
-        distinct = len({(p, e.options) for p, e in zip(held_prompts, held, strict=True)})
+        distinct = len({(p, e.option_sets) for p, e in zip(held_prompts, held, strict=True)})
         with tqdm(total=distinct, desc=f"agreement {what}", unit="prompt") as bar:
             p_c = agree.p_cooperate(backend, held_prompts, held, progress=bar)
         return agree.agreement(held, p_c, held_prompts, seen)
@@ -199,7 +206,10 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     if args.quantization:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model)
+        # gradient checkpointing drops the shared prefix's cache that --loss kl runs on
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.loss == "sft"
+        )
     trained = time.perf_counter()
     if config.loss == "sft":
         model, losses = train_sft(model, tokenizer, prompts, train, config, device=device)
@@ -272,10 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     line = f"adapter written to {args.out}: loss {loss['first']:.4f} -> {loss['last']:.4f}"
     if about["agreement"]:
         before, after = about["agreement"]["before"], about["agreement"]["after"]
-        line += (
-            f"; agreement with the teacher on {after['n']} held-out decisions "
-            f"{before['agree']:.1%} -> {after['agree']:.1%}"
-        )
+        if after["agree"] is not None:
+            line += (
+                f"; agreement with the teacher on {after['n']} held-out decisions "
+                f"{before['agree']:.1%} -> {after['agree']:.1%}"
+            )
     print(line)
     return 0
 

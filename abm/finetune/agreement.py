@@ -18,34 +18,42 @@ def p_cooperate(
     batch_size: int = 16,
     progress: Any = None,
 ) -> np.ndarray:
-    """The model's P(C) on each prompt: its two options renormalised over the pair.
+    """The model's P(C) on each prompt, read as score mode reads a decision.
 
-    Scored as score mode scores a decision (``Backend.score_phrasings``: the shared
-    prompt prefix computed once, both options on one prefill), with whatever model the
-    backend holds now, an adapter included.
+    Each option's phrasings (``Example.option_sets``) are scored after the prompt
+    (``Backend.score_phrasings``: the shared prompt prefix computed once, every
+    phrasing on one prefill and a step per level of their trie), summed per option
+    and renormalised over the pair, with whatever model the backend holds now, an
+    adapter included.
     """
     backend.reset_prefix_cache()  # the weights may have changed since the last call
     # the same prompt recurs (the same history in another match): score it once
-    first: dict[tuple[str, tuple[str, str]], int] = {}
+    first: dict[tuple[str, tuple], int] = {}
     for i, (prompt, example) in enumerate(zip(prompts, examples, strict=True)):
-        first.setdefault((prompt, example.options), i)
-    groups: dict[tuple[str, str], list[int]] = {}
-    for (_, options), i in first.items():
-        groups.setdefault(options, []).append(i)
+        first.setdefault((prompt, example.option_sets), i)
+    groups: dict[tuple, list[int]] = {}
+    for (_, sets), i in first.items():
+        groups.setdefault(sets, []).append(i)
     p_c: dict[int, float] = {}
-    for options, rows in groups.items():
-        tokens = [backend.continuation_ids(prompts[rows[0]], o) for o in options]
+    for sets, rows in groups.items():
+        texts = [(t, option) for option, group in enumerate(sets) for t in group]
+        tokens = [backend.continuation_ids(prompts[rows[0]], t) for t, _ in texts]
+        owner = np.array([option for _, option in texts])
         for start in range(0, len(rows), batch_size):
             part = rows[start : start + batch_size]
-            logp = backend.score_phrasings(
+            per = backend.score_phrasings(
                 [backend.tokenize(prompts[i]) for i in part], tokens, batch_size
+            )
+            # as score mode: each option's phrasings summed, then renormalised over the pair
+            logp = np.stack(
+                [np.logaddexp.reduce(per[:, owner == o], axis=1) for o in (0, 1)], axis=1
             )
             z = logp - logp.max(axis=1, keepdims=True)
             p_c.update(zip(part, np.exp(z[:, 0]) / np.exp(z).sum(axis=1), strict=True))
             if progress is not None:
                 progress.update(len(part))
     return np.array(
-        [p_c[first[(p, e.options)]] for p, e in zip(prompts, examples, strict=True)], float
+        [p_c[first[(p, e.option_sets)]] for p, e in zip(prompts, examples, strict=True)], float
     )
 
 

@@ -74,7 +74,8 @@ def card(about: dict[str, Any]) -> str:
             "",
             "## Agreement with the teacher on the held-out examples",
             "",
-            "The decision is the likelier of the two options, as score mode reads it.",
+            "The decision is the likelier option, as score mode reads it: each option's "
+            "phrasings summed after the input.",
             "",
             "| | before | after |",
             "|---|---|---|",

@@ -19,7 +19,8 @@ class Example:
 
     ``prompt`` is the exact model input; ``completion`` what the teacher wrote after
     it; ``options`` the texts of C and D as they continue the prompt; ``target`` the
-    teacher's probabilities of C and D (None where the answer could not be read).
+    teacher's probabilities of C and D (None where the answer could not be read);
+    ``phrasings`` every text score mode summed for C and for D, where recorded.
     """
 
     prompt: str
@@ -29,6 +30,16 @@ class Example:
     action: str | None
     messages: list[dict[str, str]]
     metadata: dict[str, Any] = field(default_factory=dict)
+    phrasings: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+    @property
+    def option_sets(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The texts whose probabilities make up C and D.
+
+        Every phrasing score mode summed for each, where the run recorded them; else
+        the two options.
+        """
+        return self.phrasings or ((self.options[0],), (self.options[1],))
 
     @property
     def answer_prefix(self) -> str:
@@ -74,7 +85,15 @@ def _example(path: Path, number: int, raw: Any) -> Example:
     ):
         raise _fail(path, number, "has a 'target' that is not two probabilities adding to 1")
     meta = raw["metadata"] if isinstance(raw["metadata"], dict) else {}
-    action = meta.get("action") if meta.get("action") in ("C", "D") else None
+    readable = meta.get("valid") is not False and not meta.get("fallback")
+    action = meta.get("action") if readable and meta.get("action") in ("C", "D") else None
+    sets = raw.get("phrasings")
+    if sets is not None and not (
+        isinstance(sets, list)
+        and len(sets) == 2
+        and all(isinstance(x, list) and x and all(isinstance(t, str) for t in x) for x in sets)
+    ):
+        raise _fail(path, number, "has 'phrasings' that are not two lists of strings")
     return Example(
         prompt=raw["prompt"],
         completion=raw["completion"],
@@ -83,6 +102,7 @@ def _example(path: Path, number: int, raw: Any) -> Example:
         action=action,
         messages=raw["messages"],
         metadata=meta,
+        phrasings=None if sets is None else (tuple(sets[0]), tuple(sets[1])),
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import ProgressCallback, TrainerCallback
 
 from abm.errors import ScenarioError
 from abm.finetune.data import Example, continuation
@@ -143,9 +144,34 @@ def train_sft(
             processing_class=tokenizer,
             peft_config=lora_config(config, model),
         )
+        # the trainer's own bar prints every step's log as a dict; one bar with the loss
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_LossBar(config.steps))
         trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return trainer.model, [float(x) for x in losses]
+
+
+class _LossBar(TrainerCallback):
+    """A progress bar over the steps that shows the last loss."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.bar: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.steps, desc="training", unit="step")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.n = state.global_step
+            self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train_kl(
@@ -184,6 +210,8 @@ def train_kl(
     if longest > config.max_length:
         raise too_long(longest, config.max_length)
     prefix = shared_prefix([ids for ids, n in rows], keep=max(n for _, n in rows) + 1)
+    if getattr(model, "is_gradient_checkpointing", False):
+        prefix = 0  # checkpointed layers run without a cache: every row whole
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(config.seed)
     model = get_peft_model(model, lora_config(config, model))

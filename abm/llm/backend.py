@@ -1090,12 +1090,16 @@ def with_adapter(
 ) -> tuple[Any, str]:
     """The model with a PEFT adapter on top, merged into the weights unless they are quantized.
 
+    The adapter's base model is read from its ``abm_adapter.json`` (written by
+    ``python -m abm.finetune``), else from PEFT's ``adapter_config.json``, and must
+    be ``source`` (its name or its folder).
+
     Returns:
         The model and the SHA-256 of the adapter's weights (it names them in records).
 
     Raises:
-        ScenarioError: peft is missing, the folder holds no adapter, or the adapter
-            was trained on another base model.
+        ScenarioError: peft is missing, the folder holds no adapter or an unreadable
+            one, or the adapter was trained on another base model.
     """
     import hashlib
     import json
@@ -1115,18 +1119,34 @@ def with_adapter(
             f"adapter {folder}: not an adapter folder (it needs adapter_config.json and "
             "adapter_model.safetensors, as python -m abm.finetune writes them)"
         )
-    about = folder / "abm_adapter.json"
-    if about.is_file():
-        base = json.loads(about.read_text(encoding="utf-8")).get("base_model")
-        if base not in (None, source.name, source.location):
-            raise ScenarioError(
-                f"adapter {folder} was trained on {base!r}, not on model {source.name!r}; "
-                f'set model = "{base}" or give an adapter of this model'
-            )
+    try:
+        about = folder / "abm_adapter.json"
+        if about.is_file():
+            base = json.loads(about.read_text(encoding="utf-8")).get("base_model")
+        else:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+            base = config.get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ScenarioError(f"adapter {folder}: cannot read its description ({exc})") from None
+    known = {source.name, source.location, str(source.converted)}
+    same = base in known or (
+        isinstance(base, str)
+        and any(Path(base).resolve() == Path(k).resolve() for k in known if k and k != "None")
+    )
+    if base and not same:
+        raise ScenarioError(
+            f"adapter {folder} was trained on {base!r}, not on model {source.name!r}; "
+            f'set model = "{base}" or give an adapter of this model'
+        )
     digest = hashlib.sha256(weights[0].read_bytes()).hexdigest()
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question
-        warnings.simplefilter("ignore", FutureWarning)
-        model = PeftModel.from_pretrained(model, str(folder)).eval()
+    try:
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(folder)).eval()
+    except (RuntimeError, ValueError, KeyError) as exc:  # shapes of another model
+        raise ScenarioError(
+            f"adapter {folder} does not fit model {source.name!r}: {str(exc).splitlines()[0]}"
+        ) from None
     # merged weights decode as fast as the base model; quantized ones cannot be merged
     return (model if quantization else model.merge_and_unload()), digest
 

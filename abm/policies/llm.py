@@ -733,7 +733,7 @@ class LLMPolicy:
         texts = [self.backend.render(c, prefix, self.chat_template) for c in conversations]
         ids = [self.backend.tokenize(t) for t in texts]
         if self.teacher is not None:
-            actions, extra = self._teach(view, shown, rng)
+            actions, extra = self._teach(view, shown, texts, rng)
         elif self.params.mode == "score":
             actions, extra = self._score(ids, texts, shown, rng)
         else:
@@ -784,11 +784,12 @@ class LLMPolicy:
         return Decisions(actions, fallback)
 
     def _teach(
-        self, view: View, shown: list[Shown], rng: np.random.Generator
+        self, view: View, shown: list[Shown], texts: list[str], rng: np.random.Generator
     ) -> tuple[np.ndarray, list]:
         """The rule teacher's decisions, written as answers in the framing's words."""
         out = self.teacher.decide(view, rng)
         actions = np.asarray(out.actions if isinstance(out, Decisions) else out, np.int8)
+        score = self.params.mode == "score"
         extra = [
             {
                 "answer": s.label_c if a == C else s.label_d,
@@ -798,10 +799,17 @@ class LLMPolicy:
                 "p_cooperate": float(a == C),
                 "p_defect": float(a == D),
                 "rule_teacher": self.params.rule_teacher,
+                # what a student's score mode will sum for each option
+                **({"phrasings": self._phrasing_sets(s.swapped, text)} if score else {}),
             }
-            for a, s in zip(actions, shown, strict=True)
+            for a, s, text in zip(actions, shown, texts, strict=True)
         ]
         return actions, extra
+
+    def _phrasing_sets(self, swapped: bool, context: str) -> list[list[str]]:
+        """The phrasings score mode sums for C and for D, as texts."""
+        _, owner, texts = self._phrasings(swapped, context)
+        return [[t for t, o in zip(texts, owner, strict=True) if o == option] for option in (C, D)]
 
     def _phrasings(
         self, swapped: bool, context: str
@@ -852,9 +860,11 @@ class LLMPolicy:
     ) -> tuple[np.ndarray, list]:
         n = len(ids)
         logp = np.empty((n, 2))
+        sets: dict[bool, list[list[str]]] = {}
         for swapped in sorted({s.swapped for s in shown}):
             rows = [i for i in range(n) if shown[i].swapped == swapped]
             tokens, owner, _ = self._phrasings(swapped, texts[rows[0]])
+            sets[swapped] = self._phrasing_sets(swapped, texts[rows[0]])
             per = np.array(
                 self._memoized(
                     [(swapped, tuple(ids[i])) for i in rows],
@@ -890,6 +900,7 @@ class LLMPolicy:
                 "logprob_cooperate": float(lp[0]),
                 "logprob_defect": float(lp[1]),
                 "label_mass": float(m),
+                "phrasings": sets[s.swapped],
             }
             for a, p, lp, m, s in zip(actions, probs, logp, mass, shown, strict=True)
         ]
