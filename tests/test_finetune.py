@@ -38,19 +38,25 @@ def tiny(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
-def test_option_scores_with_a_shared_prefix_equal_the_full_sequences(tiny):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def tiny_backend(folder):
+    """The tiny model loaded as a run loads it: its tokenization is the one a run uses."""
+    from abm.llm.backend import Backend
+    from abm.llm.models import resolve
 
+    return Backend(resolve(str(folder)), device="cpu", dtype="float32")
+
+
+def test_option_scores_with_a_shared_prefix_equal_the_full_sequences(tiny):
     from abm.finetune.losses import option_batch, option_logprobs, option_rows, prefix_cache
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    backend = tiny_backend(tiny)
+    model = backend.model
     prompts = [
         "<|user|> the game round one history <|assistant|> Suspect1: I want to",
         "<|user|> the game round two history you did this <|assistant|> Suspect1: I want to",
     ]
     options = [(" remain silent", " testify")] * 2
-    rows = option_rows(tokenizer, prompts, options)
+    rows = option_rows(backend, prompts, options)
     expected = []
     with torch.no_grad():
         for ids, n in rows:  # each sequence alone: sum of log P(token | everything before)
@@ -147,9 +153,10 @@ def test_adapter_round_trip_gives_the_decisions_of_the_adapter_loaded_directly(t
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    tokens = tiny_backend(tiny)  # tokenizes as the run did; the model scored is `direct`
     direct = PeftModel.from_pretrained(base, adapter).eval()
     rows = option_rows(
-        tokenizer, [r["input"] for r in records], [(" remain silent", " testify")] * len(records)
+        tokens, [r["input"] for r in records], [(" remain silent", " testify")] * len(records)
     )
     with torch.no_grad():
         p_c = option_logprobs(direct, option_batch(rows, 0, tokenizer.pad_token_id, "cpu")).softmax(
@@ -178,13 +185,11 @@ def test_adapter_round_trip_gives_the_decisions_of_the_adapter_loaded_directly(t
 
 
 def test_kl_training_runs_whole_rows_under_gradient_checkpointing(tiny):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from abm.finetune.data import Example
     from abm.finetune.train import TrainConfig, train_kl
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    backend = tiny_backend(tiny)
+    model = backend.model
     model.gradient_checkpointing_enable()  # as QLoRA's preparation does
     prompts = [
         f"<|user|> the game round {w} <|assistant|> Suspect1: I want to" for w in ("one", "two")
@@ -193,7 +198,7 @@ def test_kl_training_runs_whole_rows_under_gradient_checkpointing(tiny):
         Example(p, " testify", (" remain silent", " testify"), (0.0, 1.0), "D", []) for p in prompts
     ]
     _, losses = train_kl(
-        model, tokenizer, prompts, examples, TrainConfig(steps=2, batch_size=2), device="cpu"
+        model, backend, prompts, examples, TrainConfig(steps=2, batch_size=2), device="cpu"
     )
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 

@@ -191,7 +191,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         quantization=args.quantization,
     )
     backend.set_threads(args.threads)
-    tokenizer, model, device = backend.tokenizer, backend.model, backend.device
+    model, device = backend.model, backend.device
     prompts = [student_prompt(e, backend, name) for e in train]
     held_prompts = [student_prompt(e, backend, name) for e in held]
     seen = set(prompts)
@@ -212,11 +212,11 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         )
     trained = time.perf_counter()
     if config.loss == "sft":
-        model, losses = train_sft(model, tokenizer, prompts, train, config, device=device)
+        model, losses = train_sft(model, backend, prompts, train, config, device=device)
     else:
         model, losses = train_kl(
             model,
-            tokenizer,
+            backend,
             prompts,
             train,
             config,

@@ -138,19 +138,3 @@ def read_examples(paths: Sequence[Path], what: str = "training data") -> list[Ex
             "LLM players (python -m abm.export RUN --validation 0.2)"
         )
     return out
-
-
-def continuation(tokenizer: Any, context: str, text: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``context`` and of ``text`` as it follows it in the joined text.
-
-    Tokenizing the two apart can split the boundary differently (and SentencePiece
-    adds a word-start marker), so the joined text is tokenized and cut where it stops
-    agreeing with the context alone; a boundary token that merges both goes to the
-    continuation. Special tokens are not added: chat templates write their own.
-    """
-    whole = tokenizer(context + text, add_special_tokens=False).input_ids
-    head = tokenizer(context, add_special_tokens=False).input_ids
-    n = 0
-    while n < min(len(whole), len(head)) and whole[n] == head[n]:
-        n += 1
-    return list(whole[:n]), list(whole[n:])

@@ -8,25 +8,21 @@ from typing import Any
 
 import torch
 
-from abm.finetune.data import continuation
-
 
 def option_rows(
-    tokenizer: Any, prompts: Sequence[str], options: Sequence[tuple[str, str]]
+    backend: Any, prompts: Sequence[str], options: Sequence[tuple[str, str]]
 ) -> list[tuple[list[int], int]]:
     """Each prompt followed by each of its two options: ``(token ids, option length)``.
 
-    Two rows per prompt, C then D, the option tokenized as it continues the prompt.
-
-    Raises:
-        ValueError: An option that comes out as no tokens.
+    Two rows per prompt, C then D, tokenized as score mode tokenizes a decision: the
+    prompt as a whole (``backend.tokenize``), then the option as it continues it
+    (``backend.continuation_ids``).
     """
     rows = []
     for prompt, pair in zip(prompts, options, strict=True):
+        head = backend.tokenize(prompt)
         for option in pair:
-            head, tail = continuation(tokenizer, prompt, option)
-            if not tail:
-                raise ValueError(f"the option {option!r} comes out as no tokens after its prompt")
+            tail = backend.continuation_ids(prompt, option)
             rows.append((head + tail, len(tail)))
     return rows
 

@@ -11,7 +11,7 @@ import torch
 from transformers import ProgressCallback, TrainerCallback
 
 from abm.errors import ScenarioError
-from abm.finetune.data import Example, continuation
+from abm.finetune.data import Example
 from abm.finetune.losses import (
     option_batch,
     option_kl,
@@ -78,20 +78,22 @@ def too_long(tokens: int, max_length: int) -> ScenarioError:
 
 
 def sft_rows(
-    tokenizer: Any, prompts: Sequence[str], examples: Sequence[Example], max_length: int
+    backend: Any, prompts: Sequence[str], examples: Sequence[Example], max_length: int
 ) -> list[dict[str, list[int]]]:
     """Pre-tokenized rows for TRL: the exact input, then the answer and an end token.
 
-    Only the answer and the end token are learned (``completion_mask``); the input is
-    tokenized as the model reads it in a run (no special tokens added).
+    Only the answer and the end token are learned (``completion_mask``); the input and
+    the answer are tokenized as a run tokenizes them (``backend.tokenize``, then
+    ``backend.continuation_ids``: no special tokens added).
 
     Raises:
         ScenarioError: An example longer than ``max_length`` tokens.
     """
     rows = []
+    eos = backend.tokenizer.eos_token_id
     for prompt, example in zip(prompts, examples, strict=True):
-        head, tail = continuation(tokenizer, prompt, example.completion)
-        ids = head + tail + [tokenizer.eos_token_id]
+        head = backend.tokenize(prompt)
+        ids = head + backend.continuation_ids(prompt, example.completion) + [eos]
         if len(ids) > max_length:
             raise too_long(len(ids), max_length)
         rows.append(
@@ -102,7 +104,7 @@ def sft_rows(
 
 def train_sft(
     model: Any,
-    tokenizer: Any,
+    backend: Any,
     prompts: Sequence[str],
     examples: Sequence[Example],
     config: TrainConfig,
@@ -117,7 +119,7 @@ def train_sft(
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    data = Dataset.from_list(sft_rows(tokenizer, prompts, examples, config.max_length))
+    data = Dataset.from_list(sft_rows(backend, prompts, examples, config.max_length))
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
             output_dir=scratch,
@@ -141,7 +143,7 @@ def train_sft(
             model=model,
             args=args,
             train_dataset=data,
-            processing_class=tokenizer,
+            processing_class=backend.tokenizer,
             peft_config=lora_config(config, model),
         )
         # the trainer's own bar prints every step's log as a dict; one bar with the loss
@@ -176,7 +178,7 @@ class _LossBar(TrainerCallback):
 
 def train_kl(
     model: Any,
-    tokenizer: Any,
+    backend: Any,
     prompts: Sequence[str],
     examples: Sequence[Example],
     config: TrainConfig,
@@ -205,14 +207,14 @@ def train_kl(
             "--loss kl needs the teacher's option probabilities, and no example has them "
             "(its answers could not be read); use --loss sft"
         )
-    rows = option_rows(tokenizer, prompts, [e.options for e in examples])
+    rows = option_rows(backend, prompts, [e.options for e in examples])
     longest = max(len(ids) for ids, _ in rows)
     if longest > config.max_length:
         raise too_long(longest, config.max_length)
     prefix = shared_prefix([ids for ids, n in rows], keep=max(n for _, n in rows) + 1)
     if getattr(model, "is_gradient_checkpointing", False):
         prefix = 0  # checkpointed layers run without a cache: every row whole
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = backend.tokenizer.pad_token_id or 0
     torch.manual_seed(config.seed)
     model = get_peft_model(model, lora_config(config, model))
     model.train()
