@@ -257,8 +257,15 @@ def run_scenario(
 
 def llm_line(entry: dict) -> str:
     """One line on how far an LLM player's choices are the model's own."""
+    if entry.get("rule_teacher"):
+        return (
+            f"{'/'.join(entry['players'])} ({entry['model']}, {entry['mode']}): "
+            f"{entry['decisions']} decisions made by the rule {entry['rule_teacher']} "
+            "(rule_teacher), written as answers; none is the model's"
+        )
+    model = entry["model"] + (f" + adapter {entry['adapter']}" if entry.get("adapter") else "")
     line = (
-        f"{'/'.join(entry['players'])} ({entry['model']}, {entry['mode']}): "
+        f"{'/'.join(entry['players'])} ({model}, {entry['mode']}): "
         f"{entry['decisions']} decisions, {entry['invalid']} invalid "
         f"({entry['invalid_rate']:.1%})"
     )

@@ -25,6 +25,12 @@ def test_rule_teacher_decides_instead_of_the_model(fake):
     assert [(r["p_cooperate"], r["p_defect"]) for r in records] == [(1.0, 0.0)] * 4
     assert {r["rule_teacher"] for r in records} == {"all_c"}
     assert fake.score_batches == []  # the model was never asked
+    from abm.run import llm_line
+
+    stats = {**model.llm_policies[0].stats(), "players": ["LLM"]}
+    assert stats["rule_teacher"] == "all_c"
+    assert "4 decisions made by the rule all_c (rule_teacher)" in llm_line(stats)
+    assert "none is the model's" in llm_line(stats)
 
 
 def test_rule_teacher_tit_for_tat_against_alternator(fake):

@@ -150,6 +150,8 @@ def test_adapter_round_trip_gives_the_decisions_of_the_adapter_loaded_directly(t
     run = run_scenario(path, out=folder / "student", quiet=True)
     records = [json.loads(line) for line in (run / "transcripts.jsonl").read_text().splitlines()]
     assert records and all(r["adapter"] == str(adapter) for r in records)
+    summary = json.loads((run / "summary.json").read_text())["llm"][0]
+    assert summary["adapter"] == summary["loading"]["adapter"] == str(adapter)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)

@@ -1132,6 +1132,10 @@ class LLMPolicy:
             out["server"] = self.backend.summary()
         if self.params.reflection_stop:
             out["reflection_stop"] = list(self.params.reflection_stop)
+        if self.params.rule_teacher:  # the decisions are the rule's, not the model's
+            out["rule_teacher"] = self.params.rule_teacher
+        if self.params.adapter:
+            out["adapter"] = self.params.adapter
         if self._mass:
             mass = np.array(self._mass)
             out["label_mass"] = {
