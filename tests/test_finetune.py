@@ -112,6 +112,7 @@ def test_finetune_runs_end_to_end_and_the_loss_falls(tiny, exported, loss, capsy
     folder, train, held = exported
     out = folder / f"adapter_{loss}"
     argv = [str(train), "--validation", str(held), "--out", str(out), "--loss", loss]
+    argv += ["--merged"] if loss == "sft" else []
     assert (
         finetune_main([*argv, "--steps", "12", "--batch-size", "4", "--learning-rate", "0.01"]) == 0
     )
@@ -126,6 +127,28 @@ def test_finetune_runs_end_to_end_and_the_loss_falls(tiny, exported, loss, capsy
     for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "loss.png"):
         assert (out / name).is_file(), name
     assert "Agreement with the teacher" in (out / "README.md").read_text()
+    if loss == "sft":  # written with --merged: a plain model folder giving the adapter's scores
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from abm.finetune.losses import option_batch, option_logprobs, option_rows
+
+        rows = option_rows(
+            tiny_backend(tiny),
+            ["<|user|> the game round one <|assistant|> Suspect1: I want to"],
+            [(" remain silent", " testify")],
+        )
+        base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+        with torch.no_grad():
+            adapted = option_logprobs(
+                PeftModel.from_pretrained(base, out).eval(), option_batch(rows, 0, 1, "cpu")
+            )
+            merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+            plain = option_logprobs(merged.eval(), option_batch(rows, 0, 1, "cpu"))
+            fresh = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+            untrained = option_logprobs(fresh, option_batch(rows, 0, 1, "cpu"))
+        assert plain.flatten().tolist() == pytest.approx(adapted.flatten().tolist(), abs=1e-4)
+        assert not torch.allclose(plain, untrained, atol=1e-3)  # the adapter is in there
     assert not list(folder.glob(f".adapter_{loss}.partial-*"))
 
 
@@ -223,6 +246,9 @@ def test_errors(tmp_path, capsys, monkeypatch):
     assert "--layers 0: must be at least 1" in capsys.readouterr().err
     assert finetune_main([str(good), "--validation", str(good), "--out", str(tmp_path / "a")]) == 2
     assert "is also a training file" in capsys.readouterr().err
+    argv = [str(good), "--out", str(tmp_path / "a"), "--merged", "--quantization", "4bit"]
+    assert finetune_main(argv) == 2
+    assert "quantized weights cannot take the adapter in" in capsys.readouterr().err
     import importlib.util
 
     real = importlib.util.find_spec

@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
         help="QLoRA: the base model in 8 or 4 bits (bitsandbytes, CUDA only)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads (default as for runs)")
+    parser.add_argument(
+        "--merged",
+        action="store_true",
+        help="also write FOLDER/merged: the base model with the adapter merged in, with its "
+        'tokenizer (a plain model folder: model = "FOLDER/merged", or an inference server)',
+    )
     return parser
 
 
@@ -137,6 +143,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ScenarioError(f"{name} {value}: must be at least {low}")
     if not 0 < args.learning_rate < 1:
         raise ScenarioError(f"--learning-rate {args.learning_rate}: must be above 0 and below 1")
+    if args.merged and args.quantization:
+        raise ScenarioError(
+            "--merged with --quantization: quantized weights cannot take the adapter in; "
+            "merge into a full-precision copy of the base model instead"
+        )
     if not 0 <= args.dropout < 1:
         raise ScenarioError(f"--dropout {args.dropout}: must be at least 0 and below 1")
 
@@ -234,6 +245,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(backend.dtype).removeprefix("torch."),
         "quantization": args.quantization,
         "training": vars(config),
+        "merged": "merged" if args.merged else None,
         "examples": {"train": len(train), "validation": len(held)},
         "data": [
             {"path": str(p), "examples": n, "sha256": card.file_digest(p)}
@@ -248,6 +260,9 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     try:
         partial.mkdir()
         model.save_pretrained(partial)
+        if args.merged:  # last: merging folds the adapter into the weights for good
+            model.merge_and_unload().save_pretrained(partial / "merged")
+            backend.tokenizer.save_pretrained(partial / "merged")
         card.loss_chart(losses, partial)
         card.write_about(partial, about)
         if args.out.exists():
