@@ -169,16 +169,15 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     per_file = {path: read_examples([path]) for path in args.train}
     train = [e for examples in per_file.values() for e in examples]
     held = read_examples([args.validation], "validation data") if args.validation else []
-    per_file_n = {**{p: len(v) for p, v in per_file.items()}}
     if args.validation:
-        per_file_n[args.validation] = len(held)
+        per_file[args.validation] = held
     from tqdm.auto import tqdm
 
     from abm.finetune import agreement as agree
     from abm.finetune import card
     from abm.finetune.train import TrainConfig, train_kl, train_sft
     from abm.llm.backend import Backend
-    from abm.llm.models import DEFAULT_MODEL, resolve
+    from abm.llm.models import DEFAULT_MODEL, file_digest, resolve
 
     models = {e.metadata.get("model") for e in train} - {None}
     name = args.model or (models.pop() if len(models) == 1 else DEFAULT_MODEL)
@@ -248,8 +247,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         "merged": "merged" if args.merged else None,
         "examples": {"train": len(train), "validation": len(held)},
         "data": [
-            {"path": str(p), "examples": n, "sha256": card.file_digest(p)}
-            for p, n in per_file_n.items()
+            {"path": str(p), "examples": len(examples), "sha256": file_digest(p)}
+            for p, examples in per_file.items()
         ],
         "loss": {"first": losses[0], "last": losses[-1], "steps": losses},
         "agreement": {"before": before, "after": after} if held else None,

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 ABOUT = "abm_adapter.json"  # read back by the LLM player to check the base model
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, so a card names exactly the data it was trained on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def loss_chart(losses: list[float], folder: Path) -> list[str]:

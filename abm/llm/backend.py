@@ -1101,9 +1101,10 @@ def with_adapter(
         ScenarioError: peft is missing, the folder holds no adapter or an unreadable
             one, or the adapter was trained on another base model.
     """
-    import hashlib
     import json
     import warnings
+
+    from abm.llm.models import file_digest
 
     try:
         from peft import PeftModel
@@ -1138,7 +1139,7 @@ def with_adapter(
             f"adapter {folder} was trained on {base!r}, not on model {source.name!r}; "
             f'set model = "{base}" or give an adapter of this model'
         )
-    digest = hashlib.sha256(weights[0].read_bytes()).hexdigest()
+    digest = file_digest(weights[0])
     try:
         with warnings.catch_warnings():  # peft asks transformers a deprecated question
             warnings.simplefilter("ignore", FutureWarning)

@@ -11,6 +11,16 @@ from pathlib import Path
 
 from abm.errors import ScenarioError
 
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in chunks: it names weights and data files exactly."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 # the model an LLM player runs when its scenario names none
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
