@@ -81,7 +81,7 @@ def framings() -> dict[str, Any]:
     registry = getattr(prompts, "FRAMINGS", None)
     if isinstance(registry, dict):
         return dict(registry)
-    from abm.policies.llm import LLMParams
+    from abm.policies.llm_params import LLMParams
 
     return dict.fromkeys(_literal_values(LLMParams.model_fields["framing"].annotation))
 
@@ -113,7 +113,7 @@ def scenario_reference() -> str:
         A Markdown document whose first heading is level 2, to be placed under a page
         title.
     """
-    from abm.policies.llm import LLMParams
+    from abm.policies.llm_params import LLMParams
     from abm.scenario import PolicySpec, Scenario, Share
 
     out: list[str] = []

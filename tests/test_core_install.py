@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, SCENARIOS
 from test_round_robin import PAYOFF, PLAYERS
 
-import abm.policies.llm as llm_module
+import abm.policies.llm_backends as llm_backends
 from abm.run import main
 
 BLOCK = "import sys\nsys.modules['torch'] = None\nsys.modules['transformers'] = None\n"
@@ -39,10 +39,13 @@ def test_every_module_but_the_backend_imports_without_torch():
         import importlib, json, pkgutil
         import abm
         names = sorted(m.name for m in pkgutil.walk_packages(abm.__path__, "abm."))
-        # __main__ modules run their command on import; the backend, its decode steps and
-        # the training code are the torch users (loaded only when a model is)
+        # __main__ modules run their command on import; the backend, its loading,
+        # placement and decode steps and the training code are the torch users (loaded
+        # only when a model is)
         torch_users = {
             "abm.llm.backend",
+            "abm.llm.loading",
+            "abm.llm.placement",
             "abm.llm.static_decode",
             "abm.finetune.losses",
             "abm.finetune.train",
@@ -61,6 +64,8 @@ def test_every_module_but_the_backend_imports_without_torch():
         "abm.model",
         "abm.policies",
         "abm.policies.llm",
+        "abm.policies.llm_params",
+        "abm.policies.llm_backends",
         "abm.batch",
         "abm.viz.model",
         "abm.llm.stats",
@@ -98,7 +103,7 @@ def test_an_llm_scenario_without_torch_names_the_llm_extra(
     scenario_file, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setitem(sys.modules, "torch", None)  # already so on a core install
-    monkeypatch.setattr(llm_module, "_BACKENDS", {})
+    monkeypatch.setattr(llm_backends, "_BACKENDS", {})
     # a model folder that exists, so that the model itself is not what is missing
     (tmp_path / "model").mkdir()
     path = scenario_file(

@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from abm.policies import REGISTRY
-from abm.policies.llm import LLMParams
+from abm.policies.llm_params import LLMParams
 from abm.reference import (
     COMMANDS,
     cli_reference,

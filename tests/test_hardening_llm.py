@@ -10,6 +10,7 @@ import pytest
 from test_llm_policy import CUSTOM, custom_scenario, scenario
 
 import abm.policies.llm as llm_module
+import abm.policies.llm_backends as llm_backends
 from abm.model import DilemmaModel
 from abm.run import main, run_scenario
 
@@ -70,7 +71,7 @@ def test_a_bad_device_fails_before_any_model_loads(scenario_file, tmp_path, caps
 def test_missing_llm_extra_gives_the_install_command(scenario_file, tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch", reason="without torch the message names torch instead")
     monkeypatch.setitem(sys.modules, "transformers", None)  # "not installed"
-    monkeypatch.setattr(llm_module, "_BACKENDS", {})
+    monkeypatch.setattr(llm_backends, "_BACKENDS", {})
     path = llm_file(scenario_file, model=str(tmp_path))  # a model folder that exists
     assert main([path, "--quiet", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -120,7 +121,7 @@ def tiny_run(folder, tiny_dir, name, others):
 
 @pytest.mark.llm_extra
 def test_a_runs_counters_do_not_depend_on_earlier_runs(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(llm_module, "_BACKENDS", {})  # this process has loaded nothing yet
+    monkeypatch.setattr(llm_backends, "_BACKENDS", {})  # this process has loaded nothing yet
     keys = ("tokens", "forward_passes", "prefix_cache_hits", "computed", "memo_hits")
     first = tiny_run(tmp_path, tiny_dir, "a", ["all_d", "all_c"])
     tiny_run(tmp_path, tiny_dir, "b", ["tit_for_tat", "alternator", "all_c"])  # other prompts

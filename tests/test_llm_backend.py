@@ -554,7 +554,7 @@ def test_conversion_lock_lets_one_process_convert_at_a_time(tmp_path):
     import threading
     import time as clock
 
-    from abm.llm.backend import _conversion_lock
+    from abm.llm.loading import _conversion_lock
 
     folder = tmp_path / "models" / "m"
     events = []
@@ -577,7 +577,7 @@ def test_conversion_lock_lets_one_process_convert_at_a_time(tmp_path):
 def test_saved_copy_replaces_a_half_written_one(tmp_path):
     from types import SimpleNamespace
 
-    from abm.llm.backend import _save_converted
+    from abm.llm.loading import _save_converted
 
     def saver(name):
         return lambda folder: (folder / name).write_text("x")
@@ -598,7 +598,7 @@ def test_saved_copy_replaces_a_half_written_one(tmp_path):
 def test_parameter_count_reads_safetensors_headers(tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    from abm.llm.backend import _parameter_count
+    from abm.llm.placement import _parameter_count
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     assert _parameter_count(resolve(str(tiny_dir))) == sum(p.numel() for p in model.parameters())
@@ -606,10 +606,11 @@ def test_parameter_count_reads_safetensors_headers(tiny_dir):
 
 def test_a_big_model_does_not_silently_land_on_the_cpu(tiny_dir, monkeypatch, capsys):
     import abm.llm.backend as backend_module
+    import abm.llm.placement as placement_module
 
-    monkeypatch.setattr(backend_module, "_pick_device", lambda device: "cpu")
-    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
-    monkeypatch.setattr(backend_module, "_cpu_free", lambda: 64 * 2**30)  # RAM enough
+    monkeypatch.setattr(backend_module, "pick_device", lambda device: "cpu")
+    monkeypatch.setattr(placement_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(placement_module, "_cpu_free", lambda: 64 * 2**30)  # RAM enough
     # 7e9 parameters * 4 bytes (float32 on a CPU) = 26 GiB
     with pytest.raises(ScenarioError, match=r"about 7.0 billion parameters, about 26 GiB"):
         Backend(resolve(str(tiny_dir)), device="auto", dtype="auto")

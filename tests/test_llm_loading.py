@@ -17,23 +17,23 @@ import pytest  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from abm.errors import ScenarioError  # noqa: E402
-from abm.policies.llm import LLMParams, quantization_problem, shared_backend  # noqa: E402
+from abm.policies.llm_backends import shared_backend  # noqa: E402
+from abm.policies.llm_params import LLMParams, quantization_problem  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="needs the llm extra (torch)")
 pytest.importorskip("transformers", reason="needs the llm extra (transformers)")
 
 from tiny_llm import build_tiny_model, vocabulary  # noqa: E402
 
-import abm.llm.backend as backend_module  # noqa: E402
-from abm.llm.backend import (  # noqa: E402
-    Backend,
-    _check_size,
-    _cut,
+import abm.llm.placement as placement_module  # noqa: E402
+from abm.llm.backend import Backend, _cut  # noqa: E402
+from abm.llm.models import resolve  # noqa: E402
+from abm.llm.placement import (  # noqa: E402
+    check_size,
     config_parameters,
     estimate_weights,
     thread_count,
 )
-from abm.llm.models import resolve  # noqa: E402
 
 GiB = 2**30
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -161,90 +161,90 @@ def tiny_counts() -> tuple[int, int]:
 def test_quantized_estimate_of_a_local_model(tiny_dir):
     total, linear = tiny_counts()
     source = resolve(str(tiny_dir))
-    got = _check_size(source, "auto", "cpu", torch.bfloat16, quantization="4bit")
+    got = check_size(source, "auto", "cpu", torch.bfloat16, quantization="4bit")
     assert (got.parameters, got.quantizable) == (total, linear)
     assert got.size == linear // 2 + (total - linear) * 2
 
 
 def test_device_map_refuses_a_model_the_gpus_cannot_hold(tiny_dir, monkeypatch):
-    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 69_000_000_000)
-    monkeypatch.setattr(backend_module, "_config_parameters", lambda source, trust: None)
-    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 79 * GiB, 1: 40 * GiB})
+    monkeypatch.setattr(placement_module, "_parameter_count", lambda source: 69_000_000_000)
+    monkeypatch.setattr(placement_module, "_config_parameters", lambda source, trust: None)
+    monkeypatch.setattr(placement_module, "_gpu_free", lambda: {0: 79 * GiB, 1: 40 * GiB})
     # 69e9 x 2 bytes = 138e9 bytes = 128.5 GiB > 79 + 40 = 119 GiB
     with pytest.raises(ScenarioError) as info:
-        _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map="auto")
+        check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map="auto")
     message = str(info.value)
     assert "about 69.0 billion parameters, about 129 GiB in bfloat16" in message
     assert "69,000,000,000 parameters x 2 bytes" in message
     assert 'device_map = "auto"' in message
     assert "devices it uses have 119.0 GiB free (cuda:0 79.0 GiB, cuda:1 40.0 GiB)" in message
     # three such GPUs hold it
-    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {i: 79 * GiB for i in range(3)})
-    got = _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map="auto")
+    monkeypatch.setattr(placement_module, "_gpu_free", lambda: {i: 79 * GiB for i in range(3)})
+    got = check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map="auto")
     assert got.size == 138_000_000_000
 
 
 def test_a_bare_cuda_in_a_table_is_the_current_gpu(tiny_dir, monkeypatch):
-    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
-    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 10 * GiB, 1: 20 * GiB})
+    monkeypatch.setattr(placement_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(placement_module, "_gpu_free", lambda: {0: 10 * GiB, 1: 20 * GiB})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     # 14e9 bytes = 13.0 GiB: fits the current GPU (1, 20 GiB), not GPU 0
-    got = _check_size(
+    got = check_size(
         resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map={"": "cuda"}
     )
     assert got.size == 14_000_000_000
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     with pytest.raises(ScenarioError, match=r"10.0 GiB free \(cuda:0 10.0 GiB\)"):
-        _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map={"": "cuda"})
+        check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map={"": "cuda"})
 
 
 def test_a_table_counts_only_the_gpus_it_names(tiny_dir, monkeypatch):
-    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
-    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 10 * GiB, 1: 10 * GiB})
+    monkeypatch.setattr(placement_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(placement_module, "_gpu_free", lambda: {0: 10 * GiB, 1: 10 * GiB})
     table = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cuda:1"}
     # 7e9 x 2 = 14e9 bytes = 13.0 GiB: more than either GPU, less than both
-    got = _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map=table)
+    got = check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map=table)
     assert got.size == 14_000_000_000
     with pytest.raises(ScenarioError, match=r"10.0 GiB free \(cuda:1 10.0 GiB\)"):
-        _check_size(
+        check_size(
             resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map={"": "cuda:1"}
         )
     # layers put in CPU memory on purpose count that memory too: 10 + 4 GiB hold 13 GiB
-    monkeypatch.setattr(backend_module, "_cpu_free", lambda: 4 * GiB)
+    monkeypatch.setattr(placement_module, "_cpu_free", lambda: 4 * GiB)
     offloaded = {"model": 1, "lm_head": "cpu"}
-    got = _check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map=offloaded)
+    got = check_size(resolve(str(tiny_dir)), "auto", "cuda", torch.bfloat16, device_map=offloaded)
     assert got.size == 14_000_000_000
 
 
 def test_one_gpu_refusal_names_device_or_quantization(tiny_dir, monkeypatch):
-    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
-    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 12 * GiB})
+    monkeypatch.setattr(placement_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(placement_module, "_gpu_free", lambda: {0: 12 * GiB})
     source = resolve(str(tiny_dir))
     with pytest.raises(ScenarioError, match=r'device = "cuda:0" loads it: cuda:0 has 12.0 GiB'):
-        _check_size(source, "cuda:0", "cuda:0", torch.bfloat16)
+        check_size(source, "cuda:0", "cuda:0", torch.bfloat16)
     # 4 bit: the tiny model's share of linear layers, scaled to 7e9 parameters
     total, linear = tiny_counts()
     quantizable = round(7_000_000_000 * linear / total)
-    got = _check_size(source, "cuda:0", "cuda:0", torch.bfloat16, quantization="4bit")
+    got = check_size(source, "cuda:0", "cuda:0", torch.bfloat16, quantization="4bit")
     assert got.size == int(quantizable * 0.5) + (7_000_000_000 - quantizable) * 2
-    monkeypatch.setattr(backend_module, "_gpu_free", lambda: {0: 1 * GiB})
+    monkeypatch.setattr(placement_module, "_gpu_free", lambda: {0: 1 * GiB})
     with pytest.raises(ScenarioError, match=r'quantization = "4bit" loads it: cuda:0 has 1.0'):
-        _check_size(source, "cuda:0", "cuda:0", torch.bfloat16, quantization="4bit")
+        check_size(source, "cuda:0", "cuda:0", torch.bfloat16, quantization="4bit")
 
 
 def test_the_cpu_refuses_what_its_memory_cannot_hold(tiny_dir, monkeypatch):
-    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 1_000_000_000)
-    monkeypatch.setattr(backend_module, "_cpu_free", lambda: 2 * GiB)
+    monkeypatch.setattr(placement_module, "_parameter_count", lambda source: 1_000_000_000)
+    monkeypatch.setattr(placement_module, "_cpu_free", lambda: 2 * GiB)
     # 1e9 x 4 bytes (float32) = 3.7 GiB > 2 GiB available
     with pytest.raises(ScenarioError, match=r'device = "cpu" loads it: the CPU has 2.0 GiB'):
         Backend(resolve(str(tiny_dir)), device="cpu", dtype="float32")
 
 
 def test_device_map_without_a_gpu_keeps_the_cpu_limit(tiny_dir, monkeypatch):
-    monkeypatch.setattr(backend_module, "_parameter_count", lambda source: 7_000_000_000)
-    monkeypatch.setattr(backend_module, "_gpu_free", dict)
+    monkeypatch.setattr(placement_module, "_parameter_count", lambda source: 7_000_000_000)
+    monkeypatch.setattr(placement_module, "_gpu_free", dict)
     with pytest.raises(ScenarioError, match="torch sees no CUDA GPU, so device_map would run it"):
-        _check_size(resolve(str(tiny_dir)), "auto", "cpu", torch.float32, device_map="auto")
+        check_size(resolve(str(tiny_dir)), "auto", "cpu", torch.float32, device_map="auto")
 
 
 # ------------------------------------------------------------------ device_map on the CPU

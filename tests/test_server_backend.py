@@ -18,6 +18,7 @@ from openai_stub import FINGERPRINT, MODEL, Stub, serve
 
 import abm.llm.server as server_module
 import abm.policies.llm as llm_module
+import abm.policies.llm_backends as llm_backends
 from abm.errors import ScenarioError
 from abm.run import main, run_scenario
 from abm.scenario import validate_scenario
@@ -41,7 +42,7 @@ LLM_DEFECTIONS = {"All-D": 4, "All-C": 0, "Defect Once": 1, "Trigger": 0, "Tit-f
 def stub(monkeypatch):
     """A running stub server; retries wait 10 ms; no server connection outlives a test."""
     monkeypatch.setattr(server_module, "BACKOFF_SECONDS", 0.01)
-    monkeypatch.setattr(llm_module, "_BACKENDS", {})
+    monkeypatch.setattr(llm_backends, "_BACKENDS", {})
     stub = Stub()
     httpd = serve(stub)
     yield stub

@@ -26,11 +26,12 @@ from test_llm_backend import (  # noqa: E402
 )
 
 import abm.policies.llm as llm_module  # noqa: E402
+import abm.policies.llm_backends as llm_backends  # noqa: E402
 from abm.llm import static_decode  # noqa: E402
 from abm.llm.backend import Backend, _until_stop  # noqa: E402
 from abm.llm.models import resolve  # noqa: E402
 from abm.llm.static_decode import batch_bucket, length_bucket, resolve_decode  # noqa: E402
-from abm.policies.llm import LLMParams  # noqa: E402
+from abm.policies.llm_params import LLMParams  # noqa: E402
 from abm.run import main, run_scenario  # noqa: E402
 
 pytestmark = pytest.mark.llm_extra
@@ -298,7 +299,7 @@ def test_decode_reaches_the_backend_and_keys_the_shared_model(tiny_dir, monkeypa
         def __init__(self, source, **options):
             made.append(options)
 
-    monkeypatch.setattr(llm_module, "_BACKENDS", {})
+    monkeypatch.setattr(llm_backends, "_BACKENDS", {})
     monkeypatch.setattr("abm.llm.backend.Backend", Recording)
     static = llm_module.shared_backend(LLMParams(model=str(tiny_dir), decode="static"))
     assert llm_module.shared_backend(LLMParams(model=str(tiny_dir), decode="static")) is static
