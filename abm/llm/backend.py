@@ -11,7 +11,8 @@ import copy
 import inspect
 import sys
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,21 @@ import torch
 from abm.errors import ScenarioError
 from abm.llm.loading import load_model, with_adapter
 from abm.llm.models import ModelSource
-from abm.llm.placement import check_size, pick_device, pick_dtype, placement_options, thread_count
-from abm.llm.static_decode import DECODE_PATHS, StaticDecoder, UnsupportedModel, resolve_decode
+from abm.llm.placement import (
+    check_size,
+    kv_cache_bytes_per_token,
+    pick_device,
+    pick_dtype,
+    placement_options,
+    thread_count,
+)
+from abm.llm.static_decode import (
+    DECODE_PATHS,
+    StaticDecoder,
+    UnsupportedModel,
+    is_out_of_memory,
+    resolve_decode,
+)
 
 # kept importable from here; it lives in a torch-free module
 from abm.llm.stats import BackendStats as BackendStats
@@ -138,6 +152,10 @@ class Backend:
         self._anchor: list[int] | None = None
         self._warned_template = False
         self._decoders: dict[str, StaticDecoder] = {}  # by path: "static", "compiled"
+        self.kv_bytes_per_token = kv_cache_bytes_per_token(self.model.config, self.dtype)
+        # after running out of GPU memory: the most prompts a batch gets from then on
+        self.batch_cap: int | None = None
+        self.oom_splits = 0
         self.set_decode(decode)
         self.load_seconds = time.perf_counter() - started
 
@@ -181,10 +199,15 @@ class Backend:
             out["adapter"] = self.adapter
         if self.estimate is not None:
             out["weights_gib_estimate"] = round(self.estimate.size / 2**30, 2)
+        if self.kv_bytes_per_token is not None:
+            out["kv_cache_kib_per_token"] = self.kv_bytes_per_token / 1024
         out["decode"] = self.decode
         out["decode_path"] = self.decode_path
         if self.decode_fallback:
             out["decode_fallback"] = self.decode_fallback
+        if self.oom_splits:
+            out["out_of_memory_splits"] = self.oom_splits
+            out["batch_cap"] = self.batch_cap
         return out
 
     # ---------------------------------------------------------------- prompts
@@ -302,49 +325,138 @@ class Backend:
         levels: list[list[tuple[int, ...]]] = []
         for depth in range(1, max(map(len, phrasings))):
             levels.append(sorted({tuple(p[:depth]) for p in phrasings if len(p) > depth}))
-        out = np.empty((len(prompts), len(phrasings)))
-        for start in range(0, len(prompts), max_batch_size):
-            batch = prompts[start : start + max_batch_size]
-            logits, state = self._prefill(batch, 1)
-            logp = {(): torch.log_softmax(logits[:, -1].float(), dim=-1)}
-            started = time.perf_counter()
-            cache, mask, position = state["cache"], state["mask"], state["next_position"]
-            parents: list[tuple[int, ...]] = [()]
-            for level in levels:
-                parent_row = {node: i for i, node in enumerate(parents)}
-                rows = torch.tensor(
-                    [
-                        b * len(parents) + parent_row[node[:-1]]
-                        for b in range(len(batch))
-                        for node in level
-                    ],
-                    device=self.device,
-                )
-                cache.reorder_cache(rows)
-                mask = torch.cat(
-                    [mask[rows], torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)],
-                    dim=1,
-                )
-                position = position[rows]
-                tokens = torch.tensor(
-                    [node[-1] for _ in batch for node in level], device=self.device
-                )
-                step = self._forward(tokens, mask, position, cache)
-                self.stats.tokens += len(rows)
-                position = position + 1
-                step = torch.log_softmax(step.float(), dim=-1).view(len(batch), len(level), -1)
-                for j, node in enumerate(level):
-                    logp[node] = step[:, j]
-                parents = level
-            rows = slice(start, start + len(batch))
-            for k, phrase in enumerate(phrasings):
-                out[rows, k] = (
-                    sum(logp[tuple(phrase[:t])][:, token] for t, token in enumerate(phrase))
-                    .cpu()
-                    .numpy()
-                )
-            self.stats.seconds += time.perf_counter() - started
+        width = len(phrasings)
+        rows = self._in_batches(
+            prompts,
+            max_batch_size,
+            lambda start, batch: list(self._score_batch(batch, phrasings, levels)),
+            "scoring",
+        )
+        return np.array(rows).reshape(len(prompts), width)
+
+    def _score_batch(
+        self,
+        batch: list[list[int]],
+        phrasings: list[list[int]],
+        levels: list[list[tuple[int, ...]]],
+    ) -> np.ndarray:
+        """``score_phrasings`` of one batch, (len(batch), len(phrasings))."""
+        out = np.empty((len(batch), len(phrasings)))
+        logits, state = self._prefill(batch, 1)
+        logp = {(): torch.log_softmax(logits[:, -1].float(), dim=-1)}
+        started = time.perf_counter()
+        cache, mask, position = state["cache"], state["mask"], state["next_position"]
+        parents: list[tuple[int, ...]] = [()]
+        for level in levels:
+            parent_row = {node: i for i, node in enumerate(parents)}
+            rows = torch.tensor(
+                [
+                    b * len(parents) + parent_row[node[:-1]]
+                    for b in range(len(batch))
+                    for node in level
+                ],
+                device=self.device,
+            )
+            cache.reorder_cache(rows)
+            mask = torch.cat(
+                [mask[rows], torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)],
+                dim=1,
+            )
+            position = position[rows]
+            tokens = torch.tensor([node[-1] for _ in batch for node in level], device=self.device)
+            step = self._forward(tokens, mask, position, cache)
+            self.stats.tokens += len(rows)
+            position = position + 1
+            step = torch.log_softmax(step.float(), dim=-1).view(len(batch), len(level), -1)
+            for j, node in enumerate(level):
+                logp[node] = step[:, j]
+            parents = level
+        for k, phrase in enumerate(phrasings):
+            out[:, k] = (
+                sum(logp[tuple(phrase[:t])][:, token] for t, token in enumerate(phrase))
+                .cpu()
+                .numpy()
+            )
+        self.stats.seconds += time.perf_counter() - started
         return out
+
+    def _in_batches(
+        self,
+        prompts: list[list[int]],
+        max_batch_size: int,
+        run: Callable[[int, list[list[int]]], list[Any]],
+        work: str,
+        new_tokens: int = 0,
+    ) -> list[Any]:
+        """``run(start, batch)`` over consecutive batches of the prompts; results in order.
+
+        A batch that runs out of GPU memory is let go and run again in two halves,
+        and no later batch of this backend is bigger than the half (``batch_cap``,
+        recorded in ``loading()``). Scores and greedy answers do not change for it
+        (every prompt has its own row); sampled answers are drawn from a generator
+        seeded by their batch's first position, so after a split they are other
+        draws of the same model. A single prompt that does not fit is an error
+        saying what to change.
+
+        Raises:
+            ScenarioError: One prompt alone does not fit in the memory left.
+        """
+        cap = min(max_batch_size, self.batch_cap or max_batch_size)
+        pending = deque((s, prompts[s : s + cap]) for s in range(0, len(prompts), cap))
+        out: list[Any] = []
+        while pending:
+            start, batch = pending.popleft()
+            if self.batch_cap is not None and len(batch) > self.batch_cap:
+                cut = self.batch_cap  # extendleft reverses: the first part ends up leftmost
+                pending.extendleft([(start + cut, batch[cut:]), (start, batch[:cut])])
+                continue
+            try:
+                out.extend(run(start, batch))
+                continue
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                reason = (str(exc).strip().splitlines() or ["out of memory"])[0]
+            # out of the except block: the failed attempt's tensors are unreferenced now
+            self._free_memory()
+            if len(batch) == 1:
+                raise ScenarioError(self._too_big(batch[0], new_tokens, work, reason))
+            half = (len(batch) + 1) // 2
+            self.oom_splits += 1
+            if self.oom_splits == 1:
+                print(
+                    f"abm: warning: {self.source.name} ran out of memory {work} a batch of "
+                    f"{len(batch)} prompts on {', '.join(self.placed_on)}; running it in "
+                    f"halves, and at most {half} prompts a batch from now on (summary.json's "
+                    "loading block records it)",
+                    file=sys.stderr,
+                )
+            self.batch_cap = half
+            pending.extendleft([(start + half, batch[half:]), (start, batch[:half])])
+        return out
+
+    def _free_memory(self) -> None:
+        """Drop what can be rebuilt (kept static caches, prefix caches) and return it to CUDA."""
+        for decoder in self._decoders.values():
+            decoder.drop_caches()
+        self._prefixes.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _too_big(self, prompt: list[int], new_tokens: int, work: str, reason: str) -> str:
+        tokens = f"{len(prompt)} tokens" + (f" and {new_tokens} new ones" if new_tokens else "")
+        per_token = (
+            f"; its key/value cache takes {self.kv_bytes_per_token / 1024:g} KiB a token"
+            if self.kv_bytes_per_token
+            else ""
+        )
+        return (
+            f"{self.source.name} ran out of memory on {', '.join(self.placed_on)} {work} a "
+            f"single prompt of {tokens} ({reason}){per_token}. Free the GPU of other work, "
+            'load the weights smaller (quantization = "8bit" or "4bit"), spread them over '
+            'more GPUs (device_map = "auto"), shorten the prompt (a smaller memory window) '
+            "or max_new_tokens, or use a smaller model"
+        )
 
     def _forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any
@@ -477,14 +589,12 @@ class Backend:
         Returns:
             One answer per prompt, stripped of surrounding white space.
         """
-        answers: list[str] = []
-        for start in range(0, len(prompts), max_batch_size):
-            batch = prompts[start : start + max_batch_size]
+
+        def run(start: int, batch: list[list[int]]) -> list[str]:
             generator = torch.Generator(device=self.device).manual_seed(seed + start)
-            answers += self._decode(
-                batch, temperature, top_p, max_new_tokens, generator, tuple(stop)
-            )
-        return answers
+            return self._decode(batch, temperature, top_p, max_new_tokens, generator, tuple(stop))
+
+        return self._in_batches(prompts, max_batch_size, run, "writing answers to", max_new_tokens)
 
     def _decode(
         self,

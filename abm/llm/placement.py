@@ -162,6 +162,34 @@ def config_parameters(config: Any) -> tuple[int, int]:
     return total, linear
 
 
+def kv_cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int | None:
+    """Bytes of key/value cache one token of one prompt takes, from a model's config.
+
+    Keys and values, for every layer, of every key/value head (fewer than the
+    attention heads under grouped-query attention): 2 x layers x kv heads x head
+    size x the dtype's bytes. Llama-2-7B in bfloat16: 2 x 32 x 32 x 128 x 2 bytes =
+    0.5 MiB; Llama-2-70B (8 key/value heads, 80 layers): 0.31 MiB.
+
+    Args:
+        config: A transformers model configuration (a multimodal one's text part counts).
+        dtype: The dtype the cache is kept in (the model's).
+
+    Returns:
+        The bytes, or None when the config does not say its layers and heads.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    if not layers or not heads:
+        return None
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden else None)
+    if not head_dim:
+        return None
+    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
 def _config_parameters(source: ModelSource, trust_remote_code: bool) -> tuple[int, int] | None:
     """``config_parameters`` of a model whose config.json is here; None when it is not."""
     from transformers import AutoConfig

@@ -37,6 +37,15 @@ KEPT_CACHES = 4
 RECOMPILE_LIMIT = 64
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch running out of accelerator memory.
+
+    Such an error says the batch was too big, not that compiling failed, so it is
+    never a reason to give up the compiled path.
+    """
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
 class UnsupportedModel(Exception):
     """The model's cache is not plain full attention (sliding windows, linear layers...)."""
 
@@ -183,6 +192,10 @@ class StaticDecoder:
             self._slots.popitem(last=False)
         return slot
 
+    def drop_caches(self) -> None:
+        """Let go of every kept static cache (after running out of memory)."""
+        self._slots.clear()
+
     # ------------------------------------------------------------ decoding
 
     def start(
@@ -250,6 +263,8 @@ class StaticDecoder:
                     torch.compiler.cudagraph_mark_step_begin()
                 return self._compiled_call(slot.cache, slot.ids, slot.positions, slot.mask)
             except Exception as exc:  # no compiler, an op it cannot trace, ...
+                if is_out_of_memory(exc):  # the batch's problem: the caller splits it
+                    raise
                 self._give_up_compiling(exc)
                 for layer in slot.cache.layers:  # a half-run step may have advanced them
                     layer.cumulative_length.fill_(column)
