@@ -5,6 +5,7 @@ None of these needs torch: a server player loads no model here.
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -314,6 +315,44 @@ def test_requests_run_concurrently(stub, scenario_file, tmp_path):
     )
     assert stub.max_in_flight == 4
     assert len(stub.requests) == 14
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_sweep_s_workers_share_one_server(stub, scenario_file, tmp_path, backend):
+    from abm.batch import load_sweep, run_sweep
+
+    llm = 'mode = "score", chat_template = "llama-2"'
+    scenario_file(scenario_text(stub.url, llm, rounds=3), "base.toml")
+    (tmp_path / "sweep.toml").write_text(
+        'scenario = "base.toml"\nseed = 3\n[sweep]\nreplicates = 2\ngame.noise = [0.0, 0.2]\n'
+    )
+    sweep = load_sweep(tmp_path / "sweep.toml")
+    serial = run_sweep(sweep, tmp_path / "serial", backend="serial", report=False)
+    asked_serially = len(stub.requests)
+    if backend == "ray":
+        ray = pytest.importorskip("ray")
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    try:
+        spread = run_sweep(sweep, tmp_path / backend, backend=backend, workers=2, report=False)
+    finally:
+        if backend == "ray":
+            ray.shutdown()
+    assert serial.ok and spread.ok, spread.errors
+    # worker processes other than this one asked the one server, as often as it was
+    # asked serially (no GPU, no model of their own)
+    assert not any(w.endswith(f":{os.getpid()}") for w in spread.workers.values())
+    if backend == "local":
+        assert len(set(spread.workers.values())) == 2
+    assert len(stub.requests) == 2 * asked_serially > 0
+    frames = [
+        pd.read_parquet(tmp_path / name / "results.parquet")
+        .drop(columns=["run_seconds"])
+        .sort_values("run_id", ignore_index=True)
+        for name in ("serial", backend)
+    ]
+    pd.testing.assert_frame_equal(*frames)
+    assert (frames[1]["llm_decisions"] > 0).all()
 
 
 # ---------------------------------------------------------------- the API key
