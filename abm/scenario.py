@@ -605,7 +605,15 @@ def _resolve_templates(data: dict[str, Any], folder: Path) -> None:
         if isinstance(chat, str) and chat not in CHAT_FORMATS:  # a Jinja file, not a name
             spec["chat_template"] = _relative_to(folder, chat)
         model = spec.get("model")
-        if spec.get("name") == "llm" and isinstance(model, str) and _local_model(folder, model):
+        # a server's model is the name it serves ("./llama-70b" if it was started so),
+        # not a path on this machine
+        served = spec.get("server") is not None
+        if (
+            spec.get("name") == "llm"
+            and isinstance(model, str)
+            and not served
+            and _local_model(folder, model)
+        ):
             spec["model"] = _relative_to(folder, model)
 
 

@@ -352,6 +352,22 @@ def test_paths_are_relative_to_the_scenario_for_mutants_and_models(tmp_path, mon
     assert home["model"] == str(Path("~/weights/m.gguf").expanduser())
 
 
+def test_a_server_s_model_name_is_never_taken_for_a_path(tmp_path, monkeypatch):
+    # vllm serve ./llama-70b serves the model under the name "./llama-70b"
+    folder = tmp_path / "scenarios"
+    (folder / "llama-70b").mkdir(parents=True)  # a folder of that name next to the scenario
+    monkeypatch.chdir(tmp_path)
+    players = ", ".join(
+        f'{{ name = "llm", label = "L{i}", server = "http://127.0.0.1:8000/v1", model = "{m}", mode = "generate" }}'
+        for i, m in enumerate(["./llama-70b", "llama-70b", "~/m.gguf"])
+    )
+    text = GOOD.replace('players = ["all_d", "tit_for_tat", "random"]', f"players = [{players}]")
+    path = folder / "server.toml"
+    path.write_text(text, encoding="utf-8")
+    models = [p.params["model"] for p in load_scenario(path).population.players]
+    assert models == ["./llama-70b", "llama-70b", "~/m.gguf"]
+
+
 def test_set_values_for_players_paths_are_resolved_too(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s").mkdir()
