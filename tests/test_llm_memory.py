@@ -29,7 +29,15 @@ from abm.llm.placement import kv_cache_bytes_per_token  # noqa: E402
 
 pytestmark = pytest.mark.llm_extra
 
-SEVEN = [TAILS[i % len(TAILS)] + f" (case {i})" for i in range(7)]
+# seven prompts whose greedy answers all differ
+SEVEN = [
+    TAILS[i % len(TAILS)] + " Suspect2 chose testify." * (i // len(TAILS) + 1) for i in range(7)
+]
+OUT_OF_MEMORY = "CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"
+
+
+def out_of_memory():
+    return torch.OutOfMemoryError(OUT_OF_MEMORY)
 
 
 @pytest.fixture
@@ -45,9 +53,7 @@ def pair(tiny_dir):  # noqa: F811 (the imported fixture)
 
         def small_batches_only(seqs, k):
             if len(seqs) > limit:
-                raise torch.OutOfMemoryError(
-                    "CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"
-                )
+                raise out_of_memory()
             return prefill(seqs, k)
 
         limited._prefill = small_batches_only
@@ -64,6 +70,7 @@ def test_a_batch_that_runs_out_of_memory_is_run_in_halves_with_the_same_answers(
     plain, limited = pair(limit=2)
     prompts = prompts_of(plain)
     expected = plain.generate(prompts, max_new_tokens=6, max_batch_size=8)
+    assert len(set(expected)) == 7  # a swap of any two answers would show
     assert limited.generate(prompts, max_new_tokens=6, max_batch_size=8) == expected
     # 7 rows fail -> halves of 4 and 3; 4 fails -> 2 + 2 (cap 2); the 3 are cut to 2 + 1
     # without trying: two splits, and every later batch holds at most 2 prompts
@@ -159,3 +166,87 @@ def test_the_loading_block_states_the_cache_per_token(tiny_dir):  # noqa: F811
     kv_heads = config.num_key_value_heads or config.num_attention_heads
     by_hand = 2 * config.num_hidden_layers * kv_heads * head * 4
     assert backend.loading()["kv_cache_kib_per_token"] == by_hand / 1024 == 0.25
+
+
+def test_running_out_in_a_decode_step_or_a_scoring_level_splits_too(tiny_dir):  # noqa: F811
+    plain, stepping, scoring = (
+        Backend(resolve(str(tiny_dir)), device="cpu", dtype="float32") for _ in range(3)
+    )
+    stepper, forward = stepping._stepper, scoring._forward
+
+    def small_steps(state, max_new_tokens):
+        advance, rows = stepper(state, max_new_tokens), len(state["mask"])
+
+        def step(token):
+            if rows > 3:  # the prefill fits; the first new token does not
+                raise out_of_memory()
+            return advance(token)
+
+        return step
+
+    def small_levels(tokens, mask, position, cache):
+        if len(tokens) > 6:
+            raise out_of_memory()
+        return forward(tokens, mask, position, cache)
+
+    stepping._stepper, scoring._forward = small_steps, small_levels
+    prompts = prompts_of(plain)
+    assert stepping.generate(prompts, max_new_tokens=6) == plain.generate(prompts, max_new_tokens=6)
+    # 7 rows run out, then 4; 2 fit, and the last 3 are cut to 2 + 1
+    assert (stepping.oom_splits, stepping.batch_cap) == (2, 2)
+    phrasings = [plain.label_ids(w) for w in ("remain silent", "stay silent", "testify")]
+    # two two-token phrasings of different first tokens: the second level feeds two rows
+    # per prompt, so 7 prompts (14 rows) and 4 (8) run out, 2 (4) do not
+    assert [len(p) for p in phrasings] == [2, 2, 1] and phrasings[0][0] != phrasings[1][0]
+    got = scoring.score_phrasings(prompts, phrasings)
+    assert abs(got - plain.score_phrasings(prompts, phrasings)).max() < 1e-4
+    assert (scoring.oom_splits, scoring.batch_cap) == (2, 2)
+
+
+def test_kept_static_caches_are_dropped_before_a_batch_is_split(pair):
+    plain, limited = pair(limit=99, decode="static")
+    prompts = prompts_of(plain)
+    limited.generate(prompts[:4], max_new_tokens=4)  # keeps a static cache for 4 rows
+    decoder = limited._decoders["static"]
+    assert len(decoder._slots) == 1
+    prefill, failures = limited._prefill, []
+
+    def once_out_of_memory(seqs, k):
+        if not failures:  # the kept cache filled the GPU: the first try runs out
+            failures.append(len(seqs))
+            raise out_of_memory()
+        return prefill(seqs, k)
+
+    limited._prefill = once_out_of_memory
+    assert limited.generate(prompts[4:5], max_new_tokens=4) == plain.generate(
+        prompts[4:5], max_new_tokens=4
+    )
+    assert failures == [1]
+    # run again as it was, after the 4-row cache was let go: no split, no cap
+    assert "out_of_memory_splits" not in limited.loading()
+    assert [key[0] for key in decoder._slots] == [1]
+
+
+def test_key_value_cache_bytes_of_other_attention_kinds():
+    from transformers import FalconConfig, PretrainedConfig
+
+    # Falcon-7B: multi-query attention, one key/value head of 4544 / 71 = 64, 32 layers
+    falcon7b = FalconConfig(
+        hidden_size=4544, num_hidden_layers=32, num_attention_heads=71, multi_query=True
+    )
+    assert kv_cache_bytes_per_token(falcon7b, torch.bfloat16) == 2 * 32 * 1 * 64 * 2
+    # Falcon-40B: the new decoder architecture, 8 key/value heads of 64, 60 layers
+    falcon40b = FalconConfig(
+        hidden_size=8192,
+        num_hidden_layers=60,
+        num_attention_heads=128,
+        num_kv_heads=8,
+        new_decoder_architecture=True,
+    )
+    assert kv_cache_bytes_per_token(falcon40b, torch.bfloat16) == 2 * 60 * 8 * 64 * 2
+    # latent attention (DeepSeek-V2/V3) caches a compressed vector: no figure rather than a
+    # wrong one
+    latent = PretrainedConfig(
+        hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, kv_lora_rank=512
+    )
+    assert kv_cache_bytes_per_token(latent, torch.bfloat16) is None

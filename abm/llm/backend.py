@@ -8,6 +8,7 @@ identical prompts are answered once (see ``abm.policies.llm``).
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import sys
 import time
@@ -390,13 +391,15 @@ class Backend:
     ) -> list[Any]:
         """``run(start, batch)`` over consecutive batches of the prompts; results in order.
 
-        A batch that runs out of GPU memory is let go and run again in two halves,
-        and no later batch of this backend is bigger than the half (``batch_cap``,
-        recorded in ``loading()``). Scores and greedy answers do not change for it
-        (every prompt has its own row); sampled answers are drawn from a generator
-        seeded by their batch's first position, so after a split they are other
-        draws of the same model. A single prompt that does not fit is an error
-        saying what to change.
+        A batch that runs out of GPU memory is let go; it is run again as it was
+        when static caches kept from earlier batches could be dropped (once since
+        the last batch that ran), else in two halves, and no later batch of this
+        backend is bigger than the half (``batch_cap``, recorded in ``loading()``).
+        Scores and greedy answers are those of the unsplit batch up to rounding
+        (every prompt has its own row; padding differs); sampled answers are drawn
+        from a generator seeded by their batch's first position, so after a split
+        they are other draws of the same model. A single prompt that does not fit
+        is an error saying what to change.
 
         Raises:
             ScenarioError: One prompt alone does not fit in the memory left.
@@ -404,6 +407,7 @@ class Backend:
         cap = min(max_batch_size, self.batch_cap or max_batch_size)
         pending = deque((s, prompts[s : s + cap]) for s in range(0, len(prompts), cap))
         out: list[Any] = []
+        cleaned = False  # since the last batch that ran: kept caches were dropped once
         while pending:
             start, batch = pending.popleft()
             if self.batch_cap is not None and len(batch) > self.batch_cap:
@@ -412,13 +416,18 @@ class Backend:
                 continue
             try:
                 out.extend(run(start, batch))
+                cleaned = False
                 continue
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
                 reason = (str(exc).strip().splitlines() or ["out of memory"])[0]
             # out of the except block: the failed attempt's tensors are unreferenced now
-            self._free_memory()
+            if self._free_memory() and not cleaned:
+                # static caches kept from earlier batches held memory: try once without them
+                cleaned = True
+                pending.appendleft((start, batch))
+                continue
             if len(batch) == 1:
                 raise ScenarioError(self._too_big(batch[0], new_tokens, work, reason))
             half = (len(batch) + 1) // 2
@@ -435,13 +444,21 @@ class Backend:
             pending.extendleft([(start + half, batch[half:]), (start, batch[:half])])
         return out
 
-    def _free_memory(self) -> None:
-        """Drop what can be rebuilt (kept static caches, prefix caches) and return it to CUDA."""
-        for decoder in self._decoders.values():
-            decoder.drop_caches()
-        self._prefixes.clear()
+    def _free_memory(self) -> bool:
+        """Drop the kept static caches and return free memory to CUDA.
+
+        The prefix caches stay: one row of the shared rules is small, and rebuilding
+        it would cost a prefill per retry.
+
+        Returns:
+            Whether any static cache was kept (so that a retry may now fit).
+        """
+        dropped = [decoder.drop_caches() for decoder in self._decoders.values()]
+        # a compiled step keeps its cache in a reference cycle: only the collector frees it
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return any(dropped)
 
     def _too_big(self, prompt: list[int], new_tokens: int, work: str, reason: str) -> str:
         tokens = f"{len(prompt)} tokens" + (f" and {new_tokens} new ones" if new_tokens else "")

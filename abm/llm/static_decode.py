@@ -43,7 +43,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
     Such an error says the batch was too big, not that compiling failed, so it is
     never a reason to give up the compiled path.
     """
-    return isinstance(exc, torch.OutOfMemoryError)
+    # torch.OutOfMemoryError is the name from torch 2.5 on; the CUDA one is older
+    return isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 
 class UnsupportedModel(Exception):
@@ -192,9 +193,15 @@ class StaticDecoder:
             self._slots.popitem(last=False)
         return slot
 
-    def drop_caches(self) -> None:
-        """Let go of every kept static cache (after running out of memory)."""
+    def drop_caches(self) -> bool:
+        """Let go of every kept static cache (after running out of memory).
+
+        Returns:
+            Whether any was kept.
+        """
+        kept = bool(self._slots)
         self._slots.clear()
+        return kept
 
     # ------------------------------------------------------------ decoding
 
