@@ -69,6 +69,7 @@ def test_device_map_names_and_tables_are_accepted():
         ({"device_map": "everywhere"}, "device_map 'everywhere' is not one of \"auto\""),
         ({"device_map": {"lm_head": "tpu"}}, "puts 'lm_head' on 'tpu'"),
         ({"device_map": {}}, "device_map is an empty table"),
+        ({"device_map": {"model.layers": "disk"}}, "offloading weights to disk is not supported"),
         ({"device_map": "auto", "device": "cuda:0"}, 'leave device at "auto"'),
         ({"device_map": "auto", "device": "cpu"}, "asks for one device"),
         ({"quantization": "4bit", "device": "cpu"}, "runs on CUDA GPUs only"),
@@ -267,6 +268,312 @@ def test_device_map_auto_on_the_cpu_gives_the_same_answers(tiny_dir):
         plain.score_phrasings(prompts, phrasings), mapped.score_phrasings(prompts, phrasings)
     )
     assert plain.generate(prompts, max_new_tokens=8) == mapped.generate(prompts, max_new_tokens=8)
+
+
+# ------------------------------------------------------------------ load failures with the files here
+
+DISK_MAP = {"model.layers.0": "disk", "": "cpu"}
+
+
+def real_refusal(folder, **placement) -> str:
+    """The first line transformers itself gives when refusing ``placement`` of ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError) as info:
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **placement)
+    return str(info.value).strip().splitlines()[0].rstrip(". ")
+
+
+def fake_hub_cache(root, repo: str, model_dir, weights: bool = True):
+    """A Hugging Face cache under ``root`` holding ``repo`` as ``model_dir``'s files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    entry = root / f"models--{repo.replace('/', '--')}"
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit, encoding="ascii")
+    for f in model_dir.iterdir():
+        if weights or f.name != "model.safetensors":
+            (snapshot / f.name).write_bytes(f.read_bytes())
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline hub whose cache is a fresh folder; no local folder shadows a hub id."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "hub"
+
+
+def test_a_refused_placement_of_a_whole_folder_is_not_called_missing_files(tiny_dir, tmp_path):
+    from abm.llm.loading import load_model
+
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for f in tiny_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    first = real_refusal(folder, device_map=DISK_MAP)
+    with pytest.raises(ScenarioError) as info:
+        load_model(resolve(str(folder)), torch.float32, False, {"device_map": DISK_MAP})
+    message = str(info.value)
+    assert "it needs config.json" not in message
+    assert f"cannot load model {str(folder)!r} with " in message
+    assert 'device_map = { "model.layers.0" = "disk", "" = "cpu" }: ' in message
+    assert first in message
+    assert f"its config.json and weights are in {folder}" in message
+    assert "change device_map, or use a smaller model" in message
+    assert "\n" not in message
+    # the same folder without its weights is still a folder with files missing
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ScenarioError, match="it needs config.json, tokenizer files and weights"):
+        load_model(resolve(str(folder)), torch.float32, False, {"device_map": DISK_MAP})
+
+
+def test_a_refused_placement_of_a_cached_hub_model_is_not_called_uncached(tiny_dir, hub_cache):
+    from abm.llm.loading import load_model
+
+    snapshot = fake_hub_cache(hub_cache, "abm-test/tiny", tiny_dir)
+    source = resolve("abm-test/tiny")
+    assert source.hub
+    tokenizer, model = load_model(source, torch.float32, False)  # the cache is whole
+    assert model.config.vocab_size == len(tokenizer)
+    first = real_refusal(snapshot, device_map=DISK_MAP)
+    with pytest.raises(ScenarioError) as info:
+        load_model(source, torch.float32, False, {"device_map": DISK_MAP})
+    message = str(info.value)
+    assert "not in the local Hugging Face cache" not in message
+    assert "huggingface-cli download" not in message
+    assert "cannot load model 'abm-test/tiny' with device_map = {" in message
+    assert first in message
+    assert f"its config.json and weights are in {snapshot}" in message
+
+
+def test_a_hub_model_cached_without_weights_is_still_uncached(tiny_dir, hub_cache):
+    from abm.llm.loading import load_model
+
+    fake_hub_cache(hub_cache, "abm-test/tiny", tiny_dir, weights=False)
+    with pytest.raises(ScenarioError) as info:
+        load_model(resolve("abm-test/tiny"), torch.float32, False, {"device_map": DISK_MAP})
+    message = str(info.value)
+    assert "'abm-test/tiny' is not in the local Hugging Face cache and HF_HUB_OFFLINE" in message
+    assert "huggingface-cli download abm-test/tiny" in message
+
+
+def test_a_download_that_then_fails_to_place_gives_the_refusal(tiny_dir, hub_cache, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import abm.llm.loading as loading
+
+    snapshot = fake_hub_cache(hub_cache, "abm-test/tiny", tiny_dir, weights=False)
+
+    class Downloading:
+        """Loads as transformers does; a load allowed to download fetches the weights first."""
+
+        @staticmethod
+        def from_pretrained(location, **kwargs):
+            if not kwargs.get("local_files_only"):
+                (snapshot / "model.safetensors").write_bytes(
+                    (tiny_dir / "model.safetensors").read_bytes()
+                )
+            return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", Downloading)
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: None)
+    with pytest.raises(ScenarioError) as info:
+        loading.load_model(resolve("abm-test/tiny"), torch.float32, False, {"device_map": DISK_MAP})
+    message = str(info.value)
+    assert "could not be downloaded" not in message
+    assert "cannot load model 'abm-test/tiny' with device_map = {" in message
+    assert real_refusal(snapshot, device_map=DISK_MAP) in message
+
+
+def test_a_quantization_refusal_names_quantization_and_its_gpu(tiny_dir, monkeypatch):
+    import abm.llm.loading as loading
+    from abm.llm.placement import placement_options
+
+    refusal = (
+        "Some modules are dispatched on the CPU or the disk. Make sure you have enough GPU "
+        "RAM to fit the quantized model."
+    )
+    seen = {}
+
+    class Refusing:
+        """Refuses as bitsandbytes does when the quantized weights do not fit the GPU."""
+
+        @staticmethod
+        def from_pretrained(location, **kwargs):
+            seen.update(kwargs)
+            raise ValueError(refusal)
+
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", Refusing)
+    placement = placement_options("cuda:1", torch.bfloat16, None, "4bit")
+    with pytest.raises(ScenarioError) as info:
+        loading.load_model(resolve(str(tiny_dir)), torch.bfloat16, False, placement)
+    assert seen["device_map"] == {"": 1} and seen["local_files_only"]
+    message = str(info.value)
+    assert f'with quantization = "4bit" on cuda:1: {refusal[:-1]} (its config.json' in message
+    assert "change quantization, or use a smaller model" in message
+    placement = placement_options("cuda:0", torch.bfloat16, "auto", "8bit")
+    with pytest.raises(ScenarioError) as info:
+        loading.load_model(resolve(str(tiny_dir)), torch.bfloat16, False, placement)
+    message = str(info.value)
+    assert 'with quantization = "8bit" and device_map = "auto": Some modules' in message
+    assert "change device_map or quantization, or use a smaller model" in message
+    # with neither set, the refusal is still not taken for missing files
+    refusal = "rope_scaling must be a dictionary."
+    with pytest.raises(ScenarioError) as info:
+        loading.load_model(resolve(str(tiny_dir)), torch.float32, False)
+    assert str(info.value) == (
+        f"cannot load model {str(tiny_dir)!r} from {tiny_dir}: rope_scaling must be a "
+        "dictionary (its config.json and weights are there; transformers refused them)"
+    )
+
+
+# ------------------------------------------------------------------ checkpoints saved quantized
+
+
+def write_quantized_checkpoint(folder, quantization: dict, config: dict | None = None):
+    """A folder with a config.json carrying ``quantization`` and packed safetensors weights.
+
+    Its tensors store 816 bytes in 308 elements:
+    int32 (4, 32): 128 x 4 = 512; int32 (1, 4): 4 x 4 = 16; bfloat16 (1, 32): 32 x 2 = 64;
+    uint8 (64, 1): 64 x 1 = 64; bfloat16 (10, 8): 80 x 2 = 160.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    tensors = {
+        "model.layers.0.mlp.up_proj.qweight": torch.zeros(4, 32, dtype=torch.int32),
+        "model.layers.0.mlp.up_proj.qzeros": torch.zeros(1, 4, dtype=torch.int32),
+        "model.layers.0.mlp.up_proj.scales": torch.zeros(1, 32, dtype=torch.bfloat16),
+        "model.layers.0.mlp.down_proj.weight": torch.zeros(64, 1, dtype=torch.uint8),
+        "model.embed_tokens.weight": torch.zeros(10, 8, dtype=torch.bfloat16),
+    }
+    save_file(tensors, str(folder / "model.safetensors"))
+    body = dict(config or {}, quantization_config=quantization)
+    (folder / "config.json").write_text(json.dumps(body), encoding="utf-8")
+    return folder
+
+
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+
+
+def test_a_checkpoint_saved_quantized_counts_the_bytes_it_stores(tmp_path, monkeypatch):
+    folder = write_quantized_checkpoint(tmp_path / "gptq", GPTQ)
+    monkeypatch.setattr(placement_module, "_gpu_free", lambda: {0: 10 * GiB})
+    source = resolve(str(folder))
+    got = check_size(source, "cuda:0", "cuda:0", torch.float32)
+    # 816 bytes as stored, not 308 elements x 4 bytes of float32 = 1,232
+    assert got.size == 816
+    assert got.stored_as == "gptq 4-bit"
+    assert got.parameters == 308  # no architecture in its config: the elements stored
+    # asking to quantize again changes nothing: the checkpoint keeps its own
+    assert check_size(source, "cuda:0", "cuda:0", torch.bfloat16, quantization="4bit") == got
+    # the unquantized count of the same files, for contrast, is elements x the dtype
+    (folder / "config.json").write_text("{}", encoding="utf-8")
+    assert check_size(source, "cuda:0", "cuda:0", torch.float32).size == 308 * 4
+
+
+def test_a_checkpoint_saved_quantized_is_refused_in_its_stored_size(tmp_path, monkeypatch):
+    bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    folder = write_quantized_checkpoint(tmp_path / "bnb", bnb)
+    monkeypatch.setattr(placement_module, "_gpu_free", lambda: {0: 800})
+    with pytest.raises(ScenarioError) as info:
+        check_size(resolve(str(folder)), "cuda:0", "cuda:0", torch.bfloat16, quantization="4bit")
+    message = str(info.value)
+    assert f"{folder} is saved quantized (bitsandbytes 4-bit): about 0 GiB as stored" in message
+    assert "(816 bytes in its safetensors files)" in message
+    assert 'where device = "cuda:0" loads it: cuda:0 has 0.0 GiB free' in message
+    assert 'device_map = "auto", or a smaller model' in message
+    assert 'quantization = "8bit"' not in message
+
+
+def test_a_checkpoint_saved_quantized_takes_its_parameters_from_its_config(tmp_path, monkeypatch):
+    llama = {
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+    }
+    folder = write_quantized_checkpoint(tmp_path / "gptq", GPTQ, llama)
+    monkeypatch.setattr(placement_module, "_gpu_free", lambda: {0: 10 * GiB})
+    got = check_size(resolve(str(folder)), "cuda:0", "cuda:0", torch.bfloat16)
+    # embeddings and head 2 x 10 x 8 = 160; q, k, v, o 4 x 8 x 8 = 256; MLP 3 x 8 x 16 = 384;
+    # two norms 16 and the final one 8
+    assert got.parameters == 160 + 256 + 384 + 16 + 8
+    assert got.size == 816
+    assert got.per_parameter == 816 / 824
+
+
+def test_a_checkpoint_saved_quantized_without_safetensors_is_not_checked(tmp_path, capsys):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"quantization_config": GPTQ}))
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    assert check_size(resolve(str(folder)), "cuda:0", "cuda:0", torch.bfloat16) is None
+    assert "saved quantized (gptq 4-bit) without safetensors files" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ GPU numbers
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return monkeypatch
+
+
+def test_a_gpu_number_past_those_torch_sees_is_refused(two_gpus, tiny_dir):
+    from abm.llm.placement import pick_device
+
+    assert [pick_device(d) for d in ("cuda:0", "cuda:1", "cuda")] == ["cuda:0", "cuda:1", "cuda"]
+    with pytest.raises(ScenarioError) as info:
+        pick_device("cuda:2")
+    message = str(info.value)
+    assert message == (
+        'device = "cuda:2" asks for GPU 2, but torch sees 2 CUDA GPUs (cuda:0 to cuda:1), '
+        'numbered from 0; use one of those, "cuda" (the current GPU) or "auto"'
+    )
+    with pytest.raises(ScenarioError, match=r'device = "cuda:7" asks for GPU 7'):
+        Backend(resolve(str(tiny_dir)), device="cuda:7", dtype="float32")
+
+
+def test_a_missing_gpu_names_cuda_visible_devices(two_gpus):
+    from abm.llm.placement import pick_device
+
+    two_gpus.setattr(torch.cuda, "device_count", lambda: 1)
+    two_gpus.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ScenarioError) as info:
+        pick_device("cuda:3")
+    assert "torch sees 1 CUDA GPU (cuda:0, as CUDA_VISIBLE_DEVICES='3' lets it see)" in str(
+        info.value
+    )
+
+
+def test_a_table_naming_a_gpu_torch_does_not_see_is_refused(two_gpus, tiny_dir):
+    from abm.llm.placement import check_table
+
+    check_table({"model.layers.0": 0, "model.layers.1": "cuda:1", "": "cpu"})
+    check_table("auto")
+    with pytest.raises(ScenarioError) as info:
+        Backend(resolve(str(tiny_dir)), device_map={"model.layers.0": 2, "": 0})
+    assert str(info.value) == (
+        "device_map puts 'model.layers.0' on GPU 2, but torch sees 2 CUDA GPUs "
+        '(cuda:0 to cuda:1), numbered from 0; use those numbers or device_map = "auto"'
+    )
+    two_gpus.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ScenarioError, match=r"device_map puts '' on 'cuda:0', but torch sees no"):
+        check_table({"": "cuda:0"})
 
 
 # ------------------------------------------------------------------ threads

@@ -25,6 +25,7 @@ from abm.llm.loading import load_model, with_adapter
 from abm.llm.models import ModelSource
 from abm.llm.placement import (
     check_size,
+    check_table,
     kv_cache_bytes_per_token,
     pick_device,
     pick_dtype,
@@ -97,6 +98,7 @@ class Backend:
         _check_decode(decode)
         self.source = source
         self.device = pick_device(device)
+        check_table(device_map)
         self.dtype = pick_dtype(dtype, self.device)
         self.prefix_cache = prefix_cache
         self.device_map = device_map
@@ -200,6 +202,8 @@ class Backend:
             out["adapter"] = self.adapter
         if self.estimate is not None:
             out["weights_gib_estimate"] = round(self.estimate.size / 2**30, 2)
+            if self.estimate.stored_as:  # saved quantized: the size is what the files store
+                out["weights_stored_as"] = self.estimate.stored_as
         if self.kv_bytes_per_token is not None:
             out["kv_cache_kib_per_token"] = self.kv_bytes_per_token / 1024
         out["decode"] = self.decode

@@ -61,8 +61,10 @@ def load_model(
             quantization), or None to load on the CPU and move later.
 
     Raises:
-        ScenarioError: The folder is not a model, or a hub model is neither cached
-            nor downloadable.
+        ScenarioError: The folder is not a model, a hub model is neither cached nor
+            downloadable, or its files are all here and transformers refuses to load
+            them (then with transformers' own first line, and the device_map or
+            quantization that placed them).
     """
     placement = placement or {}
     hf_logging.set_verbosity_error()  # conversion progress bars and notices are not ours
@@ -84,24 +86,31 @@ def load_model(
                 _save_converted(tokenizer, model, source.converted)
                 if not placement:
                     return tokenizer, model.to(dtype)
-        return (
-            AutoTokenizer.from_pretrained(source.converted),
-            AutoModelForCausalLM.from_pretrained(source.converted, dtype=dtype, **placement),
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source.converted)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.converted, dtype=dtype, **placement)
+        except (OSError, ValueError) as exc:  # the copy is whole: placement failed
+            raise _load_failure(source, source.converted, exc, placement) from None
+        return tokenizer, model
     options = {"trust_remote_code": trust_remote_code}
     try:
-        return (
-            AutoTokenizer.from_pretrained(source.location, local_files_only=True, **options),
-            AutoModelForCausalLM.from_pretrained(
-                source.location, dtype=dtype, local_files_only=True, **options, **placement
-            ),
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=True, **options)
     except (OSError, ValueError):  # ValueError: a folder with no tokenizer files at all
-        if not source.hub:
-            raise ScenarioError(
-                f"cannot load a model from {source.location}: it needs "
-                "config.json, tokenizer files and weights"
-            ) from None
+        tokenizer = None
+    if tokenizer is not None:
+        try:
+            return tokenizer, AutoModelForCausalLM.from_pretrained(
+                source.location, dtype=dtype, local_files_only=True, **options, **placement
+            )
+        except (OSError, ValueError) as exc:
+            folder = complete_folder(source)
+            if folder is not None:  # nothing is missing: saying so would send users astray
+                raise _load_failure(source, folder, exc, placement) from None
+    if not source.hub:
+        raise ScenarioError(
+            f"cannot load a model from {source.location}: it needs "
+            "config.json, tokenizer files and weights"
+        )
     why = _hub_unreachable()
     if why:  # transformers would retry for a minute before saying the same
         raise ScenarioError(
@@ -109,18 +118,122 @@ def load_model(
             f"download it where the hub is reachable (huggingface-cli download {source.name}) "
             "and copy the cache (~/.cache/huggingface), or give a local folder as model"
         )
+    tokenizer = None
     try:
-        return (
-            AutoTokenizer.from_pretrained(source.location, **options),
-            AutoModelForCausalLM.from_pretrained(
-                source.location, dtype=dtype, **options, **placement
-            ),
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **options)
+        return tokenizer, AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=dtype, **options, **placement
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        folder = complete_folder(source) if tokenizer is not None else None
+        if folder is not None:  # downloaded whole, then placement or quantization failed
+            raise _load_failure(source, folder, exc, placement) from None
         raise ScenarioError(
             f"model {source.name!r} is not in the local Hugging Face cache and could not be "
-            f"downloaded (offline, or no such model?): {str(exc).splitlines()[0]}"
+            f"downloaded (offline, or no such model?): {_first_line(exc)}"
         ) from None
+
+
+def model_folder(source: ModelSource) -> Path | None:
+    """The folder on this machine that holds ``source``'s files, or None.
+
+    A local folder, a GGUF file's converted copy once it exists, or a hub model's
+    snapshot in the local Hugging Face cache (None when nothing of it is cached).
+    Nothing is downloaded.
+    """
+    if source.converted is not None:
+        return source.converted if (source.converted / "config.json").is_file() else None
+    if not source.hub:
+        return Path(source.location)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.location, local_files_only=True))
+    except Exception:  # not cached: whoever loads it will say so
+        return None
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def complete_folder(source: ModelSource) -> Path | None:
+    """``model_folder`` when it holds config.json and every weight file, else None.
+
+    Sharded weights count only when every shard their index names is there.
+    """
+    import json
+
+    folder = model_folder(source)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    for weights in WEIGHT_FILES:
+        index = folder / f"{weights}.index.json"
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+                return None
+            return folder if shards and all((folder / s).is_file() for s in shards) else None
+        if (folder / weights).is_file():
+            return folder
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _placement_words(placement: dict[str, Any]) -> tuple[str, list[str]]:
+    """How the scenario wrote ``placement`` (e.g. 'quantization = "4bit" on cuda:0'), its fields."""
+    import json
+
+    words, fields = [], []
+    device_map = placement.get("device_map")
+    quantization = placement.get("quantization_config")
+    if quantization is not None:
+        bits = next(
+            (b for b in ("4bit", "8bit") if getattr(quantization, f"load_in_{b}", False)), None
+        )
+        words.append(f'quantization = "{bits}"' if bits else "quantization")
+        fields.append("quantization")
+        if isinstance(device_map, dict) and list(device_map) == [""]:
+            # the one-GPU table placement_options adds for quantized weights
+            words[-1] += f" on {_device_name(device_map[''])}"
+            device_map = None
+    if isinstance(device_map, str):
+        words.append(f'device_map = "{device_map}"')
+    elif isinstance(device_map, dict):
+        table = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in device_map.items())
+        words.append(f"device_map = {{ {table} }}")
+    if device_map is not None:
+        fields.insert(0, "device_map")
+    return " and ".join(words), fields
+
+
+def _device_name(where: int | str) -> str:
+    return f"cuda:{where}" if isinstance(where, int) else str(where)
+
+
+def _load_failure(
+    source: ModelSource, folder: Path, exc: BaseException, placement: dict[str, Any]
+) -> ScenarioError:
+    """The error for a model whose files are all here but that transformers refused to load.
+
+    Its message is the refusal's own first line, with the fields that placed or
+    quantized the weights when the scenario set them.
+    """
+    words, fields = _placement_words(placement)
+    if not fields:
+        return ScenarioError(
+            f"cannot load model {source.name!r} from {folder}: {_first_line(exc).rstrip('. ')} "
+            "(its config.json and weights are there; transformers refused them)"
+        )
+    return ScenarioError(
+        f"cannot load model {source.name!r} with {words}: {_first_line(exc).rstrip('. ')} "
+        f"(its config.json and weights are in {folder}, so it is how they are placed or "
+        f"quantized that failed); change {' or '.join(fields)}, or use a smaller model"
+    )
 
 
 def with_adapter(

@@ -8,7 +8,9 @@ quantize them.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from abm.errors import ScenarioError
+from abm.llm.loading import model_folder
 from abm.llm.models import ModelSource
 
 
@@ -26,7 +29,8 @@ def pick_device(device: str) -> str:
     """The device a scenario's ``device`` means here ("auto": CUDA when torch sees a GPU).
 
     Raises:
-        ScenarioError: CUDA asked for, and torch sees no CUDA GPU.
+        ScenarioError: CUDA asked for, and torch sees no CUDA GPU; or "cuda:N" with
+            no GPU N among those torch sees.
     """
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,7 +39,56 @@ def pick_device(device: str) -> str:
             f"device {device!r} was asked for but torch sees no CUDA GPU; "
             'use device = "auto" or "cpu"'
         )
+    index = device.partition(":")[2]
+    if device.startswith("cuda:") and index.isdigit():
+        count = torch.cuda.device_count()
+        if int(index) >= count:
+            raise ScenarioError(_missing_gpu(device, int(index), count))
     return device
+
+
+def _missing_gpu(device: str, index: int, count: int) -> str:
+    """Why ``device`` names GPU ``index`` that is not among the ``count`` torch sees."""
+    return (
+        f'device = "{device}" asks for GPU {index}, but {_gpus_seen(count)}; use one of '
+        'those, "cuda" (the current GPU) or "auto"'
+    )
+
+
+def _gpus_seen(count: int) -> str:
+    """Which GPUs torch sees, e.g. "torch sees 2 CUDA GPUs (cuda:0 to cuda:1), numbered from 0"."""
+    seen = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    # torch numbers only the GPUs this variable lets it see, from 0
+    mask = f", as CUDA_VISIBLE_DEVICES={visible!r} lets it see" if visible is not None else ""
+    return f"torch sees {count} CUDA GPU{'s' if count != 1 else ''} ({seen}{mask}), numbered from 0"
+
+
+def check_table(device_map: str | dict[str, int | str] | None) -> None:
+    """Refuse a device_map table that names a GPU torch does not see.
+
+    Raises:
+        ScenarioError: The table puts a module on CUDA and torch sees no CUDA GPU, or
+            on a GPU number past those it sees.
+    """
+    if not isinstance(device_map, dict):
+        return
+    for module, where in device_map.items():
+        name = f"cuda:{where}" if isinstance(where, int) else str(where)
+        if not name.startswith("cuda"):
+            continue
+        if not torch.cuda.is_available():
+            raise ScenarioError(
+                f"device_map puts {module!r} on {where!r}, but torch sees no CUDA GPU; "
+                'use device_map = "auto" (the CPU where there is no GPU) or remove device_map'
+            )
+        index = name.partition(":")[2]
+        if index.isdigit() and int(index) >= torch.cuda.device_count():
+            raise ScenarioError(
+                f"device_map puts {module!r} on GPU {index}, but "
+                f"{_gpus_seen(torch.cuda.device_count())}; use those numbers or "
+                'device_map = "auto"'
+            )
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
@@ -98,12 +151,17 @@ class WeightEstimate:
         size: Bytes, given the dtype and quantization it was made for.
         per_parameter: Bytes per parameter of the quantized layers (the dtype's size
             when not quantized).
+        stored_as: For a checkpoint saved already quantized, how ("gptq 4-bit"); its
+            size is then the bytes its safetensors files store, and ``parameters``
+            the count its config gives (else the elements stored, several parameters
+            to a packed element). None for weights quantized, if at all, as they load.
     """
 
     parameters: int
     quantizable: int
     size: int
     per_parameter: float
+    stored_as: str | None = None
 
 
 QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5}
@@ -181,9 +239,16 @@ def kv_cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int | None:
     layers = getattr(text, "num_hidden_layers", None)
     heads = getattr(text, "num_attention_heads", None)
     hidden = getattr(text, "hidden_size", None)
-    if not layers or not heads:
-        return None
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if not layers or not heads or getattr(text, "kv_lora_rank", None):
+        return None  # latent attention (DeepSeek) caches compressed keys: not this formula
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon-7B/40B's multi-query attention
+    else:
+        kv_heads = (
+            getattr(text, "num_key_value_heads", None)
+            or getattr(text, "num_kv_heads", None)
+            or heads
+        )
     head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden else None)
     if not head_dim:
         return None
@@ -248,35 +313,61 @@ def check_size(
     """Refuse a model whose weights cannot fit where they would load, before loading it.
 
     The estimate is parameters x bytes per parameter (``estimate_weights``), counted
-    from the safetensors headers or built from config.json on the meta device. The
+    from the safetensors headers or built from config.json on the meta device; a
+    checkpoint saved already quantized (its config.json has a quantization_config)
+    counts the bytes its safetensors files store, and is not checked without them. The
     limit is the free memory of the GPU (``device``), of every GPU (``device_map``),
     or of the CPU. A multi-billion-parameter model is also refused on the CPU when it
     landed there only because no GPU was found (device "auto"); when the scenario asks
     for the CPU itself, that is a warning.
 
     Returns:
-        The estimate, or None when neither weights nor a config are here to count.
+        The estimate, or None when neither weights nor a config are here to count, or
+        a checkpoint saved quantized has no safetensors files to count.
 
     Raises:
         ScenarioError: The weights do not fit, naming the field, the estimate and the
             limit; or device "auto", no GPU, and weights past ``CPU_WEIGHT_LIMIT``.
     """
-    params = _parameter_count(source)
-    split = (
-        _config_parameters(source, trust_remote_code) if quantization or params is None else None
-    )
-    if params is None and split is None:
-        return None
-    if params is None:
-        params = split[0]
-    # the header count is exact; the config gives the share of quantizable layers
-    quantizable = round(params * split[1] / split[0]) if split and split[0] else params
-    estimate = estimate_weights(params, quantizable, dtype, quantization)
-    kind = quantization or str(dtype).removeprefix("torch.")
-    what = (
-        f"{source.name} has about {params / 1e9:.1f} billion parameters, about "
-        f"{estimate.size / 2**30:.0f} GiB in {kind}"
-    )
+    folder = model_folder(source)
+    saved = _saved_quantization(folder)
+    if saved is not None:
+        # elements x the load dtype would count a packed int32 of eight 4-bit weights as one
+        stored = _stored_size(folder)
+        if stored is None:
+            print(
+                f"abm: note: {source.name} is saved quantized ({saved}) without safetensors "
+                "files to read its size from; the check that its weights fit is skipped",
+                file=sys.stderr,
+            )
+            return None
+        split = _config_parameters(source, trust_remote_code)
+        params = split[0] if split else stored[0]
+        estimate = WeightEstimate(params, params, stored[1], stored[1] / max(params, 1), saved)
+        counted = f"has about {params / 1e9:.1f} billion parameters, " if split else "is "
+        what = (
+            f"{source.name} {counted}saved quantized ({saved}): about "
+            f"{estimate.size / 2**30:.0f} GiB as stored"
+        )
+    else:
+        params = _parameter_count(source)
+        split = (
+            _config_parameters(source, trust_remote_code)
+            if quantization or params is None
+            else None
+        )
+        if params is None and split is None:
+            return None
+        if params is None:
+            params = split[0]
+        # the header count is exact; the config gives the share of quantizable layers
+        quantizable = round(params * split[1] / split[0]) if split and split[0] else params
+        estimate = estimate_weights(params, quantizable, dtype, quantization)
+        kind = quantization or str(dtype).removeprefix("torch.")
+        what = (
+            f"{source.name} has about {params / 1e9:.1f} billion parameters, about "
+            f"{estimate.size / 2**30:.0f} GiB in {kind}"
+        )
     gpus = _gpu_free()
     if device_map is not None and gpus:
         named = (
@@ -306,7 +397,9 @@ def check_size(
         index = int(device.partition(":")[2] or torch.cuda.current_device())
         free = gpus.get(index)
         if free is not None:
-            field = f'quantization = "{quantization}"' if quantization else f'device = "{asked}"'
+            # a checkpoint saved quantized keeps its own quantization, whatever is asked
+            asks = quantization and not estimate.stored_as
+            field = f'quantization = "{quantization}"' if asks else f'device = "{asked}"'
             _refuse_past(estimate, free, what, field, f"cuda:{index} has {_gib(free)} free")
         return estimate
     if device != "cpu":  # mps: no free-memory query
@@ -331,11 +424,15 @@ def check_size(
 def _refuse_past(estimate: WeightEstimate, limit: int, what: str, field: str, where: str) -> None:
     if estimate.size <= limit:
         return
+    counted = f"{estimate.parameters:,} parameters x {estimate.per_parameter:g} bytes"
+    smaller = 'quantization = "8bit" or "4bit", or a smaller model'
+    if estimate.stored_as:  # quantizing again would not make it smaller
+        counted = f"{estimate.size:,} bytes in its safetensors files"
+        smaller = "or a smaller model"
     raise ScenarioError(
-        f"{what} ({estimate.parameters:,} parameters x {estimate.per_parameter:g} bytes), "
-        f"which does not fit where {field} loads it: {where} (the key/value cache needs "
-        'more on top). Use more or bigger GPUs with device_map = "auto", quantization = '
-        '"8bit" or "4bit", or a smaller model'
+        f"{what} ({counted}), which does not fit where {field} loads it: {where} (the "
+        'key/value cache needs more on top). Use more or bigger GPUs with device_map = "auto", '
+        f"{smaller}"
     )
 
 
@@ -373,25 +470,7 @@ def _parameter_count(source: ModelSource) -> int | None:
 
     None when the files are not here (hub models not yet cached, GGUF files).
     """
-    folder: Path | None = None
-    if source.converted is not None:
-        folder = source.converted if (source.converted / "config.json").is_file() else None
-    elif source.hub:
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(source.location, local_files_only=True))
-        except Exception:  # not cached: the load will say so
-            return None
-    else:
-        folder = Path(source.location)
-    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
-    index = folder / "model.safetensors.index.json" if folder is not None else None
-    if index is not None and index.is_file():  # sharded: only the shards the index names
-        import json
-
-        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        files = [f for f in files if f.name in shards]
+    files = _safetensors_files(model_folder(source))
     if not files:
         return None
     from safetensors import safe_open
@@ -402,3 +481,70 @@ def _parameter_count(source: ModelSource) -> int | None:
             for key in handle.keys():  # noqa: SIM118 (a safetensors file, not a dict)
                 total += int(np.prod(handle.get_slice(key).get_shape()))
     return total
+
+
+def _safetensors_files(folder: Path | None) -> list[Path]:
+    """The safetensors files of the model in ``folder``: the shards its index names, if any."""
+    if folder is None:
+        return []
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: only the shards the index names
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        files = [f for f in files if f.name in shards]
+    return files
+
+
+def _saved_quantization(folder: Path | None) -> str | None:
+    """How a checkpoint saved already quantized was ("gptq 4-bit"), from its config.json.
+
+    None when its config.json has no quantization_config, or is not here.
+    """
+    if folder is None:
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    saved = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(saved, dict) or not saved:
+        return None
+    method = str(saved.get("quant_method") or "quantized")
+    bits = saved.get("bits")
+    if method == "bitsandbytes":
+        bits = 4 if saved.get("load_in_4bit") else 8 if saved.get("load_in_8bit") else None
+    return f"{method} {bits}-bit" if isinstance(bits, int) else method
+
+
+def _stored_size(folder: Path | None) -> tuple[int, int] | None:
+    """(elements, bytes) the safetensors files in ``folder`` store, read from their headers.
+
+    Each tensor counts its elements x its stored dtype's size: a uint8 or int32
+    tensor of packed 4-bit weights counts the bytes it takes, not the parameters it
+    holds. None without safetensors files, or with a dtype whose size is unknown.
+    """
+    files = _safetensors_files(folder)
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    elements = size = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors file, not a dict)
+                tensor = handle.get_slice(key)
+                count = int(np.prod(tensor.get_shape()))
+                bits = _dtype_bits(tensor.get_dtype())
+                if bits is None:
+                    return None
+                elements += count
+                size += (count * bits + 7) // 8
+    return elements, size
+
+
+def _dtype_bits(name: str) -> int | None:
+    """Bits per element of a safetensors dtype name: "BF16" 16, "F8_E4M3" 8, "U8" 8, "BOOL" 8."""
+    if name == "BOOL":
+        return 8
+    found = re.match(r"[A-Z]+(\d+)", name)
+    return int(found.group(1)) if found else None

@@ -355,10 +355,16 @@ def _check_placement(params: LLMParams) -> None:
         if not device_map:
             raise ValueError("device_map is an empty table; name at least one module")
         for module, where in device_map.items():
-            if isinstance(where, str) and not re.fullmatch(r"cpu|disk|cuda(:\d+)?", where):
+            if where == "disk":
+                raise ValueError(
+                    f'device_map puts {module!r} on "disk": offloading weights to disk is '
+                    "not supported (every step would read them back from the disk); put "
+                    'it on a GPU or "cpu", use quantization = "4bit", or a smaller model'
+                )
+            if isinstance(where, str) and not re.fullmatch(r"cpu|cuda(:\d+)?", where):
                 raise ValueError(
                     f"device_map puts {module!r} on {where!r}; a device is a GPU "
-                    'index (0, 1, ...), "cuda:N", "cpu" or "disk"'
+                    'index (0, 1, ...), "cuda:N" or "cpu"'
                 )
     if device_map is not None and params.device != "auto":
         raise ValueError(
