@@ -1,8 +1,8 @@
 """Milliseconds per decode step: transformers' generate vs abm's eager, static and compiled paths.
 
     python benchmarks/decode_steps.py [--device cpu|cuda] [--model smollm2-135m-instruct]
-        [--shape llama-2-7b|llama-2-13b] [--batch 1 7 16] [--new-tokens 64]
-        [--bandwidth-gbs 3350]
+        [--shape llama-2-7b|llama-2-13b|small] [--tokenizer FOLDER] [--dtype auto]
+        [--batch 1 7 16] [--new-tokens 64] [--bandwidth-gbs 3350]
 
 Every way answers the same prompts (the police framing's rules, then rounds of
 different lengths) in the same process, greedily, with end tokens ignored so
@@ -13,10 +13,14 @@ once untimed first (the compiled path compiles there; that time is printed),
 then ``--repeat`` times, and the fastest counts.
 
 ``--shape`` builds a model of that shape with random weights (the built-in
-model's tokenizer and vocabulary, bfloat16 on CUDA, float32 on a CPU), for speed
-only: its answers mean nothing. On CUDA the table also gives the bandwidth limit
-of a step, the weights' bytes over the card's memory bandwidth (``--bandwidth-gbs``,
-by default 3350 on an H100 and 4800 on an H200), and each way's ratio to it.
+model's tokenizer and vocabulary, bfloat16 on CUDA, float32 on a CPU, or
+``--dtype``), for speed only: its answers mean nothing. ``--tokenizer`` takes the
+tokenizer from a folder instead of loading the built-in model (on a machine
+where only the tokenizer files were copied); ``small`` is a 4-layer shape for
+checking the paths' tokens against each other quickly. On CUDA the table also
+gives the bandwidth limit of a step, the weights' bytes over the card's memory
+bandwidth (``--bandwidth-gbs``, by default 3350 on an H100 and 4800 on an H200),
+and each way's ratio to it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,13 @@ SHAPES = {
         num_attention_heads=40,
         num_key_value_heads=40,
     ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    ),
 }
 # GB/s of HBM by card name (the vendors' figures)
 BANDWIDTH = {"H200": 4800.0, "H100": 3350.0}
@@ -57,6 +68,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape")
+    parser.add_argument(
+        "--tokenizer", help="with --shape: a folder of tokenizer files (no built-in model needed)"
+    )
+    parser.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto"
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 7, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per way; the best counts")
@@ -78,8 +95,11 @@ def load(args: argparse.Namespace) -> Any:
     from abm.llm.backend import Backend
     from abm.llm.models import resolve
 
+    if args.tokenizer and not args.shape:
+        raise SystemExit("--tokenizer goes with --shape")
     name = "smollm2-135m-instruct" if args.shape else args.model
-    backend = Backend(resolve(name), device=args.device, decode="eager")
+    source = resolve(placeholder(args.tokenizer) if args.tokenizer else name)
+    backend = Backend(source, device=args.device, dtype=args.dtype, decode="eager")
     if args.shape:
         from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -99,6 +119,29 @@ def load(args: argparse.Namespace) -> Any:
         backend.model = model.eval()
     backend.set_threads(args.threads)
     return backend
+
+
+def placeholder(tokenizer: str) -> str:
+    """A folder with the tokenizer and a one-layer model, so that a Backend loads in seconds."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    folder = Path(tempfile.mkdtemp(prefix="decode_steps_"))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
 
 
 def prompts(backend: Any, n: int) -> list[list[int]]:
