@@ -4,7 +4,12 @@ It answers the part of the API the server backend uses: ``GET /v1/models``,
 ``POST /v1/completions`` (with ``echo`` and ``logprobs`` for score mode, plain text
 for reflections) and ``POST /v1/chat/completions``. Its model plays like
 Tit-for-tat: it prefers to remain silent unless the opponent's last remembered move
-was to testify. Faults are queued on demand, one per completion request.
+was to testify. Faults are queued on demand, one per completion request, or
+chosen per request by a function of its body.
+
+Like vLLM serving a Llama model, it puts a BOS token in front of every
+completion prompt it tokenizes: the echo starts with it (without a
+log-probability) and ``usage.prompt_tokens`` counts it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -29,6 +35,7 @@ CALM = {"remain silent": 0.7, "stay silent": 0.1, "testify": 0.1}
 PROVOKED = {"testify": 0.8, "remain silent": 0.1}
 RARE = 0.001
 PROMPT_LOGPROB = -0.5  # every echoed prompt token
+BOS = "<s>"
 _TOKEN = re.compile(r"\s*\S+")
 
 
@@ -50,7 +57,10 @@ class Stub:
 
     Attributes:
         model: The one model it serves.
-        faults: Consumed one per POST: "500", "slow", "malformed", "400".
+        faults: Consumed one per POST: "500", "slow", "malformed", "400", or "stall"
+            (answer 500 once ``release`` is set, or after ``stall_seconds``).
+        fault_for: When set, chooses each POST's fault from its JSON body instead.
+        bos: The token put in front of every completion prompt; None for none.
         logprobs: False makes /v1/completions answer without log-probabilities.
         usage: False leaves ``usage`` out of the answers.
         offset_shift: Subtracted from every text offset, as a server does that leaves
@@ -66,6 +76,10 @@ class Stub:
     def __init__(self, model: str = MODEL) -> None:
         self.model = model
         self.faults: list[str] = []
+        self.fault_for: Callable[[dict[str, Any]], str | None] | None = None
+        self.release = threading.Event()
+        self.stall_seconds = 30.0
+        self.bos: str | None = BOS
         self.logprobs = True
         self.usage = True
         self.offset_shift = 0
@@ -79,7 +93,9 @@ class Stub:
         self.lock = threading.Condition()
         self.url = ""
 
-    def next_fault(self) -> str | None:
+    def next_fault(self, body: dict[str, Any]) -> str | None:
+        if self.fault_for is not None:
+            return self.fault_for(body)
         with self.lock:
             return self.faults.pop(0) if self.faults else None
 
@@ -95,7 +111,8 @@ class Stub:
                 choices.append({"index": i, "text": " " + REFLECTION, "logprobs": None})
         answer = self._answer("text_completion", choices)
         if body.get("echo") and len(prompts) == 1:
-            answer["usage"]["prompt_tokens"] = len(_TOKEN.findall(prompts[0]))
+            counted = len(_TOKEN.findall(prompts[0])) + (self.bos is not None)
+            answer["usage"]["prompt_tokens"] = counted
         if not self.usage:
             del answer["usage"]
         return answer
@@ -115,11 +132,16 @@ class Stub:
             share if offset >= start else PROMPT_LOGPROB for offset in offsets
         ]
         values[0] = None  # nothing precedes the first token
+        if self.bos is not None:
+            # as vLLM echoes it: the offsets run over the token texts, BOS included
+            tokens, values = [self.bos, *tokens], [None, PROMPT_LOGPROB, *values[1:]]
+            offsets = [0, *(o + len(self.bos) for o in offsets)]
+        end = offsets[-1] + len(tokens[-1])
         skip = self.drop_first
         return {
             "tokens": [*tokens, " ."][skip:],
             "token_logprobs": [*values, -0.1][skip:],
-            "text_offset": [o - self.offset_shift for o in [*offsets, len(text)]][skip:],
+            "text_offset": [o - self.offset_shift for o in [*offsets, end]][skip:],
             "top_logprobs": None,
         }
 
@@ -194,8 +216,10 @@ def make_handler(stub: Stub) -> type[BaseHTTPRequestHandler]:
                 stub.requests.append((self.path, self.headers.get("Authorization"), body))
             stub.enter()
             try:
-                fault = stub.next_fault()
-                if fault == "500":
+                fault = stub.next_fault(body)
+                if fault == "stall":
+                    stub.release.wait(stub.stall_seconds)
+                if fault in ("500", "stall"):
                     self.send(500, {"error": {"message": "engine overloaded"}})
                 elif fault == "400":
                     self.send(400, {"error": {"message": "max_tokens is too large"}})

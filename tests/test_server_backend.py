@@ -1,6 +1,7 @@
 """LLM players on an inference server, against the scripted stub in tests/openai_stub.py.
 
-None of these needs torch: a server player loads no model here.
+None of these needs torch (a server player loads no model here), except the
+comparison with the text the local backend renders, which is skipped without it.
 """
 
 import json
@@ -317,6 +318,42 @@ def test_requests_run_concurrently(stub, scenario_file, tmp_path):
     assert len(stub.requests) == 14
 
 
+def test_a_request_that_fails_for_good_stops_the_others(stub, scenario_file, tmp_path):
+    # the first prompt the server sees always gets HTTP 500; every other request
+    # hangs until the test releases it (once the error has surfaced), then gets 500
+    first: list[str] = []
+
+    def fault_for(body):
+        with stub.lock:
+            first[:] = first or [body["prompt"]]
+        return "500" if body["prompt"] == first[0] else "stall"
+
+    stub.fault_for = fault_for
+    stub.stall_seconds = 10.0  # a cap, so that a client that never gives up cannot hang
+    concurrency, retries = 3, 2
+    llm = (
+        'mode = "score", chat_template = "chatml", '
+        f"server_concurrency = {concurrency}, server_retries = {retries}"
+    )
+    try:
+        with pytest.raises(ScenarioError, match=r"after 3 tries \(last: HTTP 500: engine"):
+            run(scenario_file, tmp_path, scenario_text(stub.url, llm, others='"all_d", '))
+    finally:
+        stub.release.set()
+    # wait until the requests in flight have ended: no request can start after that
+    for backend in llm_backends._BACKENDS.values():
+        backend._pool.shutdown(wait=True)
+    prompts = [body["prompt"] for _, _, body in stub.requests]
+    # round 1 is one prompt and its ten phrasings, 3 at a time: the failing phrasing
+    # was tried 1 + retries = 3 times; each of the other 2 in flight sent its first
+    # try, which hung until the error surfaced, and gave up instead of retrying;
+    # the 7 waiting never started. Without stopping them the other two would have
+    # been tried 3 times each: at least 3 + 2 * 3 = 9 requests
+    assert prompts.count(first[0]) == retries + 1
+    assert len(prompts) <= (retries + 1) + (concurrency - 1)
+    assert len(set(prompts)) <= concurrency
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "ray"])
 def test_a_sweep_s_workers_share_one_server(stub, scenario_file, tmp_path, backend):
@@ -569,3 +606,129 @@ def test_reflection_stop_is_refused_for_a_server_player():
         llm_module.LLMParams(
             server="http://127.0.0.1:8000/v1", model="m", mode="generate", reflection_stop=["\n\n"]
         )
+
+
+# ---------------------------------------------------------------- the BOS token
+
+# a reflection after a retry: system, the decision, the answer, the reminder, the
+# second answer and the reflection question (six messages, three user turns)
+REFLECTION_CHAT = [
+    {"role": "system", "content": "You are Suspect1."},
+    {"role": "user", "content": "Police: Will you remain silent or testify?"},
+    {"role": "assistant", "content": "Suspect1: I want to think"},
+    {"role": "user", "content": "Police: Please answer with exactly one option."},
+    {"role": "assistant", "content": "Suspect1: I want to remain silent"},
+    {"role": "user", "content": "Police: They testified. Please reflect on your decision."},
+]
+
+
+def _local_render(messages, name):
+    """What abm's local backend renders for a Llama tokenizer (BOS <s>, EOS </s>)."""
+    pytest.importorskip("torch", reason="needs the llm extra (torch)")
+    transformers = pytest.importorskip("transformers", reason="needs the llm extra")
+    from tokenizers import Tokenizer, models
+
+    from abm.llm.backend import Backend
+    from abm.llm.chat_formats import NAMED
+
+    core = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "</s>": 2}, unk_token="[UNK]"))
+    local = Backend.__new__(Backend)  # render needs the tokenizer only
+    local.tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
+    )
+    return local.render(messages, "", NAMED[name])
+
+
+@pytest.mark.parametrize("name", ["llama-2", "vicuna", "chatml"])
+def test_the_server_text_is_the_local_text_less_the_leading_bos(stub, name):
+    from abm.llm.chat_formats import NAMED
+
+    server = server_module.ServerBackend(stub.url, MODEL, chat=False)
+    local = _local_render(REFLECTION_CHAT, name)
+    sent = server.render(REFLECTION_CHAT, "", NAMED[name])
+    if name == "chatml":  # no BOS anywhere: the same text
+        assert sent == local and "<s>" not in local
+    else:
+        assert sent == local.removeprefix("<s>") and local.startswith("<s>")
+    if name == "llama-2":  # each of the three turns opens with a BOS; the server adds one
+        assert local.count("<s>[INST]") == 3 and sent.count("</s><s>[INST] ") == 2
+        assert sent.startswith("[INST] <<SYS>>\nYou are Suspect1.")
+    if name == "vicuna":  # one BOS, at the start: nothing of it is left
+        assert "<s>" not in sent and sent.count("</s>USER: ") == 2
+
+
+@pytest.mark.parametrize("name", ["llama-2", "vicuna", "chatml"])
+def test_reflections_reach_the_server_as_the_local_text(
+    stub, scenario_file, tmp_path, monkeypatch, name
+):
+    from abm.llm.chat_formats import NAMED, render
+
+    rendered = []
+    real_render = server_module.ServerBackend.render
+
+    def spy(self, messages, answer_prefix="", chat_template=None):
+        text = real_render(self, messages, answer_prefix, chat_template)
+        rendered.append((messages, answer_prefix, text))
+        return text
+
+    monkeypatch.setattr(server_module.ServerBackend, "render", spy)
+    llm = f'mode = "score", chat_template = "{name}", reflection = true'
+    run(scenario_file, tmp_path, scenario_text(stub.url, llm, others='"all_d", ', rounds=2))
+    # in score mode only a reflection is rendered without an answer prefix
+    reflections = [(m, text) for m, prefix, text in rendered if not prefix]
+    assert len(reflections) == 2  # one a round
+    sent = [body["prompt"] for _, _, body in stub.requests if not body.get("echo")]
+    for messages, text in reflections:
+        assert [m["role"] for m in messages][-3:] == ["user", "assistant", "user"]
+        assert text in sent
+        # the text a local model with a Llama tokenizer reads (chat_formats.render with
+        # BOS <s> and EOS </s>, which equals apply_chat_template: test_chat_formats.py)
+        local = render(NAMED[name], messages)
+        if name == "chatml":
+            assert text == local
+        else:  # the server puts its BOS in front and reads what the local model reads
+            assert stub.bos + text == local
+    if name == "llama-2":
+        assert all(text.count("</s><s>[INST] ") == 1 for _, text in reflections)
+
+
+def test_a_template_file_with_a_bos_between_turns_is_refused(stub, scenario_file, tmp_path):
+    # a Llama-2-like format whose BOS text abm cannot know: it opens every turn with one
+    (tmp_path / "turns.jinja").write_text(
+        "{% for m in messages %}{{ bos_token }}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    llm = 'mode = "score", chat_template = "turns.jinja"'
+    with pytest.raises(ScenarioError, match=r"puts the BOS token \(bos_token\) after the start"):
+        run(scenario_file, tmp_path, scenario_text(stub.url, llm, others='"all_d", '))
+    # refused at the first prompt, a single turn, before any request
+    assert stub.requests == []
+
+
+def test_a_template_file_with_one_leading_bos_is_sent_without_it(stub, tmp_path):
+    from abm.llm.chat_formats import chat_template, render
+
+    (tmp_path / "lead.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    template = chat_template("lead.jinja", base=tmp_path)
+    server = server_module.ServerBackend(stub.url, MODEL, chat=False)
+    sent = server.render(REFLECTION_CHAT, "", template)
+    assert sent == render(template, REFLECTION_CHAT, bos_token="[BOS]").removeprefix("[BOS]")
+    assert sent.startswith("system: You are Suspect1.\nuser: ")
+
+
+@pytest.mark.parametrize("bos", [None, "<s>"], ids=["no-bos", "server-bos"])
+def test_score_mode_lines_up_whether_or_not_the_server_adds_a_bos(
+    stub, scenario_file, tmp_path, bos
+):
+    # with a BOS the echo has one more token and usage.prompt_tokens counts it
+    stub.bos = bos
+    llm = 'mode = "score", chat_template = "llama-2"'
+    out = run(scenario_file, tmp_path, scenario_text(stub.url, llm, others='"all_d", ', rounds=2))
+    records = transcripts(out)
+    assert [r["action"] for r in records] == list("CD")
+    # calm, then after a D: as in the round robin's hand computations
+    assert records[0]["label_mass"] == pytest.approx(0.804 + 0.103)
+    assert records[1]["label_mass"] == pytest.approx(0.105 + 0.803)

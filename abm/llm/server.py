@@ -15,7 +15,12 @@ phrasings travel as text and memoized prompts are still keyed exactly:
 - a named ``chat_template``: abm renders the text itself and sends it to
   ``/completions``; score mode always works this way, asking for each option
   phrasing appended to the prompt with ``echo`` and ``logprobs``, and sums the
-  log-probabilities of the tokens that spell the phrasing.
+  log-probabilities of the tokens that spell the phrasing. The text is what a
+  local model reads less its leading BOS token, which the server adds when it
+  tokenizes a completion prompt.
+
+The first request that fails for good ends the whole batch: requests not yet
+sent are cancelled and those in flight give up before their next try.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -43,6 +48,17 @@ from abm.llm.stats import BackendStats
 BACKOFF_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 8.0
 _SHOWN_CHARS = 300  # of an error body or a malformed answer, in messages
+# stands in for the BOS token while a template renders: no prompt contains it
+_BOS_MARK = "\x00abm-bos\x00"
+# the BOS text of the named formats' models (Llama-2, Vicuna, Alpaca): chat_formats.render's
+# default, so the server's text matches what a local Llama tokenizer renders
+_NAMED_BOS = "<s>"
+# user, assistant, user: where a template puts a BOS token that is not the first
+_BOS_PROBE = [
+    {"role": "user", "content": "a"},
+    {"role": "assistant", "content": "b"},
+    {"role": "user", "content": "c"},
+]
 
 
 class ServerError(ScenarioError):
@@ -50,6 +66,10 @@ class ServerError(ScenarioError):
 
     A ScenarioError, so ``abm.run`` shows its one paragraph and exits with status 2.
     """
+
+
+class _GivenUp(ServerError):
+    """A request abandoned because another request of the same batch failed for good."""
 
 
 class ServerBackend:
@@ -107,6 +127,9 @@ class ServerBackend:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._pool: ThreadPoolExecutor | None = None
+        # the abort event of the batch a pool thread is working for (see _map)
+        self._local = threading.local()
+        self._bos_checked: set[str] = set()
         self.stats = BackendStats(extra={"requests": 0, "retries": 0, "max_in_flight": 0})
         self.reported_models: set[str] = set()
         self.fingerprints: set[str] = set()
@@ -154,10 +177,12 @@ class ServerBackend:
 
         Returns:
             JSON of the messages for ``/chat/completions``, or the rendered prompt
-            followed by ``answer_prefix`` for ``/completions``.
+            followed by ``answer_prefix`` for ``/completions``: the text a local
+            model reads, less a leading BOS token (the server adds that one).
 
         Raises:
-            ServerError: An answer prefix is asked for without a chat template.
+            ServerError: An answer prefix is asked for without a chat template, or a
+                template from a file puts the BOS token after the start.
         """
         if chat_template is None:
             if answer_prefix:
@@ -169,12 +194,53 @@ class ServerBackend:
             return json.dumps(messages, ensure_ascii=False)
         from abm.llm.chat_formats import render
 
-        # the server adds the model's BOS token when it tokenizes a completion prompt
-        text = render(chat_template, messages, bos_token="")
+        self._check_bos(chat_template)
+        # the server adds the model's BOS token in front when it tokenizes a completion
+        # prompt; a later one (llama-2 opens every turn with one) must stay in the text
+        text = render(chat_template, messages, bos_token=_BOS_MARK).removeprefix(_BOS_MARK)
+        if _BOS_MARK in text:
+            if not _named(chat_template):
+                raise self._inner_bos_error()
+            text = text.replace(_BOS_MARK, _NAMED_BOS)
         if answer_prefix:
             joined = text[-1:].isspace() or answer_prefix[:1].isspace()
             text += answer_prefix if joined or not text else " " + answer_prefix
         return text
+
+    def _check_bos(self, template: str) -> None:
+        """Refuse a file's template that puts the BOS token after the start, at its first use.
+
+        Without this check a run would stop only when a conversation of several turns
+        (a reflection, a retry) is first rendered.
+
+        Raises:
+            ServerError: The template, not a named format, puts the BOS token between
+                turns.
+        """
+        if template in self._bos_checked or _named(template):
+            return
+        import jinja2
+
+        from abm.llm.chat_formats import render
+
+        try:
+            probe = render(template, _BOS_PROBE, bos_token=_BOS_MARK)
+        except jinja2.TemplateError:  # it wants other roles: rendering the run's own decides
+            probe = ""
+        if _BOS_MARK in probe.removeprefix(_BOS_MARK):
+            raise self._inner_bos_error()
+        self._bos_checked.add(template)
+
+    def _inner_bos_error(self) -> ServerError:
+        return ServerError(
+            "the chat_template file puts the BOS token (bos_token) after the start of the "
+            f"prompt, between turns; the LLM server {self.url} adds only the leading one, "
+            "and abm cannot know the text of this model's BOS token to write the others, so "
+            "the prompt would differ from what the model reads when abm runs it itself; "
+            "write the BOS token's own text into the file where it stands between turns "
+            '(e.g. <s> for Llama-2), or use a named chat_template ("vicuna", "llama-2", '
+            '"alpaca", "chatml", "plain")'
+        )
 
     def tokenize(self, text: str) -> list[int]:
         """The characters of ``text`` as numbers; the server does the real tokenizing."""
@@ -379,12 +445,46 @@ class ServerBackend:
     # ---------------------------------------------------------------- transport
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
+        """``fn`` of every item, ``concurrency`` at a time, in the items' order.
+
+        The first item that fails ends the batch at once: the items not yet started
+        are cancelled, and the requests in flight give up before their next try, so
+        a server that stops answering holds the run up for about one ``timeout``,
+        not ``retries`` x ``timeout`` for every request.
+
+        Raises:
+            Exception: The first failure, as ``fn`` raised it.
+        """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="abm-llm-server")
+        abort = threading.Event()
+        failures: list[BaseException] = []
+
+        def guarded(item: Any) -> Any:
+            self._local.abort = abort
+            try:
+                return fn(item)
+            except _GivenUp:
+                raise
+            except BaseException as exc:
+                failures.append(exc)  # before the event: a request given up finds it
+                # set here, before this thread can take up a queued item
+                abort.set()
+                raise
+            finally:
+                self._local.abort = None
+
         started = time.perf_counter()
+        futures = [self._pool.submit(guarded, item) for item in items]
         try:
-            return list(self._pool.map(fn, items))
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if failures:
+                raise failures[0]
+            return [future.result() for future in futures]
         finally:
+            abort.set()
+            for future in futures:
+                future.cancel()
             self.stats.seconds += time.perf_counter() - started
 
     @contextlib.contextmanager
@@ -418,11 +518,17 @@ class ServerBackend:
         if data is not None:
             headers["Content-Type"] = "application/json"
         last = ""
+        # set when another request of the batch failed for good (see _map)
+        abort = getattr(self._local, "abort", None) or threading.Event()
         for attempt in range(self.retries + 1):
             if attempt:
+                wait_s = min(BACKOFF_SECONDS * 2 ** (attempt - 1), BACKOFF_CAP_SECONDS)
+                if abort.wait(wait_s):
+                    raise self._given_up(method, path)
                 with self._lock:
                     self.stats.extra["retries"] += 1
-                time.sleep(min(BACKOFF_SECONDS * 2 ** (attempt - 1), BACKOFF_CAP_SECONDS))
+            if abort.is_set():
+                raise self._given_up(method, path)
             request = urllib.request.Request(url, data=data, headers=headers, method=method)
             if self._key is not None:
                 # not carried over to the host of a redirect
@@ -459,6 +565,12 @@ class ServerBackend:
             f"the LLM server {self.url} did not answer {method} {path} after "
             f"{self.retries + 1} tries (last: {last}); check that it runs and serves "
             f"{self.model!r}, or raise server_timeout / server_retries"
+        )
+
+    def _given_up(self, method: str, path: str) -> _GivenUp:
+        return _GivenUp(
+            f"a {method} {path} request to the LLM server {self.url} was given up because "
+            "another request failed"
         )
 
     def _note(self, body: dict[str, Any]) -> None:
@@ -522,6 +634,13 @@ def _error_detail(exc: urllib.error.HTTPError) -> str:
         if isinstance(message, str) and message:
             return message[:_SHOWN_CHARS]
     return text[:_SHOWN_CHARS] or exc.reason or "no message"
+
+
+def _named(template: str) -> bool:
+    """Whether ``template`` is one of the named chat formats, whose BOS text is known."""
+    from abm.llm.chat_formats import NAMED
+
+    return template in NAMED.values()
 
 
 def _loopback(host: str) -> bool:
