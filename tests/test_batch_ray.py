@@ -116,7 +116,9 @@ def test_gpu_requests():
         return Task("r", "b", (), 1, "o", llm=tuple({"device": d} for d in devices))
 
     assert gpus_for(task("cuda"), cluster_gpus=0) == 1
-    assert gpus_for(task("cuda:1"), cluster_gpus=4) == 1
+    # Ray numbers an actor's GPUs from 0: GPU 1 is there only when it holds two
+    assert gpus_for(task("cuda:1"), cluster_gpus=4) == 2
+    assert gpus_for(task("cuda:0", "cuda:2"), cluster_gpus=4) == 3
     assert gpus_for(task("auto"), cluster_gpus=2) == 1
     assert gpus_for(task("auto"), cluster_gpus=0) == 0
     assert gpus_for(task("cpu"), cluster_gpus=8) == 0
@@ -124,6 +126,25 @@ def test_gpu_requests():
     on_server = Task("r", "b", (), 1, "o", llm=({"server": "http://127.0.0.1:8000/v1"},))
     assert gpus_for(on_server, cluster_gpus=8) == 0  # the server holds the model
     assert model_key(task("cpu")) != model_key(task("cuda"))
+
+
+def test_a_model_spread_over_gpus_asks_for_them():
+    def task(**player):
+        return Task("r", "b", (), 1, "o", llm=(player,))
+
+    # "auto", "balanced", ...: every GPU of the largest node (an actor's are on one node)
+    assert gpus_for(task(device_map="auto"), cluster_gpus=16, node_gpus=8) == 8
+    assert gpus_for(task(device_map="balanced"), cluster_gpus=4) == 4
+    # a table: its highest GPU number + 1; the CPU and a bare "cuda" (GPU 0) as written
+    table = {"model.layers.0": 0, "model.layers.1": "cuda:2", "lm_head": "cpu"}
+    assert gpus_for(task(device_map=table), cluster_gpus=8, node_gpus=8) == 3
+    assert gpus_for(task(device_map={"": "cuda"}), cluster_gpus=8) == 1
+    assert gpus_for(task(device_map={"": "cpu"}), cluster_gpus=8) == 0
+    # without GPUs "auto" places the layers on the CPU
+    assert gpus_for(task(device_map="auto"), cluster_gpus=0) == 0
+    # loaded another way, the same model is another actor's
+    assert model_key(task(model="m", quantization="4bit")) != model_key(task(model="m"))
+    assert model_key(task(model="m", device_map="auto")) != model_key(task(model="m"))
 
 
 def test_without_ray_the_error_says_how_to_install(tmp_path, monkeypatch, capsys):
@@ -145,3 +166,27 @@ def test_without_ray_the_error_says_how_to_install(tmp_path, monkeypatch, capsys
     )
     err = capsys.readouterr().err
     assert 'pip install -e ".[ray]"' in err and "Traceback" not in err
+
+
+def test_a_run_needing_more_gpus_than_any_node_has_fails_at_once():
+    from abm.batch.ray_backend import _schedule
+
+    class TwoNodesOfFour:  # only what scheduling asks before it would start an actor
+        def cluster_resources(self):
+            return {"CPU": 32.0, "GPU": 8.0}
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"GPU": 4.0}}] * 2
+
+        def remote(self, *args, **kwargs):
+            return lambda thing: thing
+
+    wide = {"model.layers.0": 0, "lm_head": 5}  # GPU 5: six GPUs on one node
+    tasks = [Task(f"r{i}", "b", (), i, "o", llm=({"device_map": wide},)) for i in range(2)]
+    rows = []
+    _schedule(TwoNodesOfFour(), tasks, lambda task, row: rows.append(row), None, 0)
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert rows[0]["error"] == (
+        "the run's LLM needs 6 GPUs on one machine (its device or device_map), but no node "
+        "of the Ray cluster has more than 4"
+    )

@@ -93,6 +93,34 @@ def test_local_processes_give_the_same_rows(serial, tmp_path):
     pd.testing.assert_frame_equal(rows(out), rows(tmp_path / "out"))
 
 
+@pytest.mark.slow
+@pytest.mark.llm_extra
+def test_runs_with_a_model_on_the_gpu_stay_in_this_process(tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="needs the llm extra (torch)")
+    from tiny_llm import build_tiny_model
+
+    import abm.batch.backends as backends
+
+    model = build_tiny_model(tmp_path / "tiny")
+    llm = f'{{ name = "llm", model = "{model}", dtype = "float32" }}'
+    path = write(
+        tmp_path,
+        'scenario = "base.toml"\nseed = 2\n[sweep]\nreplicates = 2\n'
+        f'"population.players[2]" = ["random", {llm}]\n',
+    )
+    # as on a machine with a GPU: a model on device "auto" would load onto it
+    monkeypatch.setattr(backends, "_cuda_present", lambda: True)
+    result = run_sweep(load_sweep(path), tmp_path / "out", backend="local", workers=2)
+    assert result.ok, result.errors
+    frame = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("run_id")
+    here = f":{os.getpid()}"
+    with_model = frame["llm_decisions"].fillna(0) > 0
+    assert with_model.sum() == 2 and (~with_model).sum() == 2
+    for run_id, uses_model in with_model.items():
+        # the model's runs in this process (one copy of the model), the others in the pool
+        assert result.workers[run_id].endswith(here) == bool(uses_model), run_id
+
+
 def test_rerun_skips_complete_runs_and_force_reruns(serial, tmp_path):
     sweep, _, _ = serial
     out = tmp_path / "out"

@@ -92,6 +92,25 @@ def run_serial(tasks: list[Task], on_result: OnResult) -> None:
         on_result(task, execute(task))
 
 
+def on_gpu(task: Task) -> bool:
+    """Whether a run loads a model that goes to a GPU of this machine.
+
+    A local LLM player whose ``device`` is not "cpu" does, where torch sees a CUDA GPU
+    (torch is imported only for a sweep with such players); players on an inference
+    server load nothing here.
+    """
+    local = [p for p in task.llm if not p.get("server") and p.get("device", "auto") != "cpu"]
+    return bool(local) and _cuda_present()
+
+
+def _cuda_present() -> bool:
+    try:
+        import torch
+    except ImportError:  # a core install runs every model on an inference server
+        return False
+    return torch.cuda.is_available()
+
+
 # ------------------------------------------------------------------ local processes
 
 

@@ -4,7 +4,8 @@ Rule-only runs are plain Ray tasks (one CPU each). Runs with LLM players go to R
 actors that stay alive for the whole sweep: the model is loaded once per actor (the
 LLM policy keeps loaded models per process) and serves every run sent to it. An
 actor asks for a GPU when the scenario's LLM player asks for CUDA, or leaves the
-device to ``"auto"`` and the cluster has GPUs. Runs of different models go to
+device to ``"auto"`` and the cluster has GPUs, and for every GPU of a node when
+the model is spread over GPUs (``device_map``). Runs of different models go to
 different actors, one model after the other, so a GPU holds one model at a time.
 
 A local instance started here listens on 127.0.0.1 only; a cluster's address is checked
@@ -67,28 +68,61 @@ class LLMWorker:
 
 
 def model_key(task: Task) -> tuple:
-    """Runs that can share an actor: the same models on the same devices."""
+    """Runs that can share an actor: the same models, loaded the same way."""
     return tuple(
         sorted(
-            (p.get("model", DEFAULT_MODEL), p.get("device", "auto"), p.get("dtype", "auto"))
+            (
+                p.get("model", DEFAULT_MODEL),
+                p.get("device", "auto"),
+                p.get("dtype", "auto"),
+                repr(p.get("device_map")),
+                str(p.get("quantization")),
+                str(p.get("adapter")),
+            )
             for p in task.llm
         )
     )
 
 
-def gpus_for(task: Task, cluster_gpus: float) -> int:
-    """The GPUs a run's actor asks for: 1 or 0.
+def gpus_for(task: Task, cluster_gpus: float, node_gpus: int | None = None) -> int:
+    """The GPUs a run's actor asks for.
 
-    1 when a local LLM player of the run asks for CUDA, or says "auto" on a cluster
-    with GPUs; players on an inference server count for nothing.
+    Ray numbers an actor's GPUs from 0, so a player on ``"cuda:N"`` gets N + 1 of them
+    and a ``device_map`` table as many as its highest GPU number + 1; a ``device_map``
+    such as "auto" gets every GPU of the largest node (an actor's GPUs are on one
+    node); a player on ``"cuda"``, or on "auto" on a cluster with GPUs, gets 1.
+    Players on an inference server count for nothing.
+
+    Args:
+        task: The run.
+        cluster_gpus: GPUs in the whole cluster.
+        node_gpus: GPUs of its largest node (default: ``cluster_gpus``).
     """
+    node = int(cluster_gpus if node_gpus is None else node_gpus)
+    need = 0
     # a player on an inference server loads nothing here: it needs no GPU of its own
-    devices = [str(p.get("device", "auto")) for p in task.llm if not p.get("server")]
-    if any(d.startswith("cuda") for d in devices):
-        return 1
-    if any(d == "auto" for d in devices) and cluster_gpus > 0:
-        return 1
-    return 0
+    for player in (p for p in task.llm if not p.get("server")):
+        device, placement = str(player.get("device", "auto")), player.get("device_map")
+        if isinstance(placement, dict):
+            numbers = [_gpu_number(v) for v in placement.values()]
+            need = max(need, *(n + 1 for n in numbers if n is not None), 0)
+        elif placement is not None:
+            need = max(need, node)
+        elif device.startswith("cuda"):
+            need = max(need, (_gpu_number(device) or 0) + 1)
+        elif device == "auto" and cluster_gpus > 0:
+            need = max(need, 1)
+    return need
+
+
+def _gpu_number(where: int | str) -> int | None:
+    """The GPU number a device names (``0`` for a bare "cuda"), None for the CPU."""
+    if isinstance(where, int):
+        return where
+    index = str(where).removeprefix("cuda").removeprefix(":")
+    if not str(where).startswith("cuda"):
+        return None
+    return int(index) if index.isdigit() else 0
 
 
 LOOPBACK = "127.0.0.1"
@@ -249,6 +283,10 @@ def _schedule(
     resources = ray.cluster_resources()
     cpus = max(1, int(resources.get("CPU", 1)))
     gpus = float(resources.get("GPU", 0))
+    node_gpus = max(
+        (int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")),
+        default=0,
+    )
     limit = workers or cpus  # LLM actors at once
     in_flight = in_flight or 2 * cpus  # rule-only runs submitted at once
     remote_execute = ray.remote(num_cpus=1)(execute)
@@ -258,7 +296,8 @@ def _schedule(
     groups: dict[tuple, deque[Task]] = {}
     for task in tasks:
         if task.llm:
-            groups.setdefault((model_key(task), gpus_for(task, gpus)), deque()).append(task)
+            need = gpus_for(task, gpus, node_gpus)
+            groups.setdefault((model_key(task), need), deque()).append(task)
     waiting = deque(groups.items())
     inflight: dict[Any, tuple[Task, Any]] = {}
     actors: list[Any] = []
@@ -283,7 +322,20 @@ def _schedule(
                         )
                     current = deque()
                     continue
-                n = min(len(current), limit, int(gpus) if need_gpus else cpus)
+                if need_gpus > node_gpus:  # Ray would wait for such a node for ever
+                    for task in current:
+                        on_result(
+                            task,
+                            _failed(
+                                task,
+                                f"the run's LLM needs {need_gpus} GPUs on one machine (its "
+                                f"device or device_map), but no node of the Ray cluster has "
+                                f"more than {node_gpus}",
+                            ),
+                        )
+                    current = deque()
+                    continue
+                n = min(len(current), limit, int(gpus) // need_gpus if need_gpus else cpus)
                 actors = [new_actor() for _ in range(max(1, n))]
                 idle = list(actors)
             while current and idle:

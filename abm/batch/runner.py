@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from abm.batch.backends import Task, default_workers, run_local, run_serial
+from abm.batch.backends import Task, default_workers, on_gpu, run_local, run_serial
 from abm.batch.storage import Store
 from abm.batch.sweep import Sweep
 from abm.errors import ScenarioError
@@ -123,6 +123,11 @@ def run_sweep(
         ]
         runs = {run.run_id: run for run in todo}
         n_workers = min(workers or default_workers(), max(1, len(tasks)))
+        # every local worker would load its own copy of a GPU model onto the same GPUs:
+        # those runs go one after another in this process, which loads the model once
+        here = [t for t in tasks if on_gpu(t)] if backend == "local" and n_workers > 1 else []
+        kept = {t.run_id for t in here}
+        pooled = [t for t in tasks if t.run_id not in kept]
         if not quiet:
             where = {
                 "serial": "in this process",
@@ -137,6 +142,12 @@ def run_sweep(
                 f"{len(tasks)} to run {where}",
                 flush=True,
             )
+            if here:
+                print(
+                    f"{len(here)} runs load a model onto this machine's GPU: they run in "
+                    "this process, one after another (one copy of the model)",
+                    flush=True,
+                )
             if result.orphans:
                 print(
                     f"note: {len(result.orphans)} folders in {out / 'runs'} belong to no run "
@@ -167,7 +178,9 @@ def run_sweep(
             elif backend == "serial" or n_workers == 1:
                 run_serial(tasks, on_result)
             else:
-                run_local(tasks, on_result, n_workers)
+                if pooled:
+                    run_local(pooled, on_result, min(n_workers, len(pooled)))
+                run_serial(here, on_result)
         finally:
             bar.close()
     finally:
