@@ -213,6 +213,17 @@ def test_score_mode_counts_paraphrases_and_reports_label_mass(fake, tmp_path):
     assert any("next-token probability" in w for w in summary["warnings"])
 
 
+def test_batches_split_for_gpu_memory_are_a_warning_of_the_run(fake, tmp_path):
+    # as a backend reports it after running out of GPU memory twice
+    fake.loading = lambda: {"device": "cuda:0", "out_of_memory_splits": 2, "batch_cap": 4}
+    out = experiment(tmp_path, fake)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["llm"][0]["loading"]["out_of_memory_splits"] == 2
+    (warning,) = [w for w in summary["warnings"] if "out of GPU memory" in w]
+    assert "split 2 times (at most 4 prompts a batch since)" in warning
+    assert "Lower max_batch_size" in warning
+
+
 def test_scoring_only_the_labels_would_tilt_the_measurement(fake, tmp_path):
     # the same model read through the two labels alone prefers testify (0.20 > 0.05)
     # even where its paraphrases say C: the default phrasings are what fixes that

@@ -686,6 +686,16 @@ class LLMPolicy:
                 "between two unlikely answers; consider more phrasings or another "
                 "framing."
             )
+        loading = stats.get("loading") or {}
+        if loading.get("out_of_memory_splits"):
+            out.append(
+                f"{p.model} ran out of GPU memory and its batches were split "
+                f"{loading['out_of_memory_splits']} times (at most {loading.get('batch_cap')} "
+                "prompts a batch since); scores and greedy answers are those of whole "
+                "batches up to rounding, but sampled answers were drawn in other batches "
+                "than a run without the split would draw them. Lower max_batch_size to keep "
+                "batches whole."
+            )
         return out
 
 
