@@ -1,6 +1,6 @@
 """The GPU checks of the LLM path in one command: tokens, speed, and running out of memory.
 
-    python benchmarks/gpu_checks.py --tokenizer FOLDER [--quick]
+    python benchmarks/gpu_checks.py --tokenizer FOLDER [--parts 1 2 3] [--quick]
 
 On a GPU machine where no weights can be downloaded, only the built-in model's
 tokenizer files are needed (copy tokenizer.json, tokenizer_config.json and
@@ -36,21 +36,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import decode_steps  # noqa: E402 (a sibling script)
 
+STARTED = time.perf_counter()
+
 
 def section(title: str) -> None:
-    print(f"\n=== {title}", flush=True)
+    print(f"\n=== {title} (at {time.perf_counter() - STARTED:.0f} s)", flush=True)
 
 
-def tokens_and_speed(args: argparse.Namespace, cuda: bool) -> None:
-    device = "cuda" if cuda else "cpu"
-    common = ["--device", device, "--tokenizer", args.tokenizer]
+def tokens(args: argparse.Namespace, cuda: bool) -> None:
     section("1. tokens: eager, static, compiled and generate agree (small shape, float32)")
+    common = ["--device", "cuda" if cuda else "cpu", "--tokenizer", args.tokenizer]
     decode_steps.main(
         [*common, "--shape", "small", "--dtype", "float32", "--repeat", "1"]
         + (["--batch", "1", "7", "16", "--new-tokens", "32"] if not args.quick else [])
         + (["--batch", "1", "3", "--new-tokens", "4"] if args.quick else [])
     )
+
+
+def speed(args: argparse.Namespace, cuda: bool) -> None:
     section("2. speed: the Llama-2-7B shape, bfloat16")
+    common = ["--device", "cuda" if cuda else "cpu", "--tokenizer", args.tokenizer]
     if args.quick:
         decode_steps.main([*common, "--shape", "small", "--batch", "2", "--new-tokens", "4"])
     else:
@@ -104,6 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--leave-gib", type=float, default=4.0, help="GPU memory left free in part 3"
     )
+    parser.add_argument(
+        "--parts",
+        type=int,
+        nargs="+",
+        choices=(1, 2, 3),
+        default=[1, 2, 3],
+        help="which checks to run (each compiles its own graphs: a few minutes on a GPU)",
+    )
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {sys.version.split()[0]}")
@@ -111,8 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         print(torch.cuda.get_device_name(0))
         smi = ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv"]
         print(subprocess.run(smi, capture_output=True, text=True, check=False).stdout.strip())
-    tokens_and_speed(args, cuda)
-    out_of_memory(args, cuda)
+    for part in sorted(set(args.parts)):
+        (tokens, speed, out_of_memory)[part - 1](args, cuda)
+    print(f"\ndone in {time.perf_counter() - STARTED:.0f} s")
 
 
 if __name__ == "__main__":
