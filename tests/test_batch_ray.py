@@ -190,3 +190,46 @@ def test_a_run_needing_more_gpus_than_any_node_has_fails_at_once():
         "the run's LLM needs 6 GPUs on one machine (its device or device_map), but no node "
         "of the Ray cluster has more than 4"
     )
+
+
+def test_actors_that_need_several_gpus_are_as_many_as_the_nodes_hold():
+    from abm.batch.ray_backend import LLMWorker, _schedule
+
+    started = []
+
+    class Actor:
+        class run:  # noqa: N801 (as Ray spells an actor's method)
+            @staticmethod
+            def remote(task):
+                return task.run_id
+
+    class ActorClass:
+        def options(self, **options):
+            started.append(options)
+            return self
+
+        def remote(self):
+            return Actor()
+
+    class ThreeNodesOfFour:  # what scheduling asks until it waits for a first result
+        def cluster_resources(self):
+            return {"CPU": 48.0, "GPU": 12.0}
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"GPU": 4.0}}] * 3
+
+        def remote(self, *args, **kwargs):
+            return ActorClass() if args and args[0] is LLMWorker else (lambda fn: fn)
+
+        def wait(self, refs, num_returns):
+            raise KeyboardInterrupt  # the actors were started: that is all this test needs
+
+        def kill(self, actor):
+            pass
+
+    # cuda:2 needs three GPUs an actor; the 12 GPUs would make four actors, but they are
+    # on three nodes of four, each of which holds one (a fourth would wait for ever)
+    tasks = [Task(f"r{i}", "b", (), i, "o", llm=({"device": "cuda:2"},)) for i in range(6)]
+    with pytest.raises(KeyboardInterrupt):
+        _schedule(ThreeNodesOfFour(), tasks, lambda task, row: None, None, 0)
+    assert [o["num_gpus"] for o in started] == [3, 3, 3]

@@ -100,25 +100,33 @@ def test_runs_with_a_model_on_the_gpu_stay_in_this_process(tmp_path, monkeypatch
     from tiny_llm import build_tiny_model
 
     import abm.batch.backends as backends
+    import abm.policies.llm_backends as llm_backends
 
-    model = build_tiny_model(tmp_path / "tiny")
-    llm = f'{{ name = "llm", model = "{model}", dtype = "float32" }}'
+    models = [build_tiny_model(tmp_path / name, seed=i) for i, name in enumerate("ab")]
+    llms = [f'{{ name = "llm", model = "{m}", dtype = "float32" }}' for m in models]
     path = write(
         tmp_path,
         'scenario = "base.toml"\nseed = 2\n[sweep]\nreplicates = 2\n'
-        f'"population.players[2]" = ["random", {llm}]\n',
+        f'"population.players[2]" = ["random", {llms[0]}, {llms[1]}]\n',
     )
     # as on a machine with a GPU: a model on device "auto" would load onto it
     monkeypatch.setattr(backends, "_cuda_present", lambda: True)
+    monkeypatch.setattr(llm_backends, "_BACKENDS", {})
     result = run_sweep(load_sweep(path), tmp_path / "out", backend="local", workers=2)
     assert result.ok, result.errors
     frame = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("run_id")
     here = f":{os.getpid()}"
     with_model = frame["llm_decisions"].fillna(0) > 0
-    assert with_model.sum() == 2 and (~with_model).sum() == 2
+    assert with_model.sum() == 4 and (~with_model).sum() == 2
     for run_id, uses_model in with_model.items():
-        # the model's runs in this process (one copy of the model), the others in the pool
+        # the models' runs in this process (one copy of a model), the others in the pool
         assert result.workers[run_id].endswith(here) == bool(uses_model), run_id
+    # one model after the other, the first let go before the second loaded: one model
+    # is held at the end (two without the release)
+    order = [r for r in result.ran if with_model[r]]
+    point = frame["point"].to_dict()
+    assert point[order[0]] == point[order[1]] != point[order[2]] == point[order[3]]
+    assert len(llm_backends._BACKENDS) == 1
 
 
 def test_rerun_skips_complete_runs_and_force_reruns(serial, tmp_path):

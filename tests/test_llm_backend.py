@@ -604,6 +604,26 @@ def test_parameter_count_reads_safetensors_headers(tiny_dir):
     assert _parameter_count(resolve(str(tiny_dir))) == sum(p.numel() for p in model.parameters())
 
 
+def test_a_shard_missing_from_the_folder_leaves_the_count_to_the_config(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from abm.llm.placement import _parameter_count, check_size
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    total = sum(p.numel() for p in model.parameters())
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(folder)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    assert _parameter_count(resolve(str(folder))) == total
+    shards[-1].unlink()  # an interrupted download
+    assert _parameter_count(resolve(str(folder))) is None
+    # the config builds the model on the meta device: the whole count, not the shards left
+    estimate = check_size(resolve(str(folder)), "cpu", "cpu", torch.float32)
+    assert estimate.parameters == total
+
+
 def test_a_big_model_does_not_silently_land_on_the_cpu(tiny_dir, monkeypatch, capsys):
     import abm.llm.backend as backend_module
     import abm.llm.placement as placement_module

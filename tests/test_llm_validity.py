@@ -222,6 +222,15 @@ def test_batches_split_for_gpu_memory_are_a_warning_of_the_run(fake, tmp_path):
     (warning,) = [w for w in summary["warnings"] if "out of GPU memory" in w]
     assert "split 2 times (at most 4 prompts a batch since)" in warning
     assert "Lower max_batch_size" in warning
+    # the next run of the same loaded model, which split nothing itself
+    fake.oom_splits = 2
+    out = experiment(tmp_path, fake, name="next")
+    summary = json.loads((out / "summary.json").read_text())
+    assert "out_of_memory_splits" not in summary["llm"][0]["loading"]
+    (warning,) = [w for w in summary["warnings"] if "GPU memory" in w]
+    assert warning.startswith(
+        f"{summary['llm'][0]['model']} ran at most 4 prompts a batch in this run, because an "
+    )
 
 
 def test_scoring_only_the_labels_would_tilt_the_measurement(fake, tmp_path):

@@ -86,9 +86,39 @@ def _one_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------ serial
 
 
-def run_serial(tasks: list[Task], on_result: OnResult) -> None:
-    """Run the tasks one after another in this process, handing each row to ``on_result``."""
-    for task in tasks:
+# what makes two LLM players one loaded model (as abm.policies.llm_backends keys them)
+_MODEL_KEYS = (
+    "model",
+    "server",
+    "device",
+    "dtype",
+    "trust_remote_code",
+    "prefix_cache",
+    "device_map",
+    "quantization",
+    "decode",
+    "adapter",
+)
+
+
+def model_key(task: Task) -> tuple:
+    """Runs that can share a process's loaded models: the same models, loaded the same way."""
+    return tuple(sorted(tuple(repr(p.get(k)) for k in _MODEL_KEYS) for p in task.llm))
+
+
+def run_by_model(tasks: list[Task], on_result: OnResult) -> None:
+    """Run the tasks in this process, grouped by the models they load, one group at a time.
+
+    The models of a group are let go before the next group's load, so a GPU holds
+    one group's models at a time.
+    """
+    from abm.policies.llm_backends import release_backends
+
+    last = None
+    for task in sorted(tasks, key=model_key):
+        if last is not None and model_key(task) != last:
+            release_backends()
+        last = model_key(task)
         on_result(task, execute(task))
 
 

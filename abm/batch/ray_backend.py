@@ -29,9 +29,9 @@ from abm.batch.backends import (
     _one_line,
     default_workers,
     execute,
+    model_key,
 )
 from abm.errors import ScenarioError
-from abm.llm.models import DEFAULT_MODEL
 
 
 def import_ray() -> Any:
@@ -65,23 +65,6 @@ class LLMWorker:
     def run(self, task: Task) -> dict[str, Any]:
         """Run one task in the actor's process, as ``abm.batch.backends.execute`` does."""
         return execute(task)
-
-
-def model_key(task: Task) -> tuple:
-    """Runs that can share an actor: the same models, loaded the same way."""
-    return tuple(
-        sorted(
-            (
-                p.get("model", DEFAULT_MODEL),
-                p.get("device", "auto"),
-                p.get("dtype", "auto"),
-                repr(p.get("device_map")),
-                str(p.get("quantization")),
-                str(p.get("adapter")),
-            )
-            for p in task.llm
-        )
-    )
 
 
 def gpus_for(task: Task, cluster_gpus: float, node_gpus: int | None = None) -> int:
@@ -283,10 +266,8 @@ def _schedule(
     resources = ray.cluster_resources()
     cpus = max(1, int(resources.get("CPU", 1)))
     gpus = float(resources.get("GPU", 0))
-    node_gpus = max(
-        (int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")),
-        default=0,
-    )
+    per_node = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    node_gpus = max(per_node, default=0)
     limit = workers or cpus  # LLM actors at once
     in_flight = in_flight or 2 * cpus  # rule-only runs submitted at once
     remote_execute = ray.remote(num_cpus=1)(execute)
@@ -335,7 +316,9 @@ def _schedule(
                         )
                     current = deque()
                     continue
-                n = min(len(current), limit, int(gpus) // need_gpus if need_gpus else cpus)
+                # an actor's GPUs are on one node: count the actors each node can hold
+                fit = sum(g // need_gpus for g in per_node) if need_gpus else cpus
+                n = min(len(current), limit, fit)
                 actors = [new_actor() for _ in range(max(1, n))]
                 idle = list(actors)
             while current and idle:

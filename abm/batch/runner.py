@@ -8,7 +8,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from abm.batch.backends import Task, default_workers, on_gpu, run_local, run_serial
+from abm.batch.backends import (
+    Task,
+    default_workers,
+    on_gpu,
+    run_by_model,
+    run_local,
+)
 from abm.batch.storage import Store
 from abm.batch.sweep import Sweep
 from abm.errors import ScenarioError
@@ -132,7 +138,9 @@ def run_sweep(
             where = {
                 "serial": "in this process",
                 "local": (
-                    f"on {n_workers} local worker processes" if n_workers > 1 else "in this process"
+                    f"on {min(n_workers, len(pooled))} local worker processes"
+                    if min(n_workers, len(pooled)) > 1
+                    else "in this process"
                 ),
                 "ray": "on Ray",
             }[backend]
@@ -176,11 +184,11 @@ def run_sweep(
 
                 run_ray(tasks, on_result, workers=workers, address=address, connected=ray_connected)
             elif backend == "serial" or n_workers == 1:
-                run_serial(tasks, on_result)
+                run_by_model(tasks, on_result)
             else:
                 if pooled:
                     run_local(pooled, on_result, min(n_workers, len(pooled)))
-                run_serial(here, on_result)
+                run_by_model(here, on_result)
         finally:
             bar.close()
     finally:

@@ -484,7 +484,11 @@ def _parameter_count(source: ModelSource) -> int | None:
 
 
 def _safetensors_files(folder: Path | None) -> list[Path]:
-    """The safetensors files of the model in ``folder``: the shards its index names, if any."""
+    """The safetensors files of the model in ``folder``: the shards its index names, if any.
+
+    Empty when the index names a shard that is not there (an interrupted download):
+    the shards present would count too little, and the config counts instead.
+    """
     if folder is None:
         return []
     files = sorted(folder.glob("*.safetensors"))
@@ -492,6 +496,8 @@ def _safetensors_files(folder: Path | None) -> list[Path]:
     if index.is_file():  # sharded: only the shards the index names
         shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         files = [f for f in files if f.name in shards]
+        if len(files) < len(shards):
+            return []
     return files
 
 

@@ -102,6 +102,8 @@ class LLMPolicy:
         if hasattr(self.backend, "reset_prefix_cache"):
             self.backend.reset_prefix_cache()
         self._stats_start = dataclasses.replace(self.backend.stats)
+        # a loaded model serves several runs: this run's splits are those from now on
+        self._splits_start = getattr(self.backend, "oom_splits", 0)
         # a model loads once per process: the first policy to use it reports the time
         self._load_seconds = (
             0.0 if getattr(self.backend, "claimed", False) else self.backend.load_seconds
@@ -638,7 +640,12 @@ class LLMPolicy:
             "load_seconds": round(self._load_seconds, 3),
         }
         if hasattr(self.backend, "loading"):
-            out["loading"] = self.backend.loading()
+            loading = self.backend.loading()
+            if "out_of_memory_splits" in loading:
+                loading["out_of_memory_splits"] -= self._splits_start
+                if not loading["out_of_memory_splits"]:
+                    del loading["out_of_memory_splits"]
+            out["loading"] = loading
         if hasattr(self.backend, "provenance"):
             out["server"] = self.backend.summary()
         if self.params.reflection_stop:
@@ -695,6 +702,13 @@ class LLMPolicy:
                 "batches up to rounding, but sampled answers were drawn in other batches "
                 "than a run without the split would draw them. Lower max_batch_size to keep "
                 "batches whole."
+            )
+        elif loading.get("batch_cap"):
+            out.append(
+                f"{p.model} ran at most {loading['batch_cap']} prompts a batch in this run, "
+                "because an earlier run of this process ran out of GPU memory with it; "
+                "sampled answers were drawn in those smaller batches. Lower max_batch_size "
+                "to keep batches the same from run to run."
             )
         return out
 

@@ -107,3 +107,15 @@ def shared_backend(params: LLMParams) -> Any:
     if hasattr(backend, "set_threads"):  # every run: the count is the process's, not the model's
         backend.set_threads(params.threads)
     return backend
+
+
+def release_backends() -> None:
+    """Let go of every model this process loaded, and give their GPU memory back."""
+    import gc
+    import sys
+
+    _BACKENDS.clear()
+    gc.collect()
+    torch = sys.modules.get("torch")  # imported only if a model was loaded
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
