@@ -176,6 +176,7 @@ def run_scenario(
         what="--out" if out else "output folder",
     )
     writer = None
+    model = None
     bars: list[Any] = []
     try:
         model = DilemmaModel(scenario, source=str(path))
@@ -242,6 +243,7 @@ def run_scenario(
         for bar in bars:
             with contextlib.suppress(Exception):
                 bar.close()
+        _forget(model)
     if not quiet:
         print(
             f"{summary['steps']} steps, {summary['matches']} matches, "
@@ -253,6 +255,22 @@ def run_scenario(
     for warning in summary.get("warnings", []):
         print(f"WARNING: {warning}", file=sys.stderr)
     return final
+
+
+def _forget(model: Any) -> None:
+    """Let a finished model go: Mesa keeps every model with agents in a class-level table.
+
+    ``mesa.Agent`` counts agent ids per model in a dictionary keyed by the model and
+    never emptied, which would keep each run's model, and through it its policies and
+    their loaded LLMs, alive for as long as the process (a sweep worker) lives.
+    """
+    if model is None:
+        return
+    from mesa import Agent
+
+    ids = getattr(Agent, "_ids", None)
+    if isinstance(ids, dict):
+        ids.pop(model, None)
 
 
 def llm_line(entry: dict) -> str:

@@ -1,11 +1,13 @@
 """Running sweeps: serial and process pool agree, resume after a crash, failures, --force."""
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pandas as pd
@@ -112,6 +114,13 @@ def test_runs_with_a_model_on_the_gpu_stay_in_this_process(tmp_path, monkeypatch
     # as on a machine with a GPU: a model on device "auto" would load onto it
     monkeypatch.setattr(backends, "_cuda_present", lambda: True)
     monkeypatch.setattr(llm_backends, "_BACKENDS", {})
+    released, release = [], llm_backends.release_backends
+
+    def watched():  # the models let go, to see that nothing else keeps them
+        released.extend(weakref.ref(b) for b in llm_backends._BACKENDS.values())
+        release()
+
+    monkeypatch.setattr(llm_backends, "release_backends", watched)
     result = run_sweep(load_sweep(path), tmp_path / "out", backend="local", workers=2)
     assert result.ok, result.errors
     frame = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("run_id")
@@ -127,6 +136,8 @@ def test_runs_with_a_model_on_the_gpu_stay_in_this_process(tmp_path, monkeypatch
     point = frame["point"].to_dict()
     assert point[order[0]] == point[order[1]] != point[order[2]] == point[order[3]]
     assert len(llm_backends._BACKENDS) == 1
+    gc.collect()
+    assert len(released) == 1 and released[0]() is None  # freed, not only unlisted
 
 
 def test_rerun_skips_complete_runs_and_force_reruns(serial, tmp_path):

@@ -82,8 +82,13 @@ def test_a_batch_that_runs_out_of_memory_is_run_in_halves_with_the_same_answers(
     assert "ran out of memory writing answers to a batch of 7 prompts on cpu" in err
     assert "at most 4 prompts a batch from now on" in err
     # the cap holds for the next call: no further split is needed
+    assert limited.loading()["capped_calls"] == 0  # the splits were not the cap's doing
     assert limited.generate(prompts, max_new_tokens=6, max_batch_size=8) == expected
     assert limited.loading()["out_of_memory_splits"] == 2
+    assert limited.loading()["capped_calls"] == 1  # 8 asked, 2 a batch
+    limited.generate(prompts, max_new_tokens=2, max_batch_size=2)  # within the cap
+    limited.generate(prompts[:2], max_new_tokens=2, max_batch_size=8)  # too few to cut
+    assert limited.loading()["capped_calls"] == 1
     assert "out_of_memory_splits" not in plain.loading()
 
 

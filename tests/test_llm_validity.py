@@ -214,23 +214,41 @@ def test_score_mode_counts_paraphrases_and_reports_label_mass(fake, tmp_path):
 
 
 def test_batches_split_for_gpu_memory_are_a_warning_of_the_run(fake, tmp_path):
-    # as a backend reports it after running out of GPU memory twice
-    fake.loading = lambda: {"device": "cuda:0", "out_of_memory_splits": 2, "batch_cap": 4}
-    out = experiment(tmp_path, fake)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["llm"][0]["loading"]["out_of_memory_splits"] == 2
-    (warning,) = [w for w in summary["warnings"] if "out of GPU memory" in w]
+    # a loaded model's counters over its life, as a backend reports them; each run
+    # must report only what happened during it
+    life = {"oom_splits": 0, "capped_calls": 0}
+    fake.loading = lambda: {
+        "device": "cuda:0",
+        "out_of_memory_splits": life["oom_splits"],
+        "batch_cap": 4,
+        "capped_calls": life["capped_calls"],
+    }
+
+    def run(name, splits, capped):  # what the run itself adds to the counters
+        for attribute, value in life.items():
+            setattr(fake, attribute, value)  # where the run starts
+        life["oom_splits"] += splits
+        life["capped_calls"] += capped
+        summary = json.loads((experiment(tmp_path, fake, name=name) / "summary.json").read_text())
+        return summary["llm"][0], [w for w in summary["warnings"] if "GPU memory" in w]
+
+    entry, (warning,) = run("first", 2, 1)
+    assert entry["loading"]["out_of_memory_splits"] == 2  # all of them its own
     assert "split 2 times (at most 4 prompts a batch since)" in warning
     assert "Lower max_batch_size" in warning
-    # the next run of the same loaded model, which split nothing itself
-    fake.oom_splits = 2
-    out = experiment(tmp_path, fake, name="next")
-    summary = json.loads((out / "summary.json").read_text())
-    assert "out_of_memory_splits" not in summary["llm"][0]["loading"]
-    (warning,) = [w for w in summary["warnings"] if "GPU memory" in w]
+    # later runs of the same model: 3 more splits; then batches cut by the cap only;
+    # then batches the cap did not touch
+    entry, (warning,) = run("second", 3, 2)
+    assert entry["loading"]["out_of_memory_splits"] == 3
+    assert "split 3 times" in warning
+    entry, (warning,) = run("third", 0, 2)
+    assert "out_of_memory_splits" not in entry["loading"]
+    assert entry["loading"]["capped_calls"] == 2
     assert warning.startswith(
-        f"{summary['llm'][0]['model']} ran at most 4 prompts a batch in this run, because an "
+        f"{entry['model']} ran at most 4 prompts a batch in this run, because an earlier "
     )
+    entry, warnings = run("fourth", 0, 0)
+    assert warnings == [] and "capped_calls" not in entry["loading"]
 
 
 def test_scoring_only_the_labels_would_tilt_the_measurement(fake, tmp_path):

@@ -102,8 +102,16 @@ _MODEL_KEYS = (
 
 
 def model_key(task: Task) -> tuple:
-    """Runs that can share a process's loaded models: the same models, loaded the same way."""
-    return tuple(sorted(tuple(repr(p.get(k)) for k in _MODEL_KEYS) for p in task.llm))
+    """Runs that can share a process's loaded models: the same models, loaded the same way.
+
+    Players that load the same model count once, and a device_map table is the same
+    whatever the order of its entries.
+    """
+
+    def shown(value: Any) -> str:
+        return repr(sorted(value.items())) if isinstance(value, dict) else repr(value)
+
+    return tuple(sorted({tuple(shown(p.get(k)) for k in _MODEL_KEYS) for p in task.llm}))
 
 
 def run_by_model(tasks: list[Task], on_result: OnResult) -> None:

@@ -186,8 +186,10 @@ def run_sweep(
             elif backend == "serial" or n_workers == 1:
                 run_by_model(tasks, on_result)
             else:
-                if pooled:
+                if len(pooled) > 1:
                     run_local(pooled, on_result, min(n_workers, len(pooled)))
+                else:  # as the plan line says: no pool for one run
+                    run_by_model(pooled, on_result)
                 run_by_model(here, on_result)
         finally:
             bar.close()

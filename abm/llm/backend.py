@@ -159,6 +159,7 @@ class Backend:
         # after running out of GPU memory: the most prompts a batch gets from then on
         self.batch_cap: int | None = None
         self.oom_splits = 0
+        self.capped_calls = 0  # calls whose batches the cap made smaller than asked
         self.set_decode(decode)
         self.load_seconds = time.perf_counter() - started
 
@@ -213,6 +214,7 @@ class Backend:
         if self.oom_splits:
             out["out_of_memory_splits"] = self.oom_splits
             out["batch_cap"] = self.batch_cap
+            out["capped_calls"] = self.capped_calls
         return out
 
     # ---------------------------------------------------------------- prompts
@@ -409,6 +411,8 @@ class Backend:
             ScenarioError: One prompt alone does not fit in the memory left.
         """
         cap = min(max_batch_size, self.batch_cap or max_batch_size)
+        if cap < max_batch_size and len(prompts) > cap:
+            self.capped_calls += 1
         pending = deque((s, prompts[s : s + cap]) for s in range(0, len(prompts), cap))
         out: list[Any] = []
         cleaned = False  # since the last batch that ran: kept caches were dropped once

@@ -104,6 +104,7 @@ class LLMPolicy:
         self._stats_start = dataclasses.replace(self.backend.stats)
         # a loaded model serves several runs: this run's splits are those from now on
         self._splits_start = getattr(self.backend, "oom_splits", 0)
+        self._capped_start = getattr(self.backend, "capped_calls", 0)
         # a model loads once per process: the first policy to use it reports the time
         self._load_seconds = (
             0.0 if getattr(self.backend, "claimed", False) else self.backend.load_seconds
@@ -641,10 +642,14 @@ class LLMPolicy:
         }
         if hasattr(self.backend, "loading"):
             loading = self.backend.loading()
-            if "out_of_memory_splits" in loading:
-                loading["out_of_memory_splits"] -= self._splits_start
-                if not loading["out_of_memory_splits"]:
-                    del loading["out_of_memory_splits"]
+            for key, start in (
+                ("out_of_memory_splits", self._splits_start),
+                ("capped_calls", self._capped_start),
+            ):
+                if key in loading:
+                    loading[key] -= start
+                    if not loading[key]:
+                        del loading[key]
             out["loading"] = loading
         if hasattr(self.backend, "provenance"):
             out["server"] = self.backend.summary()
@@ -703,7 +708,7 @@ class LLMPolicy:
                 "than a run without the split would draw them. Lower max_batch_size to keep "
                 "batches whole."
             )
-        elif loading.get("batch_cap"):
+        elif loading.get("capped_calls"):
             out.append(
                 f"{p.model} ran at most {loading['batch_cap']} prompts a batch in this run, "
                 "because an earlier run of this process ran out of GPU memory with it; "
