@@ -360,9 +360,9 @@ def test_a_sweep_s_workers_share_one_server(stub, scenario_file, tmp_path, backe
     from abm.batch import load_sweep, run_sweep
 
     llm = 'mode = "score", chat_template = "llama-2"'
-    scenario_file(scenario_text(stub.url, llm, rounds=3), "base.toml")
+    scenario_file(scenario_text(stub.url, llm, rounds=2), "base.toml")
     (tmp_path / "sweep.toml").write_text(
-        'scenario = "base.toml"\nseed = 3\n[sweep]\nreplicates = 2\ngame.noise = [0.0, 0.2]\n'
+        'scenario = "base.toml"\nseed = 3\n[sweep]\ngame.noise = [0.0, 0.2]\n'
     )
     sweep = load_sweep(tmp_path / "sweep.toml")
     serial = run_sweep(sweep, tmp_path / "serial", backend="serial", report=False)
@@ -379,8 +379,6 @@ def test_a_sweep_s_workers_share_one_server(stub, scenario_file, tmp_path, backe
     # worker processes other than this one asked the one server, as often as it was
     # asked serially (no GPU, no model of their own)
     assert not any(w.endswith(f":{os.getpid()}") for w in spread.workers.values())
-    if backend == "local":
-        assert len(set(spread.workers.values())) == 2
     assert len(stub.requests) == 2 * asked_serially > 0
     frames = [
         pd.read_parquet(tmp_path / name / "results.parquet")
