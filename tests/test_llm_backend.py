@@ -622,6 +622,10 @@ def test_a_shard_missing_from_the_folder_leaves_the_count_to_the_config(tiny_dir
     # the config builds the model on the meta device: the whole count, not the shards left
     estimate = check_size(resolve(str(folder)), "cpu", "cpu", torch.float32)
     assert estimate.parameters == total
+    # an index that cannot be read counts for nothing either (and raises nothing)
+    (folder / "model.safetensors.index.json").write_text("{ not json", encoding="utf-8")
+    assert _parameter_count(resolve(str(folder))) is None
+    assert check_size(resolve(str(folder)), "cpu", "cpu", torch.float32).parameters == total
 
 
 def test_a_big_model_does_not_silently_land_on_the_cpu(tiny_dir, monkeypatch, capsys):

@@ -161,22 +161,27 @@ def complete_folder(source: ModelSource) -> Path | None:
 
     Sharded weights count only when every shard their index names is there.
     """
-    import json
-
     folder = model_folder(source)
     if folder is None or not (folder / "config.json").is_file():
         return None
     for weights in WEIGHT_FILES:
         index = folder / f"{weights}.index.json"
         if index.is_file():
-            try:
-                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-                return None
+            shards = indexed_shards(index)
             return folder if shards and all((folder / s).is_file() for s in shards) else None
         if (folder / weights).is_file():
             return folder
     return None
+
+
+def indexed_shards(index: Path) -> set[str] | None:
+    """The weight files a sharded checkpoint's index names; None when it cannot be read."""
+    import json
+
+    try:
+        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _first_line(exc: BaseException) -> str:

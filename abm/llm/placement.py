@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from abm.errors import ScenarioError
-from abm.llm.loading import model_folder
+from abm.llm.loading import indexed_shards, model_folder
 from abm.llm.models import ModelSource
 
 
@@ -334,7 +334,7 @@ def check_size(
     if saved is not None:
         # elements x the load dtype would count a packed int32 of eight 4-bit weights as one
         stored = _stored_size(folder)
-        if stored is None:
+        if stored is None or stored[1] is None:
             print(
                 f"abm: note: {source.name} is saved quantized ({saved}) without safetensors "
                 "files to read its size from; the check that its weights fit is skipped",
@@ -470,17 +470,8 @@ def _parameter_count(source: ModelSource) -> int | None:
 
     None when the files are not here (hub models not yet cached, GGUF files).
     """
-    files = _safetensors_files(model_folder(source))
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    total = 0
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (a safetensors file, not a dict)
-                total += int(np.prod(handle.get_slice(key).get_shape()))
-    return total
+    stored = _stored_size(model_folder(source))
+    return stored[0] if stored else None
 
 
 def _safetensors_files(folder: Path | None) -> list[Path]:
@@ -494,9 +485,9 @@ def _safetensors_files(folder: Path | None) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.is_file():  # sharded: only the shards the index names
-        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        files = [f for f in files if f.name in shards]
-        if len(files) < len(shards):
+        shards = indexed_shards(index)
+        files = [f for f in files if f.name in (shards or ())]
+        if not shards or len(files) < len(shards):
             return []
     return files
 
@@ -522,12 +513,13 @@ def _saved_quantization(folder: Path | None) -> str | None:
     return f"{method} {bits}-bit" if isinstance(bits, int) else method
 
 
-def _stored_size(folder: Path | None) -> tuple[int, int] | None:
+def _stored_size(folder: Path | None) -> tuple[int, int | None] | None:
     """(elements, bytes) the safetensors files in ``folder`` store, read from their headers.
 
     Each tensor counts its elements x its stored dtype's size: a uint8 or int32
     tensor of packed 4-bit weights counts the bytes it takes, not the parameters it
-    holds. None without safetensors files, or with a dtype whose size is unknown.
+    holds. None without safetensors files; the bytes are None where a dtype's size is
+    unknown.
     """
     files = _safetensors_files(folder)
     if not files:
@@ -541,10 +533,9 @@ def _stored_size(folder: Path | None) -> tuple[int, int] | None:
                 tensor = handle.get_slice(key)
                 count = int(np.prod(tensor.get_shape()))
                 bits = _dtype_bits(tensor.get_dtype())
-                if bits is None:
-                    return None
                 elements += count
-                size += (count * bits + 7) // 8
+                if size is not None:
+                    size = None if bits is None else size + (count * bits + 7) // 8
     return elements, size
 
 
