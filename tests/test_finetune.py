@@ -259,3 +259,23 @@ def test_errors(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "trl not installed" in err and ".[llm,finetune]" in err
     assert not (tmp_path / "a").exists()
+
+
+def test_sft_on_a_named_gpu_sees_that_gpu_alone():
+    from abm.errors import ScenarioError
+    from abm.finetune.__main__ import one_gpu
+
+    env = {}
+    assert one_gpu("cuda:2", env) == "cuda:0" and env == {"CUDA_VISIBLE_DEVICES": "2"}
+    env = {"CUDA_VISIBLE_DEVICES": "4,5,6"}  # torch's cuda:1 is the machine's GPU 5
+    assert one_gpu("cuda:1", env) == "cuda:0" and env["CUDA_VISIBLE_DEVICES"] == "5"
+    env = {"CUDA_VISIBLE_DEVICES": "GPU-a1, GPU-b2"}
+    assert one_gpu("auto", env) == "auto" and env["CUDA_VISIBLE_DEVICES"] == "GPU-a1"
+    env = {}
+    assert one_gpu("cuda", env) == "cuda" and env == {"CUDA_VISIBLE_DEVICES": "0"}
+    for untouched in ({"CUDA_VISIBLE_DEVICES": ""}, {}):  # no GPU shown; or the CPU
+        before = dict(untouched)
+        device = "cuda" if untouched else "cpu"
+        assert one_gpu(device, untouched) == device and untouched == before
+    with pytest.raises(ScenarioError, match="lets torch see 2 GPU"):
+        one_gpu("cuda:2", {"CUDA_VISIBLE_DEVICES": "0,1"})

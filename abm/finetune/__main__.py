@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,39 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     return about
 
 
+def one_gpu(device: str, environ: MutableMapping[str, str]) -> str:
+    """Show the trainer of ``--loss sft`` the one GPU ``device`` names; the device it then uses.
+
+    The Hugging Face trainer takes the first GPU it sees, and spreads the model over
+    all it sees (DataParallel): the only sure way to train on GPU N alone is to let
+    CUDA see only that one (``CUDA_VISIBLE_DEVICES``, read when CUDA starts; a list
+    already there is indexed as torch numbers it). The CPU is left as it is.
+
+    Args:
+        device: ``--device``: "auto", "cpu", "cuda" (the first GPU) or "cuda:N".
+        environ: The environment to set (``os.environ``), before CUDA starts.
+
+    Returns:
+        ``device``, with "cuda:N" now "cuda:0".
+    """
+    hidden = "CUDA_VISIBLE_DEVICES" in environ and not environ["CUDA_VISIBLE_DEVICES"].strip()
+    if device == "cpu" or device.startswith("mps") or hidden:  # hidden: no GPU to pick
+        return device
+    index = device.partition(":")[2]
+    number = int(index) if index.isdigit() else 0
+    visible = [g.strip() for g in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if visible:
+        if number >= len(visible):
+            raise ScenarioError(
+                f"--device {device}: CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']!r} "
+                f"lets torch see {len(visible)} GPU(s), numbered from 0"
+            )
+        environ["CUDA_VISIBLE_DEVICES"] = visible[number]
+    else:
+        environ["CUDA_VISIBLE_DEVICES"] = str(number)
+    return "cuda:0" if index.isdigit() else device
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     import warnings
@@ -285,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     # peft and TRL ask transformers deprecated questions on every step; not the user's
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
+        if args.loss == "sft":  # before anything starts CUDA
+            args.device = one_gpu(args.device, os.environ)
         about = finetune(args)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
