@@ -101,17 +101,9 @@ def load(args: argparse.Namespace) -> Any:
     source = resolve(placeholder(args.tokenizer) if args.tokenizer else name)
     backend = Backend(source, device=args.device, dtype=args.dtype, decode="eager")
     if args.shape:
-        from transformers import AutoModelForCausalLM, LlamaConfig
+        from transformers import AutoModelForCausalLM
 
-        tok = backend.tokenizer
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            max_position_embeddings=4096,
-            **SHAPES[args.shape],
-        )
+        config = llama_config(backend.tokenizer, **SHAPES[args.shape])
         backend.model = None  # free the built-in weights first
         torch.manual_seed(0)
         with torch.device(backend.device):  # built in place, in its dtype: no float32 copy
@@ -121,25 +113,31 @@ def load(args: argparse.Namespace) -> Any:
     return backend
 
 
+def llama_config(tok: Any, **shape: Any) -> Any:
+    """A Llama configuration of ``shape`` over the tokenizer's vocabulary and special tokens."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=4096,
+        **shape,
+    )
+
+
 def placeholder(tokenizer: str) -> str:
     """A folder with the tokenizer and a one-layer model, so that a Backend loads in seconds."""
     import tempfile
     from pathlib import Path
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     folder = Path(tempfile.mkdtemp(prefix="decode_steps_"))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(llama_config(tok, **tiny)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
 
